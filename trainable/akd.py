@@ -1,0 +1,344 @@
+"""One data-free adversarial distillation run: setup -> fit (epochs of student/generator steps) -> save.
+
+The loop, per iteration: ``n_student`` imitation steps (the student matches the frozen teacher on
+freshly generated images), then ``n_generator`` adversarial steps (the generator moves towards
+images where the two disagree). Plain PyTorch; the Tune adapter lives in ``trainable.tune_trainable``.
+
+Example::
+
+    run = AKDRun(cfg, teacher, load_eval_data("digits"))
+    run.fit(on_epoch=lambda metrics, run: print(metrics))
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import random
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainable import metrics as M
+from trainable.config import AKDConfig, config_to_dict
+from trainable.errors import CheckpointError, NonFiniteLossError
+from trainable.losses import (GENERATOR_LOSSES, STUDENT_LOSSES, TeacherProbe, activation_loss, balance_loss,
+                              get_loss, onehot_loss)
+from trainable.models import (build_classifier, build_generator, classifier_head, count_params,
+                              width_for_fraction)
+from trainable.tasks import EvalData, data_free, get_task
+
+CHECKPOINT_FORMAT = "akdtune.run/1"
+# Config keys that may differ between a checkpoint and the run resuming it.
+RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode (BatchNorm uses its running statistics) and no parameter gradients, once."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state_dict (names and bytes): identifies a teacher across runs."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             device: torch.device | None = None, num_classes: int | None = None) -> dict[str, Any]:
+    """Accuracy and mean cross-entropy of ``model`` on (x, y); the confusion matrix if ``num_classes``.
+
+    The model is put in eval mode and put back in its previous mode afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    correct, loss_sum = 0, 0.0
+    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64)
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb).float()  # (b, K)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        pred = logits.argmax(1)
+        correct += (pred == yb).sum().item()
+        if num_classes:
+            confusion += torch.bincount(yb.cpu() * num_classes + pred.cpu(),
+                                        minlength=num_classes ** 2).view(num_classes, num_classes)
+    model.train(was_training)
+    n = max(1, len(y))
+    out = {"acc": correct / n, "loss": loss_sum / n}
+    if num_classes:
+        out["confusion"] = confusion  # rows: true class, columns: predicted
+    return out
+
+
+def _make_scheduler(cfg: AKDConfig, opt: torch.optim.Optimizer):
+    if cfg.scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestone_epochs, cfg.gamma)
+    if cfg.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.scheduler == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, cfg.gamma)
+    return None  # "none": constant learning rates
+
+
+class AKDRun:
+    """A data-free adversarial distillation run.
+
+    Args:
+        cfg: the validated configuration.
+        teacher: the pretrained teacher; it is frozen here (eval mode, no gradients) and never changed.
+        data: validation and test tensors of the task (no training data).
+        device: defaults to CUDA when present.
+    """
+
+    def __init__(self, cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or default_device()
+        self.task = get_task(cfg.task)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.teacher = freeze(teacher).to(self.device, memory_format=fmt)
+        self.teacher_params = count_params(self.teacher)
+        self.teacher_fingerprint = fingerprint(self.teacher)
+        t = self.task
+        self.student_width = cfg.student_width if cfg.student_fraction is None else width_for_fraction(
+            cfg.student, cfg.student_fraction, self.teacher_params, t.num_classes, t.channels, t.image_size)
+        self.student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size,
+                                        self.student_width).to(self.device, memory_format=fmt)
+        self.generator = build_generator(cfg.generator, cfg.latent_dim, cfg.generator_width, t.channels,
+                                         t.image_size).to(self.device)
+        self.student_params = count_params(self.student)
+        self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_student, momentum=cfg.momentum,
+                                           nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator,
+                                              betas=(cfg.beta1, cfg.beta2))
+        self.sched_student = _make_scheduler(cfg, self.opt_student)
+        self.sched_generator = _make_scheduler(cfg, self.opt_generator)
+        self.student_loss = get_loss(STUDENT_LOSSES, "student loss", cfg.student_loss)
+        self.generator_loss = get_loss(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
+        self.probe = TeacherProbe(self.teacher, classifier_head(self.teacher), want_bn=cfg.w_bn > 0,
+                                  want_features=cfg.w_activation > 0)
+        self.data = data
+        self.epoch = 0  # epochs completed
+        self.best_val_acc = -1.0
+        self.best_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.stopped_early = False
+        self._autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    # ------------------------------------------------------------------ steps
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+
+    def _noise(self) -> torch.Tensor:
+        return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, device=self.device)  # (B, nz)
+
+    def student_step(self) -> dict[str, float]:
+        """One imitation step: fresh images (no generator graph), teacher targets, student update."""
+        with torch.no_grad(), self._autocast():
+            fake = self.generator(self._noise())  # (B, C, H, W); built without a graph: detached by construction
+            t_logits = self.teacher(fake)  # (B, K)
+        with self._autocast():
+            s_logits = self.student(fake)  # (B, K)
+        loss = self.student_loss(s_logits.float(), t_logits.float(), self.cfg.temperature)
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_student.step()
+        return {M.LOSS_STUDENT: loss.item()}
+
+    def generator_step(self) -> dict[str, float]:
+        """One adversarial step: gradients reach the generator only (student and teacher weights frozen)."""
+        cfg = self.cfg
+        self.student.requires_grad_(False)  # no student weight gradients are computed here
+        try:
+            with self._autocast():
+                fake = self.generator(self._noise())  # (B, C, H, W)
+                self.probe.start()
+                t_logits = self.teacher(fake).float()  # (B, K); gradient flows to the image only
+                self.probe.stop()
+                s_logits = self.student(fake).float()  # (B, K)
+            loss = self.generator_loss(s_logits, t_logits, cfg.temperature)
+            if cfg.w_onehot:
+                loss = loss + cfg.w_onehot * onehot_loss(t_logits)
+            if cfg.w_activation:
+                loss = loss + cfg.w_activation * activation_loss(self.probe.features.float())
+            if cfg.w_balance:
+                loss = loss + cfg.w_balance * balance_loss(t_logits)
+            if cfg.w_bn:
+                loss = loss + cfg.w_bn * self.probe.bn_loss()
+            self.opt_generator.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_generator.step()
+        finally:
+            self.probe.stop()
+            self.student.requires_grad_(True)
+        return {M.LOSS_GENERATOR: loss.item()}
+
+    @staticmethod
+    def _check(value: float, name: str, where: str):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"{name} became {value} at {where}; lower the learning rates or change the loss")
+
+    # ------------------------------------------------------------------ epochs
+    def train_epoch(self) -> dict[str, float]:
+        """One epoch of iterations, then validation. Returns the flat per-epoch metrics."""
+        cfg = self.cfg
+        self.student.train()
+        self.generator.train()
+        lr_s = self.opt_student.param_groups[0]["lr"]
+        lr_g = self.opt_generator.param_groups[0]["lr"]
+        sum_s = sum_g = 0.0
+        start = time.perf_counter()
+        for it in range(cfg.iters_per_epoch):
+            for k in range(cfg.n_student):
+                ls = self.student_step()[M.LOSS_STUDENT]
+                self._check(ls, M.LOSS_STUDENT, f"epoch {self.epoch + 1} iteration {it + 1} student step {k + 1}")
+                sum_s += ls
+            for k in range(cfg.n_generator):
+                lg = self.generator_step()[M.LOSS_GENERATOR]
+                self._check(lg, M.LOSS_GENERATOR, f"epoch {self.epoch + 1} iteration {it + 1} generator step {k + 1}")
+                sum_g += lg
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_s = time.perf_counter() - start
+        for sched in (self.sched_student, self.sched_generator):
+            if sched is not None:
+                sched.step()
+        self.epoch += 1
+        val = evaluate(self.student, self.data.val_x, self.data.val_y, cfg.eval_batch_size, self.device)
+        if val["acc"] > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = val["acc"], self.epoch
+        images = cfg.batch_size * (cfg.n_student + cfg.n_generator) * cfg.iters_per_epoch
+        return {
+            M.EPOCH: self.epoch,
+            M.VAL_ACC: val["acc"],
+            M.VAL_LOSS: val["loss"],
+            M.LOSS_STUDENT: sum_s / (cfg.iters_per_epoch * cfg.n_student),
+            M.LOSS_GENERATOR: sum_g / (cfg.iters_per_epoch * cfg.n_generator),
+            M.STUDENT_PARAMS: self.student_params,
+            M.TEACHER_PARAMS: self.teacher_params,
+            M.PARAM_RATIO: self.student_params / self.teacher_params,
+            M.IMAGES_PER_S: images / max(train_s, 1e-9),
+            M.LR_STUDENT: lr_s,
+            M.LR_GENERATOR: lr_g,
+        }
+
+    def should_stop(self) -> bool:
+        p = self.cfg.early_stop_patience
+        return p > 0 and self.epoch - self.best_epoch >= p
+
+    def fit(self, on_epoch: Callable[[dict[str, float], "AKDRun"], None] | None = None,
+            max_epochs: int | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.epochs`` (or ``max_epochs`` more epochs, or early stop).
+
+        ``on_epoch(metrics, run)`` is called after each epoch (report, checkpoint).
+        """
+        stop_at = self.cfg.epochs if max_epochs is None else min(self.cfg.epochs, self.epoch + max_epochs)
+        with data_free():
+            while self.epoch < stop_at:
+                metrics = self.train_epoch()
+                self.history.append(metrics)
+                if on_epoch is not None:
+                    on_epoch(metrics, self)
+                if self.should_stop():
+                    self.stopped_early = True
+                    break
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """One dict holding everything a resume needs (loadable with ``weights_only=True``)."""
+        def sched(s):
+            return None if s is None else s.state_dict()
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(self.cfg),
+            "teacher": {"arch": self.cfg.teacher, "params": self.teacher_params,
+                        "fingerprint": self.teacher_fingerprint},
+            "student_width": self.student_width,
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "opt_generator": self.opt_generator.state_dict(),
+            "sched_student": sched(self.sched_student),
+            "sched_generator": sched(self.sched_generator),
+            "epoch": self.epoch,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "history": list(self.history),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        """Restore a checkpoint from :meth:`state_dict`; everything that must match is checked here."""
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not an AKD run checkpoint (expected format {CHECKPOINT_FORMAT}); "
+                                  "pass a checkpoint.pt written by this tool")
+        mine, theirs = config_to_dict(self.cfg), ckpt["config"]
+        diff = sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k))
+        if diff:
+            shown = ", ".join(f"{k}={theirs.get(k)!r} (run has {mine[k]!r})" for k in diff[:5])
+            raise CheckpointError(f"checkpoint was written with a different config: {shown}; "
+                                  "resume with the same settings or start a new run")
+        if ckpt["teacher"]["fingerprint"] != self.teacher_fingerprint:
+            raise CheckpointError("checkpoint was written with a different teacher "
+                                  f"({ckpt['teacher']['fingerprint']} vs {self.teacher_fingerprint}); "
+                                  "resume with the teacher it was trained against")
+        self.student.load_state_dict(ckpt["student"])
+        self.generator.load_state_dict(ckpt["generator"])
+        self.opt_student.load_state_dict(ckpt["opt_student"])
+        self.opt_generator.load_state_dict(ckpt["opt_generator"])
+        for sched, key in ((self.sched_student, "sched_student"), (self.sched_generator, "sched_generator")):
+            if sched is not None:
+                sched.load_state_dict(ckpt[key])
+        self.epoch = int(ckpt["epoch"])
+        self.best_val_acc = float(ckpt["best_val_acc"])
+        self.best_epoch = int(ckpt["best_epoch"])
+        self.history = list(ckpt["history"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        random.setstate(ckpt["rng"]["python"])
+
+
+def save_checkpoint(run: AKDRun, path) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
+    import os
+
+    tmp = f"{path}.tmp"
+    torch.save(run.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict[str, Any]:
+    import os
+
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}; pass the path of a checkpoint.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or holding non-tensor objects
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                              "it is corrupt or not written by this tool") from None

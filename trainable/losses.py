@@ -1,0 +1,120 @@
+"""Losses: student imitation losses, generator adversarial objectives, optional generator terms.
+
+All take logits ``s`` (student) and ``t`` (teacher), shape (B, K), and return a scalar. The
+generator objectives are *minimised* by the generator, hence their negative sign: the generator
+maximises student-teacher disagreement.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EPS = 1e-6
+
+
+def l1(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.l1_loss(s, t)
+
+
+def l2(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return F.mse_loss(s, t)
+
+
+def kl(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, scaled by T^2 (Hinton)."""
+    T = temperature
+    return F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="batchmean", log_target=True) * T * T
+
+
+def neg_l1(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return -l1(s, t)
+
+
+def neg_log_l2(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """-log(||S - T||^2 + eps), the squared norm taken per sample and averaged."""
+    return -torch.log((s - t).pow(2).sum(1).mean() + EPS)
+
+
+def neg_kl(s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return -kl(s, t, temperature)
+
+
+LossFn = Callable[..., torch.Tensor]
+STUDENT_LOSSES: dict[str, LossFn] = {"l1": l1, "l2": l2, "kl": kl}
+GENERATOR_LOSSES: dict[str, LossFn] = {"neg_l1": neg_l1, "neg_log_l2": neg_log_l2, "neg_kl": neg_kl}
+
+
+def get_loss(table: dict[str, LossFn], kind: str, name: str) -> LossFn:
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+    return table[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional generator terms (weight 0 by default)
+# ---------------------------------------------------------------------------------------------
+def onehot_loss(t: torch.Tensor) -> torch.Tensor:
+    """DAFL: the teacher should be confident, cross-entropy against its own arg-max."""
+    return F.cross_entropy(t, t.argmax(1))
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """DAFL: large penultimate activations of the teacher (negative L1 norm, per element)."""
+    return -features.abs().mean()
+
+
+def balance_loss(t: torch.Tensor) -> torch.Tensor:
+    """DAFL: classes balanced over the batch: log K - H(mean softmax), >= 0, 0 when uniform."""
+    p = F.softmax(t.float(), 1).mean(0)  # (K,)
+    return math.log(t.shape[1]) + (p * torch.log(p + EPS)).sum()
+
+
+class TeacherProbe:
+    """Forward hooks on the frozen teacher that collect what the optional terms need.
+
+    BatchNorm statistics of the batch (for the BN loss) and the input of the classifier head (for
+    the activation loss) are captured only when their weights are non-zero, so the default run
+    pays nothing.
+    """
+
+    def __init__(self, teacher: nn.Module, head: nn.Linear, want_bn: bool, want_features: bool):
+        self._handles = []
+        self.bn_terms: list[torch.Tensor] = []
+        self.features: torch.Tensor | None = None
+        self.active = False
+        if want_bn:
+            for m in teacher.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    self._handles.append(m.register_forward_hook(self._bn_hook))
+        if want_features:
+            self._handles.append(head.register_forward_hook(self._head_hook))
+
+    def _bn_hook(self, module: nn.BatchNorm2d, inputs, output):
+        if not self.active:
+            return
+        x = inputs[0].float()  # (B, C, H, W)
+        mean = x.mean((0, 2, 3))
+        var = x.var((0, 2, 3), unbiased=False)
+        self.bn_terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+
+    def _head_hook(self, module: nn.Linear, inputs, output):
+        if self.active:
+            self.features = inputs[0]  # (B, D)
+
+    def start(self):
+        self.active, self.bn_terms, self.features = True, [], None
+
+    def stop(self):
+        self.active = False
+
+    def bn_loss(self) -> torch.Tensor:
+        return torch.stack(self.bn_terms).sum()
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []

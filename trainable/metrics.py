@@ -1,0 +1,24 @@
+"""Metric names: one flat schema, reported every epoch, read by the search, Parquet and the report."""
+
+EPOCH = "epoch"
+VAL_ACC = "val_acc"  # the selection metric
+VAL_LOSS = "val_loss"  # cross-entropy on the validation split
+LOSS_STUDENT = "loss_student"  # mean imitation loss over the epoch's student steps
+LOSS_GENERATOR = "loss_generator"  # mean generator objective over the epoch's generator steps
+STUDENT_PARAMS = "student_params"
+TEACHER_PARAMS = "teacher_params"
+PARAM_RATIO = "param_ratio"  # student_params / teacher_params
+IMAGES_PER_S = "images_per_s"  # synthetic images through student+generator steps per second
+LR_STUDENT = "lr_student"  # learning rates in effect during the epoch
+LR_GENERATOR = "lr_generator"
+
+EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
+                 PARAM_RATIO, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR)
+
+# final.json of a run and best/metrics.json of a search share these keys.
+TEST_ACC = "test_acc"  # held-out, computed once
+TEACHER_VAL_ACC = "teacher_val_acc"
+TEACHER_TEST_ACC = "teacher_test_acc"
+WALL_S = "wall_s"
+FINAL_METRICS = (VAL_ACC, TEST_ACC, TEACHER_VAL_ACC, TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS,
+                 PARAM_RATIO, WALL_S)

@@ -1,0 +1,296 @@
+"""Teachers, students and generators, as registries of plain builders.
+
+The CIFAR ResNets keep the parameter names of the public DFAD/DAFL code (``conv1``, ``bn1``,
+``layer1``..``layer4``, ``shortcut.0/1`` in downsampling blocks, ``linear``), so teacher
+checkpoints published with those projects load as they are.
+
+Every builder takes ``(num_classes, in_channels, image_size, width)`` keyword arguments; ``width``
+is a multiplier of the family's base width (1.0 = the published layout).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR ResNets (3x3 stem, no max-pool)
+# ---------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            # Names shortcut.0 / shortcut.1 match the published checkpoints.
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet with the CIFAR stem; ``widths`` are the four stage widths."""
+
+    def __init__(self, depths: tuple[int, ...], widths: tuple[int, ...], num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        in_planes = widths[0]
+        for i, (depth, planes) in enumerate(zip(depths, widths)):
+            blocks = []
+            for j in range(depth):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(in_planes, planes, stride))
+                in_planes = planes
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)  # (B, widths[-1])
+        return self.linear(out)  # (B, num_classes)
+
+
+def _stage_widths(width: float) -> tuple[int, ...]:
+    base = max(1, int(round(64 * width)))
+    return (base, 2 * base, 4 * base, 8 * base)
+
+
+def cifar_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
+    return CifarResNet((2, 2, 2, 2), _stage_widths(width), num_classes, in_channels)
+
+
+def cifar_resnet34(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
+    return CifarResNet((3, 4, 6, 3), _stage_widths(width), num_classes, in_channels)
+
+
+def cifar_resnet18_half(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
+    """ResNet-18 at half width (~2.8M parameters at 100 classes)."""
+    return CifarResNet((2, 2, 2, 2), _stage_widths(0.5 * width), num_classes, in_channels)
+
+
+def tv_resnet34(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
+    """torchvision's ResNet-34 (7x7 stem with max-pool)."""
+    import torchvision
+
+    if width != 1.0:
+        raise ValueError("torchvision resnet34 has no width multiplier; use resnet34_w")
+    model = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Small CNNs for 8x8 digits and 28x28 MNIST
+# ---------------------------------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """conv-bn-relu x3 (c, 2c, 4c) with one 2x down-sampling, global pool, linear."""
+
+    def __init__(self, num_classes: int, in_channels: int, base: int):
+        super().__init__()
+        c = base
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+            nn.Conv2d(c, 2 * c, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * c), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * c, 4 * c, 3, 1, 1, bias=False), nn.BatchNorm2d(4 * c), nn.ReLU(inplace=True),
+        )
+        self.linear = nn.Linear(4 * c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W)
+        out = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)  # (B, 4c)
+        return self.linear(out)
+
+
+def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 8, width: float = 1.0) -> nn.Module:
+    """Base width 32 at width 1.0 (about 94k parameters for digits)."""
+    return SmallCNN(num_classes, in_channels, max(1, int(round(32 * width))))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in DFAD's MNIST teacher (ReLU, max-pool, 28x28 input padded to 32)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
+        super().__init__()
+        c1, c2, c3 = (max(1, int(round(k * width))) for k in (6, 16, 120))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True),
+        )
+        self.fc = nn.Sequential(nn.Linear(c3, max(1, int(round(84 * width)))), nn.ReLU(inplace=True))
+        self.linear = nn.Linear(max(1, int(round(84 * width))), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
+        out = self.features(x)  # (B, c3, 1, 1)
+        return self.linear(self.fc(out.flatten(1)))
+
+
+def lenet5(num_classes: int, in_channels: int = 1, image_size: int = 28, width: float = 1.0) -> nn.Module:
+    return LeNet5(num_classes, in_channels, width)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators
+# ---------------------------------------------------------------------------------------------
+class GeneratorA(nn.Module):
+    """DFAD's generator: linear -> BN -> (upsample, conv, BN, LeakyReLU) x2 -> conv -> tanh -> BN."""
+
+    def __init__(self, latent_dim: int, base: int, channels: int, image_size: int):
+        super().__init__()
+        self.init_size = image_size // 4
+        self.base = base
+        self.project = nn.Linear(latent_dim, 2 * base * self.init_size ** 2)
+        self.bn0 = nn.BatchNorm2d(2 * base)
+        self.block1 = nn.Sequential(
+            nn.Conv2d(2 * base, 2 * base, 3, 1, 1), nn.BatchNorm2d(2 * base), nn.LeakyReLU(0.2, inplace=True)
+        )
+        self.block2 = nn.Sequential(
+            nn.Conv2d(2 * base, base, 3, 1, 1), nn.BatchNorm2d(base), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(base, channels, 3, 1, 1), nn.Tanh(),
+            # Without affine: the output is standardised, like normalised real images.
+            nn.BatchNorm2d(channels, affine=False),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, latent_dim)
+        out = self.project(z).view(z.shape[0], 2 * self.base, self.init_size, self.init_size)
+        out = F.interpolate(self.bn0(out), scale_factor=2)  # (B, 2b, H/2, W/2)
+        out = F.interpolate(self.block1(out), scale_factor=2)  # (B, 2b, H, W)
+        return self.block2(out)  # (B, C, H, W)
+
+
+class GeneratorDeconv(nn.Module):
+    """DCGAN-style: linear -> ConvTranspose (BN, ReLU) x2 -> conv -> tanh, N(0, 0.02) init."""
+
+    def __init__(self, latent_dim: int, base: int, channels: int, image_size: int):
+        super().__init__()
+        self.init_size = image_size // 4
+        self.base = base
+        self.project = nn.Sequential(
+            nn.Linear(latent_dim, 4 * base * self.init_size ** 2, bias=False),
+        )
+        self.bn0 = nn.BatchNorm2d(4 * base)
+        self.body = nn.Sequential(
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(4 * base, 2 * base, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * base), nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(2 * base, base, 4, 2, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU(inplace=True),
+            nn.Conv2d(base, channels, 3, 1, 1), nn.Tanh(),
+        )
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, latent_dim)
+        out = self.project(z).view(z.shape[0], 4 * self.base, self.init_size, self.init_size)
+        return self.body(self.bn0(out))  # (B, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arch:
+    build: Callable[..., nn.Module]
+    widthable: bool  # whether ``width`` (and so ``student_fraction``) applies
+    doc: str
+
+
+# Teachers and students share one table: any classifier may be either.
+CLASSIFIERS: dict[str, Arch] = {
+    "resnet34": Arch(cifar_resnet34, True, "CIFAR ResNet-34, 3x3 stem (21,328,292 params at 100 classes)"),
+    "resnet34_w": Arch(cifar_resnet34, True, "ResNet-34 topology at a width multiplier"),
+    "resnet34_tv": Arch(tv_resnet34, False, "torchvision resnet34, 7x7 stem"),
+    "resnet18": Arch(cifar_resnet18, True, "CIFAR ResNet-18 (11,220,132 params at 100 classes)"),
+    "resnet18_half": Arch(cifar_resnet18_half, True, "ResNet-18 at half width (~2.8M params)"),
+    "cnn": Arch(small_cnn, True, "small 3-conv CNN with width (digits, MNIST)"),
+    "lenet5": Arch(lenet5, True, "LeNet-5 (MNIST)"),
+}
+TEACHERS = CLASSIFIERS
+STUDENTS = CLASSIFIERS
+
+GENERATORS: dict[str, type[nn.Module]] = {
+    "a": GeneratorA,
+    "deconv": GeneratorDeconv,
+}
+
+
+def _lookup(table: dict, kind: str, name: str):
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+    return table[name]
+
+
+def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+    arch = _lookup(CLASSIFIERS, "model", name)
+    return arch.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+
+
+def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int) -> nn.Module:
+    cls = _lookup(GENERATORS, "generator", name)
+    if image_size % 4:
+        raise ValueError(f"generator needs an image size divisible by 4, got {image_size}")
+    return cls(latent_dim, base, channels, image_size)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def classifier_params(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        return count_params(build_classifier(name, num_classes, in_channels, image_size, width))
+
+
+def width_for_fraction(name: str, fraction: float, teacher_params: int, num_classes: int, in_channels: int,
+                       image_size: int) -> float:
+    """The width multiplier whose parameter count is closest to ``fraction * teacher_params``.
+
+    Widths are searched on the family's integer channel grid (base 64 for ResNets, 32 for the CNN,
+    6 for LeNet) so that the returned width builds exactly the counted model.
+    """
+    arch = _lookup(CLASSIFIERS, "student", name)
+    if not arch.widthable:
+        raise ValueError(f"student {name!r} has no width; student_fraction needs one of "
+                         f"{sorted(k for k, a in CLASSIFIERS.items() if a.widthable)}")
+    base = {"cnn": 32, "lenet5": 6}.get(name, 64)
+    if name == "resnet18_half":
+        base = 32
+    target = fraction * teacher_params
+    best_w, best_err = 1.0, float("inf")
+    for channels in range(1, 8 * base + 1):
+        w = channels / base
+        err = abs(classifier_params(name, num_classes, in_channels, image_size, w) - target)
+        if err < best_err:
+            best_w, best_err = w, err
+        elif err > best_err:  # parameter count grows with width: past the minimum
+            break
+    return best_w
+
+
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final linear layer (its input is the penultimate feature used by DAFL's activation loss)."""
+    head = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            head = m
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no linear classifier head")
+    return head

@@ -1,0 +1,79 @@
+"""What a finished run leaves behind: final metrics, student weights, an image grid, a confusion matrix.
+
+Used by the single-run CLI (``final.json``) and by the search for its best trial (``best/metrics.json``);
+both carry the keys of ``trainable.metrics.FINAL_METRICS``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainable import metrics as M
+from trainable.akd import AKDRun, evaluate
+from trainable.config import config_to_dict
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def teacher_metrics(run: AKDRun) -> dict[str, float]:
+    d = run.data
+    return {M.TEACHER_VAL_ACC: evaluate(run.teacher, d.val_x, d.val_y, device=run.device)["acc"],
+            M.TEACHER_TEST_ACC: evaluate(run.teacher, d.test_x, d.test_y, device=run.device)["acc"]}
+
+
+def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None:
+    """A grid of generated images (torchvision's make_grid), de-normalised to the task's pixel range."""
+    from torchvision.utils import make_grid, save_image
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(n, run.cfg.latent_dim, generator=g).to(run.device)
+    was_training = run.generator.training
+    run.generator.eval()
+    with torch.no_grad():
+        imgs = run.generator(z).float().cpu()  # (n, C, H, W), normalised
+    run.generator.train(was_training)
+    mean = torch.tensor(run.task.mean).view(1, -1, 1, 1)
+    std = torch.tensor(run.task.std).view(1, -1, 1, 1)
+    imgs = (imgs * std + mean).clamp(0, 1)
+    scale = max(1, 64 // run.task.image_size)  # enlarge 8x8 digits so they can be seen
+    if scale > 1:
+        imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
+    save_image(make_grid(imgs, nrow=8, padding=2, pad_value=1.0), str(path))
+
+
+def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: float) -> dict[str, float]:
+    """Evaluate the student once on the held-out test split and write the run's outputs into ``out``.
+
+    Writes ``final.json`` style metrics (returned), ``student.pt`` (state_dict), ``generated.png``,
+    ``confusion_test.csv`` (rows: true class, columns: predicted) and ``config.json``.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    d = run.data
+    val = evaluate(run.student, d.val_x, d.val_y, run.cfg.eval_batch_size, run.device)
+    test = evaluate(run.student, d.test_x, d.test_y, run.cfg.eval_batch_size, run.device,
+                    num_classes=run.task.num_classes)
+    final = {
+        M.VAL_ACC: val["acc"],
+        M.TEST_ACC: test["acc"],
+        **teacher_acc,
+        M.STUDENT_PARAMS: run.student_params,
+        M.TEACHER_PARAMS: run.teacher_params,
+        M.PARAM_RATIO: run.student_params / run.teacher_params,
+        M.WALL_S: wall_s,
+    }
+    torch.save(run.student.state_dict(), out / "student.pt")
+    save_image_grid(run, out / "generated.png")
+    conf = test["confusion"]
+    lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
+    lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
+    (out / "confusion_test.csv").write_text("\n".join(lines) + "\n")
+    write_json(out / "config.json", {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})
+    return final

@@ -1,0 +1,115 @@
+"""One data-free adversarial distillation run, without Ray.
+
+Example::
+
+    python trainable/run_akd.py --task digits --out runs/one
+    python trainable/run_akd.py --task digits --out runs/one --set student_fraction=0.05 --set student_loss=kl
+    python trainable/run_akd.py --task cifar100 --teacher resnet34.pt --data-root data --out runs/c100
+    python trainable/run_akd.py --task digits --out runs/one --resume   # continue from checkpoint.pt
+
+Writes into ``--out``: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch),
+final.json, student.pt, generated.png, confusion_test.csv. Exit codes: 0 done, 2 bad input, 1 other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules by bare name
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import torch
+
+from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.config import build_config, config_to_dict, parse_value
+from trainable.errors import UserError
+from trainable.outputs import finish_run, teacher_metrics, write_json
+from trainable.tasks import TASKS, data_free, load_eval_data
+from trainable.teacher import prepare_teacher
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["lr_student=0.05", ...]`` -> typed dict; a malformed item is a UserError."""
+    values = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        values[key.strip()] = parse_value(key.strip(), text)
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="One data-free adversarial distillation run (no Ray).")
+    p.add_argument("--task", default="digits", help=f"one of {sorted(TASKS)} (default digits)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set lr_student=0.05")
+    p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits")
+    p.add_argument("--data-root", help="folder of the torchvision dataset")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset (online)")
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build_config({"task": args.task, **parse_sets(args.sets)})
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    if args.resume and not ckpt_path.exists():
+        raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
+    if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    teacher, tinfo = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
+    with data_free():  # from here on, the teacher's training data cannot be read
+        data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
+        akd = AKDRun(cfg, teacher, data, default_device())
+        if args.resume:
+            akd.load_state_dict(load_checkpoint(ckpt_path))
+            print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config_to_dict(cfg))
+        t_acc = teacher_metrics(akd)
+        print(f"task {cfg.task}: teacher {tinfo['arch']} {akd.teacher_params:,} params "
+              f"(val {t_acc['teacher_val_acc']:.4f}); student {cfg.student} width {akd.student_width:g} "
+              f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
+
+        def on_epoch(m: dict, r: AKDRun) -> None:
+            save_checkpoint(r, ckpt_path)
+            # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
+            lines = "".join(json.dumps(h) + "\n" for h in r.history)
+            tmp = out / "metrics.jsonl.tmp"
+            tmp.write_text(lines)
+            tmp.replace(out / "metrics.jsonl")
+            print(f"epoch {m['epoch']:>4}/{cfg.epochs}  val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  "
+                  f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}  "
+                  f"{m['images_per_s']:.0f} img/s", flush=True)
+
+        akd.fit(on_epoch)
+        final = finish_run(akd, out, t_acc, time.time() - start)
+    write_json(out / "final.json", final)
+    print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

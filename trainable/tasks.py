@@ -1,0 +1,190 @@
+"""Tasks: what is distilled (evaluation data, image shape, teacher and student families, defaults).
+
+A data-free run reads only evaluation data: for ``digits`` the validation and test parts of a
+seeded split, for the torchvision tasks the official *test* split, itself split by seed into
+validation (selection) and test (reported once). The teacher's training data is reachable only
+through :func:`load_teacher_train`, which refuses while a data-free run is active
+(:func:`data_free`), so the guarantee is enforced in code rather than by convention.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from trainable.errors import DataFreeViolation, UserError
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    num_classes: int
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    teacher: str  # default teacher architecture
+    defaults: dict[str, Any] = field(default_factory=dict)  # config defaults for this task
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Evaluation tensors of a task: images normalised, (N, C, H, W) float32; labels (N,) int64."""
+
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+# Digits recipe: measured on a 2-core CPU to finish well inside 3 minutes (see README).
+_DIGITS_DEFAULTS = dict(
+    teacher="cnn", student="cnn", student_fraction=0.08, generator="a", latent_dim=64, generator_width=32,
+    epochs=30, iters_per_epoch=20, batch_size=128, n_student=5, n_generator=1,
+    lr_student=0.1, lr_generator=1e-3, scheduler="cosine",
+)
+# DFAD's CIFAR recipe (500 epochs x 50 iterations, batch 256, 5:1, L1, SGD 0.1 / Adam 1e-3).
+_CIFAR_DEFAULTS = dict(
+    teacher="resnet34", student="resnet18", generator="a", latent_dim=256, generator_width=64,
+    epochs=500, iters_per_epoch=50, batch_size=256, n_student=5, n_generator=1,
+    lr_student=0.1, lr_generator=1e-3, scheduler="multistep", milestones=(0.2, 0.4), gamma=0.1,
+)
+_MNIST_DEFAULTS = dict(
+    teacher="lenet5", student="lenet5", student_width=0.5, generator="a", latent_dim=100, generator_width=64,
+    epochs=100, iters_per_epoch=50, batch_size=256, n_student=5, n_generator=1,
+    lr_student=0.1, lr_generator=1e-3, scheduler="multistep", milestones=(0.5, 0.75), gamma=0.1,
+)
+
+TASKS: dict[str, Task] = {
+    "digits": Task("digits", 10, 1, 8, (0.5,), (0.5,), "cnn", _DIGITS_DEFAULTS,
+                   "scikit-learn's bundled 8x8 digits; needs no network (the default)"),
+    "mnist": Task("mnist", 10, 1, 28, (0.1307,), (0.3081,), "lenet5", _MNIST_DEFAULTS, "torchvision MNIST"),
+    "cifar10": Task("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "resnet34",
+                    _CIFAR_DEFAULTS, "torchvision CIFAR-10"),
+    "cifar100": Task("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "resnet34",
+                     _CIFAR_DEFAULTS, "torchvision CIFAR-100"),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# The data-free guard
+# ---------------------------------------------------------------------------------------------
+_guard = threading.local()
+
+
+@contextlib.contextmanager
+def data_free() -> Iterator[None]:
+    """While active (in this thread), any attempt to read the teacher's training data raises."""
+    depth = getattr(_guard, "depth", 0)
+    _guard.depth = depth + 1
+    try:
+        yield
+    finally:
+        _guard.depth = depth
+
+
+def in_data_free_run() -> bool:
+    return getattr(_guard, "depth", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def _normalise(x: torch.Tensor, task: Task) -> torch.Tensor:
+    mean = torch.tensor(task.mean).view(1, -1, 1, 1)
+    std = torch.tensor(task.std).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def _digits_split(seed: int) -> dict[str, np.ndarray]:
+    """Index split of the 1,797 digits: 60% teacher-train, 20% validation, 20% test, stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    y = load_digits().target
+    idx = np.arange(len(y))
+    train, rest = train_test_split(idx, test_size=0.4, random_state=seed, stratify=y)
+    val, test = train_test_split(rest, test_size=0.5, random_state=seed, stratify=y[rest])
+    return {"teacher_train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+
+
+def _digits_tensors(indices: np.ndarray, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images[indices].astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
+    y = torch.from_numpy(d.target[indices].astype(np.int64))
+    return _normalise(x, task), y
+
+
+def _torchvision_split(task: Task, data_root: str | None, train: bool, download: bool):
+    """The torchvision dataset object for one official split (train=True only for teachers)."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[task.name]
+    if data_root is None:
+        raise UserError(f"task {task.name} needs its data: pass --data-root DIR (downloaded there when online)")
+    try:
+        return cls(root=data_root, train=train, download=download)
+    except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
+        raise UserError(f"{task.name} data not found or corrupted under {data_root}: {e}; "
+                        f"pass --data-root to a folder holding it, or --download when online") from e
+
+
+def _dataset_tensors(ds, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    data = ds.data
+    data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    if data.ndim == 3:  # MNIST: (N, H, W) uint8
+        data = data[:, None]
+    else:  # CIFAR: (N, H, W, C) uint8
+        data = data.transpose(0, 3, 1, 2)
+    x = torch.from_numpy(np.ascontiguousarray(data)).float().div_(255.0)
+    y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
+    return _normalise(x, task), y
+
+
+def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, data_root: str | None = None,
+                   download: bool = False) -> EvalData:
+    """Validation and test data of a task; never touches the teacher's training data.
+
+    Args:
+        task_name: a key of ``TASKS``.
+        seed: seeds the validation/test split.
+        val_fraction: for torchvision tasks, the share of the official test split used for
+            validation (selection); the rest is the held-out test. digits uses its fixed split.
+        data_root: folder of the torchvision dataset.
+        download: let torchvision download when online.
+    """
+    task = get_task(task_name)
+    if task.name == "digits":
+        split = _digits_split(seed)
+        vx, vy = _digits_tensors(split["val"], task)
+        tx, ty = _digits_tensors(split["test"], task)
+        return EvalData(vx, vy, tx, ty)
+    ds = _torchvision_split(task, data_root, train=False, download=download)
+    x, y = _dataset_tensors(ds, task)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(val_fraction * len(y)))
+    return EvalData(x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]])
+
+
+def load_teacher_train(task_name: str, seed: int = 0, data_root: str | None = None,
+                       download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's training data. Refuses inside a data-free run."""
+    if in_data_free_run():
+        raise DataFreeViolation(f"a data-free run tried to read {task_name}'s teacher-training data")
+    task = get_task(task_name)
+    if task.name == "digits":
+        return _digits_tensors(_digits_split(seed)["teacher_train"], task)
+    return _dataset_tensors(_torchvision_split(task, data_root, train=True, download=download), task)
