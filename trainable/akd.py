@@ -44,6 +44,7 @@ def freeze(model: nn.Module) -> nn.Module:
     """Eval mode (BatchNorm uses its running statistics) and no parameter gradients, once."""
     model.eval()
     model.requires_grad_(False)
+    model.zero_grad(set_to_none=True)  # drop gradients left over from its own training
     return model
 
 

@@ -70,7 +70,7 @@ def activation_loss(features: torch.Tensor) -> torch.Tensor:
 def balance_loss(t: torch.Tensor) -> torch.Tensor:
     """DAFL: classes balanced over the batch: log K - H(mean softmax), >= 0, 0 when uniform."""
     p = F.softmax(t.float(), 1).mean(0)  # (K,)
-    return math.log(t.shape[1]) + (p * torch.log(p + EPS)).sum()
+    return math.log(t.shape[1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
 
 
 class TeacherProbe:

@@ -42,11 +42,13 @@ class EvalData:
     test_y: torch.Tensor
 
 
-# Digits recipe: measured on a 2-core CPU to finish well inside 3 minutes (see README).
+# Digits recipe: DFAD's loop plus the BatchNorm-statistics term, which keeps the generator's
+# images near the teacher's data on this tiny task (plain DFAD plateaus near 0.85 test accuracy
+# here). Measured on a 2-core CPU to finish well inside 3 minutes (see README).
 _DIGITS_DEFAULTS = dict(
     teacher="cnn", student="cnn", student_fraction=0.08, generator="a", latent_dim=64, generator_width=32,
     epochs=30, iters_per_epoch=20, batch_size=128, n_student=5, n_generator=1,
-    lr_student=0.1, lr_generator=1e-3, scheduler="cosine",
+    lr_student=0.1, lr_generator=1e-3, scheduler="cosine", w_bn=0.1,
 )
 # DFAD's CIFAR recipe (500 epochs x 50 iterations, batch 256, 5:1, L1, SGD 0.1 / Adam 1e-3).
 _CIFAR_DEFAULTS = dict(

@@ -122,6 +122,7 @@ def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, l
             total += loss.item() * len(idx)
         if log and (epoch + 1) % max(1, epochs // 10) == 0:
             log(f"teacher epoch {epoch + 1}/{epochs} loss {total / len(y):.4f}")
+    model.zero_grad(set_to_none=True)
     return model.eval()
 
 
