@@ -1,0 +1,196 @@
+"""Read a Ray experiment folder (finished, interrupted or resumed) into two tidy tables.
+
+``trials`` — one row per trial (columns documented in ``TRIAL_COLUMNS``), ``epochs`` — one row per
+trial per reported epoch (every metric of ``trainable.metrics.EPOCH_METRICS``). Rows that a resume
+reports twice (an epoch re-run from a checkpoint) are deduplicated, keeping the latest.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainable import metrics as M
+
+META_FILE = "akdtune_search.json"
+ASHA_FILE = "asha_state.json"
+
+# Outcomes of a trial.
+COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED = "completed", "stopped_early", "errored", "unfinished"
+
+TRIAL_COLUMNS = {
+    "trial_id": "Ray's trial id",
+    "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by ASHA) | {ERRORED} | {UNFINISHED} (interrupted, resumable)",
+    "error": "first line of the error of an errored trial, else empty",
+    "param.<name>": "one typed column per searched hyperparameter (null where a condition left it unset)",
+    "final_val_acc": "val_acc at the last reported epoch (the selection metric)",
+    "best_val_acc": "highest val_acc over the trial's epochs",
+    "final_val_loss": "val_loss at the last reported epoch",
+    "epochs_run": "epochs reported",
+    "student_params": "student parameter count",
+    "teacher_params": "teacher parameter count",
+    "param_ratio": "student_params / teacher_params",
+    "within_budget": "param_ratio <= the space's param_budget (true when there is none)",
+    "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
+    "wall_s": "seconds the trial ran (summed over resumes)",
+}
+
+
+@dataclass
+class Experiment:
+    path: Path
+    meta: dict[str, Any]
+    asha: dict[str, Any]
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+
+    @property
+    def param_budget(self) -> float | None:
+        return (self.meta.get("space") or {}).get("param_budget")
+
+    @property
+    def partial(self) -> bool:
+        return bool((self.trials["outcome"] == UNFINISHED).any()) or len(self.trials) < self.meta.get("num_samples", 0)
+
+
+def _read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def _trial_records(exp: Path) -> list[dict[str, Any]]:
+    """(trial_id, status, config, trial folder) of every trial, from Tune's latest experiment state."""
+    from ray.tune import ExperimentAnalysis
+
+    if not list(exp.glob("experiment_state-*.json")):
+        from trainable.errors import UserError
+
+        raise UserError(f"{exp} is not a Ray experiment folder (no experiment_state-*.json); "
+                        "pass <storage>/<name> of a search")
+    analysis = ExperimentAnalysis(str(exp))
+    return [{"trial_id": t.trial_id, "status": t.status, "config": dict(t.config), "dir": Path(t.path)}
+            for t in analysis.trials]
+
+
+def _outcome(status: str, trial_id: str, epochs: int, asha: dict, max_epochs: int) -> str:
+    if status == "ERROR":
+        return ERRORED
+    if status != "TERMINATED":
+        return UNFINISHED
+    if trial_id in set(asha.get("stopped_trials", [])):
+        return STOPPED_EARLY
+    return COMPLETED
+
+
+def _error_line(trial_dir: Path) -> str:
+    for p in (trial_dir / "error.txt",):
+        if p.exists():
+            lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+            # The last line of a traceback names the exception and its message.
+            return lines[-1][:500] if lines else "error"
+    return "error"
+
+
+def pareto_mask(acc: list[float], ratio: list[float]) -> list[bool]:
+    """True where no other point has higher-or-equal accuracy and lower-or-equal size, one strictly."""
+    out = []
+    for i, (a, r) in enumerate(zip(acc, ratio)):
+        dominated = any((a2 >= a and r2 <= r) and (a2 > a or r2 < r) for j, (a2, r2) in enumerate(zip(acc, ratio)) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read an experiment folder into an ``Experiment`` (tables built in memory, nothing written)."""
+    exp = Path(path)
+    if not exp.is_dir():
+        from trainable.errors import UserError
+
+        raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
+    meta = _read_json(exp / META_FILE, {})
+    asha = _read_json(exp / ASHA_FILE, {})
+    space = meta.get("space") or {}
+    searched = list((space.get("params") or {}).keys())
+    max_epochs = (space.get("budget") or {}).get("max_epochs", 0)
+    budget = space.get("param_budget")
+    trial_rows, epoch_rows = [], []
+    for t in _trial_records(exp):
+        trial_id, trial_dir = t["trial_id"], t["dir"]
+        results: dict[int, dict] = {}
+        result_file = trial_dir / "result.json"
+        if result_file.exists():
+            for line in result_file.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if M.EPOCH in r:
+                    results[int(r[M.EPOCH])] = r  # dedupe: a resumed epoch replaces the earlier one
+        ordered = [results[e] for e in sorted(results)]
+        for r in ordered:
+            epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
+                               "time_total_s": r.get("time_total_s")})
+        status = t.get("status", "PENDING")
+        outcome = _outcome(status, trial_id, len(ordered), asha, max_epochs)
+        last = ordered[-1] if ordered else {}
+        config = t.get("config") or {}
+        row = {
+            "trial_id": trial_id,
+            "outcome": outcome,
+            "error": _error_line(trial_dir) if outcome == ERRORED else "",
+            **{f"param.{p}": config.get(p) for p in searched},
+            "final_val_acc": last.get(M.VAL_ACC),
+            "best_val_acc": max((r[M.VAL_ACC] for r in ordered), default=None),
+            "final_val_loss": last.get(M.VAL_LOSS),
+            "epochs_run": len(ordered),
+            "student_params": last.get(M.STUDENT_PARAMS),
+            "teacher_params": last.get(M.TEACHER_PARAMS),
+            "param_ratio": last.get(M.PARAM_RATIO),
+            "wall_s": last.get("time_total_s"),
+            "_dir": str(trial_dir),
+        }
+        row["within_budget"] = bool(budget is None or (row["param_ratio"] is not None and row["param_ratio"] <= budget))
+        trial_rows.append(row)
+    trials = pd.DataFrame(trial_rows)
+    if trials.empty:
+        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "param_ratio", "_dir"])
+    has = trials["final_val_acc"].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
+    trials["pareto"] = False
+    if len(trials) and has.any():
+        sub = trials[has]
+        trials.loc[has, "pareto"] = pareto_mask(sub["final_val_acc"].tolist(), sub["param_ratio"].tolist())
+    epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
+    trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
+    return Experiment(exp, meta, asha, trials, epochs)
+
+
+def best_trial(e: Experiment) -> dict[str, Any] | None:
+    """Highest final val_acc among trials with results within the parameter budget (ties: smaller)."""
+    t = e.trials
+    if t.empty:
+        return None
+    ok = t[t["final_val_acc"].notna() & t["within_budget"]]
+    if ok.empty:
+        return None
+    ok = ok.sort_values(["final_val_acc", "param_ratio"], ascending=[False, True], kind="stable")
+    return ok.iloc[0].to_dict()
+
+
+def write_summaries(e: Experiment) -> dict[str, Path]:
+    """Write ``summary/trials.parquet`` and ``summary/epochs.parquet`` (atomically)."""
+    out = e.path / "summary"
+    out.mkdir(exist_ok=True)
+    paths = {}
+    for name, df in (("trials", e.trials.drop(columns=["_dir"], errors="ignore")), ("epochs", e.epochs)):
+        target = out / f"{name}.parquet"
+        tmp = out / f".{name}.parquet.tmp"
+        df.to_parquet(tmp, index=False)
+        tmp.replace(target)
+        paths[name] = target
+    return paths

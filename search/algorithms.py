@@ -1,0 +1,167 @@
+"""Searcher and scheduler: two fixes over Ray's stock OptunaSearch + ASHA.
+
+1. ``PruneAwareOptunaSearch`` tells Optuna that a trial ASHA stopped was PRUNED (its intermediate
+   values kept), where the stock integration records it as COMPLETE with its low-fidelity score,
+   which misleads TPE into treating a 4-epoch score as a final one. Errored trials are FAIL even
+   when they reported a result before failing.
+2. ``PersistentASHA`` + ``SchedulerStateCallback``: the scheduler's rung records are saved with
+   every experiment checkpoint (as callback state) and put back on ``Tuner.restore``, which
+   otherwise restarts ASHA with empty rungs, so a resumed search would promote trials that the
+   original rungs would have stopped.
+
+Everything here lives in an importable module because Ray pickles it for restore.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from trainable import metrics as M
+
+log = logging.getLogger(__name__)
+
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """OptunaSearch that records ASHA-stopped trials as PRUNED and errored trials as FAIL.
+
+    Args:
+        scheduler: the search's ``PersistentASHA``; its stop decisions say which trials were
+            pruned (a trial that stops by its own patience, or at max_epochs, is COMPLETE).
+    """
+
+    def __init__(self, *args, scheduler: "PersistentASHA", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scheduler = scheduler
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return
+        pruned = not error and trial_id in self.scheduler.stopped_trials
+        if not error and not pruned:
+            super().on_trial_complete(trial_id, result, error)
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if error:
+            state = optuna.trial.TrialState.FAIL
+        else:
+            state = optuna.trial.TrialState.PRUNED  # Optuna keeps the last intermediate value
+            if not isinstance(self.metric, list) and result and self.metric in result:
+                # Tune does not pass the stopping result to on_trial_result: record the value ASHA judged.
+                ot_trial.report(result[self.metric], int(result.get(M.EPOCH, result.get("training_iteration", 0))))
+        try:
+            self._ot_study.tell(ot_trial, state=state)
+        except Exception as exc:  # e.g. told twice after a restore
+            log.warning("could not tell Optuna about trial %s: %s", trial_id, exc)
+        self._completed_trials.add(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or trial_id in self._completed_trials:
+            return
+        # Report by epoch (not Tune's iteration counter) so resumed trials keep their steps.
+        self._ot_trials[trial_id].report(result[self.metric], int(result.get(M.EPOCH, result["training_iteration"])))
+
+    def save(self, checkpoint_path: str) -> None:
+        # The scheduler is saved by SchedulerStateCallback; pickling it here too would detach the
+        # restored searcher from the live scheduler.
+        import pickle
+
+        state = self.__dict__.copy()
+        state.pop("scheduler", None)
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
+
+class PersistentASHA(ASHAScheduler):
+    """ASHA whose rung records can be exported and restored (see ``SchedulerStateCallback``).
+
+    Optionally mirrors its state to a JSON file (``state_file``) after every change, for people
+    and for the report to read.
+    """
+
+    def __init__(self, *args, state_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state_file = state_file
+        self.stopped_trials: list[str] = []
+
+    # -- state
+    def export_state(self) -> dict[str, Any]:
+        return {
+            "rungs": [[[float(m), dict(rec)] for m, rec in b._rungs] for b in self._brackets],
+            "trial_bracket": {tid: self._brackets.index(b) for tid, b in self._trial_info.items()},
+            "num_stopped": self._num_stopped,
+            "stopped_trials": list(self.stopped_trials),
+        }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        for bracket, rungs in zip(self._brackets, state["rungs"]):
+            by_milestone = {float(m): rec for m, rec in rungs}
+            bracket._rungs = [(m, dict(by_milestone.get(float(m), {}))) for m, _ in bracket._rungs]
+        for tid, idx in state["trial_bracket"].items():
+            self._trial_info.setdefault(tid, self._brackets[idx])
+        self._num_stopped = state["num_stopped"]
+        self.stopped_trials = list(state["stopped_trials"])
+
+    def rung_records(self) -> list[list[tuple[float, dict[str, float]]]]:
+        return [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets]
+
+    def _mirror(self) -> None:
+        if not self.state_file:
+            return
+        try:
+            tmp = f"{self.state_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.export_state(), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.state_file)
+        except OSError as exc:  # e.g. remote storage: the callback state still holds it
+            log.debug("cannot mirror ASHA state: %s", exc)
+
+    # -- scheduler hooks
+    def on_trial_result(self, tune_controller, trial, result):
+        if trial.trial_id not in self._trial_info:  # a trial resumed after restore
+            self._trial_info[trial.trial_id] = self._brackets[0]
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == self.STOP and result.get(self._time_attr, 0) < self._max_t:
+            self.stopped_trials.append(trial.trial_id)  # cut short; stopping at max_t is finishing
+        self._mirror()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if trial.trial_id not in self._trial_info:
+            self._trial_info[trial.trial_id] = self._brackets[0]
+        super().on_trial_complete(tune_controller, trial, result)
+        self._mirror()
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._trial_info.pop(trial.trial_id, None)
+
+
+class SchedulerStateCallback(Callback):
+    """Carries ``PersistentASHA``'s state through Tune's experiment checkpoints.
+
+    Tune saves callback state together with the searcher's at every experiment checkpoint and
+    restores it on ``Tuner.restore``; the scheduler and this callback are pickled together in the
+    tuner state, so after a restore they are still the same objects.
+    """
+
+    def __init__(self, scheduler: PersistentASHA):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict | None:
+        return {"asha": json.dumps(self.scheduler.export_state())}
+
+    def set_state(self, state: dict) -> None:
+        if state and "asha" in state:
+            self.scheduler.import_state(json.loads(state["asha"]))
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Ray's default embeds every hyperparameter)."""
+    return f"trial_{trial.trial_id}"

@@ -1,0 +1,318 @@
+"""Search spaces: YAML (data only, ``yaml.safe_load``), validated completely before Ray starts.
+
+A space file::
+
+    description: student size against accuracy
+    task: digits                  # optional; --task overrides
+    objectives:                   # one (TPE) or two (NSGA-II) objectives
+      - {metric: val_acc, mode: max}
+      - {metric: param_ratio, mode: min}
+    param_budget: 0.10            # optional: the best trial must have param_ratio <= this
+    budget: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3}
+    fixed: {n_generator: 1}       # config values for every trial
+    params:
+      student_fraction: {type: float, low: 0.02, high: 0.5, log: true}
+      student_loss: {type: categorical, choices: [l1, kl]}
+      temperature: {type: float, low: 1, high: 8, when: {student_loss: kl}}   # conditional
+
+Anything not searched or fixed takes the task's default. Every problem is reported in one
+``SpaceError`` naming each key.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainable import metrics as M
+from trainable.config import FIELDS, build_config
+from trainable.errors import ConfigError, UserError
+from trainable.tasks import TASKS
+
+TOP_KEYS = {"description", "task", "objective", "objectives", "param_budget", "budget", "fixed", "params", "seed"}
+BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor"}
+PARAM_KEYS = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+    "fixed": {"type", "value", "when"},
+}
+# Keys a space may not search: the task is chosen per search, epochs by budget.max_epochs.
+NOT_SEARCHABLE = {"task", "epochs"}
+METRIC_MODES = ("min", "max")
+
+
+class SpaceError(UserError):
+    """A malformed search space; the message names every bad key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # float | int | categorical | fixed
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+    value: Any = None
+    when: dict[str, tuple] = field(default_factory=dict)  # parent name -> allowed values
+
+    def corners(self) -> list[Any]:
+        """Values that bound what this parameter can take (checked against the config rules)."""
+        if self.type in ("float", "int"):
+            return [self.low, self.high]
+        if self.type == "categorical":
+            return list(self.choices)
+        return [self.value]
+
+
+@dataclass(frozen=True)
+class Space:
+    path: str
+    description: str
+    task: str | None
+    objectives: tuple[tuple[str, str], ...]  # ((metric, mode), ...)
+    param_budget: float | None
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    fixed: dict[str, Any]
+    params: tuple[Param, ...]
+    seed: int = 0
+    raw: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def searched(self) -> list[str]:
+        return [p.name for p in self.params]
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
+    where = f"params.{name}"
+    if name not in FIELDS:
+        errs.append(f"{where}: unknown hyperparameter; choose from {sorted(set(FIELDS) - NOT_SEARCHABLE)}")
+        return None
+    if name in NOT_SEARCHABLE:
+        errs.append(f"{where}: cannot be searched (use --task for the task, budget.max_epochs for epochs)")
+        return None
+    if not isinstance(spec, dict):
+        errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {spec!r}")
+        return None
+    kind = spec.get("type")
+    if kind not in PARAM_KEYS:
+        errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {kind!r}")
+        return None
+    n_before = len(errs)
+    for key in sorted(set(spec) - PARAM_KEYS[kind]):
+        errs.append(f"{where}.{key}: unknown key for type {kind}; valid: {sorted(PARAM_KEYS[kind])}")
+    when = spec.get("when") or {}
+    if not isinstance(when, dict):
+        errs.append(f"{where}.when: expected a mapping {{parameter: value or [values]}}, got {when!r}")
+        when = {}
+    when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+    if kind in ("float", "int"):
+        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+        for key, v in (("low", low), ("high", high)):
+            if not _num(v):
+                errs.append(f"{where}.{key}: expected a number, got {v!r}")
+            elif kind == "int" and not float(v).is_integer():
+                errs.append(f"{where}.{key}: expected an integer for type int, got {v!r}")
+        if not isinstance(log, bool):
+            errs.append(f"{where}.log: expected true/false, got {log!r}")
+        if step is not None and (not _num(step) or step <= 0):
+            errs.append(f"{where}.step: expected a positive number, got {step!r}")
+        if log and step is not None:
+            errs.append(f"{where}: log and step cannot be combined; drop one")
+        if len(errs) == n_before:
+            if low >= high:
+                errs.append(f"{where}: low ({low}) must be < high ({high}); use type: fixed for a single value")
+            elif log and low <= 0:
+                errs.append(f"{where}: log scale needs low > 0, got {low}")
+        if len(errs) > n_before:
+            return None
+        if kind == "int":
+            low, high = int(low), int(high)
+        return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            errs.append(f"{where}.choices: expected a non-empty list, got {choices!r}")
+            return None
+        if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
+            errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {choices!r}")
+            return None
+        if len(set(map(repr, choices))) != len(choices):
+            errs.append(f"{where}.choices: has repeated values {choices!r}")
+            return None
+        return Param(name, kind, choices=tuple(choices), when=when)
+    if "value" not in spec:
+        errs.append(f"{where}.value: missing; type fixed needs a value")
+        return None
+    v = spec["value"]
+    return Param(name, kind, value=tuple(v) if isinstance(v, list) else v, when=when)
+
+
+def _check_against_config(task: str, fixed: dict, params: list[Param], errs: list[str]) -> None:
+    """Each fixed value and each parameter's bounds/choices must make a valid run config."""
+    base = {"task": task, **fixed}
+    try:
+        build_config(base)
+    except ConfigError as e:
+        errs.append(f"fixed: {str(e).removeprefix('invalid config: ')}")
+        return
+    for p in params:
+        for v in p.corners():
+            try:
+                build_config({**base, p.name: v})
+            except ConfigError as e:
+                errs.append(f"params.{p.name}: value {v!r} is invalid ({str(e).removeprefix('invalid config: ')})")
+                break
+
+
+def parse_space(raw: Any, path: str = "<space>", task_override: str | None = None) -> Space:
+    """Validate a loaded YAML document. Raises SpaceError naming every problem."""
+    errs: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
+    for key in sorted(set(raw) - TOP_KEYS):
+        errs.append(f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}")
+    task = task_override or raw.get("task") or "digits"
+    if task not in TASKS:
+        errs.append(f"task: unknown {task!r}; choose from {sorted(TASKS)}")
+        task = "digits"
+    # objectives
+    if "objective" in raw and "objectives" in raw:
+        errs.append("objective: give either objective or objectives, not both")
+    objs = raw.get("objectives", [raw["objective"]] if "objective" in raw else [{"metric": M.VAL_ACC, "mode": "max"}])
+    objectives = []
+    if not isinstance(objs, list) or not 1 <= len(objs) <= 2:
+        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {objs!r}")
+    else:
+        for i, o in enumerate(objs):
+            if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
+                errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {o!r}")
+            elif o["metric"] not in M.EPOCH_METRICS:
+                errs.append(f"objectives[{i}].metric: unknown {o['metric']!r}; choose from {list(M.EPOCH_METRICS)}")
+            elif o["mode"] not in METRIC_MODES:
+                errs.append(f"objectives[{i}].mode: expected max or min, got {o['mode']!r}")
+            else:
+                objectives.append((o["metric"], o["mode"]))
+        if objectives and objectives[0] != (M.VAL_ACC, "max"):
+            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric ASHA uses)")
+    pb = raw.get("param_budget")
+    if pb is not None and (not _num(pb) or not 0 < pb <= 1):
+        errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {pb!r}")
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        errs.append(f"seed: expected an integer, got {seed!r}")
+        seed = 0
+    # budget
+    budget = raw.get("budget", {})
+    if not isinstance(budget, dict):
+        errs.append(f"budget: expected a mapping with {sorted(BUDGET_KEYS)}, got {budget!r}")
+        budget = {}
+    for key in sorted(set(budget) - BUDGET_KEYS):
+        errs.append(f"budget.{key}: unknown key; valid: {sorted(BUDGET_KEYS)}")
+    ints = {}
+    for key, default in (("num_samples", 10), ("max_epochs", 20), ("grace_period", 3)):
+        v = budget.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            errs.append(f"budget.{key}: expected an integer >= 1, got {v!r}")
+            v = default
+        ints[key] = v
+    if ints["grace_period"] > ints["max_epochs"]:
+        errs.append(f"budget.grace_period: ({ints['grace_period']}) must be <= budget.max_epochs ({ints['max_epochs']})")
+    rf = budget.get("reduction_factor", 3)
+    if not _num(rf) or rf <= 1:
+        errs.append(f"budget.reduction_factor: expected a number > 1, got {rf!r}")
+        rf = 3
+    # fixed and params
+    fixed = raw.get("fixed", {}) or {}
+    if not isinstance(fixed, dict):
+        errs.append(f"fixed: expected a mapping of config values, got {fixed!r}")
+        fixed = {}
+    for key in fixed:
+        if key in NOT_SEARCHABLE:
+            errs.append(f"fixed.{key}: cannot be fixed here (use --task, budget.max_epochs)")
+    fixed = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items() if k not in NOT_SEARCHABLE}
+    params_raw = raw.get("params")
+    params: list[Param] = []
+    if not isinstance(params_raw, dict) or not params_raw:
+        errs.append("params: expected a non-empty mapping of hyperparameters to search")
+    else:
+        for name, spec in params_raw.items():
+            p = _parse_param(str(name), spec, errs)
+            if p is not None:
+                params.append(p)
+    names = {p.name: p for p in params}
+    for key in fixed:
+        if key in names:
+            errs.append(f"fixed.{key}: also searched in params; keep one")
+    for i, p in enumerate(params):
+        for parent, values in p.when.items():
+            earlier = {q.name: q for q in params[:i]}
+            if parent not in earlier or earlier[parent].type not in ("categorical", "fixed"):
+                errs.append(f"params.{p.name}.when: {parent!r} must be a categorical parameter listed before it")
+                continue
+            allowed = earlier[parent].choices if earlier[parent].type == "categorical" else (earlier[parent].value,)
+            bad = [v for v in values if v not in allowed]
+            if bad:
+                errs.append(f"params.{p.name}.when.{parent}: {bad!r} not among its choices {list(allowed)}")
+    if not errs:
+        _check_against_config(task, {**fixed, "epochs": ints["max_epochs"]}, params, errs)
+    if errs:
+        raise SpaceError(f"{path}: " + "; ".join(errs))
+    return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
+                 param_budget=pb, num_samples=ints["num_samples"], max_epochs=ints["max_epochs"],
+                 grace_period=ints["grace_period"], reduction_factor=float(rf), fixed=fixed, params=tuple(params),
+                 seed=seed, raw=raw)
+
+
+def load_space(path: str | Path, task_override: str | None = None) -> Space:
+    """Read and validate a space file (``yaml.safe_load``: data only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpaceError(f"space file not found: {p}; pass --space spaces/NAME.yaml (see spaces/)")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+    return parse_space(raw, str(p), task_override)
+
+
+class DefineByRun:
+    """Optuna define-by-run function for a space (a class, so Ray can pickle it for restore)."""
+
+    def __init__(self, params: tuple[Param, ...]):
+        self.params = params
+
+    def __call__(self, trial) -> dict[str, Any]:
+        """Suggest every active parameter; returns the fixed ones (Optuna records the suggested)."""
+        chosen: dict[str, Any] = {}
+        fixed: dict[str, Any] = {}
+        for p in self.params:
+            if any(chosen.get(parent) not in values for parent, values in p.when.items()):
+                continue  # condition not met: the parameter takes its default
+            if p.type == "float":
+                chosen[p.name] = trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
+            elif p.type == "int":
+                chosen[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log, step=int(p.step or 1))
+            elif p.type == "categorical":
+                chosen[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            else:
+                chosen[p.name] = fixed[p.name] = p.value
+        return fixed

@@ -1,0 +1,53 @@
+"""The one module of trainable/ that imports Ray: an AKD run as a Ray Tune function trainable.
+
+``tune.get_checkpoint()`` at the start (resume after interruption or a crash), then
+``tune.report(metrics, checkpoint=...)`` once per epoch. The teacher and the evaluation data are
+prepared once on the driver and shipped through the object store (``tune.with_parameters``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import tune
+
+from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.config import build_config
+from trainable.models import build_classifier
+from trainable.tasks import EvalData, data_free, get_task
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def teacher_payload(teacher: torch.nn.Module, arch: str) -> dict[str, Any]:
+    """What trials receive of the teacher: its architecture name and CPU state_dict."""
+    return {"arch": arch, "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}
+
+
+def rebuild_teacher(payload: dict[str, Any], task_name: str) -> torch.nn.Module:
+    task = get_task(task_name)
+    model = build_classifier(payload["arch"], task.num_classes, task.channels, task.image_size)
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1) -> None:
+    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys."""
+    torch.set_num_threads(max(1, threads))
+    cfg = build_config(config)  # a bad combination raises: the trial is recorded as errored, with the reason
+    with data_free():
+        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device())
+        checkpoint = tune.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                run.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+
+        def on_epoch(metrics: dict[str, float], r: AKDRun) -> None:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(r, os.path.join(d, CHECKPOINT_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+        run.fit(on_epoch)
