@@ -15,8 +15,11 @@ import pandas as pd
 
 from trainable import metrics as M
 
-META_FILE = "akdtune_search.json"
-ASHA_FILE = "asha_state.json"
+# Our own files live in a subfolder: Tune re-uploads stale copies of top-level .json/.pkl files of
+# the experiment folder after a restore, which would overwrite them.
+META_FILE = "akdtune/search.json"  # how the search was started (space, task, teacher, seed, ...)
+ASHA_FILE = "akdtune/asha_state.json"  # ASHA's rung records and the trials it stopped
+STUDY_FILE = "akdtune/study.json"  # the Optuna study as plain JSON
 
 # Outcomes of a trial.
 COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED = "completed", "stopped_early", "errored", "unfinished"

@@ -4,7 +4,7 @@
    values kept), where the stock integration records it as COMPLETE with its low-fidelity score,
    which misleads TPE into treating a 4-epoch score as a final one. Errored trials are FAIL even
    when they reported a result before failing.
-2. ``PersistentASHA`` + ``SchedulerStateCallback``: the scheduler's rung records are saved with
+2. ``PersistentASHA`` + ``SearchStateCallback``: the scheduler's rung records are saved with
    every experiment checkpoint (as callback state) and put back on ``Tuner.restore``, which
    otherwise restarts ASHA with empty rungs, so a resumed search would promote trials that the
    original rungs would have stopped.
@@ -69,7 +69,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._ot_trials[trial_id].report(result[self.metric], int(result.get(M.EPOCH, result["training_iteration"])))
 
     def save(self, checkpoint_path: str) -> None:
-        # The scheduler is saved by SchedulerStateCallback; pickling it here too would detach the
+        # The scheduler is saved by SearchStateCallback; pickling it here too would detach the
         # restored searcher from the live scheduler.
         import pickle
 
@@ -80,7 +80,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 
 class PersistentASHA(ASHAScheduler):
-    """ASHA whose rung records can be exported and restored (see ``SchedulerStateCallback``).
+    """ASHA whose rung records can be exported and restored (see ``SearchStateCallback``).
 
     Optionally mirrors its state to a JSON file (``state_file``) after every change, for people
     and for the report to read.
@@ -143,16 +143,21 @@ class PersistentASHA(ASHAScheduler):
         self._trial_info.pop(trial.trial_id, None)
 
 
-class SchedulerStateCallback(Callback):
-    """Carries ``PersistentASHA``'s state through Tune's experiment checkpoints.
+class SearchStateCallback(Callback):
+    """Carries ``PersistentASHA``'s state through Tune's experiment checkpoints; exports the study.
 
     Tune saves callback state together with the searcher's at every experiment checkpoint and
-    restores it on ``Tuner.restore``; the scheduler and this callback are pickled together in the
-    tuner state, so after a restore they are still the same objects.
+    restores it on ``Tuner.restore``; the scheduler, the searcher and this callback are pickled
+    together in the tuner state, so after a restore they are still the same objects.
+
+    After every finished trial the Optuna study is also written to ``study_file`` as plain JSON
+    (``export_study``), so that summaries and reports can rebuild it without unpickling anything.
     """
 
-    def __init__(self, scheduler: PersistentASHA):
+    def __init__(self, scheduler: PersistentASHA, searcher: PruneAwareOptunaSearch, study_file: str | None = None):
         self.scheduler = scheduler
+        self.searcher = searcher
+        self.study_file = study_file
 
     def get_state(self) -> dict | None:
         return {"asha": json.dumps(self.scheduler.export_state())}
@@ -160,6 +165,46 @@ class SchedulerStateCallback(Callback):
     def set_state(self, state: dict) -> None:
         if state and "asha" in state:
             self.scheduler.import_state(json.loads(state["asha"]))
+
+    def _export(self) -> None:
+        if not self.study_file or self.searcher._ot_study is None:
+            return
+        try:
+            tmp = f"{self.study_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(export_study(self.searcher), f, indent=1, sort_keys=True)
+            os.replace(tmp, self.study_file)
+        except OSError as exc:
+            log.debug("cannot export the study: %s", exc)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._export()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._export()
+
+    def on_experiment_end(self, trials, **info):
+        self._export()
+
+
+def export_study(searcher: OptunaSearch) -> dict[str, Any]:
+    """The searcher's Optuna study as JSON-able data (rebuilt by ``results.study.rebuild_study``)."""
+    from optuna.distributions import distribution_to_json
+
+    study = searcher._ot_study
+    ray_ids = {t.number: tid for tid, t in searcher._ot_trials.items()}
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        trials.append({
+            "number": t.number,
+            "ray_trial_id": ray_ids.get(t.number),
+            "state": t.state.name,
+            "params": t.params,
+            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+            "values": t.values,
+            "intermediate_values": {str(k): v for k, v in t.intermediate_values.items()},
+        })
+    return {"directions": [d.name for d in study.directions], "metric": searcher.metric, "trials": trials}
 
 
 def trial_dirname(trial) -> str:

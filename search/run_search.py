@@ -26,12 +26,11 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
+from results.summary import ASHA_FILE, META_FILE, STUDY_FILE  # noqa: E402
 from search.space import Space, load_space  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
-META_FILE = "akdtune_search.json"
-ASHA_FILE = "asha_state.json"
 # --smoke: the whole pipeline at a size a test suite can afford.
 SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
 SMOKE_BUDGET = dict(num_samples=3, max_epochs=3, grace_period=1, reduction_factor=2)
@@ -142,7 +141,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from ray import tune
 
-    from search.algorithms import PersistentASHA, PruneAwareOptunaSearch, SchedulerStateCallback, trial_dirname
+    from search.algorithms import PersistentASHA, PruneAwareOptunaSearch, SearchStateCallback, trial_dirname
     from search.space import DefineByRun
     from trainable.tune_trainable import akd_trial, teacher_payload
 
@@ -153,8 +152,9 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
 
     if not args.resume:
         if _is_local(exp):
-            Path(exp).mkdir(parents=True, exist_ok=True)
+            Path(meta_file).parent.mkdir(parents=True, exist_ok=True)
             m = _meta(args, space, space.task, seed, num_samples)
+            m.update(max_epochs=max_epochs, grace_period=grace, reduction_factor=rf)
             m.update(teacher_fingerprint=fingerprint(teacher), teacher_arch=tinfo["arch"], **teacher_acc)
             Path(meta_file).write_text(json.dumps(m, indent=2, default=list) + "\n")
 
@@ -188,7 +188,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=args.storage if "://" in args.storage else str(Path(exp).parent),
-                callbacks=[SchedulerStateCallback(scheduler)],
+                callbacks=[SearchStateCallback(scheduler, searcher, f"{exp}/{STUDY_FILE}" if _is_local(exp) else None)],
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 failure_config=tune.FailureConfig(max_failures=args.max_failures),
                 verbose=1),
