@@ -174,15 +174,21 @@ def load_experiment(path: str | Path) -> Experiment:
 
 
 def best_trial(e: Experiment) -> dict[str, Any] | None:
-    """Highest final val_acc among trials with results within the parameter budget (ties: smaller)."""
+    """Highest final val_acc among trials within the parameter budget (ties: the smaller student).
+
+    When no trial with a result is within the budget, the most accurate of all is returned (its
+    ``within_budget`` is False, for the caller to say so). None when no trial has a result.
+    """
     t = e.trials
     if t.empty:
         return None
-    ok = t[t["final_val_acc"].notna() & t["within_budget"]]
-    if ok.empty:
+    has = t[t["final_val_acc"].notna()]
+    ok = has[has["within_budget"]]
+    pool = ok if not ok.empty else has
+    if pool.empty:
         return None
-    ok = ok.sort_values(["final_val_acc", "param_ratio"], ascending=[False, True], kind="stable")
-    return ok.iloc[0].to_dict()
+    pool = pool.sort_values(["final_val_acc", "param_ratio"], ascending=[False, True], kind="stable")
+    return pool.iloc[0].to_dict()
 
 
 def write_summaries(e: Experiment) -> dict[str, Path]:

@@ -38,7 +38,7 @@ def evaluate_best(exp: Path, best: dict[str, Any], teacher, data, teacher_acc: d
     final = finish_run(run, out, teacher_acc, wall_s)
     write_json(out / "metrics.json", final)
     write_json(out / "trial.json", {"trial_id": best["trial_id"], "checkpoint": str(ckpt_path),
-                                    "epochs": run.epoch})
+                                    "epochs": run.epoch, "within_budget": bool(best["within_budget"])})
     return final
 
 
@@ -73,9 +73,7 @@ def finish_search(exp: str, results, num_samples: int, teacher, data, teacher_ac
     best = best_trial(e)
     if best is None:
         print(line)
-        budget = e.param_budget
-        print("no trial produced a result" + (f" within the parameter budget {budget}" if budget else "")
-              + "; see summary/trials.parquet for the errors")
+        print("no trial produced a result; see the error column of summary/trials.parquet")
         if report:
             _report(exp_path)
         return EXIT_ERROR
@@ -92,7 +90,8 @@ def finish_search(exp: str, results, num_samples: int, teacher, data, teacher_ac
         ("wall time", f"{wall_s:.0f} s"),
     ]
     if e.param_budget:
-        rows.insert(1, ("parameter budget", f"<= {e.param_budget:.0%} of the teacher"))
+        rows.insert(1, ("parameter budget", f"<= {e.param_budget:.0%} of the teacher"
+                        + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"best student: {exp_path / 'best'}")

@@ -137,6 +137,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     if meta is not None and meta.get("teacher_fingerprint") not in (None, fingerprint(teacher)):
         raise UserError(f"the teacher differs from the one search {name!r} started with; pass the same --teacher")
 
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     import torch
     from ray import tune

@@ -47,3 +47,15 @@ def run_cli(script, *args, cwd=None, timeout=600):
 
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One small local Ray instance for the whole session; in-process searches use it directly,
+    subprocess searches join it with --address."""
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=100 * 1024 ** 2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
