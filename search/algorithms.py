@@ -44,6 +44,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
         if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
+        if not result and trial_id in self.scheduler.finished:  # finished before a driver crash
+            result = self.scheduler.finished[trial_id]
         pruned = not error and trial_id in self.scheduler.stopped_trials
         if not error and not pruned:
             super().on_trial_complete(trial_id, result, error)
@@ -80,16 +82,21 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
 
 class PersistentASHA(ASHAScheduler):
-    """ASHA whose rung records can be exported and restored (see ``SearchStateCallback``).
+    """ASHA whose rung records survive a restore, and which never re-runs a finished trial.
 
-    Optionally mirrors its state to a JSON file (``state_file``) after every change, for people
-    and for the report to read.
+    Its state (rung records, the trials it stopped, the final metrics of every finished trial) is
+    exported with each Tune experiment checkpoint (``SearchStateCallback``) and mirrored to
+    ``state_file`` after every change. Tune's experiment checkpoint lags behind events; the
+    mirror does not. On restore both are merged, and a trial that Tune's checkpoint still thinks
+    unfinished but that the mirror records as finished is marked finished instead of re-run, so
+    a driver killed at any moment resumes without changing any finished trial.
     """
 
     def __init__(self, *args, state_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.state_file = state_file
-        self.stopped_trials: list[str] = []
+        self.stopped_trials: list[str] = []  # cut short by ASHA (before max_t)
+        self.finished: dict[str, dict[str, float]] = {}  # trial id -> its final metrics
 
     # -- state
     def export_state(self) -> dict[str, Any]:
@@ -98,16 +105,27 @@ class PersistentASHA(ASHAScheduler):
             "trial_bracket": {tid: self._brackets.index(b) for tid, b in self._trial_info.items()},
             "num_stopped": self._num_stopped,
             "stopped_trials": list(self.stopped_trials),
+            "finished": dict(self.finished),
         }
 
     def import_state(self, state: dict[str, Any]) -> None:
-        for bracket, rungs in zip(self._brackets, state["rungs"]):
-            by_milestone = {float(m): rec for m, rec in rungs}
-            bracket._rungs = [(m, dict(by_milestone.get(float(m), {}))) for m, _ in bracket._rungs]
-        for tid, idx in state["trial_bracket"].items():
-            self._trial_info.setdefault(tid, self._brackets[idx])
-        self._num_stopped = state["num_stopped"]
-        self.stopped_trials = list(state["stopped_trials"])
+        """Restore from a checkpointed state, merged with the (newer) mirror file when present."""
+        states = [state]
+        if self.state_file and os.path.exists(self.state_file):
+            try:
+                with open(self.state_file) as f:
+                    states.append(json.load(f))
+            except (OSError, ValueError) as exc:
+                log.warning("ignoring unreadable ASHA mirror %s: %s", self.state_file, exc)
+        for st in states:  # later states win; records are only ever added
+            for bracket, rungs in zip(self._brackets, st["rungs"]):
+                by_milestone = {float(m): rec for m, rec in rungs}
+                bracket._rungs = [(m, {**rec, **by_milestone.get(float(m), {})}) for m, rec in bracket._rungs]
+            for tid, idx in st["trial_bracket"].items():
+                self._trial_info.setdefault(tid, self._brackets[idx])
+            self._num_stopped = max(self._num_stopped, st["num_stopped"])
+            self.stopped_trials += [t for t in st["stopped_trials"] if t not in self.stopped_trials]
+            self.finished.update(st.get("finished", {}))
 
     def rung_records(self) -> list[list[tuple[float, dict[str, float]]]]:
         return [[(m, dict(rec)) for m, rec in b._rungs] for b in self._brackets]
@@ -124,6 +142,14 @@ class PersistentASHA(ASHAScheduler):
             log.debug("cannot mirror ASHA state: %s", exc)
 
     # -- scheduler hooks
+    def choose_trial_to_run(self, tune_controller):
+        from ray.tune.experiment import Trial
+
+        for trial in tune_controller.get_trials():
+            if trial.status == Trial.PENDING and trial.trial_id in self.finished:
+                tune_controller.stop_trial(trial)  # finished before the driver died: do not re-run
+        return super().choose_trial_to_run(tune_controller)
+
     def on_trial_result(self, tune_controller, trial, result):
         if trial.trial_id not in self._trial_info:  # a trial resumed after restore
             self._trial_info[trial.trial_id] = self._brackets[0]
@@ -137,6 +163,8 @@ class PersistentASHA(ASHAScheduler):
         if trial.trial_id not in self._trial_info:
             self._trial_info[trial.trial_id] = self._brackets[0]
         super().on_trial_complete(tune_controller, trial, result)
+        if result:
+            self.finished[trial.trial_id] = {k: result[k] for k in M.EPOCH_METRICS if k in result}
         self._mirror()
 
     def on_trial_remove(self, tune_controller, trial):

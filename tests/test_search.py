@@ -144,15 +144,21 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
         proc.communicate()
     finished = _finished_trials(exp)
     asha_before = json.loads((exp / "akdtune" / "asha_state.json").read_text())
+    # Tune's result.json may lose its last buffered lines in a SIGKILL; what was on disk must stay.
     before = {tid: _results(exp, tid) for tid in finished}
+    checkpoints = {tid: sorted(p.name for p in (exp / f"trial_{tid}").glob("checkpoint_*")) for tid in finished}
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
                         "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = trials_table(exp)
     assert len(trials) == 6 and trials["trial_id"].is_unique
     assert set(trials["outcome"]) <= {"completed", "stopped_early"}
-    for tid, rows in before.items():  # finished results unchanged
-        assert _results(exp, tid) == rows
+    for tid, rows in before.items():  # finished trials: results unchanged, not trained again
+        assert _results(exp, tid)[:len(rows)] == rows
+        assert sorted(p.name for p in (exp / f"trial_{tid}").glob("checkpoint_*")) == checkpoints[tid]
+        final = asha_before["finished"][tid]
+        row = trials[trials["trial_id"] == tid].iloc[0]
+        assert row["final_val_acc"] == final["val_acc"] and row["epochs_run"] == final["epoch"]
     # ASHA's rung records from before the kill are all still there, with the same values.
     asha_after = json.loads((exp / "akdtune" / "asha_state.json").read_text())
     for (m, rec_before), (m2, rec_after) in zip(asha_before["rungs"][0], asha_after["rungs"][0]):
