@@ -198,7 +198,12 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
 
     from search.finish import finish_search
 
-    return finish_search(exp, results, num_samples, teacher, data, teacher_acc, space, time.time() - start,
+    wall_s = time.time() - start
+    if _is_local(exp) and Path(meta_file).exists():  # wall time adds up over resumes
+        m = json.loads(Path(meta_file).read_text())
+        m["wall_s"] = wall_s = float(m.get("wall_s", 0.0)) + wall_s
+        Path(meta_file).write_text(json.dumps(m, indent=2, default=list) + "\n")
+    return finish_search(exp, results, num_samples, teacher, data, teacher_acc, space, wall_s,
                          resume_command(argv), report=not args.no_report)
 
 

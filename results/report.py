@@ -1,0 +1,327 @@
+"""Parquet summaries and one self-contained HTML report of a search (plotly.js embedded: opens offline).
+
+Example::
+
+    python results/report.py runs/capacity
+
+Works on finished, interrupted and resumed searches (an interrupted one is marked partial). Writes
+``summary/trials.parquet``, ``summary/epochs.parquet`` and ``report.html`` into the experiment
+folder. Exit codes: 0 done, 2 bad input (not an experiment folder), 1 other.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules by bare name
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import pandas as pd  # noqa: E402
+
+from results.summary import (COMPLETED, ERRORED, STOPPED_EARLY, UNFINISHED, Experiment, best_trial,  # noqa: E402
+                             load_experiment, write_summaries)
+from trainable import metrics as M  # noqa: E402
+from trainable.errors import UserError  # noqa: E402
+
+TOP_CURVES = 5  # learning curves drawn for this many best trials
+
+# Installed before anything else on the page: records uncaught errors and console.error calls, and
+# after load marks how many plots exist and how many drew an SVG (read by tests and by people).
+_PAGE_CHECK = """
+<script>
+window.__reportErrors = [];
+window.addEventListener('error', function (e) { window.__reportErrors.push(String(e.message)); });
+(function () {
+  var orig = console.error;
+  console.error = function () { window.__reportErrors.push(Array.prototype.join.call(arguments, ' ')); orig.apply(console, arguments); };
+})();
+window.addEventListener('load', function () {
+  setTimeout(function () {
+    var plots = document.querySelectorAll('.plotly-graph-div');
+    var drawn = 0;
+    plots.forEach(function (p) { if (p.querySelector('.main-svg')) { drawn += 1; } });
+    document.body.setAttribute('data-plots-expected', plots.length);
+    document.body.setAttribute('data-plots-rendered', drawn);
+    document.body.setAttribute('data-errors', JSON.stringify(window.__reportErrors));
+    document.body.setAttribute('data-report-ready', '1');
+  }, 300);
+});
+</script>
+"""
+
+_SORT_JS = """
+<script>
+function sortTable(th) {
+  var table = th.closest('table'), idx = Array.prototype.indexOf.call(th.parentNode.children, th);
+  var rows = Array.prototype.slice.call(table.tBodies[0].rows);
+  var asc = th.getAttribute('data-sort') !== 'asc';
+  rows.sort(function (a, b) {
+    var x = a.cells[idx].getAttribute('data-v'), y = b.cells[idx].getAttribute('data-v');
+    var nx = parseFloat(x), ny = parseFloat(y);
+    var c = (!isNaN(nx) && !isNaN(ny)) ? nx - ny : String(x).localeCompare(String(y));
+    return asc ? c : -c;
+  });
+  rows.forEach(function (r) { table.tBodies[0].appendChild(r); });
+  Array.prototype.forEach.call(th.parentNode.children, function (h) { h.removeAttribute('data-sort'); });
+  th.setAttribute('data-sort', asc ? 'asc' : 'desc');
+}
+</script>
+"""
+
+_CSS = """
+<style>
+body { font-family: system-ui, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
+th { background: #f4f4f4; cursor: pointer; } td.l, th.l { text-align: left; }
+.partial { background: #fff3cd; border: 1px solid #e0b000; padding: 10px; margin: 12px 0; font-weight: 600; }
+.note { color: #777; font-style: italic; } .grid { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
+tr.best td { background: #e8f4e8; }
+</style>
+"""
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
+    return str(v)
+
+
+def _fig_html(fig, div_id: str) -> str:
+    fig.update_layout(margin=dict(l=50, r=20, t=50, b=40))
+    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id, config={"displaylogo": False})
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>\n{body}\n"
+
+
+def _optuna_plots(e: Experiment) -> list[tuple[str, str]]:
+    """Optuna's own plots over the rebuilt study; a note instead of a plot where data is too thin."""
+    import optuna.visualization as ov
+
+    from results.study import rebuild_study
+
+    study = rebuild_study(e)
+    n_complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    out = []
+    plots = [
+        ("Optimization history", lambda: ov.plot_optimization_history(study, target_name="val_acc")),
+        ("Parallel coordinates", lambda: ov.plot_parallel_coordinate(study, target_name="val_acc")),
+        ("Parameter importances", lambda: ov.plot_param_importances(study, target_name="val_acc")),
+        ("Intermediate values (val_acc per epoch; x = stopped by ASHA)", lambda: _intermediate(study, e, ov)),
+        ("Slice", lambda: ov.plot_slice(study, target_name="val_acc")),
+    ]
+    for i, (title, make) in enumerate(plots):
+        try:
+            if n_complete < (2 if "importances" in title else 1):
+                raise ValueError("needs more completed trials")
+            out.append((title, _fig_html(make(), f"optuna-{i}")))
+        except Exception as exc:  # Optuna refuses some plots on thin studies
+            out.append((title, f"<p class='note'>not drawn: {html.escape(str(exc))}</p>"))
+    return out
+
+
+def _intermediate(study, e: Experiment, ov):
+    import plotly.graph_objects as go
+
+    fig = ov.plot_intermediate_values(study)
+    stopped = e.trials[e.trials["outcome"] == STOPPED_EARLY]["trial_id"].tolist()
+    last = e.epochs.groupby("trial_id").tail(1).set_index("trial_id") if len(e.epochs) else pd.DataFrame()
+    xs = [int(last.loc[t, M.EPOCH]) for t in stopped if t in last.index]
+    ys = [float(last.loc[t, M.VAL_ACC]) for t in stopped if t in last.index]
+    if xs:
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="stopped by ASHA",
+                                 marker=dict(symbol="x", size=12, color="crimson")))
+    fig.update_layout(showlegend=True, xaxis_title="epoch", yaxis_title="val_acc")
+    return fig
+
+
+def _pareto_plot(e: Experiment, best_id: str | None) -> str:
+    import plotly.graph_objects as go
+
+    t = e.trials[e.trials["final_val_acc"].notna() & e.trials["student_params"].notna()]
+    if t.empty:
+        return "<p class='note'>no trial has a result yet</p>"
+    fig = go.Figure()
+    for outcome, color in ((COMPLETED, "#1f77b4"), (STOPPED_EARLY, "#aaaaaa"), (UNFINISHED, "#ff7f0e")):
+        s = t[t["outcome"] == outcome]
+        if len(s):
+            fig.add_trace(go.Scatter(x=s["student_params"], y=s["final_val_acc"], mode="markers", name=outcome,
+                                     marker=dict(color=color, size=9), text=s["trial_id"],
+                                     hovertemplate="%{text}<br>params %{x:,}<br>val_acc %{y:.4f}<extra></extra>"))
+    front = t[t["pareto"]].sort_values("student_params")
+    fig.add_trace(go.Scatter(x=front["student_params"], y=front["final_val_acc"], mode="lines+markers",
+                             name="Pareto front", line=dict(color="crimson", dash="dash"),
+                             marker=dict(symbol="diamond-open", size=13, color="crimson")))
+    if best_id is not None and best_id in set(t["trial_id"]):
+        b = t[t["trial_id"] == best_id].iloc[0]
+        fig.add_trace(go.Scatter(x=[b["student_params"]], y=[b["final_val_acc"]], mode="markers", name="best",
+                                 marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1))))
+    budget = e.param_budget
+    teacher = t["teacher_params"].dropna()
+    if budget and len(teacher):
+        fig.add_vline(x=budget * float(teacher.iloc[0]), line_dash="dot", line_color="green",
+                      annotation_text=f"budget {budget:.0%}")
+    fig.update_layout(title="Accuracy versus student size", xaxis_title="student parameters", yaxis_title="val_acc",
+                      xaxis_type="log")
+    return _fig_html(fig, "pareto")
+
+
+def _curves_plot(e: Experiment) -> str:
+    import plotly.graph_objects as go
+
+    t = e.trials[e.trials["final_val_acc"].notna()].sort_values("final_val_acc", ascending=False).head(TOP_CURVES)
+    if t.empty:
+        return "<p class='note'>no trial has a result yet</p>"
+    fig = go.Figure()
+    for tid in t["trial_id"]:
+        c = e.epochs[e.epochs["trial_id"] == tid]
+        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[M.VAL_ACC], mode="lines+markers", name=tid))
+    fig.update_layout(title=f"Learning curves of the {len(t)} best trials", xaxis_title="epoch", yaxis_title="val_acc")
+    return _fig_html(fig, "curves")
+
+
+def _confusion_plot(best_dir: Path) -> str:
+    import plotly.express as px
+
+    path = best_dir / "confusion_test.csv"
+    if not path.exists():
+        return "<p class='note'>no best student yet</p>"
+    df = pd.read_csv(path, index_col=0)
+    fig = px.imshow(df.values, x=[str(c) for c in df.columns], y=[str(i) for i in df.index], text_auto=True,
+                    color_continuous_scale="Blues", labels=dict(x="predicted", y="true", color="count"))
+    fig.update_layout(title="Best student on the held-out test split", width=560, height=520)
+    return _fig_html(fig, "confusion")
+
+
+def _image(best_dir: Path) -> str:
+    path = best_dir / "generated.png"
+    if not path.exists():
+        return "<p class='note'>no best student yet</p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='generated images' src='data:image/png;base64,{data}' style='image-rendering: pixelated; max-width: 560px'>"
+
+
+def _trials_table(e: Experiment, best_id: str | None) -> str:
+    cols = ["trial_id", "outcome"] + [c for c in e.trials.columns if c.startswith("param.")] + [
+        "final_val_acc", "best_val_acc", "final_val_loss", "epochs_run", "student_params", "param_ratio",
+        "within_budget", "pareto", "wall_s", "error"]
+    cols = [c for c in cols if c in e.trials.columns]
+    head = "".join(f"<th class='{'l' if c in ('trial_id', 'outcome', 'error') else ''}' onclick='sortTable(this)'>"
+                   f"{html.escape(c.removeprefix('param.'))}</th>" for c in cols)
+    rows = []
+    for _, r in e.trials.sort_values("final_val_acc", ascending=False, na_position="last").iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            raw = "" if v is None or (isinstance(v, float) and math.isnan(v)) else v
+            cells.append(f"<td class='{'l' if c in ('trial_id', 'outcome', 'error') else ''}' "
+                         f"data-v='{html.escape(str(raw))}'>{html.escape(_fmt(v))}</td>")
+        cls = " class='best'" if r["trial_id"] == best_id else ""
+        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    return f"<table id='trials'><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _kv_table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th class='l'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                               for k, v in rows) + "</table>"
+
+
+def render(e: Experiment) -> str:
+    from plotly.offline import get_plotlyjs
+
+    meta = e.meta
+    best_dir = e.path / "best"
+    best_metrics = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
+    best_info = json.loads((best_dir / "trial.json").read_text()) if (best_dir / "trial.json").exists() else {}
+    best_id = best_info.get("trial_id") or (best_trial(e) or {}).get("trial_id")
+    counts = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED)}
+    num_samples = meta.get("num_samples", len(e.trials))
+    max_epochs = meta.get("max_epochs") or ((meta.get("space") or {}).get("budget") or {}).get("max_epochs", 0)
+    spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
+    full = num_samples * max_epochs
+    header = [
+        ("task", str(meta.get("task", "?"))),
+        ("space", str(meta.get("space_file", "?"))),
+        ("teacher", f"{meta.get('teacher_arch', '?')}, val_acc {_fmt(meta.get('teacher_val_acc'))}, "
+                    f"test_acc {_fmt(meta.get('teacher_test_acc'))}"),
+        ("best student", f"trial {best_id}: val_acc {_fmt(best_metrics.get('val_acc'))}, held-out test_acc "
+                         f"{_fmt(best_metrics.get('test_acc'))}" if best_metrics else "not evaluated yet"),
+        ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
+                            f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
+        ("parameter budget", f"<= {e.param_budget:.0%}" if e.param_budget else "none"),
+        ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by ASHA, "
+                   f"{counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished (of {num_samples})"),
+        ("epochs spent", f"{spent} of {full} for a full-budget search ({spent / full:.0%})" if full else str(spent)),
+        ("wall time", f"{best_metrics['wall_s']:.0f} s" if best_metrics else ""),
+    ]
+    parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
+             f"<p>{html.escape(str((meta.get('space') or {}).get('description', '')))}</p>"]
+    if e.partial:
+        done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[ERRORED]
+        parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
+                     "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
+    parts.append(_kv_table(header))
+    parts.append(_section("Accuracy versus student size", _pareto_plot(e, best_id)))
+    parts.append(_section("Learning curves", _curves_plot(e)))
+    for title, body in _optuna_plots(e):
+        parts.append(_section(title, body))
+    parts.append(_section("Best student", "<div class='grid'><div><h3>Generated images</h3>" + _image(best_dir)
+                          + "</div><div><h3>Confusion matrix</h3>" + _confusion_plot(best_dir) + "</div></div>"))
+    teacher_params = best_metrics.get("teacher_params") or (
+        int(e.trials["teacher_params"].dropna().iloc[0]) if e.trials["teacher_params"].notna().any() else None)
+    sizes = [("teacher", _fmt(teacher_params))]
+    if best_metrics:
+        sizes.append(("best student", f"{best_metrics['student_params']:,} ({best_metrics['param_ratio']:.2%})"))
+    sp = e.trials["student_params"].dropna()
+    if len(sp):
+        sizes.append(("smallest / largest student tried", f"{int(sp.min()):,} / {int(sp.max()):,}"))
+    parts.append(_section("Parameter counts", _kv_table(sizes)))
+    parts.append(_section("All trials (click a column to sort)", _trials_table(e, best_id)))
+    return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+            f"<title>AKD search report: {html.escape(e.path.name)}</title>{_CSS}{_PAGE_CHECK}"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script>{_SORT_JS}</head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+def build_report(path: str | Path) -> Path:
+    """Write the Parquet summaries and ``report.html`` of the experiment at ``path``; returns the report path."""
+    e = load_experiment(path)
+    write_summaries(e)
+    out = e.path / "report.html"
+    tmp = e.path / ".report.html.tmp"
+    tmp.write_text(render(e))
+    tmp.replace(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Build Parquet summaries and the HTML report of a search.")
+    p.add_argument("run_dir", help="the experiment folder, <storage>/<name>")
+    args = p.parse_args(argv)
+    try:
+        out = build_report(args.run_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"summaries: {Path(args.run_dir) / 'summary'}\nreport:    {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Results: Parquet schemas, a self-contained report, rendered for real in headless Chromium."""
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT, run_cli
+from results.summary import TRIAL_COLUMNS
+from trainable import metrics as M
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory, ray_address):
+    from search.run_search import main
+
+    storage = tmp_path_factory.mktemp("report")
+    rc = main(["--space", str(ROOT / "spaces" / "loss.yaml"), "--smoke", "--num-samples", "4", "--storage",
+               str(storage), "--name", "rep"])
+    assert rc == 0
+    return storage / "rep"
+
+
+def test_parquet_schemas(finished_search):
+    trials = pd.read_parquet(finished_search / "summary" / "trials.parquet")
+    epochs = pd.read_parquet(finished_search / "summary" / "epochs.parquet")
+    documented = {c for c in TRIAL_COLUMNS if not c.startswith("param.")}
+    assert documented <= set(trials.columns)
+    params = [c for c in trials.columns if c.startswith("param.")]
+    assert {"param.student_loss", "param.generator_loss", "param.w_bn"} <= set(params)
+    assert trials["param.student_loss"].dtype == object and trials["param.w_bn"].dtype == "float64"
+    assert trials["epochs_run"].dtype == "int64" and trials["within_budget"].dtype == bool
+    assert len(trials) == 4 and trials["trial_id"].is_unique
+    assert set(M.EPOCH_METRICS) <= set(epochs.columns)
+    assert not epochs.duplicated(["trial_id", M.EPOCH]).any()
+    assert epochs.groupby("trial_id").size().to_dict() == trials.set_index("trial_id")["epochs_run"].to_dict()
+
+
+def test_report_is_self_contained(finished_search):
+    text = (finished_search / "report.html").read_text()
+    assert "Search report" in text
+    assert not re.search(r"<script[^>]+src=", text), "no remote (or any external) script"
+    assert not re.search(r"<link[^>]+stylesheet", text), "no external stylesheet"
+    assert not re.search(r"https?://cdn", text)
+    for title in ("Optimization history", "Parallel coordinates", "Parameter importances", "Intermediate values",
+                  "Slice", "Accuracy versus student size", "Learning curves", "Confusion matrix", "Generated images",
+                  "Parameter counts", "All trials"):
+        assert title in text, title
+
+
+def test_rebuilding_twice_gives_the_same_parquet(finished_search):
+    before = {n: pd.read_parquet(finished_search / "summary" / f"{n}.parquet") for n in ("trials", "epochs")}
+    r = run_cli("results/report.py", finished_search)
+    assert r.returncode == 0, r.stderr
+    for name, df in before.items():
+        pd.testing.assert_frame_equal(df, pd.read_parquet(finished_search / "summary" / f"{name}.parquet"))
+
+
+def test_report_cli_bad_path(tmp_path):
+    r = run_cli("results/report.py", tmp_path / "nope")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr
+    r = run_cli("results/report.py", tmp_path)
+    assert r.returncode == 2 and "not a Ray experiment folder" in r.stderr
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (installed by .ci/run)")
+def test_report_renders_in_headless_chromium(finished_search):
+    report = finished_search / "report.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--user-data-dir=" + str(finished_search / ".chromium"), "--virtual-time-budget=15000"]
+    r = subprocess.run([CHROMIUM, *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=180)
+    dom = r.stdout
+    assert 'data-report-ready="1"' in dom, r.stderr[-2000:]
+    expected = int(re.search(r'data-plots-expected="(\d+)"', dom).group(1))
+    rendered = int(re.search(r'data-plots-rendered="(\d+)"', dom).group(1))
+    errors = json.loads(re.search(r"data-errors=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
+    assert expected >= 8 and rendered == expected, (expected, rendered)
+    assert errors == []
+    shot = finished_search / "report.png"
+    subprocess.run([CHROMIUM, *flags, "--window-size=1300,6000", f"--screenshot={shot}", report.as_uri()],
+                   capture_output=True, text=True, timeout=180)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+    shutil.copy(shot, report.with_name("report.png"))
