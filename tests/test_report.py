@@ -33,7 +33,7 @@ def test_parquet_schemas(finished_search):
     assert documented <= set(trials.columns)
     params = [c for c in trials.columns if c.startswith("param.")]
     assert {"param.student_loss", "param.generator_loss", "param.w_bn"} <= set(params)
-    assert trials["param.student_loss"].dtype == object and trials["param.w_bn"].dtype == "float64"
+    assert pd.api.types.is_string_dtype(trials["param.student_loss"]) and trials["param.w_bn"].dtype == "float64"
     assert trials["epochs_run"].dtype == "int64" and trials["within_budget"].dtype == bool
     assert len(trials) == 4 and trials["trial_id"].is_unique
     assert set(M.EPOCH_METRICS) <= set(epochs.columns)
@@ -46,7 +46,7 @@ def test_report_is_self_contained(finished_search):
     assert "Search report" in text
     assert not re.search(r"<script[^>]+src=", text), "no remote (or any external) script"
     assert not re.search(r"<link[^>]+stylesheet", text), "no external stylesheet"
-    assert not re.search(r"https?://cdn", text)
+    assert not re.search(r"""<(img|iframe|script|link)[^>]+(src|href)=['"]?https?:""", text), "no remote resource"
     for title in ("Optimization history", "Parallel coordinates", "Parameter importances", "Intermediate values",
                   "Slice", "Accuracy versus student size", "Learning curves", "Confusion matrix", "Generated images",
                   "Parameter counts", "All trials"):
@@ -85,5 +85,4 @@ def test_report_renders_in_headless_chromium(finished_search):
     shot = finished_search / "report.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1300,6000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, text=True, timeout=180)
-    assert shot.is_file() and shot.stat().st_size > 10_000
-    shutil.copy(shot, report.with_name("report.png"))
+    assert shot.is_file() and shot.stat().st_size > 10_000  # next to the report, for people to look at
