@@ -48,6 +48,23 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A frozen copy of an eval-mode model with each BatchNorm folded into the convolution before it.
+
+    Exact up to float rounding in eval mode (BN is then an affine map); gradients still flow to the
+    input. Models that cannot be traced are returned unchanged.
+    """
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        fused = fuse(copy.deepcopy(model).eval())
+    except Exception:  # not symbolically traceable: run it as it is
+        return model
+    return freeze(fused)
+
+
 def fingerprint(model: nn.Module) -> str:
     """SHA-256 of a model's state_dict (names and bytes): identifies a teacher across runs."""
     h = hashlib.sha256()
@@ -116,6 +133,9 @@ class AKDRun:
         self.teacher = freeze(teacher).to(self.device, memory_format=fmt)
         self.teacher_params = count_params(self.teacher)
         self.teacher_fingerprint = fingerprint(self.teacher)
+        # The module the steps run: the frozen teacher with BatchNorm folded into its convolutions
+        # (exact in eval mode, fewer memory passes), unless the BN-statistics loss needs its BN layers.
+        self.teacher_fwd = self.teacher if cfg.w_bn > 0 else fold_batchnorm(self.teacher).to(memory_format=fmt)
         t = self.task
         self.student_width = cfg.student_width if cfg.student_fraction is None else width_for_fraction(
             cfg.student, cfg.student_fraction, self.teacher_params, t.num_classes, t.channels, t.image_size)
@@ -132,7 +152,7 @@ class AKDRun:
         self.sched_generator = _make_scheduler(cfg, self.opt_generator)
         self.student_loss = get_loss(STUDENT_LOSSES, "student loss", cfg.student_loss)
         self.generator_loss = get_loss(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
-        self.probe = TeacherProbe(self.teacher, classifier_head(self.teacher), want_bn=cfg.w_bn > 0,
+        self.probe = TeacherProbe(self.teacher_fwd, classifier_head(self.teacher_fwd), want_bn=cfg.w_bn > 0,
                                   want_features=cfg.w_activation > 0)
         self.data = data
         self.epoch = 0  # epochs completed
@@ -140,7 +160,19 @@ class AKDRun:
         self.best_epoch = 0
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
-        self._autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.precision = self.resolve_precision(cfg.precision, self.device)
+        self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+
+    @staticmethod
+    def resolve_precision(precision: str, device: torch.device) -> str:
+        """``auto`` -> bf16 where the device computes it natively (CUDA, or a CPU with AVX-512 BF16/AMX)."""
+        if precision != "auto":
+            return precision
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        if device.type == "cpu":
+            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "fp32"
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -151,11 +183,24 @@ class AKDRun:
     def _noise(self) -> torch.Tensor:
         return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, device=self.device)  # (B, nz)
 
-    def student_step(self) -> dict[str, float]:
-        """One imitation step: fresh images (no generator graph), teacher targets, student update."""
-        with torch.no_grad(), self._autocast():
-            fake = self.generator(self._noise())  # (B, C, H, W); built without a graph: detached by construction
-            t_logits = self.teacher(fake)  # (B, K)
+    @torch.no_grad()
+    def synthesize(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``n`` batches of fresh images and their teacher logits, for ``n`` student steps.
+
+        The generator does not change during student steps, so the images of all ``n`` steps can be
+        made up front: one generator call per batch (its train-mode BatchNorm sees the same batches
+        as step-by-step generation) and one teacher call for all of them (in eval mode each image's
+        logits do not depend on the batch). Built without a graph: detached by construction.
+        """
+        with self._autocast():
+            fakes = [self.generator(self._noise()) for _ in range(n)]  # n x (B, C, H, W)
+            t_logits = self.teacher_fwd(torch.cat(fakes))  # (n * B, K)
+        return list(zip(fakes, t_logits.split(self.cfg.batch_size)))
+
+    def student_step(self, fake: torch.Tensor | None = None, t_logits: torch.Tensor | None = None) -> dict[str, float]:
+        """One imitation step: images and teacher targets (from ``synthesize`` if not given), student update."""
+        if fake is None or t_logits is None:
+            fake, t_logits = self.synthesize(1)[0]  # (B, C, H, W), (B, K)
         with self._autocast():
             s_logits = self.student(fake)  # (B, K)
         loss = self.student_loss(s_logits.float(), t_logits.float(), self.cfg.temperature)
@@ -172,7 +217,7 @@ class AKDRun:
             with self._autocast():
                 fake = self.generator(self._noise())  # (B, C, H, W)
                 self.probe.start()
-                t_logits = self.teacher(fake).float()  # (B, K); gradient flows to the image only
+                t_logits = self.teacher_fwd(fake).float()  # (B, K); gradient flows to the image only
                 self.probe.stop()
                 s_logits = self.student(fake).float()  # (B, K)
             loss = self.generator_loss(s_logits, t_logits, cfg.temperature)
@@ -208,8 +253,8 @@ class AKDRun:
         sum_s = sum_g = 0.0
         start = time.perf_counter()
         for it in range(cfg.iters_per_epoch):
-            for k in range(cfg.n_student):
-                ls = self.student_step()[M.LOSS_STUDENT]
+            for k, (fake, t_logits) in enumerate(self.synthesize(cfg.n_student)):
+                ls = self.student_step(fake, t_logits)[M.LOSS_STUDENT]
                 self._check(ls, M.LOSS_STUDENT, f"epoch {self.epoch + 1} iteration {it + 1} student step {k + 1}")
                 sum_s += ls
             for k in range(cfg.n_generator):

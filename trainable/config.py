@@ -16,7 +16,7 @@ from typing import Any, Optional
 from trainable.errors import ConfigError
 
 SCHEDULERS = ("multistep", "cosine", "exponential", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class AKDConfig:
     val_fraction: float = 0.2  # torchvision tasks: share of the official test split used for validation
     eval_batch_size: int = 1024
     # --- speed
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has native bf16, else fp32)
     channels_last: bool = False  # channels_last memory format (CUDA)
 
     @property

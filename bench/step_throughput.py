@@ -1,0 +1,184 @@
+"""Step throughput: synthetic images per second through full AKD iterations, project loop vs a straightforward one.
+
+The straightforward loop is written the way the original DFAD code does it: teacher weights left
+requiring grad (so its forward builds a graph in the student step, and its weight gradients are
+computed in the generator step), the generator's output built with a graph and then detached for
+the student step, student weight gradients computed during the generator step, fp32, contiguous
+tensors. Same models, batch and step ratio; variants alternate A/B/... in one process, several
+repeats; medians are printed, with the ratio against the straightforward loop.
+
+Example::
+
+    python bench/step_throughput.py                         # CIFAR-100 ResNet-34 -> ResNet-18 and digits
+    python bench/step_throughput.py --shapes cifar100 --batch 32 --repeats 5
+
+The last line is ``ratio=<project default / straightforward, CIFAR-100 shapes>``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+if __package__ in (None, ""):
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from trainable.akd import AKDRun, default_device  # noqa: E402
+from trainable.config import build_config  # noqa: E402
+from trainable.models import build_classifier, build_generator  # noqa: E402
+from trainable.tasks import EvalData, get_task  # noqa: E402
+
+# Per shape: the task, models, batch and how many iterations one timed measurement runs.
+SHAPES = {
+    "cifar100": dict(task="cifar100", teacher="resnet34", student="resnet18", latent_dim=256, generator_width=64,
+                     batch=16, iters=1),
+    "digits": dict(task="digits", teacher="cnn", student="cnn", student_width=0.28125, latent_dim=64,
+                   generator_width=32, batch=128, iters=10),
+}
+
+
+class Straightforward:
+    """DFAD's published loop (see the module docstring for what it wastes)."""
+
+    def __init__(self, teacher, student, generator, batch: int, latent_dim: int, n_student: int, device):
+        self.teacher, self.student, self.generator = teacher.eval(), student.train(), generator.train()
+        self.batch, self.latent_dim, self.n_student, self.device = batch, latent_dim, n_student, device
+        self.opt_s = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=1e-3)
+
+    def iteration(self) -> None:
+        for _ in range(self.n_student):
+            z = torch.randn(self.batch, self.latent_dim, device=self.device)
+            self.opt_s.zero_grad()
+            fake = self.generator(z).detach()
+            t_logit = self.teacher(fake)
+            s_logit = self.student(fake)
+            loss_s = F.l1_loss(s_logit, t_logit.detach())
+            loss_s.backward()
+            self.opt_s.step()
+        z = torch.randn(self.batch, self.latent_dim, device=self.device)
+        self.opt_g.zero_grad()
+        fake = self.generator(z)
+        t_logit = self.teacher(fake)
+        s_logit = self.student(fake)
+        loss_g = -F.l1_loss(s_logit, t_logit)
+        loss_g.backward()
+        self.opt_g.step()
+
+
+class Project:
+    """The project's loop (``AKDRun``'s own steps) for one speed configuration."""
+
+    def __init__(self, shape: dict, teacher, device, **speed):
+        task = get_task(shape["task"])
+        cfg = build_config({"task": shape["task"], "teacher": shape["teacher"], "student": shape["student"],
+                            "student_width": shape.get("student_width", 1.0), "student_fraction": None,
+                            "latent_dim": shape["latent_dim"], "generator_width": shape["generator_width"],
+                            "batch_size": shape["batch"], "n_student": 5, "n_generator": 1, "w_bn": 0.0, **speed})
+        empty = torch.zeros(1, task.channels, task.image_size, task.image_size)
+        data = EvalData(empty, torch.zeros(1, dtype=torch.long), empty, torch.zeros(1, dtype=torch.long))
+        self.run = AKDRun(cfg, teacher, data, device)
+
+    def iteration(self) -> None:
+        for _ in range(self.run.cfg.n_student):
+            self.run.student_step()
+        self.run.generator_step()
+
+
+def build_models(shape: dict, device):
+    task = get_task(shape["task"])
+    torch.manual_seed(0)
+    teacher = build_classifier(shape["teacher"], task.num_classes, task.channels, task.image_size).to(device)
+    student = build_classifier(shape["student"], task.num_classes, task.channels, task.image_size,
+                               shape.get("student_width", 1.0)).to(device)
+    generator = build_generator("a", shape["latent_dim"], shape["generator_width"], task.channels,
+                                task.image_size).to(device)
+    return teacher, student, generator
+
+
+def variants(shape: dict, device) -> dict[str, object]:
+    teacher, student, generator = build_models(shape, device)
+    out = {"straightforward": Straightforward(teacher, student, generator, shape["batch"], shape["latent_dim"], 5,
+                                              device)}
+    t2 = build_models(shape, device)[0]  # the project freezes its own copy
+    out["project fp32"] = Project(shape, t2, device, precision="fp32", channels_last=False)
+    out["project fp32 channels_last"] = Project(shape, build_models(shape, device)[0], device, precision="fp32",
+                                                channels_last=True)
+    out["project bf16"] = Project(shape, build_models(shape, device)[0], device, precision="bf16",
+                                  channels_last=False)
+    out["project bf16 channels_last"] = Project(shape, build_models(shape, device)[0], device, precision="bf16",
+                                                channels_last=True)
+    out["project default"] = Project(shape, build_models(shape, device)[0], device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        compiled = Project(shape, build_models(shape, device)[0], device, precision="bf16", channels_last=True)
+        compiled.run.student = torch.compile(compiled.run.student)
+        compiled.run.teacher = torch.compile(compiled.run.teacher)
+        compiled.run.generator = torch.compile(compiled.run.generator)
+        out["project bf16 channels_last compile cudnn.benchmark"] = compiled
+    return out
+
+
+def measure(loop, iters: int, batch: int, device) -> float:
+    """Images per second over ``iters`` iterations of 5 student + 1 generator steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        loop.iteration()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return iters * 6 * batch / (time.perf_counter() - start)
+
+
+def bench_shape(name: str, shape: dict, repeats: int, device) -> dict[str, float]:
+    loops = variants(shape, device)
+    for loop in loops.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice, compilation
+        loop.iteration()
+    samples = {k: [] for k in loops}
+    for _ in range(repeats):  # alternate the variants inside each repeat: machine noise hits all alike
+        for k, loop in loops.items():
+            samples[k].append(measure(loop, shape["iters"], shape["batch"], device))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    base = med["straightforward"]
+    print(f"\n{name}: {shape['teacher']} -> {shape['student']}, batch {shape['batch']}, 5:1 steps, "
+          f"{repeats} repeats x {shape['iters']} iterations, device {device}, {torch.get_num_threads()} threads")
+    for k, v in med.items():
+        spread = f"{min(samples[k]):.0f}-{max(samples[k]):.0f}"
+        print(f"  {k:<52} {v:>9.1f} img/s  (range {spread})  x{v / base:.2f}")
+    return {k: v / base for k, v in med.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="digits,cifar100", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--batch", type=int, help="override the batch of every shape")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default=str(default_device()))
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    from trainable.config import build_config as _bc
+
+    print(f"torch {torch.__version__}; default precision on {device.type}: "
+          f"{_bc({'task': 'cifar100'}).precision} -> resolves to {AKDRun.resolve_precision('auto', device)}")
+    ratios = {}
+    for name in args.shapes.split(","):
+        shape = dict(SHAPES[name])
+        if args.batch:
+            shape["batch"] = args.batch
+        ratios[name] = bench_shape(name, shape, args.repeats, device)
+    key = "cifar100" if "cifar100" in ratios else next(iter(ratios))
+    print(f"\nproject default / straightforward ({key}): {ratios[key]['project default']:.2f}")
+    print(f"ratio={ratios[key]['project default']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
