@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial from its checkpoint")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://host:10001)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--no-early-stopping", action="store_true", help="ASHA off: every trial runs max_epochs (for comparisons)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     return p
@@ -117,7 +118,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     data_root = args.data_root or (meta or {}).get("data_root")
     budget = dict(SMOKE_BUDGET if args.smoke else {}, num_samples=num_samples)
     max_epochs = budget.get("max_epochs", space.max_epochs)
-    grace = min(budget.get("grace_period", space.grace_period), max_epochs)
+    grace = max_epochs if args.no_early_stopping else min(budget.get("grace_period", space.grace_period), max_epochs)
     rf = budget.get("reduction_factor", space.reduction_factor)
 
     # The teacher and the evaluation data: prepared once, here, and shipped to every trial.

@@ -61,8 +61,11 @@ class AKDConfig:
     val_fraction: float = 0.2  # torchvision tasks: share of the official test split used for validation
     eval_batch_size: int = 1024
     # --- speed
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto (bf16 where the device has native bf16, else fp32)
-    channels_last: bool = False  # channels_last memory format (CUDA)
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AVX-512 BF16/AMX),
+    # else fp32. On by default because digits' held-out accuracy stays within 1 point of fp32 over 3
+    # seeds (bench/precision_accuracy.py) while CIFAR-shape steps run ~1.7x faster on such a CPU.
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = True  # NHWC activations for teacher and student (preferred by oneDNN and cuDNN)
 
     @property
     def lr_milestone_epochs(self) -> list[int]:

@@ -1,0 +1,21 @@
+"""The benchmark scripts run and end with their ratio line (no timing is asserted here)."""
+import re
+
+import torch
+
+from conftest import run_cli
+
+
+def test_step_throughput_runs_and_prints_a_ratio():
+    r = run_cli("bench/step_throughput.py", "--shapes", "digits", "--repeats", "1", "--batch", "16")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
+    assert any("straightforward" in ln for ln in lines) and any("project bf16 channels_last" in ln for ln in lines)
+
+
+def test_gpu_packing_says_when_skipped():
+    if torch.cuda.is_available():
+        return  # measured for real on a GPU machine; too slow for the suite
+    r = run_cli("bench/gpu_packing.py")
+    assert r.returncode == 0 and "skipped" in r.stdout and r.stdout.strip().endswith("ratio=nan")
