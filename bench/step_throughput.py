@@ -38,7 +38,7 @@ from trainable.tasks import EvalData, get_task  # noqa: E402
 # Per shape: the task, models, batch and how many iterations one timed measurement runs.
 SHAPES = {
     "cifar100": dict(task="cifar100", teacher="resnet34", student="resnet18", latent_dim=256, generator_width=64,
-                     batch=16, iters=1),
+                     batch=32, iters=1),
     "digits": dict(task="digits", teacher="cnn", student="cnn", student_width=0.28125, latent_dim=64,
                    generator_width=32, batch=128, iters=10),
 }
