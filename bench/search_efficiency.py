@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPACE = {
     "description": "search-efficiency benchmark: learning rates and student size on digits",
     "objective": {"metric": "val_acc", "mode": "max"},
-    "budget": {"num_samples": 16, "max_epochs": 16, "grace_period": 2, "reduction_factor": 4},
+    "budget": {"num_samples": 32, "max_epochs": 16, "grace_period": 1, "reduction_factor": 4},
     "fixed": {"iters_per_epoch": 10},
     "params": {
         "lr_student": {"type": "float", "low": 0.005, "high": 0.5, "log": True},

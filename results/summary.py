@@ -80,7 +80,7 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
             for t in analysis.trials]
 
 
-def _outcome(status: str, trial_id: str, epochs: int, asha: dict, max_epochs: int) -> str:
+def _outcome(status: str, trial_id: str, asha: dict) -> str:
     if status == "ERROR":
         return ERRORED
     if status != "TERMINATED":
@@ -91,12 +91,10 @@ def _outcome(status: str, trial_id: str, epochs: int, asha: dict, max_epochs: in
 
 
 def _error_line(trial_dir: Path) -> str:
-    for p in (trial_dir / "error.txt",):
-        if p.exists():
-            lines = [ln.strip() for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
-            # The last line of a traceback names the exception and its message.
-            return lines[-1][:500] if lines else "error"
-    return "error"
+    """The last line of the trial's traceback: the exception and its message."""
+    path = trial_dir / "error.txt"
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    return lines[-1][:500] if lines else "error"
 
 
 def pareto_mask(acc: list[float], ratio: list[float]) -> list[bool]:
@@ -119,7 +117,6 @@ def load_experiment(path: str | Path) -> Experiment:
     asha = _read_json(exp / ASHA_FILE, {})
     space = meta.get("space") or {}
     searched = list((space.get("params") or {}).keys())
-    max_epochs = (space.get("budget") or {}).get("max_epochs", 0)
     budget = space.get("param_budget")
     trial_rows, epoch_rows = [], []
     for t in _trial_records(exp):
@@ -139,7 +136,7 @@ def load_experiment(path: str | Path) -> Experiment:
             epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
                                "time_total_s": r.get("time_total_s")})
         status = t.get("status", "PENDING")
-        outcome = _outcome(status, trial_id, len(ordered), asha, max_epochs)
+        outcome = _outcome(status, trial_id, asha)
         last = ordered[-1] if ordered else {}
         config = t.get("config") or {}
         row = {

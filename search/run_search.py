@@ -75,6 +75,14 @@ def resume_command(argv: list[str]) -> str:
     return "python search/run_search.py " + " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
+def _read_meta(meta_file: str, name: str) -> dict:
+    try:
+        return json.loads(Path(meta_file).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"cannot resume {name!r}: {meta_file} is missing or unreadable (was the search started "
+                        "by this tool?); start a new search with --name") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -83,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before Tune took over SIGINT (preparing the teacher, starting Ray)
+        exp = Path(experiment_path(args.storage, args.name or Path(args.space).stem))
+        if (exp / "tuner.pkl").exists():
+            print(f"interrupted. Resume with:\n  {resume_command(argv)}", file=sys.stderr)
+        else:
+            print("interrupted before the search started; run the same command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _meta(args, space: Space, task: str, seed: int, num_samples: int) -> dict:
@@ -106,12 +121,15 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
                         "or --name NEW to start another")
     if args.resume and _is_local(exp) and not exists:
         raise UserError(f"nothing to resume: no search named {name!r} in {args.storage}; drop --resume to start it")
-    meta = json.loads(Path(meta_file).read_text()) if args.resume and _is_local(exp) else None
+    meta = _read_meta(meta_file, name) if args.resume and _is_local(exp) else None
     space = load_space(args.space, args.task or (meta or {}).get("task"))  # validated before Ray starts
     if meta is not None and meta["space"] != space.raw:
         raise UserError(f"{args.space} has changed since the search {name!r} started; restore the original "
                         "space to resume, or start a new search with --name")
     seed = args.seed if args.seed is not None else (meta or {}).get("seed", space.seed)
+    if meta is not None and args.num_samples not in (None, meta["num_samples"]):
+        raise UserError(f"search {name!r} was started with --num-samples {meta['num_samples']}; resume it with "
+                        "the same number")
     num_samples = args.num_samples or (meta or {}).get("num_samples") or (
         SMOKE_BUDGET["num_samples"] if args.smoke else space.num_samples)
     teacher_path = args.teacher or (meta or {}).get("teacher")
