@@ -20,8 +20,8 @@ def finished_search(tmp_path_factory, ray_address):
     from search.run_search import main
 
     storage = tmp_path_factory.mktemp("report")
-    rc = main(["--space", str(ROOT / "spaces" / "loss.yaml"), "--smoke", "--num-samples", "4", "--storage",
-               str(storage), "--name", "rep"])
+    rc = main(["--space", str(ROOT / "spaces" / "loss.yaml"), "--smoke", "--num-samples", "4", "--max-concurrent",
+               "1", "--storage", str(storage), "--name", "rep"])
     assert rc == 0
     return storage / "rep"
 
@@ -80,7 +80,9 @@ def test_report_renders_in_headless_chromium(finished_search):
     expected = int(re.search(r'data-plots-expected="(\d+)"', dom).group(1))
     rendered = int(re.search(r'data-plots-rendered="(\d+)"', dom).group(1))
     errors = json.loads(re.search(r"data-errors=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
-    assert expected >= 8 and rendered == expected, (expected, rendered)
+    # Eight plots at most; Optuna declines some on a thin study, and the report then says so in a note.
+    declined = report.read_text().count("<p class='note'>not drawn:")
+    assert expected + declined == 8 and expected >= 6 and rendered == expected, (expected, rendered, declined)
     assert errors == []
     shot = finished_search / "report.png"
     subprocess.run([CHROMIUM, *flags, "--window-size=1300,6000", f"--screenshot={shot}", report.as_uri()],
