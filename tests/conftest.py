@@ -12,7 +12,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("AKDTUNE_CACHE", tempfile.mkdtemp(prefix="akdtune-test-cache-"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "0")
 
 import torch  # noqa: E402
 
