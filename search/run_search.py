@@ -140,8 +140,9 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     rf = budget.get("reduction_factor", space.reduction_factor)
 
     # The teacher and the evaluation data: prepared once, here, and shipped to every trial.
-    from trainable.akd import evaluate, fingerprint
+    from trainable.akd import fingerprint
     from trainable.config import build_config
+    from trainable.outputs import teacher_metrics
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
 
@@ -151,8 +152,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     teacher, tinfo = prepare_teacher(space.task, base_cfg.teacher, teacher_path, seed, data_root)
     with data_free():
         data = load_eval_data(space.task, seed, base_cfg.val_fraction, data_root, args.download)
-    teacher_acc = {"teacher_val_acc": evaluate(teacher, data.val_x, data.val_y)["acc"],
-                   "teacher_test_acc": evaluate(teacher, data.test_x, data.test_y)["acc"]}
+    teacher_acc = teacher_metrics(teacher, data)
     if meta is not None and meta.get("teacher_fingerprint") not in (None, fingerprint(teacher)):
         raise UserError(f"the teacher differs from the one search {name!r} started with; pass the same --teacher")
 

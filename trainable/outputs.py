@@ -15,6 +15,7 @@ import torch
 from trainable import metrics as M
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
+from trainable.tasks import EvalData
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -23,10 +24,10 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def teacher_metrics(run: AKDRun) -> dict[str, float]:
-    d = run.data
-    return {M.TEACHER_VAL_ACC: evaluate(run.teacher, d.val_x, d.val_y, device=run.device)["acc"],
-            M.TEACHER_TEST_ACC: evaluate(run.teacher, d.test_x, d.test_y, device=run.device)["acc"]}
+def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, float]:
+    """The teacher's validation and test accuracy, under the keys of ``final.json``."""
+    return {M.TEACHER_VAL_ACC: evaluate(teacher, data.val_x, data.val_y, device=device)["acc"],
+            M.TEACHER_TEST_ACC: evaluate(teacher, data.test_x, data.test_y, device=device)["acc"]}
 
 
 def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None:

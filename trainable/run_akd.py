@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
-        t_acc = teacher_metrics(akd)
+        t_acc = teacher_metrics(akd.teacher, akd.data, akd.device)
         print(f"task {cfg.task}: teacher {tinfo['arch']} {akd.teacher_params:,} params "
               f"(val {t_acc['teacher_val_acc']:.4f}); student {cfg.student} width {akd.student_width:g} "
               f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
