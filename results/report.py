@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
 
 import pandas as pd  # noqa: E402
 
-from results.summary import (COMPLETED, ERRORED, STOPPED_EARLY, UNFINISHED, Experiment, best_trial,  # noqa: E402
+from results.summary import (COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED, Experiment,  # noqa: E402
                              load_experiment, write_summaries)
 from trainable import metrics as M  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
@@ -108,76 +108,138 @@ def _section(title: str, body: str) -> str:
     return f"<h2>{html.escape(title)}</h2>\n{body}\n"
 
 
+def _fidelity(e: Experiment) -> int:
+    """The epoch at which Optuna's plots compare trials: the first rung, reached by every trial that did not fail."""
+    grace = int(e.meta.get("grace_period") or 0)
+    max_epochs = int(e.meta.get("max_epochs") or 0)
+    if not e.meta.get("early_stopping", True):
+        return max_epochs or grace or 1
+    return grace or max_epochs or 1
+
+
 def _optuna_plots(e: Experiment) -> list[tuple[str, str]]:
-    """Optuna's own plots over the rebuilt study; a note instead of a plot where data is too thin."""
+    """Optuna's plots over every trial at one stated fidelity; a note instead of a plot where data is too thin."""
     import optuna.visualization as ov
 
-    from results.study import rebuild_study
+    from results.study import at_fidelity, load_study
 
-    study = rebuild_study(e)
-    n_complete = sum(t.state.name == "COMPLETE" for t in study.trials)
+    real = load_study(e.path)
+    epoch = _fidelity(e)
+    study, n_in, n_out = at_fidelity(e, real, epoch)
+    note = f"val_acc at epoch {epoch}, the epoch every compared trial reached ({n_in} trials"
+    note += f"; {n_out} left out: they failed or were not run to epoch {epoch})" if n_out else ")"
     out = []
     plots = [
-        ("Optimization history", lambda: ov.plot_optimization_history(study, target_name="val_acc")),
-        ("Parallel coordinates", lambda: ov.plot_parallel_coordinate(study, target_name="val_acc")),
-        ("Parameter importances", lambda: ov.plot_param_importances(study, target_name="val_acc")),
-        ("Intermediate values (val_acc per epoch; x = stopped by ASHA)", lambda: _intermediate(study, e, ov)),
-        ("Slice", lambda: ov.plot_slice(study, target_name="val_acc")),
+        ("Optimization history", lambda: ov.plot_optimization_history(study, target_name=f"val_acc @ epoch {epoch}")),
+        ("Parallel coordinates", lambda: ov.plot_parallel_coordinate(study, target_name=f"val_acc @ epoch {epoch}")),
+        ("Parameter importances", lambda: ov.plot_param_importances(study, target_name=f"val_acc @ epoch {epoch}")),
+        ("Slice", lambda: ov.plot_slice(study, target_name=f"val_acc @ epoch {epoch}")),
     ]
     for i, (title, make) in enumerate(plots):
         try:
-            if n_complete < (2 if "importances" in title else 1):
-                raise ValueError("needs more completed trials")
-            out.append((title, _fig_html(make(), f"optuna-{i}")))
+            if n_in < (2 if "importances" in title else 1):
+                raise ValueError("needs more trials")
+            fig = make()
+            fig.update_layout(title=f"{title}: {note}", title_font_size=13)
+            out.append((title, _fig_html(fig, f"optuna-{i}")))
         except Exception as exc:  # Optuna refuses some plots on thin studies
             out.append((title, f"<p class='note'>not drawn: {html.escape(str(exc))}</p>"))
+    title = "Learning curves of every trial (val_acc per epoch; x = stopped by the scheduler)"
+    try:
+        out.append((title, _fig_html(_all_curves(e), "optuna-curves")))
+    except Exception as exc:
+        out.append((title, f"<p class='note'>not drawn: {html.escape(str(exc))}</p>"))
     return out
 
 
-def _intermediate(study, e: Experiment, ov):
+def _all_curves(e: Experiment):
     import plotly.graph_objects as go
 
-    fig = ov.plot_intermediate_values(study)
+    if e.epochs.empty:
+        raise ValueError("no trial has reported an epoch yet")
+    fig = go.Figure()
+    for tid, c in e.epochs.groupby("trial_id"):
+        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[M.VAL_ACC], mode="lines", name=tid, opacity=0.6,
+                                 line=dict(width=1), showlegend=False))
     stopped = e.trials[e.trials["outcome"] == STOPPED_EARLY]["trial_id"].tolist()
-    last = e.epochs.groupby("trial_id").tail(1).set_index("trial_id") if len(e.epochs) else pd.DataFrame()
+    last = e.epochs.groupby("trial_id").tail(1).set_index("trial_id")
     xs = [int(last.loc[t, M.EPOCH]) for t in stopped if t in last.index]
     ys = [float(last.loc[t, M.VAL_ACC]) for t in stopped if t in last.index]
     if xs:
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="stopped by ASHA",
-                                 marker=dict(symbol="x", size=12, color="crimson")))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="stopped by the scheduler",
+                                 marker=dict(symbol="x", size=11, color="crimson")))
     fig.update_layout(showlegend=True, xaxis_title="epoch", yaxis_title="val_acc")
     return fig
 
 
 def _pareto_plot(e: Experiment, best_id: str | None) -> str:
+    """Accuracy versus size: every trial at its last epoch (marked with its epochs); the front from full runs only."""
     import plotly.graph_objects as go
 
     t = e.trials[e.trials["final_val_acc"].notna() & e.trials["student_params"].notna()]
     if t.empty:
         return "<p class='note'>no trial has a result yet</p>"
+    max_epochs = int(e.meta.get("max_epochs") or t["epochs_run"].max())
     fig = go.Figure()
     for outcome, color in ((COMPLETED, "#1f77b4"), (STOPPED_EARLY, "#aaaaaa"), (UNFINISHED, "#ff7f0e")):
         s = t[t["outcome"] == outcome]
         if len(s):
-            fig.add_trace(go.Scatter(x=s["student_params"], y=s["final_val_acc"], mode="markers", name=outcome,
-                                     marker=dict(color=color, size=9), text=s["trial_id"],
-                                     hovertemplate="%{text}<br>params %{x:,}<br>val_acc %{y:.4f}<extra></extra>"))
-    front = t[t["pareto"]].sort_values("student_params")
-    fig.add_trace(go.Scatter(x=front["student_params"], y=front["final_val_acc"], mode="lines+markers",
-                             name="Pareto front", line=dict(color="crimson", dash="dash"),
-                             marker=dict(symbol="diamond-open", size=13, color="crimson")))
+            fig.add_trace(go.Scatter(
+                x=s["student_params"], y=s["final_val_acc"], mode="markers+text", name=f"{outcome} (label: epochs)",
+                marker=dict(color=color, size=9), text=[str(int(v)) for v in s["epochs_run"]],
+                textposition="top center", textfont=dict(size=9, color=color), customdata=s["trial_id"],
+                hovertemplate="%{customdata}<br>params %{x:,}<br>val_acc %{y:.4f}<br>epochs %{text}<extra></extra>"))
+    conf = t[t["confirmed_val_acc_mean"].notna()] if "confirmed_val_acc_mean" in t else t.iloc[:0]
+    if len(conf):
+        fig.add_trace(go.Scatter(
+            x=conf["student_params"], y=conf["confirmed_val_acc_mean"], mode="markers", name="confirmed: mean ± std over seeds",
+            error_y=dict(type="data", array=conf["confirmed_val_acc_std"].fillna(0).tolist(), visible=True),
+            marker=dict(symbol="square-open", size=12, color="#2ca02c"), customdata=conf["trial_id"],
+            hovertemplate="%{customdata}<br>params %{x:,}<br>mean val_acc %{y:.4f}<extra></extra>"))
+    full = t[t["epochs_run"] >= max_epochs]
+    if len(full):
+        from results.summary import pareto_mask
+
+        front = full[pareto_mask(full["final_val_acc"].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
+        fig.add_trace(go.Scatter(x=front["student_params"], y=front["final_val_acc"], mode="lines+markers",
+                                 name=f"Pareto front of full runs ({max_epochs} epochs)",
+                                 line=dict(color="crimson", dash="dash"),
+                                 marker=dict(symbol="diamond-open", size=13, color="crimson")))
     if best_id is not None and best_id in set(t["trial_id"]):
         b = t[t["trial_id"] == best_id].iloc[0]
-        fig.add_trace(go.Scatter(x=[b["student_params"]], y=[b["final_val_acc"]], mode="markers", name="best",
+        y = b["confirmed_val_acc_mean"] if "confirmed_val_acc_mean" in b and not pd.isna(b["confirmed_val_acc_mean"]) \
+            else b["final_val_acc"]
+        fig.add_trace(go.Scatter(x=[b["student_params"]], y=[y], mode="markers", name="best (confirmed)",
                                  marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1))))
     budget = e.param_budget
     teacher = t["teacher_params"].dropna()
     if budget and len(teacher):
         fig.add_vline(x=budget * float(teacher.iloc[0]), line_dash="dot", line_color="green",
                       annotation_text=f"budget {budget:.0%}")
-    fig.update_layout(title="Accuracy versus student size", xaxis_title="student parameters", yaxis_title="val_acc",
-                      xaxis_type="log")
+    fig.update_layout(title="Accuracy versus student size (each point at its last epoch; labels: epochs run)",
+                      xaxis_title="student parameters", yaxis_title="val_acc", xaxis_type="log")
     return _fig_html(fig, "pareto")
+
+
+def _confirm_table(e: Experiment) -> str:
+    cands = (e.confirmed or {}).get("candidates") or []
+    if not cands:
+        return "<p class='note'>no confirmation yet</p>"
+    rows = []
+    for c in cands:
+        if not c.get("runs"):
+            rows.append((c["trial_id"], "no run finished", "", "", ""))
+            continue
+        rows.append((("★ " if c["trial_id"] == e.confirmed.get("winner") else "") + c["trial_id"],
+                     f"{c['param_ratio']:.2%}",
+                     f"{c['val_acc_mean']:.4f} ± {c['val_acc_std']:.4f}",
+                     f"{c['test_acc_mean']:.4f} ± {c['test_acc_std']:.4f}",
+                     ", ".join(f"{r['seed']}: {r['test_acc']:.4f}" for r in c["runs"]) + f" ({c['epochs']} epochs each)"))
+    head = "".join(f"<th class='l'>{h}</th>" for h in ("candidate", "params", "val_acc mean ± std",
+                                                       "test_acc mean ± std", "test_acc by seed"))
+    body = "".join("<tr>" + "".join(f"<td class='l'>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return ("<p>The best trials within the budget, each run to max_epochs with several seeds; the winner has the "
+            f"highest mean val_acc.</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _curves_plot(e: Experiment) -> str:
@@ -218,7 +280,8 @@ def _image(best_dir: Path) -> str:
 def _trials_table(e: Experiment, best_id: str | None) -> str:
     cols = ["trial_id", "outcome"] + [c for c in e.trials.columns if c.startswith("param.")] + [
         "final_val_acc", "best_val_acc", "final_val_loss", "epochs_run", "student_params", "param_ratio",
-        "within_budget", "pareto", "wall_s", "error"]
+        "within_budget", "pareto", "stopped_at", "confirmed_val_acc_mean", "confirmed_test_acc_mean",
+        "confirmed_test_acc_std", "confirmed_seeds", "wall_s", "error"]
     cols = [c for c in cols if c in e.trials.columns]
     head = "".join(f"<th class='{'l' if c in ('trial_id', 'outcome', 'error') else ''}' onclick='sortTable(this)'>"
                    f"{html.escape(c.removeprefix('param.'))}</th>" for c in cols)
@@ -240,6 +303,16 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
                                for k, v in rows) + "</table>"
 
 
+def _best_line(best_id: str | None, m: dict) -> str:
+    seeds = m.get("seeds") or []
+    if len(seeds) > 1:
+        return (f"trial {best_id}: held-out test_acc {m['test_acc']:.4f} ± {m.get('test_acc_std', 0):.4f}, val_acc "
+                f"{m['val_acc']:.4f} ± {m.get('val_acc_std', 0):.4f} (mean ± std over seeds {seeds}, "
+                f"{m.get('epochs')} epochs each)")
+    return (f"trial {best_id}: val_acc {_fmt(m.get('val_acc'))}, held-out test_acc {_fmt(m.get('test_acc'))}"
+            + (f" ({m['epochs']} epochs)" if m.get("epochs") else ""))
+
+
 def render(e: Experiment) -> str:
     from plotly.offline import get_plotlyjs
 
@@ -247,8 +320,9 @@ def render(e: Experiment) -> str:
     best_dir = e.path / "best"
     best_metrics = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
     best_info = json.loads((best_dir / "trial.json").read_text()) if (best_dir / "trial.json").exists() else {}
-    best_id = best_info.get("trial_id") or (best_trial(e) or {}).get("trial_id")
-    counts = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED)}
+    best_id = best_info.get("trial_id")  # only a confirmed, exported winner is called the best
+    counts = {k: int((e.trials["outcome"] == k).sum())
+              for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
     num_samples = meta.get("num_samples", len(e.trials))
     max_epochs = meta.get("max_epochs") or ((meta.get("space") or {}).get("budget") or {}).get("max_epochs", 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
@@ -258,24 +332,27 @@ def render(e: Experiment) -> str:
         ("space", str(meta.get("space_file", "?"))),
         ("teacher", f"{meta.get('teacher_arch', '?')}, val_acc {_fmt(meta.get('teacher_val_acc'))}, "
                     f"test_acc {_fmt(meta.get('teacher_test_acc'))}"),
-        ("best student", f"trial {best_id}: val_acc {_fmt(best_metrics.get('val_acc'))}, held-out test_acc "
-                         f"{_fmt(best_metrics.get('test_acc'))}" if best_metrics else "not evaluated yet"),
+        ("best student", _best_line(best_id, best_metrics) if best_metrics else
+         ("none: no trial succeeded" if counts[COMPLETED] + counts[STOPPED_EARLY] == 0 and not e.partial
+          else "not evaluated yet")),
         ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
                             f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
         ("parameter budget", f"<= {e.param_budget:.0%}" if e.param_budget else "none"),
-        ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by ASHA, "
-                   f"{counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished (of {num_samples})"),
+        ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
+                   f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
+                   f"(of {num_samples})"),
         ("epochs spent", f"{spent} of {full} for a full-budget search ({spent / full:.0%})" if full else str(spent)),
         ("wall time", f"{best_metrics['wall_s']:.0f} s" if best_metrics else ""),
     ]
     parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
              f"<p>{html.escape(str((meta.get('space') or {}).get('description', '')))}</p>"]
     if e.partial:
-        done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[ERRORED]
+        done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[DIVERGED] + counts[ERRORED]
         parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
                      "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
     parts.append(_kv_table(header))
     parts.append(_section("Accuracy versus student size", _pareto_plot(e, best_id)))
+    parts.append(_section("Confirmation over seeds", _confirm_table(e)))
     parts.append(_section("Learning curves", _curves_plot(e)))
     for title, body in _optuna_plots(e):
         parts.append(_section(title, body))

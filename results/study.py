@@ -1,84 +1,61 @@
-"""Rebuild Optuna studies from an experiment's tables, so Optuna's own plots can draw it.
+"""The search's Optuna study, read from its journal file, and a view of it at one fidelity for plots.
 
-The study is rebuilt from what the experiment recorded (the trials and epochs tables and the space),
-not unpickled: ``val_acc`` per epoch becomes each trial's intermediate values, ASHA-stopped trials
-are PRUNED, errored trials FAIL, unfinished ones RUNNING.
+The study itself (``akdtune/study.journal``, Optuna's journal storage) is the record: pruned trials
+are PRUNED there with their intermediate values. Optuna's history, parallel-coordinate, slice and
+importance plots only draw COMPLETE trials, which after early stopping leaves most trials out, and
+mixes nothing up only when every value was measured after the same number of epochs. ``at_fidelity``
+therefore builds an in-memory study in which every trial that reached a given epoch is COMPLETE
+with its val_acc *at that epoch* (by default the first rung: the epoch every trial that did not fail
+reached), so these plots show every trial at one stated fidelity.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from pathlib import Path
 
 import optuna
 import pandas as pd
 
-from results.summary import COMPLETED, ERRORED, STOPPED_EARLY, Experiment
+from results.summary import Experiment
+from search.layout import STUDY_FILE, STUDY_NAME
 from trainable import metrics as M
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def distributions(space: dict[str, Any]) -> dict[str, optuna.distributions.BaseDistribution]:
-    """Optuna distributions of a space's searched parameters (fixed ones are left out)."""
-    out = {}
-    for name, spec in (space.get("params") or {}).items():
-        kind = spec.get("type")
-        if kind == "float":
-            out[name] = optuna.distributions.FloatDistribution(spec["low"], spec["high"], log=bool(spec.get("log")),
-                                                               step=spec.get("step"))
-        elif kind == "int":
-            out[name] = optuna.distributions.IntDistribution(int(spec["low"]), int(spec["high"]),
-                                                             log=bool(spec.get("log")), step=int(spec.get("step") or 1))
-        elif kind == "categorical":
-            out[name] = optuna.distributions.CategoricalDistribution(spec["choices"])
-    return out
+def load_study(exp: str | Path) -> optuna.Study | None:
+    """The search's study from its journal file (read-only use), or None when there is none."""
+    path = Path(exp) / STUDY_FILE
+    if not path.is_file():
+        return None
+    from search.searcher import journal_storage
+
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(path))
+    except (KeyError, ValueError, RuntimeError):
+        return None
 
 
-def _params(row: pd.Series, dists: dict) -> tuple[dict, dict]:
-    params, used = {}, {}
-    for name, dist in dists.items():
-        v = row.get(f"param.{name}")
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue  # a conditional parameter that was not active
-        if isinstance(dist, optuna.distributions.IntDistribution):
-            v = int(v)
-        elif isinstance(dist, optuna.distributions.FloatDistribution):
-            v = float(v)
-        elif isinstance(dist, optuna.distributions.CategoricalDistribution):
-            v = next((c for c in dist.choices if c == v or str(c) == str(v)), None)
-            if v is None:
-                continue
-        params[name], used[name] = v, dist
-    return params, used
+def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:
+    """A single-objective (val_acc, max) study with one COMPLETE trial per trial that reached ``epoch``.
 
-
-def rebuild_study(e: Experiment, objectives: tuple[tuple[str, str], ...] = ((M.VAL_ACC, "max"),)) -> optuna.Study:
-    """A study over ``objectives`` (metric, mode) with one trial per experiment trial."""
-    dists = distributions(e.meta.get("space") or {})
-    directions = ["maximize" if mode == "max" else "minimize" for _, mode in objectives]
-    study = optuna.create_study(directions=directions) if len(directions) > 1 else \
-        optuna.create_study(direction=directions[0])
-    curves = {tid: g for tid, g in e.epochs.groupby("trial_id")} if len(e.epochs) else {}
-    trials = []
-    for _, row in e.trials.iterrows():
-        params, used = _params(row, dists)
-        curve = curves.get(row["trial_id"])
-        inter = {} if curve is None else {int(ep): float(v) for ep, v in zip(curve[M.EPOCH], curve[M.VAL_ACC])
-                                          if v is not None and not math.isnan(v)}
-        outcome = row["outcome"]
-        final = {M.VAL_ACC: row.get("final_val_acc"), M.PARAM_RATIO: row.get("param_ratio")}
-        values = [final.get(m) for m, _ in objectives]
-        if outcome == COMPLETED and all(v is not None and not math.isnan(v) for v in values):
-            state, vals = optuna.trial.TrialState.COMPLETE, values
-        elif outcome == STOPPED_EARLY:
-            state, vals = optuna.trial.TrialState.PRUNED, None
-        elif outcome == ERRORED:
-            state, vals = optuna.trial.TrialState.FAIL, None
-        else:
-            state, vals = optuna.trial.TrialState.RUNNING, None
-        trials.append(optuna.trial.create_trial(
-            state=state, params=params, distributions=used, values=vals,
-            intermediate_values=inter if len(objectives) == 1 else None,
-            user_attrs={"ray_trial_id": row["trial_id"], "outcome": outcome}))
-    study.add_trials(trials)
-    return study
+    Returns (study, trials included, trials left out because they never reached ``epoch``).
+    """
+    out = optuna.create_study(direction="maximize")
+    if study is None:
+        return out, 0, len(e.trials)
+    at = {}
+    if len(e.epochs):
+        sel = e.epochs[e.epochs[M.EPOCH] == epoch]
+        at = {tid: v for tid, v in zip(sel["trial_id"], sel[M.VAL_ACC]) if v is not None and not pd.isna(v)}
+    included, left_out = [], 0
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        v = at.get(t.user_attrs.get("ray_trial_id"))
+        if v is None or not math.isfinite(float(v)) or not t.distributions:
+            left_out += 1
+            continue
+        included.append(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE, params=t.params, distributions=t.distributions, value=float(v),
+            user_attrs={"ray_trial_id": t.user_attrs.get("ray_trial_id"), "state": t.state.name}))
+    out.add_trials(included)
+    return out, len(included), left_out

@@ -15,19 +15,18 @@ import pandas as pd
 
 from trainable import metrics as M
 
-# Our own files live in a subfolder: Tune re-uploads stale copies of top-level .json/.pkl files of
-# the experiment folder after a restore, which would overwrite them.
-META_FILE = "akdtune/search.json"  # how the search was started (space, task, teacher, seed, ...)
-ASHA_FILE = "akdtune/asha_state.json"  # ASHA's rung records and the trials it stopped
-STUDY_FILE = "akdtune/study.json"  # the Optuna study as plain JSON
+from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, read_json
 
 # Outcomes of a trial.
-COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED = "completed", "stopped_early", "errored", "unfinished"
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED = (
+    "completed", "stopped_early", "diverged", "errored", "unfinished")
 
 TRIAL_COLUMNS = {
     "trial_id": "Ray's trial id",
-    "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by ASHA) | {ERRORED} | {UNFINISHED} (interrupted, resumable)",
-    "error": "first line of the error of an errored trial, else empty",
+    "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by the scheduler) | {DIVERGED} (NaN/Inf loss) | {ERRORED} | "
+               f"{UNFINISHED} (interrupted, resumable)",
+    "error": "the reason of a diverged or errored trial, else empty",
+    "stopped_at": "the rung (epoch) where the scheduler stopped the trial, with its position (e.g. 5: 4 of 7)",
     "param.<name>": "one typed column per searched hyperparameter (null where a condition left it unset)",
     "final_val_acc": "val_acc at the last reported epoch (the selection metric)",
     "best_val_acc": "highest val_acc over the trial's epochs",
@@ -39,6 +38,10 @@ TRIAL_COLUMNS = {
     "within_budget": "param_ratio <= the space's param_budget (true when there is none)",
     "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
     "wall_s": "seconds the trial ran (summed over resumes)",
+    "confirmed_seeds": "confirmation candidates: the seeds each was run with to max_epochs (else empty)",
+    "confirmed_val_acc_mean / _std": "confirmation candidates: val_acc over those seeds",
+    "confirmed_test_acc_mean / _std": "confirmation candidates: held-out test_acc over those seeds",
+    "winner": "the confirmed winner (the student in best/)",
 }
 
 
@@ -46,7 +49,8 @@ TRIAL_COLUMNS = {
 class Experiment:
     path: Path
     meta: dict[str, Any]
-    asha: dict[str, Any]
+    scheduler: dict[str, Any]
+    confirmed: dict[str, Any]
     trials: pd.DataFrame
     epochs: pd.DataFrame
 
@@ -57,13 +61,6 @@ class Experiment:
     @property
     def partial(self) -> bool:
         return bool((self.trials["outcome"] == UNFINISHED).any()) or len(self.trials) < self.meta.get("num_samples", 0)
-
-
-def _read_json(path: Path, default):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return default
 
 
 def _trial_records(exp: Path) -> list[dict[str, Any]]:
@@ -80,13 +77,16 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
             for t in analysis.trials]
 
 
-def _outcome(status: str, trial_id: str, asha: dict) -> str:
+def _outcome(status: str, trial_id: str, scheduler: dict, last: dict) -> str:
+    stopped = (scheduler.get("stopped") or {}).get(trial_id)
     if status == "ERROR":
         return ERRORED
+    if last.get(M.DIVERGED) or (stopped or {}).get("reason") == "diverged":
+        return DIVERGED
+    if stopped:
+        return STOPPED_EARLY
     if status != "TERMINATED":
         return UNFINISHED
-    if trial_id in set(asha.get("stopped_trials", [])):
-        return STOPPED_EARLY
     return COMPLETED
 
 
@@ -113,8 +113,10 @@ def load_experiment(path: str | Path) -> Experiment:
         from trainable.errors import UserError
 
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
-    meta = _read_json(exp / META_FILE, {})
-    asha = _read_json(exp / ASHA_FILE, {})
+    meta = read_json(exp / META_FILE, {})
+    scheduler = read_json(exp / SCHEDULER_FILE, {})
+    confirmed = read_json(exp / CONFIRM_RESULTS, {})
+    by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     space = meta.get("space") or {}
     searched = list((space.get("params") or {}).keys())
     budget = space.get("param_budget")
@@ -122,6 +124,7 @@ def load_experiment(path: str | Path) -> Experiment:
     for t in _trial_records(exp):
         trial_id, trial_dir = t["trial_id"], t["dir"]
         results: dict[int, dict] = {}
+        tail: dict = {}
         result_file = trial_dir / "result.json"
         if result_file.exists():
             for line in result_file.read_text().splitlines():
@@ -131,18 +134,26 @@ def load_experiment(path: str | Path) -> Experiment:
                     continue  # a line cut short by a kill
                 if M.EPOCH in r:
                     results[int(r[M.EPOCH])] = r  # dedupe: a resumed epoch replaces the earlier one
+                tail = r
         ordered = [results[e] for e in sorted(results)]
         for r in ordered:
             epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
                                "time_total_s": r.get("time_total_s")})
         status = t.get("status", "PENDING")
-        outcome = _outcome(status, trial_id, asha)
+        outcome = _outcome(status, trial_id, scheduler, tail)
         last = ordered[-1] if ordered else {}
         config = t.get("config") or {}
+        stop = (scheduler.get("stopped") or {}).get(trial_id) or {}
+        error = ""
+        if outcome == ERRORED:
+            error = _error_line(trial_dir)
+        elif outcome == DIVERGED:
+            error = str(tail.get(M.ERROR) or stop.get("error") or "diverged")
         row = {
             "trial_id": trial_id,
             "outcome": outcome,
-            "error": _error_line(trial_dir) if outcome == ERRORED else "",
+            "error": error,
+            "stopped_at": f"{stop['rung']}: {stop['position']} of {stop['of']}" if stop.get("rung") else "",
             **{f"param.{p}": config.get(p) for p in searched},
             "final_val_acc": last.get(M.VAL_ACC),
             "best_val_acc": max((r[M.VAL_ACC] for r in ordered), default=None),
@@ -153,12 +164,20 @@ def load_experiment(path: str | Path) -> Experiment:
             "param_ratio": last.get(M.PARAM_RATIO),
             "wall_s": last.get("time_total_s"),
             "_dir": str(trial_dir),
+            "_config": config,
         }
+        cand = by_candidate.get(trial_id)
+        row["confirmed_seeds"] = ",".join(map(str, cand["seeds"])) if cand and cand.get("runs") else ""
+        for key in (M.VAL_ACC, M.TEST_ACC):
+            for stat in ("mean", "std"):
+                row[f"confirmed_{key}_{stat}"] = (cand or {}).get(f"{key}_{stat}")
+        row["winner"] = trial_id == confirmed.get("winner")
         row["within_budget"] = bool(budget is None or (row["param_ratio"] is not None and row["param_ratio"] <= budget))
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
-        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "param_ratio", "_dir"])
+        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "param_ratio", "epochs_run",
+                                       "within_budget", "winner", "_dir", "_config"])
     has = trials["final_val_acc"].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
     trials["pareto"] = False
     if len(trials) and has.any():
@@ -167,19 +186,23 @@ def load_experiment(path: str | Path) -> Experiment:
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
     trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
-    return Experiment(exp, meta, asha, trials, epochs)
+    return Experiment(exp, meta, scheduler, confirmed, trials, epochs)
 
 
 def best_trial(e: Experiment) -> dict[str, Any] | None:
-    """Highest final val_acc among trials within the parameter budget (ties: the smaller student).
+    """The confirmed winner when there is one; else the highest final val_acc among succeeded trials
+    within the parameter budget (ties: the smaller student).
 
-    When no trial with a result is within the budget, the most accurate of all is returned (its
-    ``within_budget`` is False, for the caller to say so). None when no trial has a result.
+    When no succeeded trial is within the budget, the most accurate of all is returned (its
+    ``within_budget`` is False, for the caller to say so). None when no trial succeeded: errored
+    and diverged trials are never the best.
     """
     t = e.trials
     if t.empty:
         return None
-    has = t[t["final_val_acc"].notna()]
+    if t["winner"].any():
+        return t[t["winner"]].iloc[0].to_dict()
+    has = t[t["outcome"].isin([COMPLETED, STOPPED_EARLY, UNFINISHED]) & t["final_val_acc"].notna()]
     ok = has[has["within_budget"]]
     pool = ok if not ok.empty else has
     if pool.empty:
@@ -193,7 +216,7 @@ def write_summaries(e: Experiment) -> dict[str, Path]:
     out = e.path / "summary"
     out.mkdir(exist_ok=True)
     paths = {}
-    for name, df in (("trials", e.trials.drop(columns=["_dir"], errors="ignore")), ("epochs", e.epochs)):
+    for name, df in (("trials", e.trials.drop(columns=["_dir", "_config"], errors="ignore")), ("epochs", e.epochs)):
         target = out / f"{name}.parquet"
         tmp = out / f".{name}.parquet.tmp"
         df.to_parquet(tmp, index=False)

@@ -1,18 +1,23 @@
-"""End of a search: summaries, the best trial evaluated once on the held-out test split, the terminal table."""
+"""End of a search: confirm the candidates, export the winner (evaluated on the held-out test split), summaries.
+
+``evaluate_run`` rebuilds a run's final student from a checkpoint and measures it on validation
+and test; ``export_best`` writes ``best/``; ``print_result`` the terminal summary.
+"""
 from __future__ import annotations
 
-import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
-from results.summary import COMPLETED, ERRORED, STOPPED_EARLY, UNFINISHED, best_trial, load_experiment, write_summaries
-from trainable.akd import AKDRun, default_device, load_checkpoint
+from search.layout import CONFIRM_RESULTS, write_json_atomic
+from trainable import metrics as M
+from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
 from trainable.config import build_config
-from trainable.outputs import finish_run, write_json
-from trainable.tune_trainable import CHECKPOINT_FILE
+from trainable.outputs import finish_run
+from trainable.tune_trainable import CANDIDATE, CHECKPOINT_FILE, RUN
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
 def latest_checkpoint(trial_dir: str | Path) -> Path | None:
@@ -25,21 +30,47 @@ def latest_checkpoint(trial_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def evaluate_best(exp: Path, best: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float) -> dict[str, Any]:
-    """Rebuild the best trial's final student from its checkpoint and evaluate it once on test; write best/."""
-    ckpt_path = latest_checkpoint(best["_dir"])
-    if ckpt_path is None:
-        raise RuntimeError(f"trial {best['trial_id']} has no checkpoint in {best['_dir']}")
+def restore_run(ckpt_path: Path, teacher, data) -> AKDRun:
     ckpt = load_checkpoint(ckpt_path)
     cfg = build_config(ckpt["config"], task_defaults=False)
     run = AKDRun(cfg, teacher, data, default_device())
     run.load_state_dict(ckpt)
+    return run
+
+
+def evaluate_run(ckpt_path: Path, teacher, data) -> dict[str, Any]:
+    """Validation and held-out test accuracy of the student in a checkpoint, with its epochs and size."""
+    run = restore_run(ckpt_path, teacher, data)
+    bs = run.cfg.eval_batch_size
+    return {"seed": run.cfg.seed, "epochs": run.epoch, "checkpoint": str(ckpt_path),
+            M.VAL_ACC: evaluate(run.student, data.val_x, data.val_y, bs, run.device)["acc"],
+            M.TEST_ACC: evaluate(run.student, data.test_x, data.test_y, bs, run.device)["acc"],
+            M.STUDENT_PARAMS: run.student_params, M.PARAM_RATIO: run.student_params / run.teacher_params}
+
+
+def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float) -> dict[str, Any]:
+    """Write ``best/``: the winner's student (its seed with the highest val_acc) and the confirmed metrics.
+
+    ``metrics.json`` holds the keys of a run's ``final.json``; ``val_acc``/``test_acc`` are the means
+    over the winner's seeds, with ``*_std``, ``seeds``, ``epochs``, and the exported student's own
+    ``student_seed`` and ``student_test_acc``.
+    """
+    chosen = max(winner["runs"], key=lambda r: (r[M.VAL_ACC], -r["seed"]))
+    run = restore_run(Path(chosen["checkpoint"]), teacher, data)
     out = exp / "best"
     final = finish_run(run, out, teacher_acc, wall_s)
-    write_json(out / "metrics.json", final)
-    write_json(out / "trial.json", {"trial_id": best["trial_id"], "checkpoint": str(ckpt_path),
-                                    "epochs": run.epoch, "within_budget": bool(best["within_budget"])})
+    final.update({M.VAL_ACC: winner["val_acc_mean"], "val_acc_std": winner["val_acc_std"],
+                  M.TEST_ACC: winner["test_acc_mean"], "test_acc_std": winner["test_acc_std"],
+                  "seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"],
+                  "student_test_acc": final[M.TEST_ACC]})
+    write_json_atomic(out / "metrics.json", final)
+    write_json_atomic(out / "trial.json", {"trial_id": winner["trial_id"], "checkpoint": chosen["checkpoint"],
+                                           "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
     return final
+
+
+def write_confirmed(exp: Path, results: list[dict[str, Any]], winner_id: str | None) -> None:
+    write_json_atomic(exp / CONFIRM_RESULTS, {"winner": winner_id, "candidates": results})
 
 
 def _fmt(v: Any) -> str:
@@ -48,62 +79,147 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def finish_search(exp: str, results, num_samples: int, teacher, data, teacher_acc: dict, space, wall_s: float,
-                  resume_cmd: str, report: bool = True) -> int:
-    """Summarise the experiment; on a finished search also evaluate and save the best trial.
-
-    Returns the process exit code: 0 done, 3 interrupted (resumable), 1 when no trial has a result.
-    """
-    if "://" in exp:
-        print(f"search finished; summaries are written for local storage only: run results/report.py on a copy of {exp}")
-        return EXIT_OK
-    exp_path = Path(exp)
-    e = load_experiment(exp_path)
-    write_summaries(e)
-    counts = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, ERRORED, UNFINISHED)}
-    done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[ERRORED]
-    line = (f"trials: {counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early, "
-            f"{counts[ERRORED]} errored" + (f", {counts[UNFINISHED]} unfinished" if counts[UNFINISHED] else ""))
-    if done < num_samples:
-        print(line)
-        if report:
-            _report(exp_path)
-        print(f"search interrupted: {done} of {num_samples} trials finished. Resume with:\n  {resume_cmd}")
-        return EXIT_INTERRUPTED
-    best = best_trial(e)
-    if best is None:
-        print(line)
-        print("no trial produced a result; see the error column of summary/trials.parquet")
-        if report:
-            _report(exp_path)
-        return EXIT_ERROR
-    final = evaluate_best(exp_path, best, teacher, data, teacher_acc, wall_s)
-    searched = [c for c in best if c.startswith("param.")]
+def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, Any], results: list[dict],
+                 trials_line: str, budget: float | None, wall_s: float, exp: Path, report: Path | None) -> None:
     rows = [("best trial", best["trial_id"])]
-    rows += [(c.removeprefix("param."), _fmt(best[c])) for c in searched if best[c] is not None]
+    rows += [(k, _fmt(v)) for k, v in params.items() if v is not None]
+    if budget:
+        rows.append(("parameter budget", f"<= {budget:.0%} of the teacher"
+                     + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
+    n = len(final["seeds"])
     rows += [
-        ("val_acc", f"{final['val_acc']:.4f}"),
-        ("test_acc (held out)", f"{final['test_acc']:.4f}"),
+        ("val_acc", f"{final['val_acc']:.4f} ± {final['val_acc_std']:.4f} (mean ± std over {n} seed{'s' * (n > 1)})"),
+        ("test_acc (held out)", f"{final['test_acc']:.4f} ± {final['test_acc_std']:.4f} "
+                                f"(seeds {', '.join(map(str, final['seeds']))}; {final['epochs']} epochs each)"),
         ("teacher val/test acc", f"{final['teacher_val_acc']:.4f} / {final['teacher_test_acc']:.4f}"),
         ("student params", f"{final['student_params']:,} ({final['param_ratio']:.1%} of {final['teacher_params']:,})"),
-        ("trials", line.removeprefix("trials: ")),
+        ("trials", trials_line),
         ("wall time", f"{wall_s:.0f} s"),
     ]
-    if e.param_budget:
-        rows.insert(1, ("parameter budget", f"<= {e.param_budget:.0%} of the teacher"
-                        + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    print(f"best student: {exp_path / 'best'}")
-    print(f"summaries:    {exp_path / 'summary'}")
-    if report:
-        print(f"report:       {_report(exp_path)}")
+    if len(results) > 1:
+        print("confirmed candidates (mean ± std over seeds):")
+        for r in results:
+            mark = "*" if r["trial_id"] == best["trial_id"] else " "
+            print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r['val_acc_mean']:.4f} ± "
+                  f"{r['val_acc_std']:.4f}  test {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}  seeds {r['seeds']}")
+    print(f"best student: {exp / 'best'}")
+    print(f"summaries:    {exp / 'summary'}")
+    if report is not None:
+        print(f"report:       {report}")
+
+
+def _trials_line(e) -> str:
+    from results.summary import COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED
+
+    c = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
+    return (f"{c[COMPLETED]} completed, {c[STOPPED_EARLY]} stopped early, {c[DIVERGED]} diverged, {c[ERRORED]} errored"
+            + (f", {c[UNFINISHED]} unfinished" if c[UNFINISHED] else ""))
+
+
+def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:
+    """(status, run config, folder) of each confirmation trial."""
+    from ray.tune import ExperimentAnalysis
+
+    if not list(cdir.glob("experiment_state-*.json")):
+        return []
+    return [{"status": t.status, "run": dict(t.config).get(RUN, {}), "dir": Path(t.path)}
+            for t in ExperimentAnalysis(str(cdir)).trials]
+
+
+def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_seeds: int, trainable, run_config: dict,
+                  teacher, data, teacher_acc: dict, start: float, resume_cmd: str, report: bool = True,
+                  max_concurrent: int = 0) -> int:
+    """After the search's trials: confirm the candidates, export the winner, write summaries and the report.
+
+    Returns the exit code: 0 done, 3 interrupted (resumable), 1 when no trial succeeded.
+    """
+    from ray import tune
+
+    from results.summary import load_experiment, write_summaries
+    from search.confirm import choose_winner, confirm_dir, load_or_write_plan, plan, summarise_candidate
+    from search.layout import META_FILE, read_json
+
+    e = load_experiment(exp)
+    write_summaries(e)
+    line = _trials_line(e)
+    done = int(e.trials["outcome"].isin(["completed", "stopped_early", "diverged", "errored"]).sum())
+    if done < num_samples:
+        print(f"trials: {line}")
+        _report(exp, report)
+        print(f"search interrupted: {done} of {num_samples} trials finished. Resume with:\n  {resume_cmd}")
+        return EXIT_INTERRUPTED
+
+    configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
+    p = load_or_write_plan(exp, lambda: plan(e, configs, top_k, n_seeds, max_epochs, latest_checkpoint))
+    if not p["candidates"]:
+        print(f"trials: {line}")
+        print("no trial succeeded: every trial errored or diverged; see the error column of summary/trials.parquet")
+        _report(exp, report)
+        return EXIT_ERROR
+
+    cdir = confirm_dir(exp)
+    if p["runs"]:
+        n_runs = len(p["runs"])
+        print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
+              f"{n_runs} run(s) to {max_epochs} epochs")
+        if (cdir / "tuner.pkl").exists():
+            tuner = tune.Tuner.restore(str(cdir), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                       restart_errored=False)
+        else:
+            from search.algorithms import trial_dirname
+
+            tuner = tune.Tuner(trainable, param_space={RUN: tune.grid_search(p["runs"])},
+                               tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None,
+                                                           trial_dirname_creator=trial_dirname),
+                               run_config=tune.RunConfig(name=cdir.name, storage_path=str(exp), **run_config))
+        tuner.fit()
+        ctrials = _confirm_trials(cdir)
+        if len(ctrials) < n_runs or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):
+            print(f"search interrupted during confirmation. Resume with:\n  {resume_cmd}")
+            return EXIT_INTERRUPTED
+    else:
+        ctrials = []
+
+    results = []
+    for cand in p["candidates"]:
+        runs = []
+        for s in cand["seeds"]:
+            if s == cand["seeds"][0] and cand["epochs_run"] >= max_epochs:
+                ckpt = latest_checkpoint(cand["trial_dir"])
+            else:
+                match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
+                ckpt = latest_checkpoint(match[0]["dir"]) if match else None
+            if ckpt is None:
+                continue
+            r = evaluate_run(ckpt, teacher, data)
+            if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
+                runs.append(r)
+        results.append(summarise_candidate(cand, runs))
+    winner = choose_winner(results)
+    write_confirmed(exp, results, winner["trial_id"] if winner else None)
+    if winner is None:
+        print(f"trials: {line}")
+        print("no trial succeeded: no candidate finished max_epochs in confirmation; see summary/trials.parquet")
+        _report(exp, report)
+        return EXIT_ERROR
+
+    meta = read_json(exp / META_FILE, {})
+    wall_s = float(meta.get("wall_s", 0.0)) + (time.time() - start)
+    write_json_atomic(exp / META_FILE, {**meta, "wall_s": wall_s})
+    final = export_best(exp, winner, teacher, data, teacher_acc, wall_s)
+    e = load_experiment(exp)
+    write_summaries(e)
+    best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()
+    params = {c.removeprefix("param."): best[c] for c in best if c.startswith("param.")}
+    print_result(best, params, final, results, line, e.param_budget, wall_s, exp, _report(exp, report))
     return EXIT_OK
 
 
-def _report(exp: Path) -> Path | None:
-    try:
-        from results.report import build_report
-    except ImportError:
+def _report(exp: Path, report: bool) -> Path | None:
+    if not report:
         return None
+    from results.report import build_report
+
     return build_report(exp)

@@ -26,14 +26,15 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from results.summary import ASHA_FILE, META_FILE, STUDY_FILE  # noqa: E402
+from search.finish import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE  # noqa: E402
+from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME  # noqa: E402
 from search.space import Space, load_space  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 # --smoke: the whole pipeline at a size a test suite can afford.
 SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
-SMOKE_BUDGET = dict(num_samples=3, max_epochs=3, grace_period=1, reduction_factor=2)
+SMOKE_BUDGET = dict(num_samples=3, max_epochs=3, grace_period=1, reduction_factor=2, confirm_top_k=1,
+                    confirm_seeds=2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial from its checkpoint")
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://host:10001)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
-    p.add_argument("--no-early-stopping", action="store_true", help="ASHA off: every trial runs max_epochs (for comparisons)")
+    p.add_argument("--no-early-stopping", action="store_true", help="no early stopping: every trial runs max_epochs")
+    p.add_argument("--confirm-top-k", type=int, help="candidates re-run to max_epochs with extra seeds "
+                   "(default: the space's budget.confirm_top_k, else 3; 0: off, the best is still finished)")
+    p.add_argument("--confirm-seeds", type=int, help="seeds per candidate, its own included (default: the "
+                   "space's budget.confirm_seeds, else 3)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     return p
@@ -106,12 +111,91 @@ def _meta(args, space: Space, task: str, seed: int, num_samples: int) -> dict:
             "smoke": args.smoke, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def _pick(cli, meta: dict | None, key: str, smoke: bool, space_value):
+    """One setting: CLI > the resumed search's record > --smoke > the space."""
+    if cli is not None:
+        return cli
+    if meta is not None and meta.get(key) is not None:
+        return meta[key]
+    if smoke and key in SMOKE_BUDGET:
+        return SMOKE_BUDGET[key]
+    return space_value
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option that can be checked without Ray, before anything is written. Raises UserError."""
+    import math
+
+    def bad(flag: str, v, need: str):
+        raise UserError(f"{flag} {v} is invalid: {need}")
+
+    if args.num_samples is not None and args.num_samples < 1:
+        bad("--num-samples", args.num_samples, "must be >= 1")
+    if not math.isfinite(args.cpus_per_trial) or args.cpus_per_trial <= 0:
+        bad("--cpus-per-trial", args.cpus_per_trial, "must be > 0")
+    if args.gpus_per_trial is not None and (not math.isfinite(args.gpus_per_trial) or args.gpus_per_trial < 0
+                                            or (args.gpus_per_trial > 1 and not args.gpus_per_trial.is_integer())):
+        bad("--gpus-per-trial", args.gpus_per_trial, "must be >= 0; a fraction only below 1 (e.g. 0.25)")
+    if args.max_concurrent < 0:
+        bad("--max-concurrent", args.max_concurrent, "must be >= 0 (0: as resources allow)")
+    if args.max_failures < 0:
+        bad("--max-failures", args.max_failures, "must be >= 0")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        bad("--num-cpus", args.num_cpus, "must be >= 1")
+    if args.num_cpus is not None and args.address:
+        raise UserError("--num-cpus sets up a local Ray; it cannot be combined with --address")
+    for flag, v, low in (("--confirm-top-k", args.confirm_top_k, 0), ("--confirm-seeds", args.confirm_seeds, 1)):
+        if v is not None and not low <= v <= 20:
+            bad(flag, v, f"must be in [{low}, 20]")
+    name = args.name or Path(args.space).stem
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise UserError(f"--name {name!r} is invalid: a search name is one folder name inside --storage "
+                        "(letters, digits, '-', '_'; no '/' or '..')")
+    if "://" not in args.storage:
+        storage = Path(args.storage).expanduser()
+        if storage.exists() and not storage.is_dir():
+            raise UserError(f"--storage {args.storage} is a file, not a folder; pass a folder for the searches")
+        probe = storage if storage.exists() else next((p for p in storage.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"--storage {args.storage}: {probe} is not writable; pass a folder you can write to")
+        if (storage / name).exists() and not (storage / name).is_dir():
+            raise UserError(f"{storage / name} is a file; pass another --name")
+        if args.resume and (storage / name).is_dir() and not os.access(storage / name, os.W_OK | os.X_OK):
+            raise UserError(f"cannot resume: {storage / name} is read-only; make it writable or copy it")
+
+
+def check_cluster(args: argparse.Namespace, gpus_per_trial: float) -> None:
+    """The resources a trial asks for exist in the running Ray cluster (else trials would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if args.cpus_per_trial > total.get("CPU", 0):
+        raise UserError(f"--cpus-per-trial {args.cpus_per_trial:g} but the Ray cluster has "
+                        f"{total.get('CPU', 0):g} CPUs; lower it")
+    if gpus_per_trial > total.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g} but the Ray cluster has {total.get('GPU', 0):g} "
+                        "GPUs; pass --gpus-per-trial 0 to run on CPUs")
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, when a cluster address given as host:port does not answer."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    if address in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError):
+        raise UserError(f"--address {address}: nothing answers there within {timeout_s:.0f} s; start the cluster "
+                        "(ray start --head) or pass its address") from None
+
+
 def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     start = time.time()
-    if args.num_samples is not None and args.num_samples < 1:
-        raise UserError("--num-samples must be >= 1")
-    if args.cpus_per_trial <= 0 or (args.gpus_per_trial is not None and args.gpus_per_trial < 0):
-        raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    check_options(args)
     name = args.name or Path(args.space).stem
     exp = experiment_path(args.storage, name)
     meta_file = f"{exp}/{META_FILE}"
@@ -130,14 +214,18 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     if meta is not None and args.num_samples not in (None, meta["num_samples"]):
         raise UserError(f"search {name!r} was started with --num-samples {meta['num_samples']}; resume it with "
                         "the same number")
-    num_samples = args.num_samples or (meta or {}).get("num_samples") or (
-        SMOKE_BUDGET["num_samples"] if args.smoke else space.num_samples)
+    num_samples = _pick(args.num_samples, meta, "num_samples", args.smoke, space.num_samples)
     teacher_path = args.teacher or (meta or {}).get("teacher")
     data_root = args.data_root or (meta or {}).get("data_root")
-    budget = dict(SMOKE_BUDGET if args.smoke else {}, num_samples=num_samples)
-    max_epochs = budget.get("max_epochs", space.max_epochs)
-    grace = max_epochs if args.no_early_stopping else min(budget.get("grace_period", space.grace_period), max_epochs)
-    rf = budget.get("reduction_factor", space.reduction_factor)
+    max_epochs = _pick(None, meta, "max_epochs", args.smoke, space.max_epochs)
+    early_stopping = not args.no_early_stopping if meta is None else meta.get("early_stopping", True)
+    grace = min(_pick(None, meta, "grace_period", args.smoke, space.grace_period), max_epochs)
+    rf = _pick(None, meta, "reduction_factor", args.smoke, space.reduction_factor)
+    top_k = _pick(args.confirm_top_k, meta, "confirm_top_k", args.smoke, space.confirm_top_k)
+    n_seeds = _pick(args.confirm_seeds, meta, "confirm_seeds", args.smoke, space.confirm_seeds)
+    if _is_local(exp) and args.resume and Path(exp, CONFIRM_RESULTS).exists() and Path(exp, "best").is_dir():
+        print(f"search {name!r} is finished; nothing to resume. Its results: {exp}")
+        return EXIT_OK
 
     # The teacher and the evaluation data: prepared once, here, and shipped to every trial.
     from trainable.akd import fingerprint
@@ -157,49 +245,56 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"the teacher differs from the one search {name!r} started with; pass the same --teacher")
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged run reports no val_acc
     import ray
     import torch
     from ray import tune
 
-    from search.algorithms import PersistentASHA, PruneAwareOptunaSearch, SearchStateCallback, trial_dirname
-    from search.space import DefineByRun
+    from search.algorithms import SearchStateCallback, trial_dirname
+    from search.scheduler import RungScheduler
+    from search.searcher import OptunaSearcher
     from trainable.tune_trainable import akd_trial, teacher_payload
 
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if torch.cuda.is_available() else 0.0)
     if not ray.is_initialized():
+        if args.address:
+            check_address(args.address)
         init = dict(address=args.address) if args.address else dict(num_cpus=args.num_cpus, include_dashboard=False)
-        ray.init(log_to_driver=True, configure_logging=False, **init)
+        try:
+            ray.init(log_to_driver=True, configure_logging=False, **init)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
+    check_cluster(args, gpus)
 
-    if not args.resume:
-        if _is_local(exp):
-            Path(meta_file).parent.mkdir(parents=True, exist_ok=True)
-            m = _meta(args, space, space.task, seed, num_samples)
-            m.update(max_epochs=max_epochs, grace_period=grace, reduction_factor=rf)
-            m.update(teacher_fingerprint=fingerprint(teacher), teacher_arch=tinfo["arch"], **teacher_acc)
-            Path(meta_file).write_text(json.dumps(m, indent=2, default=list) + "\n")
+    if not args.resume and _is_local(exp):
+        m = _meta(args, space, space.task, seed, num_samples)
+        m.update(max_epochs=max_epochs, grace_period=grace, reduction_factor=rf, early_stopping=early_stopping,
+                 confirm_top_k=top_k, confirm_seeds=n_seeds)
+        m.update(teacher_fingerprint=fingerprint(teacher), teacher_arch=tinfo["arch"], **teacher_acc)
+        from search.layout import write_json_atomic
+
+        write_json_atomic(meta_file, m)
 
     trainable = tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher, tinfo["arch"]), data=data,
                              threads=max(1, int(round(args.cpus_per_trial)))),
         resources={"cpu": args.cpus_per_trial, "gpu": gpus})
+    run_config = dict(checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                      failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1)
     if args.resume:
         print(f"resuming {exp}")
         tuner = tune.Tuner.restore(exp, trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        import optuna
-
-        scheduler = PersistentASHA(time_attr="epoch", metric="val_acc", mode="max", max_t=max_epochs,
-                                   grace_period=grace, reduction_factor=rf,
-                                   state_file=f"{exp}/{ASHA_FILE}" if _is_local(exp) else None)
-        if space.multi_objective:
-            sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, num_samples // 2)))
-            metric, mode = [m for m, _ in space.objectives], [d for _, d in space.objectives]
-        else:
-            sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, num_samples // 3)))
-            metric, mode = space.objectives[0]
-        searcher = PruneAwareOptunaSearch(space=DefineByRun(space.params), metric=metric, mode=mode,
-                                          sampler=sampler, scheduler=scheduler)
+        local = _is_local(exp)
+        scheduler = RungScheduler(space.objectives, max_t=max_epochs, grace_period=grace, reduction_factor=rf,
+                                  param_budget=space.param_budget, early_stopping=early_stopping,
+                                  state_file=f"{exp}/{SCHEDULER_FILE}" if local else None)
+        searcher = OptunaSearcher(space.params, space.objectives, seed, num_samples,
+                                  study_path=f"{exp}/{STUDY_FILE}" if local else None, study_name=STUDY_NAME,
+                                  param_budget=space.param_budget, scheduler=scheduler)
+        if local:
+            Path(exp, STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
         tuner = tune.Tuner(
             trainable,
             param_space=base,
@@ -208,22 +303,18 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
                                         trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=name, storage_path=args.storage if "://" in args.storage else str(Path(exp).parent),
-                callbacks=[SearchStateCallback(scheduler, searcher, f"{exp}/{STUDY_FILE}" if _is_local(exp) else None)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                verbose=1),
+                callbacks=[SearchStateCallback(scheduler)], **run_config),
         )
-    results = tuner.fit()
+    tuner.fit()
 
+    if not _is_local(exp):
+        print(f"search finished; summaries are written for local storage only: run results/report.py on a copy of {exp}")
+        return EXIT_OK
     from search.finish import finish_search
 
-    wall_s = time.time() - start
-    if _is_local(exp) and Path(meta_file).exists():  # wall time adds up over resumes
-        m = json.loads(Path(meta_file).read_text())
-        m["wall_s"] = wall_s = float(m.get("wall_s", 0.0)) + wall_s
-        Path(meta_file).write_text(json.dumps(m, indent=2, default=list) + "\n")
-    return finish_search(exp, results, num_samples, teacher, data, teacher_acc, space, wall_s,
-                         resume_command(argv), report=not args.no_report)
+    return finish_search(Path(exp), num_samples, max_epochs, top_k, n_seeds, trainable, run_config, teacher, data,
+                         teacher_acc, start, resume_command(argv), report=not args.no_report,
+                         max_concurrent=args.max_concurrent)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ A space file::
       - {metric: val_acc, mode: max}
       - {metric: param_ratio, mode: min}
     param_budget: 0.10            # optional: the best trial must have param_ratio <= this
-    budget: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3}
+    budget: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3,
+             confirm_top_k: 3, confirm_seeds: 3}   # top 3 re-run to max_epochs with 3 seeds each (0: off)
     fixed: {n_generator: 1}       # config values for every trial
     params:
       student_fraction: {type: float, low: 0.02, high: 0.5, log: true}
@@ -33,7 +34,7 @@ from trainable.errors import ConfigError, UserError
 from trainable.tasks import TASKS
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "param_budget", "budget", "fixed", "params", "seed"}
-BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor"}
+BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -81,6 +82,8 @@ class Space:
     max_epochs: int
     grace_period: int
     reduction_factor: float
+    confirm_top_k: int  # candidates finished to max_epochs and re-run with extra seeds (0: off)
+    confirm_seeds: int  # seeds per candidate, its own included
     fixed: dict[str, Any]
     params: tuple[Param, ...]
     seed: int = 0
@@ -93,6 +96,12 @@ class Space:
     @property
     def searched(self) -> list[str]:
         return [p.name for p in self.params]
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """A bounded repr for messages (a huge value never floods the terminal)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "...(truncated)"
 
 
 def _num(x) -> bool:
@@ -108,31 +117,31 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
         errs.append(f"{where}: cannot be searched (use --task for the task, budget.max_epochs for epochs)")
         return None
     if not isinstance(spec, dict):
-        errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {spec!r}")
+        errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {_short(spec)}")
         return None
     kind = spec.get("type")
     if kind not in PARAM_KEYS:
-        errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {kind!r}")
+        errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {_short(kind)}")
         return None
     n_before = len(errs)
     for key in sorted(set(spec) - PARAM_KEYS[kind]):
         errs.append(f"{where}.{key}: unknown key for type {kind}; valid: {sorted(PARAM_KEYS[kind])}")
     when = spec.get("when") or {}
     if not isinstance(when, dict):
-        errs.append(f"{where}.when: expected a mapping {{parameter: value or [values]}}, got {when!r}")
+        errs.append(f"{where}.when: expected a mapping {{parameter: value or [values]}}, got {_short(when)}")
         when = {}
     when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
     if kind in ("float", "int"):
         low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
         for key, v in (("low", low), ("high", high)):
             if not _num(v):
-                errs.append(f"{where}.{key}: expected a number, got {v!r}")
+                errs.append(f"{where}.{key}: expected a number, got {_short(v)}")
             elif kind == "int" and not float(v).is_integer():
-                errs.append(f"{where}.{key}: expected an integer for type int, got {v!r}")
+                errs.append(f"{where}.{key}: expected an integer for type int, got {_short(v)}")
         if not isinstance(log, bool):
-            errs.append(f"{where}.log: expected true/false, got {log!r}")
+            errs.append(f"{where}.log: expected true/false, got {_short(log)}")
         if step is not None and (not _num(step) or step <= 0):
-            errs.append(f"{where}.step: expected a positive number, got {step!r}")
+            errs.append(f"{where}.step: expected a positive number, got {_short(step)}")
         if log and step is not None:
             errs.append(f"{where}: log and step cannot be combined; drop one")
         if len(errs) == n_before:
@@ -148,13 +157,13 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
-            errs.append(f"{where}.choices: expected a non-empty list, got {choices!r}")
+            errs.append(f"{where}.choices: expected a non-empty list, got {_short(choices)}")
             return None
         if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
-            errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {choices!r}")
+            errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {_short(choices)}")
             return None
         if len(set(map(repr, choices))) != len(choices):
-            errs.append(f"{where}.choices: has repeated values {choices!r}")
+            errs.append(f"{where}.choices: has repeated values {_short(choices)}")
             return None
         return Param(name, kind, choices=tuple(choices), when=when)
     if "value" not in spec:
@@ -177,7 +186,7 @@ def _check_against_config(task: str, fixed: dict, params: list[Param], errs: lis
             try:
                 build_config({**base, p.name: v})
             except ConfigError as e:
-                errs.append(f"params.{p.name}: value {v!r} is invalid ({str(e).removeprefix('invalid config: ')})")
+                errs.append(f"params.{p.name}: value {_short(v)} is invalid ({str(e).removeprefix('invalid config: ')})")
                 break
 
 
@@ -190,7 +199,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         errs.append(f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}")
     task = task_override or raw.get("task") or "digits"
     if task not in TASKS:
-        errs.append(f"task: unknown {task!r}; choose from {sorted(TASKS)}")
+        errs.append(f"task: unknown {_short(task)}; choose from {sorted(TASKS)}")
         task = "digits"
     # objectives
     if "objective" in raw and "objectives" in raw:
@@ -198,30 +207,30 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
     objs = raw.get("objectives", [raw["objective"]] if "objective" in raw else [{"metric": M.VAL_ACC, "mode": "max"}])
     objectives = []
     if not isinstance(objs, list) or not 1 <= len(objs) <= 2:
-        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {objs!r}")
+        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {_short(objs)}")
     else:
         for i, o in enumerate(objs):
             if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
-                errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {o!r}")
+                errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {_short(o)}")
             elif o["metric"] not in M.EPOCH_METRICS:
-                errs.append(f"objectives[{i}].metric: unknown {o['metric']!r}; choose from {list(M.EPOCH_METRICS)}")
+                errs.append(f"objectives[{i}].metric: unknown {_short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
             elif o["mode"] not in METRIC_MODES:
-                errs.append(f"objectives[{i}].mode: expected max or min, got {o['mode']!r}")
+                errs.append(f"objectives[{i}].mode: expected max or min, got {_short(o['mode'])}")
             else:
                 objectives.append((o["metric"], o["mode"]))
         if objectives and objectives[0] != (M.VAL_ACC, "max"):
             errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric ASHA uses)")
     pb = raw.get("param_budget")
     if pb is not None and (not _num(pb) or not 0 < pb <= 1):
-        errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {pb!r}")
+        errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {_short(pb)}")
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        errs.append(f"seed: expected an integer, got {seed!r}")
+        errs.append(f"seed: expected an integer, got {_short(seed)}")
         seed = 0
     # budget
     budget = raw.get("budget", {})
     if not isinstance(budget, dict):
-        errs.append(f"budget: expected a mapping with {sorted(BUDGET_KEYS)}, got {budget!r}")
+        errs.append(f"budget: expected a mapping with {sorted(BUDGET_KEYS)}, got {_short(budget)}")
         budget = {}
     for key in sorted(set(budget) - BUDGET_KEYS):
         errs.append(f"budget.{key}: unknown key; valid: {sorted(BUDGET_KEYS)}")
@@ -229,19 +238,25 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
     for key, default in (("num_samples", 10), ("max_epochs", 20), ("grace_period", 3)):
         v = budget.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            errs.append(f"budget.{key}: expected an integer >= 1, got {v!r}")
+            errs.append(f"budget.{key}: expected an integer >= 1, got {_short(v)}")
             v = default
         ints[key] = v
     if ints["grace_period"] > ints["max_epochs"]:
         errs.append(f"budget.grace_period: ({ints['grace_period']}) must be <= budget.max_epochs ({ints['max_epochs']})")
+    for key, default, low in (("confirm_top_k", 3, 0), ("confirm_seeds", 3, 1)):
+        v = budget.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 20:
+            errs.append(f"budget.{key}: expected an integer in [{low}, 20], got {_short(v)}")
+            v = default
+        ints[key] = v
     rf = budget.get("reduction_factor", 3)
     if not _num(rf) or rf <= 1:
-        errs.append(f"budget.reduction_factor: expected a number > 1, got {rf!r}")
+        errs.append(f"budget.reduction_factor: expected a number > 1, got {_short(rf)}")
         rf = 3
     # fixed and params
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
-        errs.append(f"fixed: expected a mapping of config values, got {fixed!r}")
+        errs.append(f"fixed: expected a mapping of config values, got {_short(fixed)}")
         fixed = {}
     for key in fixed:
         if key in NOT_SEARCHABLE:
@@ -264,33 +279,86 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         for parent, values in p.when.items():
             earlier = {q.name: q for q in params[:i]}
             if parent not in earlier or earlier[parent].type not in ("categorical", "fixed"):
-                errs.append(f"params.{p.name}.when: {parent!r} must be a categorical parameter listed before it")
+                errs.append(f"params.{p.name}.when: {_short(parent)} must be a categorical parameter listed before it")
                 continue
             allowed = earlier[parent].choices if earlier[parent].type == "categorical" else (earlier[parent].value,)
             bad = [v for v in values if v not in allowed]
             if bad:
-                errs.append(f"params.{p.name}.when.{parent}: {bad!r} not among its choices {list(allowed)}")
+                errs.append(f"params.{p.name}.when.{parent}: {_short(bad)} not among its choices {list(allowed)}")
     if not errs:
         _check_against_config(task, {**fixed, "epochs": ints["max_epochs"]}, params, errs)
     if errs:
         raise SpaceError(f"{path}: " + "; ".join(errs))
     return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
                  param_budget=pb, num_samples=ints["num_samples"], max_epochs=ints["max_epochs"],
-                 grace_period=ints["grace_period"], reduction_factor=float(rf), fixed=fixed, params=tuple(params),
+                 grace_period=ints["grace_period"], reduction_factor=float(rf),
+                 confirm_top_k=ints["confirm_top_k"], confirm_seeds=ints["confirm_seeds"], fixed=fixed, params=tuple(params),
                  seed=seed, raw=raw)
 
 
+MAX_SPACE_BYTES = 256 * 1024  # a space is a few hundred bytes; anything near this is not a space file
+MAX_YAML_NODES = 20_000  # after expanding aliases: refuses "billion laughs" style alias bombs
+MAX_YAML_DEPTH = 20  # a space nests 3 levels deep
+
+
+def _check_yaml_tree(root, path: Path) -> None:
+    """Bound the size (aliases expanded) and depth of a composed YAML tree; refuse duplicate keys."""
+    count = 0
+    stack = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise SpaceError(f"{path}: too large once its aliases are expanded (over {MAX_YAML_NODES} values); "
+                             "write the space out plainly")
+        if depth > MAX_YAML_DEPTH:
+            raise SpaceError(f"{path}: nested more than {MAX_YAML_DEPTH} levels deep; a space has 3 or 4")
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    if key.value in seen:
+                        raise SpaceError(f"{path}: key {_short(key.value, 40)} appears twice at line "
+                                         f"{key.start_mark.line + 1}; keep one")
+                    seen.add(key.value)
+                stack.append((key, depth + 1))
+                stack.append((value, depth + 1))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((v, depth + 1) for v in node.value)
+
+
 def load_space(path: str | Path, task_override: str | None = None) -> Space:
-    """Read and validate a space file (``yaml.safe_load``: data only)."""
+    """Read and validate a space file: data only (``yaml.safe_load``), UTF-8, bounded in size, depth and
+    alias expansion, no duplicate keys."""
     p = Path(path)
     if not p.is_file():
         raise SpaceError(f"space file not found: {p}; pass --space spaces/NAME.yaml (see spaces/)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        size = p.stat().st_size
+        if size > MAX_SPACE_BYTES:
+            raise SpaceError(f"{p}: {size:,} bytes is too large for a space file (limit {MAX_SPACE_BYTES:,}); "
+                             "pass a space YAML like those in spaces/")
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpaceError(f"{p}: not UTF-8 text (byte {e.start}); save the space file as UTF-8") from None
+    except OSError as e:
+        raise SpaceError(f"{p}: cannot be read ({e.strerror}); check the path and its permissions") from None
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+            if root is not None:
+                _check_yaml_tree(root, p)
+            raw = loader.construct_document(root) if root is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise SpaceError(f"{p}: not valid YAML{where} ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpaceError(f"{p}: not valid YAML{where} ({_short(problem, 120)}); fix the syntax") from None
+    except RecursionError:
+        raise SpaceError(f"{p}: nested too deeply; a space has 3 or 4 levels") from None
     return parse_space(raw, str(p), task_override)
 
 

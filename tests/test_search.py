@@ -38,7 +38,8 @@ def test_every_shipped_space_runs(tmp_path, space):
     trials = trials_table(exp)
     assert len(trials) == 2 and set(trials["outcome"]) <= {"completed", "stopped_early"}
     metrics = json.loads((exp / "best" / "metrics.json").read_text())
-    assert set(metrics) == set(M.FINAL_METRICS)
+    assert set(M.FINAL_METRICS) <= set(metrics)
+    assert metrics["epochs"] == 3 and len(metrics["seeds"]) == 2  # smoke: 3 epochs, 2 seeds
     for name in ("student.pt", "config.json", "generated.png", "confusion_test.csv"):
         assert (exp / "best" / name).is_file()
     epochs = pd.read_parquet(exp / "summary" / "epochs.parquet")
@@ -48,42 +49,80 @@ def test_every_shipped_space_runs(tmp_path, space):
     assert searched, "every searched hyperparameter gets a column"
 
 
-def test_asha_stopped_trials_are_pruned_in_optuna(tmp_path):
+def study_trials(exp: Path) -> dict:
+    """Optuna's trials of a search, by Ray id, read from the study's journal file like any user would."""
+    import optuna
+
+    from search.searcher import journal_storage
+
+    try:
+        study = optuna.load_study(study_name="akdtune", storage=journal_storage(exp / "akdtune" / "study.journal"))
+    except Exception:
+        return {}
+    return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False)}
+
+
+def scheduler_state(exp: Path) -> dict:
+    return json.loads((exp / "akdtune" / "scheduler.json").read_text())
+
+
+def test_early_stopped_trials_are_pruned_in_optuna(tmp_path):
     rc = search("--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 6, "--max-concurrent", 1,
                 "--storage", tmp_path, "--name", "prune", "--no-report")
     assert rc == 0
     exp = tmp_path / "prune"
-    study = json.loads((exp / "akdtune" / "study.json").read_text())
-    stopped = set(json.loads((exp / "akdtune" / "asha_state.json").read_text())["stopped_trials"])
-    assert stopped, "ASHA stopped no trial: the test needs at least one"
-    by_ray = {t["ray_trial_id"]: t for t in study["trials"]}
+    stopped = set(scheduler_state(exp)["stopped"])
+    assert stopped, "the scheduler stopped no trial: the test needs at least one"
+    by_ray = study_trials(exp)
     assert len(by_ray) == 6
     for trial_id, t in by_ray.items():
         if trial_id in stopped:
-            assert t["state"] == "PRUNED"
-            assert t["intermediate_values"], "pruned trials keep their intermediate values"
+            assert t.state.name == "PRUNED"
+            assert t.intermediate_values, "pruned trials keep their intermediate values"
         else:
-            assert t["state"] == "COMPLETE" and t["values"]
+            assert t.state.name == "COMPLETE" and t.values
     trials = trials_table(exp)
     assert set(trials.loc[trials["outcome"] == "stopped_early", "trial_id"]) == stopped
     for trial_id in stopped:  # cut short: fewer epochs than the budget
         assert trials.loc[trials["trial_id"] == trial_id, "epochs_run"].item() < 3
 
 
-def test_an_erroring_trial_does_not_stop_the_others(tmp_path):
+def test_a_diverging_trial_is_a_result_not_the_best_and_not_retried(tmp_path):
     space = {"budget": {"num_samples": 6, "max_epochs": 2, "grace_period": 2},
              "fixed": {"momentum": 0.0, "weight_decay": 0.0},
              "params": {"lr_student": {"type": "categorical", "choices": [0.1, 1.0e30]}}}
     (tmp_path / "nan.yaml").write_text(yaml.safe_dump(space))
     rc = search("--space", tmp_path / "nan.yaml", "--smoke", "--num-samples", 6, "--max-concurrent", 1,
-                "--max-failures", 0, "--storage", tmp_path, "--no-report")
+                "--max-failures", 3, "--storage", tmp_path, "--no-report")
     assert rc == 0
     trials = trials_table(tmp_path / "nan")
-    errored = trials[trials["outcome"] == "errored"]
-    assert len(trials) == 6 and 0 < len(errored) < 6
-    assert errored["error"].str.contains("became nan|became inf").all()
-    assert (errored["param.lr_student"] == 1.0e30).all()
-    assert (trials.loc[trials["outcome"] != "errored", "param.lr_student"] == 0.1).all()
+    diverged = trials[trials["outcome"] == "diverged"]
+    assert len(trials) == 6 and 0 < len(diverged) < 6
+    assert diverged["error"].str.contains("became nan|became inf").all()
+    assert (diverged["param.lr_student"] == 1.0e30).all()
+    assert (trials.loc[trials["outcome"] != "diverged", "param.lr_student"] == 0.1).all()
+    assert (diverged["epochs_run"] == 0).all()  # not retried from a checkpoint: it diverged in its first epoch
+    best = json.loads((tmp_path / "nan" / "best" / "trial.json").read_text())["trial_id"]
+    assert trials.loc[trials["trial_id"] == best, "param.lr_student"].item() == 0.1
+    states = {t.state.name for tid, t in study_trials(tmp_path / "nan").items() if tid in set(diverged["trial_id"])}
+    assert states == {"FAIL"}
+
+
+def test_a_search_where_no_trial_succeeds_exits_1_without_a_best(tmp_path, ray_address):
+    space = {"budget": {"num_samples": 2, "max_epochs": 2, "grace_period": 2},
+             "fixed": {"momentum": 0.0, "weight_decay": 0.0},
+             "params": {"lr_student": {"type": "float", "low": 1.0e29, "high": 1.0e30}}}
+    (tmp_path / "div.yaml").write_text(yaml.safe_dump(space))
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", tmp_path / "div.yaml",
+                        "--smoke", "--num-samples", 2, "--storage", tmp_path, "--address", ray_address],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "no trial succeeded" in r.stdout
+    exp = tmp_path / "div"
+    assert not (exp / "best").exists()
+    assert set(trials_table(exp)["outcome"]) == {"diverged"}
+    html = (exp / "report.html").read_text()
+    assert "none: no trial succeeded" in html and "became" in html
 
 
 def test_existing_name_refused_without_resume(tmp_path):
@@ -108,12 +147,12 @@ def _start(args, address, **kw):
 
 
 def _finished_trials(exp: Path) -> dict[str, str]:
-    """Trials the search had finished, by Ray id, from the exported study."""
+    """Trials the search had finished, by Ray id, from the scheduler's record."""
     try:
-        study = json.loads((exp / "akdtune" / "study.json").read_text())
+        st = scheduler_state(exp)
     except (OSError, ValueError):
         return {}
-    return {t["ray_trial_id"]: t["state"] for t in study["trials"] if t["state"] != "RUNNING"}
+    return {**{t: "stopped" for t in st["stopped"]}, **{t: "finished" for t in st["finished"]}}
 
 
 def _wait_for(cond, timeout=180):
@@ -143,7 +182,7 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     finished = _finished_trials(exp)
-    asha_before = json.loads((exp / "akdtune" / "asha_state.json").read_text())
+    state_before = scheduler_state(exp)
     # Tune's result.json may lose its last buffered lines in a SIGKILL; what was on disk must stay.
     before = {tid: _results(exp, tid) for tid in finished}
     checkpoints = {tid: sorted(p.name for p in (exp / f"trial_{tid}").glob("checkpoint_*")) for tid in finished}
@@ -156,17 +195,20 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
     for tid, rows in before.items():  # finished trials: results unchanged, not trained again
         assert _results(exp, tid)[:len(rows)] == rows
         assert sorted(p.name for p in (exp / f"trial_{tid}").glob("checkpoint_*")) == checkpoints[tid]
-        final = asha_before["finished"][tid]
         row = trials[trials["trial_id"] == tid].iloc[0]
-        assert row["final_val_acc"] == final["val_acc"] and row["epochs_run"] == final["epoch"]
-    # ASHA's rung records from before the kill are all still there, with the same values.
-    asha_after = json.loads((exp / "akdtune" / "asha_state.json").read_text())
-    for (m, rec_before), (m2, rec_after) in zip(asha_before["rungs"][0], asha_after["rungs"][0]):
-        assert m == m2
-        for tid, value in rec_before.items():
-            assert rec_after.get(tid) == pytest.approx(value)
-    study = json.loads((exp / "akdtune" / "study.json").read_text())
-    assert len(study["trials"]) == 6 and all(t["state"] in ("COMPLETE", "PRUNED") for t in study["trials"])
+        if tid in state_before["finished"]:
+            final = state_before["finished"][tid]
+            assert row["final_val_acc"] == final["val_acc"] and row["epochs_run"] == final["epoch"]
+        else:
+            assert row["outcome"] == "stopped_early"
+    # The scheduler's rung records and decisions from before the kill are all still there, unchanged.
+    state_after = scheduler_state(exp)
+    for rung, records in state_before["rungs"].items():
+        for tid, record in records.items():
+            assert state_after["rungs"][rung][tid] == record
+    assert set(state_before["stopped"]) <= set(state_after["stopped"])
+    study = study_trials(exp)
+    assert len(study) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.values())
 
 
 def test_ctrl_c_exits_3_and_the_printed_command_resumes(tmp_path, ray_address):
@@ -210,3 +252,93 @@ sys.exit(rc)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = trials_table(tmp_path / "ratios")
     assert len(trials) == 4 and (trials["outcome"] != "errored").all()
+
+
+def _epochs_reported(exp: Path, trial_id: str) -> list[int]:
+    path = exp / f"trial_{trial_id}" / "result.json"
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if M.EPOCH in r:
+            out.append(int(r[M.EPOCH]))
+    return out
+
+
+def test_sigkill_right_after_a_stop_decision_never_trains_that_trial_again(tmp_path, ray_address):
+    """Kill the driver the moment the scheduler has written a stop decision, before Tune acts on it."""
+    args = ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 6, "--storage", tmp_path,
+            "--name", "stopkill", "--no-report", "--confirm-top-k", 0]
+    exp = tmp_path / "stopkill"
+    state = exp / "akdtune" / "scheduler.json"
+    proc = _start(args, ray_address)
+    stopped = {}
+    try:
+        end = time.time() + 240
+        while time.time() < end and not stopped:
+            try:
+                stopped = json.loads(state.read_text())["stopped"]
+            except (OSError, ValueError, KeyError):
+                pass
+            if not stopped:
+                time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert stopped, "the scheduler stopped no trial in time"
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                        "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = trials_table(exp)
+    assert len(trials) == 6 and trials["trial_id"].is_unique
+    for tid, decision in stopped.items():
+        epochs = _epochs_reported(exp, tid)
+        assert max(epochs) <= decision["epoch"], f"trial {tid} stopped at {decision['epoch']} trained on: {epochs}"
+        assert trials.loc[trials["trial_id"] == tid, "outcome"].item() == "stopped_early"
+        assert study_trials(exp)[tid].state.name == "PRUNED"
+
+
+def test_sigkill_during_confirmation_resumes_with_the_same_runs(tmp_path, ray_address):
+    args = ["--space", ROOT / "spaces" / "capacity.yaml", "--smoke", "--num-samples", 3, "--storage", tmp_path,
+            "--name", "confirmkill", "--no-report", "--confirm-top-k", 2, "--confirm-seeds", 3,
+            "--max-concurrent", 1]
+    exp = tmp_path / "confirmkill"
+
+    def confirm_results():
+        return [p for p in (exp / "confirm").glob("trial_*/result.json") if p.stat().st_size > 0]
+
+    proc = _start(args, ray_address)
+    try:
+        assert _wait_for(lambda: len(confirm_results()) >= 1, timeout=300), "confirmation did not start in time"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    plan = json.loads((exp / "akdtune" / "confirm.json").read_text())
+    assert not (exp / "akdtune" / "confirmed.json").exists()
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                        "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((exp / "akdtune" / "confirm.json").read_text()) == plan  # the same plan, not re-ranked
+    folders = sorted(p.name for p in (exp / "confirm").glob("trial_*"))
+    assert len(folders) == len(plan["runs"]) and len(set(folders)) == len(folders)  # no duplicates
+    confirmed = json.loads((exp / "akdtune" / "confirmed.json").read_text())
+    for cand in confirmed["candidates"]:
+        assert [r["epochs"] for r in cand["runs"]] == [3, 3, 3] and len(set(cand["seeds"])) == 3
+    metrics = json.loads((exp / "best" / "metrics.json").read_text())
+    winner = next(c for c in confirmed["candidates"] if c["trial_id"] == confirmed["winner"])
+    assert metrics["test_acc"] == pytest.approx(winner["test_acc_mean"]) and metrics["seeds"] == winner["seeds"]
+    assert len(trials_table(exp)) == 3
+
+
+def test_a_finished_search_resumed_says_so_and_changes_nothing(tmp_path):
+    args = ["--space", ROOT / "spaces" / "ratios.yaml", "--smoke", "--num-samples", 2, "--storage", tmp_path,
+            "--no-report"]
+    assert search(*args) == 0
+    exp = tmp_path / "ratios"
+    before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "is finished" in r.stdout
+    assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before

@@ -22,3 +22,8 @@ TEACHER_TEST_ACC = "teacher_test_acc"
 WALL_S = "wall_s"
 FINAL_METRICS = (VAL_ACC, TEST_ACC, TEACHER_VAL_ACC, TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS,
                  PARAM_RATIO, WALL_S)
+
+# Reported once, instead of an epoch's metrics, by a run whose loss became NaN/Inf: divergence is a
+# result of its settings (the trial ends, recorded with the reason), not a crash to retry.
+DIVERGED = "diverged"  # 1.0
+ERROR = "error"  # the reason, one line

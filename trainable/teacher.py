@@ -37,6 +37,11 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
 
 
+# What a user does about a teacher of another architecture, for each command.
+ARCH_HINT = ("name its architecture: run_akd.py --set teacher=NAME, run_search.py with 'fixed: {teacher: NAME}' "
+             "in the space, train_teacher.py --arch NAME; NAME one of")
+
+
 def load_teacher(path: str | os.PathLike, arch: str, task: Task) -> nn.Module:
     """Build ``arch`` for ``task`` and load the checkpoint at ``path`` into it.
 
@@ -66,14 +71,17 @@ def load_teacher(path: str | os.PathLike, arch: str, task: Task) -> nn.Module:
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit teacher architecture {arch!r}: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; pick the matching --teacher-arch "
-            f"from {sorted(CLASSIFIERS)}")
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {ARCH_HINT} {sorted(CLASSIFIERS)}")
     bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:
         k = bad[0]
         raise CheckpointError(f"checkpoint does not fit teacher architecture {arch!r}: {k} has shape "
                               f"{tuple(state[k].shape)}, expected {tuple(expected[k].shape)} "
-                              f"({len(bad)} tensors differ); pick the matching --teacher-arch")
+                              f"({len(bad)} tensors differ); {ARCH_HINT} {sorted(CLASSIFIERS)}")
+    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"teacher checkpoint {path} has non-finite weights (NaN/Inf) in {len(nonfinite)} "
+                              f"tensor(s), e.g. {nonfinite[0]}; pass a teacher whose training converged")
     model.load_state_dict(state)
     return model
 

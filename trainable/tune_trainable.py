@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from ray import tune
 
+from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.models import build_classifier
+from trainable.errors import NonFiniteLossError
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,9 +36,22 @@ def rebuild_teacher(payload: dict[str, Any], task_name: str) -> torch.nn.Module:
     return model
 
 
+# Keys of a trial's config that are not AKDConfig fields: where a confirmation trial starts from.
+CONTINUE_FROM = "continue_from"  # path of a checkpoint.pt to continue (same config), or absent
+CANDIDATE = "candidate"  # the search trial a confirmation trial belongs to
+RUN = "run"  # a confirmation trial's config is {RUN: {AKDConfig keys, CONTINUE_FROM, CANDIDATE}}
+
+
 def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1) -> None:
-    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys."""
+    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys.
+
+    A run whose loss becomes NaN/Inf reports ``{diverged: 1, error: reason}`` once and ends: the
+    divergence is a result of its settings, which a retry from its checkpoint would only repeat.
+    """
     torch.set_num_threads(max(1, threads))
+    config = dict(config.get(RUN, config))
+    continue_from = config.pop(CONTINUE_FROM, None)
+    config.pop(CANDIDATE, None)
     cfg = build_config(config)  # a bad combination raises: the trial is recorded as errored, with the reason
     with data_free():
         run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device())
@@ -44,10 +59,15 @@ def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, t
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 run.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
+        elif continue_from:
+            run.load_state_dict(load_checkpoint(continue_from))
 
         def on_epoch(metrics: dict[str, float], r: AKDRun) -> None:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(r, os.path.join(d, CHECKPOINT_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-        run.fit(on_epoch)
+        try:
+            run.fit(on_epoch)
+        except NonFiniteLossError as e:
+            tune.report({M.DIVERGED: 1.0, M.ERROR: str(e)[:500]})

@@ -1,0 +1,264 @@
+"""Early stopping that follows a space's objectives and budget: multi-objective ASHA on Tune's public API.
+
+``RungScheduler`` is asynchronous successive halving (ASHA, one bracket) whose rung decisions use
+the space's objective vector, as in multi-objective ASHA (MOASHA, Schmucker et al. 2021):
+
+- Rungs sit at ``grace_period * reduction_factor**k`` epochs below ``max_t``.
+- When a trial reaches a rung its objective vector (e.g. ``(val_acc, param_ratio)``) is recorded
+  there and the rung's records are ranked: feasible before infeasible (a trial over the space's
+  parameter budget ranks after every trial within it, infeasible ones by how far over), then by
+  non-dominated front, then by crowding distance (the extremes of a front first; between equally
+  crowded trials, the better first objective). The trial goes
+  on if its position is in the top ``ceil(n / reduction_factor)`` of the ``n`` records, else it
+  is stopped. With one objective and no budget this is plain ASHA's top-1/eta rule.
+- A trial whose run diverged (a non-finite loss) is stopped at once, with that reason.
+
+Its state is plain data (``SchedulerState``), the single record of its decisions: it is written
+atomically to ``state_file`` *before* a decision takes effect and read back on restore, and a
+trial it stopped or saw finish is never trained again (a resumed search stops such a trial
+before Tune starts it). The scheduler builds on Tune's public ``FIFOScheduler``; nothing reads
+Ray's ASHA internals.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from search.layout import write_json_atomic
+from trainable import metrics as M
+
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- ranking (pure functions)
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """``a`` dominates ``b`` (all objectives minimised): no worse everywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def nondominated_fronts(points: list[Sequence[float]]) -> list[int]:
+    """Front index of each point (0 = not dominated by any point), all objectives minimised."""
+    n = len(points)
+    front = [-1] * n
+    remaining = set(range(n))
+    level = 0
+    while remaining:
+        current = {i for i in remaining if not any(dominates(points[j], points[i]) for j in remaining if j != i)}
+        for i in current:
+            front[i] = level
+        remaining -= current
+        level += 1
+    return front
+
+
+def crowding_distances(points: list[Sequence[float]]) -> list[float]:
+    """NSGA-II crowding distance of each point within its set (the extremes get infinity)."""
+    n = len(points)
+    if n <= 2:
+        return [math.inf] * n
+    dist = [0.0] * n
+    for k in range(len(points[0])):
+        order = sorted(range(n), key=lambda i: points[i][k])
+        lo, hi = points[order[0]][k], points[order[-1]][k]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if hi == lo:
+            continue
+        for pos in range(1, n - 1):
+            dist[order[pos]] += (points[order[pos + 1]][k] - points[order[pos - 1]][k]) / (hi - lo)
+    return dist
+
+
+def rank_records(records: dict[str, dict[str, Any]], modes: Sequence[str]) -> list[str]:
+    """Trial ids of one rung, best first.
+
+    Each record is ``{"values": [objective values], "violation": how far over the budget (0 if within)}``.
+    Order: feasible first (infeasible by violation), then non-dominated front, then crowding
+    distance (largest first), then the first objective (the selection metric), then trial id.
+    """
+    ids = sorted(records)
+    signs = [-1.0 if m == "max" else 1.0 for m in modes]
+
+    def minimised(tid: str) -> tuple[float, ...]:
+        vals = records[tid]["values"]
+        return tuple(s * v if v is not None and math.isfinite(v) else math.inf for s, v in zip(signs, vals))
+
+    key: dict[str, tuple] = {}
+    groups: dict[float, list[str]] = {}
+    for tid in ids:
+        groups.setdefault(float(records[tid].get("violation", 0.0)), []).append(tid)
+    for violation, members in groups.items():
+        pts = [minimised(t) for t in members]
+        fronts = nondominated_fronts(pts)
+        crowd = [0.0] * len(members)
+        for f in set(fronts):
+            idx = [i for i, fi in enumerate(fronts) if fi == f]
+            for i, d in zip(idx, crowding_distances([pts[i] for i in idx])):
+                crowd[i] = d
+        for i, tid in enumerate(members):
+            key[tid] = (violation > 0, violation, fronts[i], -crowd[i], pts[i][0], tid)
+    return sorted(ids, key=lambda t: key[t])
+
+
+def keeps(n: int, reduction_factor: float) -> int:
+    """How many of a rung's ``n`` records go on: the top 1/eta, at least one."""
+    return max(1, math.ceil(n / reduction_factor - 1e-9))
+
+
+def milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """Rung epochs: grace, grace*eta, ... strictly below max_t."""
+    out, t = [], float(grace_period)
+    while round(t) < max_t:
+        if not out or round(t) > out[-1]:
+            out.append(int(round(t)))
+        t *= reduction_factor
+    return out
+
+
+# --------------------------------------------------------------------------- the scheduler
+def empty_state() -> dict[str, Any]:
+    return {"version": STATE_VERSION, "rungs": {}, "stopped": {}, "finished": {}}
+
+
+class RungScheduler(FIFOScheduler):
+    """Multi-objective, budget-aware ASHA (see the module docstring).
+
+    Args:
+        objectives: ``[(metric, "max"|"min"), ...]``; the first is the selection metric.
+        max_t: epochs of a full run (``budget.max_epochs``).
+        grace_period: first rung.
+        reduction_factor: eta; the top 1/eta of a rung goes on.
+        param_budget: optional; trials with ``param_ratio`` above it rank after all within it.
+        state_file: where the state is written (JSON); None keeps it in memory only.
+        early_stopping: False records rungs but never stops (every trial runs ``max_t``).
+    """
+
+    def __init__(self, objectives: Sequence[tuple[str, str]], max_t: int, grace_period: int,
+                 reduction_factor: float, param_budget: float | None = None, state_file: str | None = None,
+                 early_stopping: bool = True):
+        super().__init__()
+        self.objectives = [(str(m), str(d)) for m, d in objectives]
+        self.max_t = int(max_t)
+        self.milestones = milestones(grace_period, reduction_factor, max_t) if early_stopping else []
+        self.reduction_factor = float(reduction_factor)
+        self.param_budget = param_budget
+        self.state_file = state_file
+        self._state: dict[str, Any] | None = None  # loaded lazily, so an unpickled copy reads the file
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_state"] = None  # the file, not a pickled snapshot, is the record
+        return d
+
+    # -- state
+    @property
+    def state(self) -> dict[str, Any]:
+        if self._state is None:
+            self._state = self.read_state(self.state_file) if self.state_file else empty_state()
+        return self._state
+
+    @staticmethod
+    def read_state(path: str | None) -> dict[str, Any]:
+        if not path or not os.path.exists(path):
+            return empty_state()
+        with open(path) as f:
+            state = json.load(f)
+        return {**empty_state(), **state}
+
+    def merge_state(self, other: dict[str, Any]) -> None:
+        """Add records from another copy of the state (e.g. Tune's callback state); nothing is dropped."""
+        st = self.state
+        for rung, recs in (other.get("rungs") or {}).items():
+            for tid, rec in recs.items():
+                st["rungs"].setdefault(rung, {}).setdefault(tid, rec)
+        for key in ("stopped", "finished"):
+            for tid, rec in (other.get(key) or {}).items():
+                st[key].setdefault(tid, rec)
+
+    def _write(self) -> None:
+        if self.state_file:
+            write_json_atomic(self.state_file, self.state)
+
+    @property
+    def stopped(self) -> dict[str, dict[str, Any]]:
+        """Trials this scheduler cut short, with the decision (rung, position, reason)."""
+        return self.state["stopped"]
+
+    @property
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Final metrics of every trial that completed."""
+        return self.state["finished"]
+
+    def violation(self, result: dict[str, Any]) -> float:
+        ratio = result.get(M.PARAM_RATIO)
+        if self.param_budget is None or ratio is None:
+            return 0.0
+        return max(0.0, float(ratio) - float(self.param_budget))
+
+    # -- decisions
+    def decide(self, trial_id: str, result: dict[str, Any]) -> str:
+        """Record the trial at every rung it has reached and return CONTINUE or STOP (state written first)."""
+        st = self.state
+        if trial_id in st["stopped"]:
+            return TrialScheduler.STOP
+        if result.get(M.DIVERGED):
+            st["stopped"][trial_id] = {"reason": "diverged", "epoch": int(result.get(M.EPOCH) or 0),
+                                       "error": str(result.get(M.ERROR, ""))[:500]}
+            self._write()
+            return TrialScheduler.STOP
+        epoch = int(result.get(M.EPOCH, 0))
+        changed = False
+        action = TrialScheduler.CONTINUE
+        for m in self.milestones:
+            rung = st["rungs"].setdefault(str(m), {})
+            if epoch < m or trial_id in rung:
+                continue
+            rung[trial_id] = {"values": [_num(result.get(k)) for k, _ in self.objectives],
+                              "violation": self.violation(result)}
+            changed = True
+            order = rank_records(rung, [d for _, d in self.objectives])
+            position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
+            if position >= keep:
+                st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": epoch, "position": position + 1,
+                                           "of": len(order), "kept": keep}
+                action = TrialScheduler.STOP
+                break
+        if changed:
+            self._write()  # before Tune acts on the decision
+        return action
+
+    # -- Tune hooks
+    def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
+        return self.decide(trial.trial_id, result)
+
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
+        tid = trial.trial_id
+        if result and tid not in self.stopped and not result.get(M.DIVERGED) and M.EPOCH in result:
+            self.finished.setdefault(tid, {k: result[k] for k in M.EPOCH_METRICS if k in result})
+            self._write()
+
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        # After a restore Tune may still list as unfinished a trial this scheduler had stopped or
+        # seen finish (a kill between our write and Tune's own checkpoint): stop it, do not train it.
+        for trial in tune_controller.get_trials():
+            if trial.status in (Trial.PENDING, Trial.PAUSED) and (
+                    trial.trial_id in self.stopped or trial.trial_id in self.finished):
+                tune_controller.stop_trial(trial)
+        return super().choose_trial_to_run(tune_controller)
+
+    def debug_string(self) -> str:
+        st = self.state
+        rungs = ", ".join(f"{m}: {len(st['rungs'].get(str(m), {}))}" for m in self.milestones)
+        return f"RungScheduler: rungs at epochs {self.milestones} (records {rungs}); {len(st['stopped'])} stopped"
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

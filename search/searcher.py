@@ -1,0 +1,170 @@
+"""The Optuna side of a search: a Tune ``Searcher`` of our own on Optuna's public ask/tell interface.
+
+- The study lives in Optuna's own journal storage in the run folder (``akdtune/study.journal``),
+  written as trials report. It is the single record of the study: a resumed search loads it, the
+  results/ code reads it, and another process can watch it (``optuna.load_study``, or
+  ``optuna-dashboard``) while the search runs. Each Optuna trial carries its Ray trial id as the
+  user attribute ``ray_trial_id``.
+- A trial the scheduler cut short is told as PRUNED, with its intermediate values (single-objective
+  studies); one that diverged or errored is FAIL, with the reason as user attribute ``error``; a
+  completed one is COMPLETE with its objective values. (Ray's stock OptunaSearch tells Optuna that
+  an ASHA-stopped trial COMPLETEd with its early, low-fidelity score.)
+- A space's parameter budget is told to the sampler as a constraint (``param_ratio - budget <= 0``,
+  via ``Trial.set_constraint``) as soon as a trial's size is known, so TPE spends trials where the
+  answer lies. TPE is used for one and for two objectives (it learns from pruned and infeasible
+  trials; NSGA-II ignores pruned ones).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+from ray.tune.search import Searcher
+
+from search.space import DefineByRun, Param
+from trainable import metrics as M
+
+log = logging.getLogger(__name__)
+RAY_ID = "ray_trial_id"
+CONSTRAINT = "param_budget"
+
+
+def journal_storage(path: str | None):
+    """Optuna's journal storage on the file at ``path`` (in memory when None)."""
+    import optuna
+
+    if path is None:
+        return optuna.storages.InMemoryStorage()
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+class OptunaSearcher(Searcher):
+    """Suggests configurations with Optuna (TPE) and tells it how each trial ended.
+
+    Args:
+        params: the space's parameters (define-by-run, so conditional parameters work).
+        objectives: ``[(metric, "max"|"min"), ...]``.
+        seed: sampler seed.
+        num_samples: trials in the search (sets TPE's random start-up trials).
+        study_path: journal file of the study; None keeps it in memory.
+        study_name: the study's name in that file.
+        param_budget: optional constraint on ``param_ratio``.
+        scheduler: the search's ``RungScheduler``; its decisions say which trials were pruned.
+    """
+
+    def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
+                 study_path: str | None, study_name: str, param_budget: float | None, scheduler):
+        super().__init__(metric=objectives[0][0], mode=objectives[0][1])
+        self.params = tuple(params)
+        self.objectives = [(str(m), str(d)) for m, d in objectives]
+        self.seed = int(seed)
+        self.num_samples = int(num_samples)
+        self.study_path = study_path
+        self.study_name = study_name
+        self.param_budget = param_budget
+        self.scheduler = scheduler
+        self._study = self._storage = None
+        self._live: dict[str, Any] = {}  # ray trial id -> optuna.Trial of this process
+        self._steps: dict[str, set[int]] = {}  # ray trial id -> epochs reported to Optuna
+
+    def __getstate__(self):
+        d = self.__dict__.copy()
+        d["_study"], d["_storage"], d["_live"], d["_steps"] = None, None, {}, {}  # the journal file is the record
+        return d
+
+    # -- the study
+    @property
+    def study(self):
+        if self._study is None:
+            import optuna
+
+            n_startup = max(2, min(10, self.num_samples // 3))
+            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=n_startup, multivariate=True,
+                                                 constant_liar=True)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            self._storage = journal_storage(self.study_path)
+            self._study = optuna.create_study(
+                study_name=self.study_name, storage=self._storage, sampler=sampler, load_if_exists=True,
+                directions=["maximize" if d == "max" else "minimize" for _, d in self.objectives])
+        return self._study
+
+    def _trial(self, trial_id: str):
+        """The running Optuna trial of a Ray trial (rebuilt from storage after a restore), or None."""
+        if trial_id in self._live:
+            return self._live[trial_id]
+        import optuna
+
+        for ft in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if ft.user_attrs.get(RAY_ID) == trial_id:
+                storage = self._storage
+                tid = storage.get_trial_id_from_study_id_trial_number(
+                    storage.get_study_id_from_name(self.study_name), ft.number)
+                self._live[trial_id] = optuna.trial.Trial(self.study, tid)
+                self._steps[trial_id] = set(ft.intermediate_values)
+                return self._live[trial_id]
+        return None
+
+    # -- Tune hooks
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        trial = self.study.ask()
+        trial.set_user_attr(RAY_ID, trial_id)
+        fixed = DefineByRun(self.params)(trial)
+        self._live[trial_id], self._steps[trial_id] = trial, set()
+        return {**trial.params, **fixed}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        trial = self._trial(trial_id)
+        if trial is None or M.EPOCH not in result:
+            return
+        epoch = int(result[M.EPOCH])
+        if self.param_budget is not None and result.get(M.PARAM_RATIO) is not None \
+                and not trial.user_attrs.get(M.PARAM_RATIO):
+            trial.set_user_attr(M.PARAM_RATIO, float(result[M.PARAM_RATIO]))
+            trial.set_constraint(CONSTRAINT, float(result[M.PARAM_RATIO]) - float(self.param_budget))
+        value = result.get(self.objectives[0][0])
+        if len(self.objectives) == 1 and value is not None and math.isfinite(value):
+            if epoch not in self._steps.setdefault(trial_id, set()):
+                trial.report(float(value), epoch)
+                self._steps[trial_id].add(epoch)
+        trial.set_user_attr("epochs", epoch)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        trial = self._trial(trial_id)
+        if trial is None:  # already told (e.g. before a restore), or never asked
+            return
+        TS = optuna.trial.TrialState
+        stopped = self.scheduler.stopped.get(trial_id) if self.scheduler is not None else None
+        if not result or M.EPOCH not in result:
+            result = (self.scheduler.finished.get(trial_id) if self.scheduler is not None else None) or result or {}
+        try:
+            if error or result.get(M.DIVERGED) or (stopped and stopped.get("reason") == "diverged"):
+                reason = "error" if error else str(result.get(M.ERROR) or (stopped or {}).get("error") or "diverged")
+                trial.set_user_attr("error", reason[:500])
+                self.study.tell(trial, state=TS.FAIL)
+            elif stopped:
+                trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
+                self.study.tell(trial, state=TS.PRUNED)
+            else:
+                values = [result.get(m) for m, _ in self.objectives]
+                if all(v is not None and math.isfinite(float(v)) for v in values):
+                    self.study.tell(trial, [float(v) for v in values])
+                else:
+                    trial.set_user_attr("error", "finished without a result")
+                    self.study.tell(trial, state=TS.FAIL)
+        except (RuntimeError, ValueError) as exc:  # told twice after a restore
+            log.debug("could not tell Optuna about trial %s: %s", trial_id, exc)
+        self._live.pop(trial_id, None)
+        self._steps.pop(trial_id, None)
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune asks for a searcher checkpoint; the study's record is its journal file, so this is a marker.
+        with open(checkpoint_path, "w") as f:
+            f.write('{"study": "akdtune/study.journal"}\n')
+
+    def restore(self, checkpoint_path: str) -> None:
+        self._study, self._live = None, {}

@@ -1,0 +1,196 @@
+"""The search's scheduler and searcher on hand-built rung records and trials (no Ray run, seconds)."""
+import json
+import math
+import pickle
+
+import optuna
+import pytest
+
+from search.scheduler import (RungScheduler, crowding_distances, keeps, milestones, nondominated_fronts,
+                              rank_records)
+from trainable import metrics as M
+
+MO = [("val_acc", "max"), ("param_ratio", "min")]
+CONTINUE, STOP = RungScheduler.CONTINUE, RungScheduler.STOP
+
+
+def rec(acc, ratio, budget=None):
+    return {"values": [acc, ratio], "violation": 0.0 if budget is None else max(0.0, ratio - budget)}
+
+
+def result(epoch, acc, ratio=0.05):
+    return {M.EPOCH: epoch, M.VAL_ACC: acc, M.PARAM_RATIO: ratio}
+
+
+def test_milestones_and_keep_counts():
+    assert milestones(4, 3, 20) == [4, 12]
+    assert milestones(5, 3, 20) == [5, 15]
+    assert milestones(1, 2, 3) == [1, 2]
+    assert milestones(20, 3, 20) == []
+    assert [keeps(n, 3) for n in (1, 2, 3, 4, 6, 7)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_nondominated_fronts_and_crowding():
+    # minimised: (-acc, ratio)
+    pts = [(-0.95, 0.4), (-0.94, 0.3), (-0.90, 0.2), (-0.80, 0.05), (-0.85, 0.3)]
+    assert nondominated_fronts(pts) == [0, 0, 0, 0, 1]  # the last is dominated by (0.94, 0.3) and (0.90, 0.2)
+    d = crowding_distances(pts[:4])
+    assert math.isinf(d[0]) and math.isinf(d[3]) and 0 < d[1] < math.inf and 0 < d[2] < math.inf
+
+
+def test_a_small_undominated_student_survives_larger_more_accurate_ones():
+    rung = {"a": rec(0.95, 0.40), "b": rec(0.94, 0.30), "c": rec(0.93, 0.20), "d": rec(0.80, 0.05)}
+    order = rank_records(rung, ["max", "min"])
+    assert order.index("d") < keeps(4, 3)  # kept: it is an extreme of the first front
+    # Accuracy alone (stock ASHA) would stop it: it is last.
+    single = {k: {"values": [v["values"][0]], "violation": 0.0} for k, v in rung.items()}
+    assert rank_records(single, ["max"])[-1] == "d"
+
+
+def test_within_budget_trials_rank_before_over_budget_ones():
+    rung = {"big": rec(0.99, 0.40, 0.1), "bigger": rec(0.995, 0.60, 0.1), "small": rec(0.70, 0.08, 0.1),
+            "tiny": rec(0.60, 0.03, 0.1)}
+    order = rank_records(rung, ["max", "min"])
+    assert order[:2] == ["small", "tiny"] or set(order[:2]) == {"small", "tiny"}
+    assert order[2:] == ["big", "bigger"]  # infeasible: by how far over the budget
+
+
+def test_dominated_trial_is_stopped_and_the_decision_is_written_first(tmp_path):
+    state = tmp_path / "scheduler.json"
+    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, param_budget=0.1, state_file=str(state))
+    for tid, acc in (("t1", 0.90), ("t2", 0.80)):
+        assert s.decide(tid, result(4, acc, 0.05)) in (CONTINUE, STOP)
+    # t3 is dominated by t1 (less accurate, same size): 3 records, one kept.
+    assert s.decide("t3", result(4, 0.70, 0.05)) == STOP
+    on_disk = json.loads(state.read_text())
+    assert on_disk["stopped"]["t3"]["reason"] == "rung" and on_disk["stopped"]["t3"]["rung"] == 4
+    assert on_disk["rungs"]["4"]["t3"]["values"] == [0.70, 0.05]
+    # A stopped trial is never continued, whatever it reports.
+    assert s.decide("t3", result(5, 0.99, 0.05)) == STOP
+
+
+def test_single_objective_without_budget_is_asha_top_one_over_eta(tmp_path):
+    s = RungScheduler([("val_acc", "max")], max_t=20, grace_period=2, reduction_factor=2)
+    decisions = [s.decide(f"t{i}", result(2, acc)) for i, acc in enumerate([0.5, 0.6, 0.4, 0.7, 0.3])]
+    # n=1 keeps 1; n=2 keeps 1 (0.6 beats 0.5); n=3 keeps 2 (0.4 is third); n=4 keeps 2 (0.7 first); n=5 keeps 3
+    assert decisions == [CONTINUE, CONTINUE, STOP, CONTINUE, STOP]
+
+
+def test_no_early_stopping_records_nothing_and_never_stops():
+    s = RungScheduler(MO, max_t=10, grace_period=1, reduction_factor=2, early_stopping=False)
+    assert all(s.decide(f"t{i}", result(e, 0.1 * i)) == CONTINUE for i in range(5) for e in range(1, 11))
+    assert not s.stopped
+
+
+def test_diverged_run_is_stopped_with_its_reason():
+    s = RungScheduler(MO, max_t=10, grace_period=2, reduction_factor=3)
+    assert s.decide("t1", {M.DIVERGED: 1.0, M.ERROR: "loss_student became nan at epoch 3"}) == STOP
+    assert s.stopped["t1"]["reason"] == "diverged" and "nan" in s.stopped["t1"]["error"]
+
+
+def test_state_survives_pickling_by_reading_its_file(tmp_path):
+    state = tmp_path / "scheduler.json"
+    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, state_file=str(state))
+    s.decide("t1", result(4, 0.9))
+    s.decide("t2", result(4, 0.5, 0.5))
+    s.decide("t3", result(4, 0.4, 0.6))
+    copy = pickle.loads(pickle.dumps(s))  # what Tune's tuner.pkl gives back on restore
+    assert copy.state == json.loads(state.read_text()) == s.state
+    assert set(copy.state["rungs"]["4"]) == {"t1", "t2", "t3"} and "t3" in copy.stopped
+
+
+class FakeTrial:
+    def __init__(self, trial_id, status):
+        self.trial_id, self.status = trial_id, status
+
+
+class FakeController:
+    def __init__(self, trials):
+        self.trials, self.stopped = trials, []
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def test_restore_never_trains_a_stopped_or_finished_trial_again(tmp_path):
+    state = tmp_path / "scheduler.json"
+    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, state_file=str(state))
+    assert s.decide("a", result(4, 0.9)) == CONTINUE
+    assert s.decide("c", result(4, 0.7)) == STOP  # b has not reached the rung yet
+    s.on_trial_complete(None, FakeTrial("a", "RUNNING"), result(12, 0.95))
+    # The driver dies before Tune records c (stopped) and a (finished); Tune resumes them as PENDING.
+    restored = pickle.loads(pickle.dumps(s))
+    tc = FakeController([FakeTrial("a", "PENDING"), FakeTrial("b", "PENDING"), FakeTrial("c", "PAUSED")])
+    chosen = restored.choose_trial_to_run(tc)
+    assert sorted(tc.stopped) == ["a", "c"] and chosen.trial_id == "b"
+
+
+# ----------------------------------------------------------------------------- searcher
+class FakeScheduler:
+    def __init__(self):
+        self.stopped, self.finished = {}, {}
+
+
+def make_searcher(tmp_path, objectives=MO, budget=0.1):
+    from search.searcher import OptunaSearcher
+    from search.space import parse_space
+
+    space = parse_space({"params": {"lr_student": {"type": "float", "low": 0.01, "high": 0.3, "log": True}}})
+    return OptunaSearcher(space.params, objectives, seed=0, num_samples=8, study_path=str(tmp_path / "study.journal"),
+                          study_name="akdtune", param_budget=budget, scheduler=FakeScheduler())
+
+
+def load(tmp_path):
+    from search.searcher import journal_storage
+
+    return optuna.load_study(study_name="akdtune", storage=journal_storage(tmp_path / "study.journal"))
+
+
+def test_searcher_tells_pruned_complete_and_fail_with_the_budget_as_constraint(tmp_path):
+    s = make_searcher(tmp_path)
+    for tid in ("done", "cut", "nan", "crash"):
+        config = s.suggest(tid)
+        assert 0.01 <= config["lr_student"] <= 0.3
+    s.on_trial_result("done", result(1, 0.5, 0.05))
+    s.on_trial_result("cut", result(1, 0.4, 0.2))
+    s.scheduler.stopped["cut"] = {"reason": "rung", "rung": 1}
+    s.on_trial_complete("done", result(3, 0.9, 0.05))
+    s.on_trial_complete("cut", result(1, 0.4, 0.2))
+    s.on_trial_complete("nan", {M.DIVERGED: 1.0, M.ERROR: "loss_student became nan"})
+    s.on_trial_complete("crash", None, error=True)
+    study = load(tmp_path)  # another reader of the journal sees every trial and its state
+    by_ray = {t.user_attrs["ray_trial_id"]: t for t in study.trials}
+    assert by_ray["done"].state.name == "COMPLETE" and by_ray["done"].values == [0.9, 0.05]
+    assert by_ray["cut"].state.name == "PRUNED"
+    assert by_ray["nan"].state.name == "FAIL" and "nan" in by_ray["nan"].user_attrs["error"]
+    assert by_ray["crash"].state.name == "FAIL"
+    assert by_ray["done"].constraints == {"param_budget": pytest.approx(0.05 - 0.1)}
+    assert by_ray["cut"].constraints == {"param_budget": pytest.approx(0.2 - 0.1)}  # infeasible
+
+
+def test_single_objective_keeps_intermediate_values_of_pruned_trials(tmp_path):
+    s = make_searcher(tmp_path, objectives=[("val_acc", "max")], budget=None)
+    s.suggest("t")
+    for e, acc in ((1, 0.3), (2, 0.5), (2, 0.5)):  # a resumed epoch is reported again
+        s.on_trial_result("t", result(e, acc))
+    s.scheduler.stopped["t"] = {"reason": "rung", "rung": 2}
+    s.on_trial_complete("t", result(2, 0.5))
+    t = load(tmp_path).trials[0]
+    assert t.state.name == "PRUNED" and t.intermediate_values == {1: 0.3, 2: 0.5}
+
+
+def test_searcher_restored_from_pickle_tells_a_trial_started_before(tmp_path):
+    s = make_searcher(tmp_path)
+    s.suggest("old")
+    s.on_trial_result("old", result(1, 0.5, 0.05))
+    restored = pickle.loads(pickle.dumps(s))  # a new driver process after --resume
+    restored.scheduler.finished["old"] = result(3, 0.8, 0.05)
+    restored.on_trial_complete("old")  # Tune stops it without a result: the scheduler's record is used
+    t = load(tmp_path).trials[0]
+    assert t.state.name == "COMPLETE" and t.values == [0.8, 0.05]
+    restored.on_trial_complete("old")  # told twice: ignored
+    assert len(load(tmp_path).trials) == 1
