@@ -300,7 +300,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
             param_space=base,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=args.max_concurrent or None,
-                                        trial_dirname_creator=trial_dirname),
+                                        trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=args.storage if "://" in args.storage else str(Path(exp).parent),
                 callbacks=[SearchStateCallback(scheduler)], **run_config),

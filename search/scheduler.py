@@ -9,8 +9,11 @@ the space's objective vector, as in multi-objective ASHA (MOASHA, Schmucker et a
   parameter budget ranks after every trial within it, infeasible ones by how far over), then by
   non-dominated front, then by crowding distance (the extremes of a front first; between equally
   crowded trials, the better first objective). The trial goes
-  on if its position is in the top ``ceil(n / reduction_factor)`` of the ``n`` records, else it
-  is stopped. With one objective and no budget this is plain ASHA's top-1/eta rule.
+  on if its position is in the top ``ceil(n / reduction_factor)``, else it is stopped, where ``n``
+  counts the rung's records within the budget for a trial within it (over-budget trials neither
+  push it out nor make room for it), and all records for a trial over the budget (which always
+  ranks behind those within it). With one objective and no budget this is plain ASHA's top-1/eta
+  rule.
 - A trial whose run diverged (a non-finite loss) is stopped at once, with that reason.
 
 Its state is plain data (``SchedulerState``), the single record of its decisions: it is written
@@ -221,6 +224,8 @@ class RungScheduler(FIFOScheduler):
                               "violation": self.violation(result)}
             changed = True
             order = rank_records(rung, [d for _, d in self.objectives])
+            if rung[trial_id]["violation"] <= 0:  # within the budget: competes with the others within it
+                order = [t for t in order if rung[t]["violation"] <= 0]
             position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
             if position >= keep:
                 st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": epoch, "position": position + 1,

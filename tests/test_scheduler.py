@@ -69,6 +69,15 @@ def test_dominated_trial_is_stopped_and_the_decision_is_written_first(tmp_path):
     assert s.decide("t3", result(5, 0.99, 0.05)) == STOP
 
 
+def test_over_budget_trials_neither_push_out_nor_make_room_for_trials_within_it():
+    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, param_budget=0.1)
+    for i in range(3):  # three accurate students over the budget
+        s.decide(f"big{i}", result(4, 0.99, 0.5 + i / 10))
+    assert s.decide("ok", result(4, 0.60, 0.08)) == CONTINUE  # first within the budget: kept
+    assert s.decide("worse", result(4, 0.50, 0.09)) == STOP  # dominated by "ok"; 2 within budget keep 1
+    assert s.decide("big3", result(4, 0.999, 0.6)) == STOP  # over budget: behind both within it
+
+
 def test_single_objective_without_budget_is_asha_top_one_over_eta(tmp_path):
     s = RungScheduler([("val_acc", "max")], max_t=20, grace_period=2, reduction_factor=2)
     decisions = [s.decide(f"t{i}", result(2, acc)) for i, acc in enumerate([0.5, 0.6, 0.4, 0.7, 0.3])]

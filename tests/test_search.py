@@ -16,7 +16,7 @@ from conftest import ROOT
 from trainable import metrics as M
 
 SPACES = sorted((ROOT / "spaces").glob("*.yaml"))
-pytestmark = pytest.mark.usefixtures("ray_address")
+pytestmark = [pytest.mark.usefixtures("ray_address"), pytest.mark.slow]
 
 
 def search(*args) -> int:

@@ -384,7 +384,11 @@ def load_checkpoint(path) -> dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}; pass the path of a checkpoint.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        import warnings
+
+        with warnings.catch_warnings():  # our one line says what is wrong; torch's warnings would bury it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or holding non-tensor objects
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); "
                               "it is corrupt or not written by this tool") from None

@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = build_config({"task": args.task, **parse_sets(args.sets)})
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run's outputs")
+    if not os.access(out if out.exists() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
+        raise UserError(f"--out {out} is not writable; pass a folder you can write to")
     ckpt_path = out / "checkpoint.pt"
     if args.resume and not ckpt_path.exists():
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def load_teacher(path: str | os.PathLike, arch: str, task: Task) -> nn.Module:
     if not os.path.isfile(path):
         raise CheckpointError(f"teacher checkpoint not found: {path}; pass --teacher PATH to a state_dict file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # our one line says what is wrong; torch's warnings would bury it
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read teacher checkpoint {path} ({type(e).__name__}): corrupt, or holds "
                               "objects other than tensors; save it with torch.save(model.state_dict(), PATH)") from None

@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"unknown arch {arch!r}; choose from {sorted(CLASSIFIERS)}")
         if args.epochs < 1 or args.lr <= 0 or args.batch_size < 1:
             raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if os.path.isdir(args.out) or args.out.endswith(os.sep):
+            raise UserError(f"--out {args.out} is a folder; pass a file path such as {os.path.join(args.out, 'teacher.pt')}")
+        parent = os.path.dirname(os.path.abspath(args.out))
+        if os.path.exists(parent) and not os.path.isdir(parent):
+            raise UserError(f"--out {args.out}: {parent} is a file, not a folder; pass another path")
         model = train_teacher(task.name, arch, args.seed, args.epochs, args.lr, args.batch_size,
                               args.weight_decay, args.data_root)
         model = model.cpu()

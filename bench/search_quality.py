@@ -1,0 +1,166 @@
+"""Search quality on the default task: this project's search against Ray Tune's stock Optuna + ASHA.
+
+For each seed, the same space (``spaces/capacity.yaml``: student size and learning rates, a 10%
+parameter budget), the same number of trials, the same epochs and rungs are searched twice:
+
+(a) stock: ``OptunaSearch`` (TPE) + ``ASHAScheduler`` on ``val_acc``, as a user would write them,
+    with the same trainable; the best feasible trial is the highest final val_acc within the
+    budget, whatever epoch it stopped at, evaluated once on the held-out test split;
+(b) this project: ``python search/run_search.py --space spaces/capacity.yaml --seed S`` (budget-aware
+    multi-objective rungs, the budget told to the sampler, the winner finished and confirmed over
+    seeds); its ``best/metrics.json``.
+
+Printed per seed and on average: the best feasible trial's held-out test_acc, its params (share of
+the teacher), the epochs its student was trained, the feasible trials that reached max_epochs, the
+total trial-epochs spent and the wall time.
+
+Example::
+
+    python bench/search_quality.py                 # seeds 0 1 2, about 30 minutes on 2 cores
+    python bench/search_quality.py --seeds 0
+
+The last line is ``ratio=<mean test_acc, project - stock, in points>``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def trial_epochs(exp: Path) -> dict[str, int]:
+    """Epochs reported by each trial folder of an experiment."""
+    out = {}
+    for d in exp.glob("trial_*"):
+        n = 0
+        for line in (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []:
+            try:
+                n = max(n, int(json.loads(line).get("epoch", 0)))
+            except ValueError:
+                pass
+        out[d.name.removeprefix("trial_")] = n
+    return out
+
+
+def stock(seed: int, storage: Path, num_cpus: int) -> dict:
+    """(a) Ray Tune's stock OptunaSearch + ASHAScheduler on val_acc, on the same trainable and space."""
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from search.finish import evaluate_run, latest_checkpoint
+    from search.space import load_space
+    from trainable import metrics as M
+    from trainable.config import build_config
+    from trainable.tasks import data_free, load_eval_data
+    from trainable.teacher import prepare_teacher
+    from trainable.tune_trainable import akd_trial, teacher_payload
+
+    space = load_space(ROOT / "spaces" / "capacity.yaml")
+    start = time.time()
+    base = {"task": space.task, "seed": seed, "epochs": space.max_epochs, **space.fixed}
+    cfg = build_config(base)
+    teacher, info = prepare_teacher(space.task, cfg.teacher, None, seed)
+    with data_free():
+        data = load_eval_data(space.task, seed, cfg.val_fraction)
+    param_space = dict(base)
+    for p in space.params:  # the same distributions, written as a Tune user would
+        param_space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(akd_trial, teacher=teacher_payload(teacher, info["arch"]),
+                                                     data=data, threads=1), {"cpu": 1}),
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric="val_acc", mode="max", num_samples=space.num_samples,
+                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed)),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=space.grace_period,
+                                        reduction_factor=space.reduction_factor)),
+            run_config=tune.RunConfig(name="stock", storage_path=str(storage), verbose=0),
+        )
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    wall = time.time() - start
+    rows = [(r.metrics or {}, Path(r.path)) for r in grid]
+    feasible = [(m, p) for m, p in rows if m.get(M.PARAM_RATIO) is not None and m[M.PARAM_RATIO] <= space.param_budget
+                and m.get(M.VAL_ACC) is not None]
+    best_m, best_p = max(feasible, key=lambda mp: mp[0][M.VAL_ACC])
+    final = evaluate_run(latest_checkpoint(best_p), teacher, data)
+    epochs = {p.name: int(m.get(M.EPOCH, 0)) for m, p in rows}
+    return {"test_acc": final[M.TEST_ACC], "param_ratio": final[M.PARAM_RATIO], "epochs": final["epochs"],
+            "feasible_full": sum(1 for m, p in feasible if int(m.get(M.EPOCH, 0)) >= space.max_epochs),
+            "trial_epochs": sum(epochs.values()), "wall": wall}
+
+
+def project(seed: int, storage: Path, num_cpus: int) -> dict:
+    """(b) This project's search command."""
+    import pandas as pd
+
+    start = time.time()
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space",
+                        str(ROOT / "spaces" / "capacity.yaml"), "--seed", str(seed), "--storage", str(storage),
+                        "--name", "project", "--no-report", "--num-cpus", str(num_cpus)],
+                       cwd=ROOT, capture_output=True, text=True)
+    wall = time.time() - start
+    if r.returncode != 0:
+        sys.exit(f"the project's search failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    exp = storage / "project"
+    m = json.loads((exp / "best" / "metrics.json").read_text())
+    trials = pd.read_parquet(exp / "summary" / "trials.parquet")
+    max_epochs = int(json.loads((exp / "akdtune" / "search.json").read_text())["max_epochs"])
+    feasible_full = int((trials["within_budget"] & (trials["epochs_run"] >= max_epochs)).sum())
+    spent = sum(trial_epochs(exp).values()) + sum(trial_epochs(exp / "confirm").values())
+    return {"test_acc": m["test_acc"], "test_acc_std": m["test_acc_std"], "param_ratio": m["param_ratio"],
+            "epochs": m["epochs"], "seeds": m["seeds"], "feasible_full": feasible_full, "trial_epochs": spent,
+            "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--storage", help="keep the experiments here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    out = {"stock": [], "project": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.storage or tmp)
+        for seed in args.seeds:
+            for name, fn in (("stock", stock), ("project", project)):
+                storage = root / f"seed{seed}" / name
+                storage.mkdir(parents=True, exist_ok=True)
+                res = fn(seed, storage, args.num_cpus)
+                out[name].append(res)
+                std = f" ± {res['test_acc_std']:.4f} (seeds {res['seeds']})" if "test_acc_std" in res else ""
+                print(f"seed {seed} {name:<8} best feasible test_acc {res['test_acc']:.4f}{std}  params "
+                      f"{res['param_ratio']:.1%}  its epochs {res['epochs']:>2}  feasible trials at max_epochs "
+                      f"{res['feasible_full']:>2}  trial-epochs {res['trial_epochs']:>4}  wall {res['wall']:6.1f} s",
+                      flush=True)
+    mean = {k: {f: sum(r[f] for r in v) / len(v) for f in ("test_acc", "epochs", "feasible_full", "trial_epochs", "wall")}
+            for k, v in out.items()}
+    for k, m in mean.items():
+        print(f"mean     {k:<8} best feasible test_acc {m['test_acc']:.4f}  its epochs {m['epochs']:.1f}  feasible "
+              f"trials at max_epochs {m['feasible_full']:.1f}  trial-epochs {m['trial_epochs']:.0f}  wall {m['wall']:.0f} s")
+    diff = 100 * (mean["project"]["test_acc"] - mean["stock"]["test_acc"])
+    full = all(r["epochs"] >= 20 for r in out["project"])
+    print(f"project - stock: {diff:+.2f} points of held-out test_acc; project winner fully trained on every seed: {full}")
+    print(f"ratio={diff:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

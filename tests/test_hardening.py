@@ -1,0 +1,154 @@
+"""Bad input never crashes, hangs or escapes: one line saying what is wrong, exit 2, nothing written.
+
+Each class found by the bad-input campaign has its cases here: options, paths, space files, teachers.
+"""
+import os
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+SPACE = ROOT / "spaces" / "ratios.yaml"
+
+
+def one_line_exit_2(r, needle: str):
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def files_under(path):
+    return sorted(str(p) for p in path.rglob("*")) if path.exists() else []
+
+
+# ------------------------------------------------------------------ options, checked before anything is written
+@pytest.mark.parametrize("args, needle", [
+    (["--num-cpus", "0"], "--num-cpus 0 is invalid"),
+    (["--max-concurrent", "-1"], "--max-concurrent -1 is invalid"),
+    (["--max-failures", "-1"], "--max-failures -1 is invalid"),
+    (["--cpus-per-trial", "0"], "--cpus-per-trial 0.0 is invalid"),
+    (["--cpus-per-trial", "nan"], "--cpus-per-trial nan is invalid"),
+    (["--gpus-per-trial", "-1"], "--gpus-per-trial -1.0 is invalid"),
+    (["--gpus-per-trial", "1.5"], "--gpus-per-trial 1.5 is invalid"),
+    (["--num-samples", "0"], "--num-samples 0 is invalid"),
+    (["--confirm-top-k", "-1"], "--confirm-top-k -1 is invalid"),
+    (["--confirm-seeds", "0"], "--confirm-seeds 0 is invalid"),
+    (["--num-cpus", "2", "--address", "auto"], "cannot be combined with --address"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+def test_bad_options_refused_before_anything_is_written(tmp_path, args, needle):
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "runs", *args)
+    one_line_exit_2(r, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_resources_the_cluster_lacks_are_refused_before_anything_is_written(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--gpus-per-trial", "1",
+                "--num-cpus", "1", timeout=180)
+    one_line_exit_2(r, "--gpus-per-trial 1 but the Ray cluster has 0 GPUs")
+    assert not (tmp_path / "ratios").exists()  # the corrected command is not refused as "already exists"
+
+
+def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path):
+    start = time.time()
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--address", "127.0.0.1:9",
+                timeout=120)
+    one_line_exit_2(r, "nothing answers there")
+    assert time.time() - start < 60
+    assert not (tmp_path / "ratios").exists()
+
+
+# ------------------------------------------------------------------ paths
+@pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "/abs"])
+def test_a_name_that_leaves_the_storage_folder_is_refused(tmp_path, name):
+    storage = tmp_path / "runs"
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", storage, "--name", name)
+    one_line_exit_2(r, "--name")
+    assert files_under(tmp_path) == []
+
+
+def test_storage_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "file")
+    one_line_exit_2(r, "is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_resume_on_a_read_only_storage_is_refused(tmp_path):
+    exp = tmp_path / "ratios"
+    exp.mkdir()
+    (exp / "tuner.pkl").write_bytes(b"")
+    exp.chmod(0o500)
+    try:
+        r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--resume")
+        one_line_exit_2(r, "read-only")
+    finally:
+        exp.chmod(0o700)
+
+
+def test_run_akd_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("x")
+    r = run_cli("trainable/run_akd.py", "--out", tmp_path / "f")
+    one_line_exit_2(r, "is a file")
+    assert (tmp_path / "f").read_text() == "x"
+
+
+def test_train_teacher_out_that_is_a_folder_is_refused_before_training(tmp_path):
+    start = time.time()
+    r = run_cli("trainable/train_teacher.py", "--task", "digits", "--out", tmp_path)
+    one_line_exit_2(r, "is a folder")
+    assert time.time() - start < 60 and files_under(tmp_path) == []
+
+
+# ------------------------------------------------------------------ space files
+BOMB = "\n".join(
+    [f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("content, needle", [
+    ('a: &a ["x","x","x","x","x","x","x","x","x"]\n' + BOMB + "\nparams: *i\n", "too large once its aliases are expanded"),
+    ("params: " + "[" * 500 + "]" * 500 + "\n", "nested"),
+    ("params: {}\nparams: {lr_student: {type: float, low: 0.1, high: 0.2}}\n", "appears twice"),
+    (b"\xff\xfeparams: {}\n", "not UTF-8"),
+    ("params:\n  lr_student: {type: float, low: 0.1, high: 0.2}\n" + "# padding\n" * 40000, "too large for a space file"),
+    ("params: {lr_student: " + "x" * 100000 + "}\n", "(truncated)"),
+], ids=["alias bomb", "deep nesting", "duplicate key", "not utf-8", "huge file", "huge value"])
+def test_hostile_space_files_exit_2_in_one_short_line(tmp_path, content, needle):
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    start = time.time()
+    r = run_cli("search/run_search.py", "--space", f, "--storage", tmp_path / "runs")
+    one_line_exit_2(r, needle)
+    assert len(r.stderr) < 2000 and time.time() - start < 60
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ teachers
+def test_a_teacher_with_a_nan_weight_is_refused_at_load(tmp_path, digits_teacher):
+    state = {k: v.clone() for k, v in digits_teacher.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "nan.pt", "--out", tmp_path / "run")
+    one_line_exit_2(r, "non-finite weights")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_architecture_teacher_says_what_to_do(tmp_path):
+    torch.save({"linear.weight": torch.zeros(10, 4)}, tmp_path / "other.pt")
+    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "other.pt", "--out", tmp_path / "run")
+    one_line_exit_2(r, "--set teacher=NAME")
+    assert "--teacher-arch" not in r.stderr
+
+
+def test_a_corrupt_teacher_prints_no_torch_warning(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "bad.pt", "--out", tmp_path / "run")
+    one_line_exit_2(r, "cannot read teacher checkpoint")
+    assert "Warning" not in r.stderr
