@@ -39,8 +39,10 @@ TRIAL_COLUMNS = {
     "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
     "wall_s": "seconds the trial ran (summed over resumes)",
     "confirmed_seeds": "confirmation candidates: the seeds each was run with to max_epochs (else empty)",
-    "confirmed_val_acc_mean / _std": "confirmation candidates: val_acc over those seeds",
-    "confirmed_test_acc_mean / _std": "confirmation candidates: held-out test_acc over those seeds",
+    "confirmed_val_acc_mean": "confirmation candidates: mean val_acc over those seeds",
+    "confirmed_val_acc_std": "confirmation candidates: its standard deviation",
+    "confirmed_test_acc_mean": "confirmation candidates: mean held-out test_acc over those seeds",
+    "confirmed_test_acc_std": "confirmation candidates: its standard deviation",
     "winner": "the confirmed winner (the student in best/)",
 }
 

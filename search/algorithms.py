@@ -29,3 +29,48 @@ class SearchStateCallback(Callback):
 def trial_dirname(trial) -> str:
     """Short trial folder names (Ray's default embeds every hyperparameter)."""
     return f"trial_{trial.trial_id}"
+
+
+class WallClock(Callback):
+    """Keeps ``wall_s`` of the search record current while trials run, so a kill -9 loses at most a few
+    seconds of it: the search's wall time is the sum over its sessions (the first run and each resume).
+
+    ``run_search`` marks each session's start in the record (``session_started``, ``wall_before``).
+    """
+
+    def __init__(self, meta_file: str, every_s: float = 5.0):
+        self.meta_file = meta_file
+        self.every_s = every_s
+        self._last = 0.0
+
+    def __getstate__(self):
+        return {"meta_file": self.meta_file, "every_s": self.every_s, "_last": 0.0}
+
+    def tick(self, force: bool = False) -> None:
+        import time
+
+        now = time.time()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        update_wall(self.meta_file)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.tick()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tick(force=True)
+
+
+def update_wall(meta_file: str) -> float:
+    """Set ``wall_s`` of the search record to the time before this session plus this session's time."""
+    import time
+
+    from search.layout import read_json, write_json_atomic
+
+    meta = read_json(meta_file)
+    if not meta or "session_started" not in meta:
+        return 0.0
+    meta["wall_s"] = float(meta.get("wall_before", 0.0)) + (time.time() - float(meta["session_started"]))
+    write_json_atomic(meta_file, meta)
+    return meta["wall_s"]

@@ -139,7 +139,7 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
 
     from results.summary import load_experiment, write_summaries
     from search.confirm import choose_winner, confirm_dir, load_or_write_plan, plan, summarise_candidate
-    from search.layout import META_FILE, read_json
+    from search.layout import META_FILE
 
     e = load_experiment(exp)
     write_summaries(e)
@@ -205,9 +205,9 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
         _report(exp, report)
         return EXIT_ERROR
 
-    meta = read_json(exp / META_FILE, {})
-    wall_s = float(meta.get("wall_s", 0.0)) + (time.time() - start)
-    write_json_atomic(exp / META_FILE, {**meta, "wall_s": wall_s})
+    from search.algorithms import update_wall
+
+    wall_s = update_wall(str(exp / META_FILE)) or (time.time() - start)
     final = export_best(exp, winner, teacher, data, teacher_acc, wall_s)
     e = load_experiment(exp)
     write_summaries(e)

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: import the project, not this f
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
     sys.path.insert(0, os.path.dirname(_here))
 
-from search.finish import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE  # noqa: E402
+from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE  # noqa: E402
 from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME  # noqa: E402
 from search.space import Space, load_space  # noqa: E402
 from trainable.errors import UserError  # noqa: E402
@@ -250,7 +250,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from ray import tune
 
-    from search.algorithms import SearchStateCallback, trial_dirname
+    from search.algorithms import SearchStateCallback, WallClock, trial_dirname
     from search.scheduler import RungScheduler
     from search.searcher import OptunaSearcher
     from trainable.tune_trainable import akd_trial, teacher_payload
@@ -266,8 +266,13 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
             raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
     check_cluster(args, gpus)
 
+    if args.resume and _is_local(exp):  # this session's time adds to the earlier sessions'
+        from search.layout import write_json_atomic
+
+        write_json_atomic(meta_file, {**meta, "session_started": start, "wall_before": float(meta.get("wall_s", 0.0))})
     if not args.resume and _is_local(exp):
         m = _meta(args, space, space.task, seed, num_samples)
+        m.update(session_started=start, wall_before=0.0, wall_s=0.0)
         m.update(max_epochs=max_epochs, grace_period=grace, reduction_factor=rf, early_stopping=early_stopping,
                  confirm_top_k=top_k, confirm_seeds=n_seeds)
         m.update(teacher_fingerprint=fingerprint(teacher), teacher_arch=tinfo["arch"], **teacher_acc)
@@ -279,7 +284,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher, tinfo["arch"]), data=data,
                              threads=max(1, int(round(args.cpus_per_trial)))),
         resources={"cpu": args.cpus_per_trial, "gpu": gpus})
-    run_config = dict(checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+    run_config = dict(callbacks=[WallClock(meta_file)] if _is_local(exp) else [],
+                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                       failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1)
     if args.resume:
         print(f"resuming {exp}")
@@ -303,7 +309,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
                                         trial_dirname_creator=trial_dirname, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name, storage_path=args.storage if "://" in args.storage else str(Path(exp).parent),
-                callbacks=[SearchStateCallback(scheduler)], **run_config),
+                **{**run_config, "callbacks": [SearchStateCallback(scheduler), *run_config["callbacks"]]}),
         )
     tuner.fit()
 

@@ -1,5 +1,4 @@
 """Small datasets in the real on-disk formats torchvision reads (CIFAR pickles, MNIST idx files)."""
-import gzip
 import pickle
 import struct
 from pathlib import Path

@@ -3,7 +3,6 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -47,10 +46,19 @@ def test_report_is_self_contained(finished_search):
     assert not re.search(r"<script[^>]+src=", text), "no remote (or any external) script"
     assert not re.search(r"<link[^>]+stylesheet", text), "no external stylesheet"
     assert not re.search(r"""<(img|iframe|script|link)[^>]+(src|href)=['"]?https?:""", text), "no remote resource"
-    for title in ("Optimization history", "Parallel coordinates", "Parameter importances", "Intermediate values",
-                  "Slice", "Accuracy versus student size", "Learning curves", "Confusion matrix", "Generated images",
+    for title in ("Optimization history", "Parallel coordinates", "Parameter importances",
+                  "Learning curves of every trial", "Confirmation over seeds", "Slice", "Accuracy versus student size", "Learning curves", "Confusion matrix", "Generated images",
                   "Parameter counts", "All trials"):
         assert title in text, title
+
+
+def test_optuna_plots_show_every_trial_at_one_stated_fidelity(finished_search):
+    text = (finished_search / "report.html").read_text()
+    trials = pd.read_parquet(finished_search / "summary" / "trials.parquet")
+    assert (trials["outcome"] == "stopped_early").any(), "the fixture search needs a pruned trial"
+    # smoke: grace 1, so every trial is compared at epoch 1, pruned ones included
+    assert f"val_acc at epoch 1, the epoch every compared trial reached ({len(trials)} trials)" in text
+    assert "Pareto front of full runs (3 epochs)" in text and "labels: epochs run" in text
 
 
 def test_rebuilding_twice_gives_the_same_parquet(finished_search):
