@@ -18,13 +18,14 @@ from trainable import metrics as M
 from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, read_json
 
 # Outcomes of a trial.
-COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED = (
-    "completed", "stopped_early", "diverged", "errored", "unfinished")
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (
+    "completed", "stopped_early", "diverged", "errored", "unfinished", "abandoned")
 
 TRIAL_COLUMNS = {
     "trial_id": "Ray's trial id",
     "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by the scheduler) | {DIVERGED} (NaN/Inf loss) | {ERRORED} | "
-               f"{UNFINISHED} (interrupted, resumable)",
+               f"{UNFINISHED} (interrupted, resumable) | {ABANDONED} (a folder the driver created just before it "
+               "was killed, unknown to Tune; the resumed search ran another trial in its place)",
     "error": "the reason of a diverged or errored trial, else empty",
     "stopped_at": "the rung (epoch) where the scheduler stopped the trial, with its position (e.g. 5: 4 of 7)",
     "param.<name>": "one typed column per searched hyperparameter (null where a condition left it unset)",
@@ -62,7 +63,8 @@ class Experiment:
 
     @property
     def partial(self) -> bool:
-        return bool((self.trials["outcome"] == UNFINISHED).any()) or len(self.trials) < self.meta.get("num_samples", 0)
+        counted = int((self.trials["outcome"] != ABANDONED).sum())
+        return bool((self.trials["outcome"] == UNFINISHED).any()) or counted < self.meta.get("num_samples", 0)
 
 
 def _trial_records(exp: Path) -> list[dict[str, Any]]:
@@ -81,6 +83,8 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
 
 def _outcome(status: str, trial_id: str, scheduler: dict, last: dict) -> str:
     stopped = (scheduler.get("stopped") or {}).get(trial_id)
+    if status == "ABANDONED":
+        return ABANDONED
     if status == "ERROR":
         return ERRORED
     if last.get(M.DIVERGED) or (stopped or {}).get("reason") == "diverged":
@@ -123,7 +127,12 @@ def load_experiment(path: str | Path) -> Experiment:
     searched = list((space.get("params") or {}).keys())
     budget = space.get("param_budget")
     trial_rows, epoch_rows = [], []
-    for t in _trial_records(exp):
+    records = _trial_records(exp)
+    known = {Path(t["dir"]).name for t in records}
+    for d in sorted(exp.glob("trial_*")):  # folders Tune never recorded (the driver was killed first)
+        if d.is_dir() and d.name not in known:
+            records.append({"trial_id": d.name.removeprefix("trial_"), "status": "ABANDONED", "config": {}, "dir": d})
+    for t in records:
         trial_id, trial_dir = t["trial_id"], t["dir"]
         results: dict[int, dict] = {}
         tail: dict = {}

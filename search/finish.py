@@ -151,6 +151,10 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
         print(f"search interrupted: {done} of {num_samples} trials finished. Resume with:\n  {resume_cmd}")
         return EXIT_INTERRUPTED
 
+    from search.layout import STUDY_FILE
+    from search.searcher import fail_abandoned
+
+    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != "abandoned", "trial_id"]))
     configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
     p = load_or_write_plan(exp, lambda: plan(e, configs, top_k, n_seeds, max_epochs, latest_checkpoint))
     if not p["candidates"]:

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Sequence
 
 from ray.tune.search import Searcher
 
+from search.layout import STUDY_NAME
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 
@@ -147,6 +149,9 @@ class OptunaSearcher(Searcher):
                 trial.set_user_attr("error", reason[:500])
                 self.study.tell(trial, state=TS.FAIL)
             elif stopped:
+                # Tune does not pass the result that made the scheduler stop a trial to on_trial_result:
+                # record the value the rung judged, so the pruned trial keeps its intermediate values.
+                self.on_trial_result(trial_id, result)
                 trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
                 self.study.tell(trial, state=TS.PRUNED)
             else:
@@ -168,3 +173,20 @@ class OptunaSearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         self._study, self._live = None, {}
+
+
+def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
+    """Tell FAIL (reason ``abandoned``) for every Optuna trial still RUNNING whose Ray trial Tune never
+    recorded (asked just before the driver was killed; the resumed search asked another in its place).
+    Returns how many."""
+    import optuna
+
+    if not os.path.isfile(study_path):
+        return 0
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
+    n = 0
+    for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if ft.user_attrs.get(RAY_ID) not in known_trial_ids:
+            study.tell(ft.number, state=optuna.trial.TrialState.FAIL)
+            n += 1
+    return n

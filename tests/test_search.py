@@ -113,8 +113,8 @@ def test_a_search_where_no_trial_succeeds_exits_1_without_a_best(tmp_path, ray_a
              "fixed": {"momentum": 0.0, "weight_decay": 0.0},
              "params": {"lr_student": {"type": "float", "low": 1.0e29, "high": 1.0e30}}}
     (tmp_path / "div.yaml").write_text(yaml.safe_dump(space))
-    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", tmp_path / "div.yaml",
-                        "--smoke", "--num-samples", 2, "--storage", tmp_path, "--address", ray_address],
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(tmp_path / "div.yaml"),
+                        "--smoke", "--num-samples", "2", "--storage", str(tmp_path), "--address", ray_address],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "no trial succeeded" in r.stdout
@@ -292,7 +292,8 @@ def test_sigkill_right_after_a_stop_decision_never_trains_that_trial_again(tmp_p
                         "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = trials_table(exp)
-    assert len(trials) == 6 and trials["trial_id"].is_unique
+    # A folder the driver made just before the kill, unknown to Tune, is listed as abandoned.
+    assert (trials["outcome"] != "abandoned").sum() == 6 and trials["trial_id"].is_unique
     for tid, decision in stopped.items():
         epochs = _epochs_reported(exp, tid)
         assert max(epochs) <= decision["epoch"], f"trial {tid} stopped at {decision['epoch']} trained on: {epochs}"
@@ -321,8 +322,12 @@ def test_sigkill_during_confirmation_resumes_with_the_same_runs(tmp_path, ray_ad
                         "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((exp / "akdtune" / "confirm.json").read_text()) == plan  # the same plan, not re-ranked
-    folders = sorted(p.name for p in (exp / "confirm").glob("trial_*"))
-    assert len(folders) == len(plan["runs"]) and len(set(folders)) == len(folders)  # no duplicates
+    from ray.tune import ExperimentAnalysis
+
+    ctrials = ExperimentAnalysis(str(exp / "confirm")).trials
+    runs = sorted((t.config["run"]["candidate"], t.config["run"]["seed"]) for t in ctrials)
+    assert runs == sorted((r["candidate"], r["seed"]) for r in plan["runs"])  # the same runs, no duplicates
+    assert all(t.status == "TERMINATED" for t in ctrials)
     confirmed = json.loads((exp / "akdtune" / "confirmed.json").read_text())
     for cand in confirmed["candidates"]:
         assert [r["epochs"] for r in cand["runs"]] == [3, 3, 3] and len(set(cand["seeds"])) == 3
