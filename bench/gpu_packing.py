@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print("ratio=nan")
         return 0
     space = {"objective": {"metric": "val_acc", "mode": "max"},
-             "budget": {"num_samples": args.trials, "max_epochs": args.epochs, "grace_period": args.epochs},
+             "budget": {"num_samples": args.trials, "max_epochs": args.epochs, "grace_period": args.epochs,
+                        "confirm_top_k": 0},
              "fixed": {"iters_per_epoch": 20, "batch_size": 256, "precision": "bf16", "channels_last": True},
              "params": {"lr_student": {"type": "float", "low": 0.05, "high": 0.2, "log": True}}}
     rates = {}

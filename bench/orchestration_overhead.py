@@ -26,7 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_POINT = {"objective": {"metric": "val_acc", "mode": "max"},
-             "budget": {"num_samples": 1, "max_epochs": 30, "grace_period": 30},
+             "budget": {"num_samples": 1, "max_epochs": 30, "grace_period": 30, "confirm_top_k": 0},
              "params": {"seed": {"type": "fixed", "value": 0}}}
 
 

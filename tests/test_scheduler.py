@@ -203,3 +203,21 @@ def test_searcher_restored_from_pickle_tells_a_trial_started_before(tmp_path):
     assert t.state.name == "COMPLETE" and t.values == [0.8, 0.05]
     restored.on_trial_complete("old")  # told twice: ignored
     assert len(load(tmp_path).trials) == 1
+
+
+def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
+    """A search's wall time is the sum of its sessions; WallClock keeps it current while trials run."""
+    import time
+
+    from search.algorithms import WallClock, update_wall
+    from search.layout import read_json, write_json_atomic
+
+    meta = tmp_path / "search.json"
+    write_json_atomic(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})
+    clock = pickle.loads(pickle.dumps(WallClock(str(meta), every_s=0.0)))  # as Tune restores it
+    clock.on_trial_complete(0, [], None)
+    first = read_json(meta)["wall_s"]
+    assert 29 < first < 60  # kept current: a kill -9 now loses at most every_s of it
+    # A resumed session marks its start; its time adds to what the killed one had recorded.
+    write_json_atomic(meta, {**read_json(meta), "wall_before": first, "session_started": time.time() - 10})
+    assert first + 9 < update_wall(str(meta)) < first + 40
