@@ -1,4 +1,4 @@
-"""Hyperparameter search over data-free adversarial distillation: Optuna proposes, ASHA stops, Ray runs.
+"""Hyperparameter search over data-free adversarial distillation: Optuna proposes, rungs stop, Ray runs.
 
 Example::
 
@@ -38,7 +38,7 @@ SMOKE_BUDGET = dict(num_samples=3, max_epochs=3, grace_period=1, reduction_facto
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Search AKD hyperparameters with Optuna + ASHA on Ray Tune.")
+    p = argparse.ArgumentParser(description="Search AKD hyperparameters with Optuna and budget-aware early stopping on Ray Tune.")
     p.add_argument("--space", required=True, help="search space YAML (see spaces/)")
     p.add_argument("--name", help="experiment name (default: the space file's name)")
     p.add_argument("--storage", default="runs", help="where experiments live: a folder or a URI Ray accepts (default runs/)")

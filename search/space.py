@@ -4,7 +4,7 @@ A space file::
 
     description: student size against accuracy
     task: digits                  # optional; --task overrides
-    objectives:                   # one (TPE) or two (NSGA-II) objectives
+    objectives:                   # one or two objectives (TPE); early stopping ranks by them
       - {metric: val_acc, mode: max}
       - {metric: param_ratio, mode: min}
     param_budget: 0.10            # optional: the best trial must have param_ratio <= this
@@ -219,7 +219,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
             else:
                 objectives.append((o["metric"], o["mode"]))
         if objectives and objectives[0] != (M.VAL_ACC, "max"):
-            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric ASHA uses)")
+            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric)")
     pb = raw.get("param_budget")
     if pb is not None and (not _num(pb) or not 0 < pb <= 1):
         errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {_short(pb)}")

@@ -1,4 +1,4 @@
-"""The search, for real, at smoke size: every space runs; ASHA stops become PRUNED; errors are
+"""The search, for real, at smoke size: every space runs; early stops become PRUNED; errors are
 contained; interruption (Ctrl-C, SIGKILL) resumes to exactly num_samples trials; two-node cluster."""
 import json
 import os
