@@ -10,7 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from search.layout import CONFIRM_RESULTS, write_json_atomic
+from results.summary import (ABANDONED, COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED, load_experiment,
+                             write_summaries)
+from search.algorithms import trial_dirname, update_wall
+from search.confirm import choose_winner, confirm_dir, load_or_write_plan, plan, summarise_candidate
+from search.layout import CONFIRM_RESULTS, META_FILE, STUDY_FILE, write_json_atomic
+from search.searcher import fail_abandoned
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
 from trainable.config import build_config
@@ -102,6 +107,9 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
         print("confirmed candidates (mean ± std over seeds):")
         for r in results:
             mark = "*" if r["trial_id"] == best["trial_id"] else " "
+            if not r["runs"]:
+                print(f" {mark} {r['trial_id']}  no confirmation run finished {final['epochs']} epochs")
+                continue
             print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r['val_acc_mean']:.4f} ± "
                   f"{r['val_acc_std']:.4f}  test {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}  seeds {r['seeds']}")
     print(f"best student: {exp / 'best'}")
@@ -111,8 +119,6 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
 
 
 def _trials_line(e) -> str:
-    from results.summary import COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED
-
     c = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
     return (f"{c[COMPLETED]} completed, {c[STOPPED_EARLY]} stopped early, {c[DIVERGED]} diverged, {c[ERRORED]} errored"
             + (f", {c[UNFINISHED]} unfinished" if c[UNFINISHED] else ""))
@@ -137,24 +143,17 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
     """
     from ray import tune
 
-    from results.summary import load_experiment, write_summaries
-    from search.confirm import choose_winner, confirm_dir, load_or_write_plan, plan, summarise_candidate
-    from search.layout import META_FILE
-
     e = load_experiment(exp)
     write_summaries(e)
     line = _trials_line(e)
-    done = int(e.trials["outcome"].isin(["completed", "stopped_early", "diverged", "errored"]).sum())
+    done = int(e.trials["outcome"].isin([COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED]).sum())
     if done < num_samples:
         print(f"trials: {line}")
         _report(exp, report)
         print(f"search interrupted: {done} of {num_samples} trials finished. Resume with:\n  {resume_cmd}")
         return EXIT_INTERRUPTED
 
-    from search.layout import STUDY_FILE
-    from search.searcher import fail_abandoned
-
-    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != "abandoned", "trial_id"]))
+    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != ABANDONED, "trial_id"]))
     configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
     p = load_or_write_plan(exp, lambda: plan(e, configs, top_k, n_seeds, max_epochs, latest_checkpoint))
     if not p["candidates"]:
@@ -172,8 +171,6 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
             tuner = tune.Tuner.restore(str(cdir), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                        restart_errored=False)
         else:
-            from search.algorithms import trial_dirname
-
             tuner = tune.Tuner(trainable, param_space={RUN: tune.grid_search(p["runs"])},
                                tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None,
                                                            trial_dirname_creator=trial_dirname),
@@ -208,8 +205,6 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
         print("no trial succeeded: no candidate finished max_epochs in confirmation; see summary/trials.parquet")
         _report(exp, report)
         return EXIT_ERROR
-
-    from search.algorithms import update_wall
 
     wall_s = update_wall(str(exp / META_FILE)) or (time.time() - start)
     final = export_best(exp, winner, teacher, data, teacher_acc, wall_s)

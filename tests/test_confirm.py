@@ -75,3 +75,18 @@ def test_winner_by_mean_val_acc_with_mean_and_std():
     assert steady["test_acc_mean"] == pytest.approx(0.9533333) and steady["test_acc_std"] == pytest.approx(0.0057735, rel=1e-4)
     assert mean_std([0.5]) == (0.5, 0.0)
     assert choose_winner([summarise_candidate({"trial_id": "x", "within_budget": True}, [])]) is None
+
+
+def test_the_summary_names_a_candidate_whose_confirmation_runs_all_failed(capsys):
+    from search.finish import print_result
+
+    good = summarise_candidate({"trial_id": "good", "within_budget": True}, [run(0, 0.95, 0.95), run(1000, 0.96, 0.96)])
+    failed = summarise_candidate({"trial_id": "failed", "within_budget": True}, [])
+    final = {"trial_id": "good", "seeds": good["seeds"], "epochs": 20, M.VAL_ACC: good["val_acc_mean"],
+             "val_acc_std": good["val_acc_std"], M.TEST_ACC: good["test_acc_mean"], "test_acc_std": good["test_acc_std"],
+             M.TEACHER_VAL_ACC: 0.99, M.TEACHER_TEST_ACC: 0.98, M.STUDENT_PARAMS: 100, M.TEACHER_PARAMS: 2000,
+             M.PARAM_RATIO: 0.05}
+    print_result({"trial_id": "good", "within_budget": True}, {"lr_student": 0.1}, final, [good, failed],
+                 "2 completed", 0.1, 12.0, Path("/x"), None)
+    out = capsys.readouterr().out
+    assert "* good" in out and "failed  no confirmation run finished 20 epochs" in out
