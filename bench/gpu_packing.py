@@ -31,7 +31,6 @@ def write_standins(root: Path) -> tuple[Path, Path]:
     """A random CIFAR-100 test split in torchvision's on-disk format, and a random ResNet-34 teacher."""
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from trainable.models import build_classifier
 
     folder = root / "data" / "cifar-100-python"

@@ -14,22 +14,16 @@ The last line is ``ratio=<mean bf16 test accuracy / mean fp32 test accuracy>``.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-if __package__ in (None, ""):
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+import torch
 
-import torch  # noqa: E402
-
-from trainable.akd import AKDRun, default_device, evaluate  # noqa: E402
-from trainable.config import build_config  # noqa: E402
-from trainable.tasks import data_free, load_eval_data  # noqa: E402
-from trainable.teacher import prepare_teacher  # noqa: E402
+from trainable.akd import AKDRun, default_device, evaluate
+from trainable.config import build_config
+from trainable.tasks import data_free, load_eval_data
+from trainable.teacher import prepare_teacher
 
 VARIANTS = {"fp32": dict(precision="fp32", channels_last=False),
             "bf16 channels_last": dict(precision="bf16", channels_last=True)}

@@ -2,8 +2,8 @@
 
 The same space, sampler seed and trial count are searched twice through ``search/run_search.py``:
 once with the project's scheduler (one objective: ASHA's rule), once with every trial run to
-max_epochs. Printed: total epochs spent, wall time, the best validation accuracy each finds, and the epochs and seconds each needed to first reach
-within 1 point of the best accuracy either finds.
+max_epochs. Printed: total epochs spent, wall time, the best validation accuracy each finds, and
+the epochs and seconds each needed to first reach within 1 point of the best accuracy either finds.
 
 Example::
 

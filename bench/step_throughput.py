@@ -17,23 +17,17 @@ The last line is ``ratio=<project default / straightforward, CIFAR-100 shapes>``
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-if __package__ in (None, ""):
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from trainable.akd import AKDRun, default_device  # noqa: E402
-from trainable.config import build_config  # noqa: E402
-from trainable.models import build_classifier, build_generator  # noqa: E402
-from trainable.tasks import EvalData, get_task  # noqa: E402
+from trainable.akd import AKDRun, default_device
+from trainable.config import build_config
+from trainable.models import build_classifier, build_generator
+from trainable.tasks import EvalData, get_task
 
 # Per shape: the task, models, batch and how many iterations one timed measurement runs.
 SHAPES = {

@@ -14,22 +14,24 @@ import base64
 import html
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules by bare name
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from results.summary import (COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED, Experiment,  # noqa: E402
-                             load_experiment, write_summaries)
-from trainable import metrics as M  # noqa: E402
-from trainable.errors import UserError  # noqa: E402
+from results.summary import (
+    COMPLETED,
+    DIVERGED,
+    ERRORED,
+    STOPPED_EARLY,
+    UNFINISHED,
+    Experiment,
+    load_experiment,
+    write_summaries,
+)
+from trainable import metrics as M
+from trainable.errors import UserError
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
 
@@ -41,7 +43,10 @@ window.__reportErrors = [];
 window.addEventListener('error', function (e) { window.__reportErrors.push(String(e.message)); });
 (function () {
   var orig = console.error;
-  console.error = function () { window.__reportErrors.push(Array.prototype.join.call(arguments, ' ')); orig.apply(console, arguments); };
+  console.error = function () {
+    window.__reportErrors.push(Array.prototype.join.call(arguments, ' '));
+    orig.apply(console, arguments);
+  };
 })();
 window.addEventListener('load', function () {
   setTimeout(function () {
@@ -324,7 +329,7 @@ def render(e: Experiment) -> str:
     counts = {k: int((e.trials["outcome"] == k).sum())
               for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
     num_samples = meta.get("num_samples", len(e.trials))
-    max_epochs = meta.get("max_epochs") or ((meta.get("space") or {}).get("budget") or {}).get("max_epochs", 0)
+    max_epochs = int(meta.get("max_epochs") or 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
     full = num_samples * max_epochs
     header = [

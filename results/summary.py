@@ -13,9 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from trainable import metrics as M
-
 from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, read_json
+from trainable import metrics as M
 
 # Outcomes of a trial.
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (

@@ -39,7 +39,7 @@ def candidates(e: Experiment, top_k: int) -> list[dict[str, Any]]:
     return [r.to_dict() for _, r in pool.head(max(1, top_k)).iterrows()]
 
 
-def plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds: int, max_epochs: int,
+def confirmation_plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds: int, max_epochs: int,
          checkpoint_of) -> dict[str, Any]:
     """The confirmation plan: candidates, and the runs (config, seed, start) still needed for each.
 

@@ -10,12 +10,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from results.summary import (ABANDONED, COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY, UNFINISHED, load_experiment,
-                             write_summaries)
-from search.algorithms import trial_dirname, update_wall
-from search.confirm import choose_winner, confirm_dir, load_or_write_plan, plan, summarise_candidate
+from results.summary import (
+    ABANDONED,
+    COMPLETED,
+    DIVERGED,
+    ERRORED,
+    STOPPED_EARLY,
+    UNFINISHED,
+    load_experiment,
+    write_summaries,
+)
+from search.algorithms import update_wall
+from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
 from search.layout import CONFIRM_RESULTS, META_FILE, STUDY_FILE, write_json_atomic
+from search.plan import SearchPlan
 from search.searcher import fail_abandoned
+from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
 from trainable.config import build_config
@@ -134,32 +144,30 @@ def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:
             for t in ExperimentAnalysis(str(cdir)).trials]
 
 
-def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_seeds: int, trainable, run_config: dict,
-                  teacher, data, teacher_acc: dict, start: float, resume_cmd: str, report: bool = True,
-                  max_concurrent: int = 0) -> int:
+def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float) -> int:
     """After the search's trials: confirm the candidates, export the winner, write summaries and the report.
 
     Returns the exit code: 0 done, 3 interrupted (resumable), 1 when no trial succeeded.
     """
-    from ray import tune
-
+    exp, max_epochs = Path(plan.path), plan.max_epochs
     e = load_experiment(exp)
     write_summaries(e)
     line = _trials_line(e)
     done = int(e.trials["outcome"].isin([COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED]).sum())
-    if done < num_samples:
+    if done < plan.num_samples:
         print(f"trials: {line}")
-        _report(exp, report)
-        print(f"search interrupted: {done} of {num_samples} trials finished. Resume with:\n  {resume_cmd}")
+        _report(exp, plan.report)
+        print(f"search interrupted: {done} of {plan.num_samples} trials finished. Resume with:\n  {plan.resume_command}")
         return EXIT_INTERRUPTED
 
     fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != ABANDONED, "trial_id"]))
     configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
-    p = load_or_write_plan(exp, lambda: plan(e, configs, top_k, n_seeds, max_epochs, latest_checkpoint))
+    p = load_or_write_plan(exp, lambda: confirmation_plan(e, configs, plan.confirm_top_k, plan.confirm_seeds,
+                                                          max_epochs, latest_checkpoint))
     if not p["candidates"]:
         print(f"trials: {line}")
         print("no trial succeeded: every trial errored or diverged; see the error column of summary/trials.parquet")
-        _report(exp, report)
+        _report(exp, plan.report)
         return EXIT_ERROR
 
     cdir = confirm_dir(exp)
@@ -167,18 +175,10 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
         n_runs = len(p["runs"])
         print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
               f"{n_runs} run(s) to {max_epochs} epochs")
-        if (cdir / "tuner.pkl").exists():
-            tuner = tune.Tuner.restore(str(cdir), trainable=trainable, resume_unfinished=True, resume_errored=False,
-                                       restart_errored=False)
-        else:
-            tuner = tune.Tuner(trainable, param_space={RUN: tune.grid_search(p["runs"])},
-                               tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent or None,
-                                                           trial_dirname_creator=trial_dirname),
-                               run_config=tune.RunConfig(name=cdir.name, storage_path=str(exp), **run_config))
-        tuner.fit()
+        confirm_tuner(plan, trainable, p["runs"], cdir).fit()
         ctrials = _confirm_trials(cdir)
         if len(ctrials) < n_runs or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):
-            print(f"search interrupted during confirmation. Resume with:\n  {resume_cmd}")
+            print(f"search interrupted during confirmation. Resume with:\n  {plan.resume_command}")
             return EXIT_INTERRUPTED
     else:
         ctrials = []
@@ -194,7 +194,7 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
                 ckpt = latest_checkpoint(match[0]["dir"]) if match else None
             if ckpt is None:
                 continue
-            r = evaluate_run(ckpt, teacher, data)
+            r = evaluate_run(ckpt, teacher.model, teacher.data)
             if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
                 runs.append(r)
         results.append(summarise_candidate(cand, runs))
@@ -203,16 +203,16 @@ def finish_search(exp: Path, num_samples: int, max_epochs: int, top_k: int, n_se
     if winner is None:
         print(f"trials: {line}")
         print("no trial succeeded: no candidate finished max_epochs in confirmation; see summary/trials.parquet")
-        _report(exp, report)
+        _report(exp, plan.report)
         return EXIT_ERROR
 
-    wall_s = update_wall(str(exp / META_FILE)) or (time.time() - start)
-    final = export_best(exp, winner, teacher, data, teacher_acc, wall_s)
+    wall_s = update_wall(str(exp / META_FILE)) or (time.time() - started)
+    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s)
     e = load_experiment(exp)
     write_summaries(e)
     best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()
     params = {c.removeprefix("param."): best[c] for c in best if c.startswith("param.")}
-    print_result(best, params, final, results, line, e.param_budget, wall_s, exp, _report(exp, report))
+    print_result(best, params, final, results, line, e.param_budget, wall_s, exp, _report(exp, plan.report))
     return EXIT_OK
 
 

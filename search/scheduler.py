@@ -3,7 +3,7 @@
 ``RungScheduler`` is asynchronous successive halving (ASHA, one bracket) whose rung decisions use
 the space's objective vector, as in multi-objective ASHA (MOASHA, Schmucker et al. 2021):
 
-- Rungs sit at ``grace_period * reduction_factor**k`` epochs below ``max_t``.
+- Rungs sit at ``grace_period * reduction_factor**k`` epochs below ``max_epochs``.
 - When a trial reaches a rung its objective vector (e.g. ``(val_acc, param_ratio)``) is recorded
   there and the rung's records are ranked: feasible before infeasible (a trial over the space's
   parameter budget ranks after every trial within it, infeasible ones by how far over), then by
@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -112,10 +113,10 @@ def keeps(n: int, reduction_factor: float) -> int:
     return max(1, math.ceil(n / reduction_factor - 1e-9))
 
 
-def milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """Rung epochs: grace, grace*eta, ... strictly below max_t."""
+def milestones(grace_period: int, reduction_factor: float, max_epochs: int) -> list[int]:
+    """Rung epochs: grace, grace*eta, ... strictly below max_epochs."""
     out, t = [], float(grace_period)
-    while round(t) < max_t:
+    while round(t) < max_epochs:
         if not out or round(t) > out[-1]:
             out.append(int(round(t)))
         t *= reduction_factor
@@ -132,21 +133,21 @@ class RungScheduler(FIFOScheduler):
 
     Args:
         objectives: ``[(metric, "max"|"min"), ...]``; the first is the selection metric.
-        max_t: epochs of a full run (``budget.max_epochs``).
+        max_epochs: epochs of a full run (``budget.max_epochs``).
         grace_period: first rung.
         reduction_factor: eta; the top 1/eta of a rung goes on.
         param_budget: optional; trials with ``param_ratio`` above it rank after all within it.
         state_file: where the state is written (JSON); None keeps it in memory only.
-        early_stopping: False records rungs but never stops (every trial runs ``max_t``).
+        early_stopping: False records rungs but never stops (every trial runs ``max_epochs``).
     """
 
-    def __init__(self, objectives: Sequence[tuple[str, str]], max_t: int, grace_period: int,
+    def __init__(self, objectives: Sequence[tuple[str, str]], max_epochs: int, grace_period: int,
                  reduction_factor: float, param_budget: float | None = None, state_file: str | None = None,
                  early_stopping: bool = True):
         super().__init__()
         self.objectives = [(str(m), str(d)) for m, d in objectives]
-        self.max_t = int(max_t)
-        self.milestones = milestones(grace_period, reduction_factor, max_t) if early_stopping else []
+        self.max_epochs = int(max_epochs)
+        self.milestones = milestones(grace_period, reduction_factor, max_epochs) if early_stopping else []
         self.reduction_factor = float(reduction_factor)
         self.param_budget = param_budget
         self.state_file = state_file

@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ray.tune.search import Searcher
 

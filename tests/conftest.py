@@ -1,21 +1,31 @@
-"""Shared fixtures. Teachers are cached in a per-session folder; Ray is started once per session."""
+"""Shared fixtures. Trained digits teachers are cached across test sessions (``~/.cache/akdtune-tests``, apart
+from a user's own cache); Ray is started once per session. Tests that run searches or subprocesses are
+marked ``slow``: ``python -m pytest tests -m "not slow"`` is the fast lane."""
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 # Subprocesses (CLI tests, Ray workers) inherit these.
-os.environ.setdefault("AKDTUNE_CACHE", tempfile.mkdtemp(prefix="akdtune-test-cache-"))
+os.environ.setdefault("AKDTUNE_CACHE", str(Path.home() / ".cache" / "akdtune-tests"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+# Tests that use these fixtures run a Ray search: they belong to the slow lane whatever their marks say.
+SEARCH_FIXTURES = {"ray_address", "finished_search"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SEARCH_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +52,30 @@ def tiny_values(**overrides):
 
 
 def run_cli(script, *args, cwd=None, timeout=600):
+    """The script in a fresh Python process (slow: torch and Ray are imported each time)."""
     import subprocess
 
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, timeout=timeout)
+
+
+def run_main(script, *args):
+    """The script's ``main(argv)`` in this process, with its output captured: what ``run_cli`` checks, in
+    milliseconds. Use it for input that is refused before anything runs."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = module.main(argv)
+        except SystemExit as e:  # argparse
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

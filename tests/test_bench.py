@@ -1,11 +1,13 @@
 """The benchmark scripts run and end with their ratio line (no timing is asserted here)."""
 import re
 
+import pytest
 import torch
 
 from conftest import run_cli
 
 
+@pytest.mark.slow
 def test_step_throughput_runs_and_prints_a_ratio():
     r = run_cli("bench/step_throughput.py", "--shapes", "digits", "--repeats", "1", "--batch", "16")
     assert r.returncode == 0, r.stderr
@@ -14,8 +16,9 @@ def test_step_throughput_runs_and_prints_a_ratio():
     assert any("straightforward" in ln for ln in lines) and any("project bf16 channels_last" in ln for ln in lines)
 
 
+@pytest.mark.slow
 def test_gpu_packing_says_when_skipped():
     if torch.cuda.is_available():
-        return  # measured for real on a GPU machine; too slow for the suite
+        pytest.skip("measured for real on a GPU machine (python bench/gpu_packing.py); too slow for the suite")
     r = run_cli("bench/gpu_packing.py")
     assert r.returncode == 0 and "skipped" in r.stdout and r.stdout.strip().endswith("ratio=nan")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from results.summary import Experiment
-from search.confirm import candidates, choose_winner, mean_std, plan, summarise_candidate
+from search.confirm import candidates, choose_winner, confirmation_plan, mean_std, summarise_candidate
 from trainable import metrics as M
 
 
@@ -44,7 +44,7 @@ def test_failed_trials_are_never_candidates():
 def test_plan_continues_a_stopped_trial_and_adds_fresh_seeds():
     e = experiment(ROWS)
     configs = {r["trial_id"]: {"seed": 7, "lr_student": 0.1, "epochs": 20} for r in ROWS}
-    p = plan(e, configs, top_k=2, seeds=3, max_epochs=20, checkpoint_of=lambda d: Path(d) / "ckpt.pt")
+    p = confirmation_plan(e, configs, top_k=2, seeds=3, max_epochs=20, checkpoint_of=lambda d: Path(d) / "ckpt.pt")
     assert [c["trial_id"] for c in p["candidates"]] == ["cut", "full"]
     assert all(c["seeds"] == [7, 1007, 2007] for c in p["candidates"])
     runs = [(r["candidate"], r["seed"], r.get("continue_from")) for r in p["runs"]]
@@ -56,7 +56,7 @@ def test_plan_continues_a_stopped_trial_and_adds_fresh_seeds():
 def test_confirmation_off_still_finishes_the_best():
     e = experiment(ROWS)
     configs = {r["trial_id"]: {"seed": 0} for r in ROWS}
-    p = plan(e, configs, top_k=0, seeds=3, max_epochs=20, checkpoint_of=lambda d: Path(d) / "ckpt.pt")
+    p = confirmation_plan(e, configs, top_k=0, seeds=3, max_epochs=20, checkpoint_of=lambda d: Path(d) / "ckpt.pt")
     assert p["seeds"] == 1 and [(r["candidate"], r["seed"]) for r in p["runs"]] == [("cut", 0)]
 
 

@@ -84,6 +84,7 @@ def test_missing_data_is_a_user_error(tmp_path):
         load_eval_data("cifar10", data_root=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_train_teacher_cli_on_generated_cifar100_then_a_distillation_run(tmp_path):
     """Smoke-size teacher training, then a data-free run against it, both through their CLIs."""
     write_cifar100(tmp_path / "data")

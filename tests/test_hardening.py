@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 
 SPACE = ROOT / "spaces" / "ratios.yaml"
 
@@ -39,7 +39,7 @@ def files_under(path):
     (["--num-cpus", "2", "--address", "auto"], "cannot be combined with --address"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_options_refused_before_anything_is_written(tmp_path, args, needle):
-    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "runs", *args)
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "runs", *args)
     one_line_exit_2(r, needle)
     assert not (tmp_path / "runs").exists()
 
@@ -56,8 +56,7 @@ def test_resources_the_cluster_lacks_are_refused_before_anything_is_written(tmp_
 
 def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path):
     start = time.time()
-    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--address", "127.0.0.1:9",
-                timeout=120)
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--address", "127.0.0.1:9")
     one_line_exit_2(r, "nothing answers there")
     assert time.time() - start < 60
     assert not (tmp_path / "ratios").exists()
@@ -67,14 +66,14 @@ def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path):
 @pytest.mark.parametrize("name", ["../escape", "a/b", "..", ".hidden", "/abs"])
 def test_a_name_that_leaves_the_storage_folder_is_refused(tmp_path, name):
     storage = tmp_path / "runs"
-    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", storage, "--name", name)
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", storage, "--name", name)
     one_line_exit_2(r, "--name")
     assert files_under(tmp_path) == []
 
 
 def test_storage_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
-    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "file")
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "file")
     one_line_exit_2(r, "is a file, not a folder")
     assert (tmp_path / "file").read_text() == "x"
 
@@ -86,7 +85,7 @@ def test_resume_on_a_read_only_storage_is_refused(tmp_path):
     (exp / "tuner.pkl").write_bytes(b"")
     exp.chmod(0o500)
     try:
-        r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--resume")
+        r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--resume")
         one_line_exit_2(r, "read-only")
     finally:
         exp.chmod(0o700)
@@ -94,14 +93,14 @@ def test_resume_on_a_read_only_storage_is_refused(tmp_path):
 
 def test_run_akd_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
-    r = run_cli("trainable/run_akd.py", "--out", tmp_path / "f")
+    r = run_main("trainable/run_akd.py", "--out", tmp_path / "f")
     one_line_exit_2(r, "is a file")
     assert (tmp_path / "f").read_text() == "x"
 
 
 def test_train_teacher_out_that_is_a_folder_is_refused_before_training(tmp_path):
     start = time.time()
-    r = run_cli("trainable/train_teacher.py", "--task", "digits", "--out", tmp_path)
+    r = run_main("trainable/train_teacher.py", "--task", "digits", "--out", tmp_path)
     one_line_exit_2(r, "is a folder")
     assert time.time() - start < 60 and files_under(tmp_path) == []
 
@@ -123,7 +122,7 @@ def test_hostile_space_files_exit_2_in_one_short_line(tmp_path, content, needle)
     f = tmp_path / "bad.yaml"
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
     start = time.time()
-    r = run_cli("search/run_search.py", "--space", f, "--storage", tmp_path / "runs")
+    r = run_main("search/run_search.py", "--space", f, "--storage", tmp_path / "runs")
     one_line_exit_2(r, needle)
     assert len(r.stderr) < 2000 and time.time() - start < 60
     assert not (tmp_path / "runs").exists()
@@ -135,20 +134,29 @@ def test_a_teacher_with_a_nan_weight_is_refused_at_load(tmp_path, digits_teacher
     first = next(k for k, v in state.items() if v.is_floating_point())
     state[first].view(-1)[0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "nan.pt", "--out", tmp_path / "run")
+    r = run_main("trainable/run_akd.py", "--teacher", tmp_path / "nan.pt", "--out", tmp_path / "run")
     one_line_exit_2(r, "non-finite weights")
     assert not (tmp_path / "run").exists()
 
 
 def test_a_wrong_architecture_teacher_says_what_to_do(tmp_path):
     torch.save({"linear.weight": torch.zeros(10, 4)}, tmp_path / "other.pt")
-    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "other.pt", "--out", tmp_path / "run")
+    r = run_main("trainable/run_akd.py", "--teacher", tmp_path / "other.pt", "--out", tmp_path / "run")
     one_line_exit_2(r, "--set teacher=NAME")
     assert "--teacher-arch" not in r.stderr
 
 
 def test_a_corrupt_teacher_prints_no_torch_warning(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    r = run_cli("trainable/run_akd.py", "--teacher", tmp_path / "bad.pt", "--out", tmp_path / "run")
+    r = run_main("trainable/run_akd.py", "--teacher", tmp_path / "bad.pt", "--out", tmp_path / "run")
     one_line_exit_2(r, "cannot read teacher checkpoint")
     assert "Warning" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_scripts_themselves_exit_2_with_one_line(tmp_path):
+    """The same refusal through a real process: the exit status and stderr a shell sees."""
+    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path / "runs", "--num-samples", "0")
+    one_line_exit_2(r, "--num-samples 0 is invalid")
+    r = run_cli("trainable/run_akd.py", "--out", tmp_path / "run", "--set", "nope=1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -3,8 +3,15 @@ import pytest
 import torch
 
 from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES, balance_loss, onehot_loss
-from trainable.models import (CLASSIFIERS, GENERATORS, build_classifier, build_generator, classifier_params,
-                              count_params, width_for_fraction)
+from trainable.models import (
+    CLASSIFIERS,
+    GENERATORS,
+    build_classifier,
+    build_generator,
+    classifier_params,
+    count_params,
+    width_for_fraction,
+)
 from trainable.tasks import TASKS
 
 # (task, image size, channels) pairs each classifier is meant for.

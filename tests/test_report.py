@@ -7,7 +7,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, run_main
 from results.summary import TRIAL_COLUMNS
 from trainable import metrics as M
 
@@ -70,9 +70,9 @@ def test_rebuilding_twice_gives_the_same_parquet(finished_search):
 
 
 def test_report_cli_bad_path(tmp_path):
-    r = run_cli("results/report.py", tmp_path / "nope")
+    r = run_main("results/report.py", tmp_path / "nope")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr
-    r = run_cli("results/report.py", tmp_path)
+    r = run_main("results/report.py", tmp_path)
     assert r.returncode == 2 and "not a Ray experiment folder" in r.stderr
 
 

@@ -3,12 +3,13 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from trainable import metrics as M
 
 SMALL = ["--set", "epochs=2", "--set", "iters_per_epoch=2", "--set", "batch_size=16"]
 
 
+@pytest.mark.slow
 def test_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     r = run_cli("trainable/run_akd.py", "--task", "digits", "--out", out, *SMALL)
@@ -48,7 +49,7 @@ def test_run_writes_every_output(tmp_path):
     (["--resume"], "nothing to resume"),
 ])
 def test_bad_input_is_exit_2_one_line(tmp_path, args, needle):
-    r = run_cli("trainable/run_akd.py", "--out", tmp_path / "run", *args)
+    r = run_main("trainable/run_akd.py", "--out", tmp_path / "run", *args)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr

@@ -6,8 +6,7 @@ import pickle
 import optuna
 import pytest
 
-from search.scheduler import (RungScheduler, crowding_distances, keeps, milestones, nondominated_fronts,
-                              rank_records)
+from search.scheduler import RungScheduler, crowding_distances, keeps, milestones, nondominated_fronts, rank_records
 from trainable import metrics as M
 
 MO = [("val_acc", "max"), ("param_ratio", "min")]
@@ -57,7 +56,7 @@ def test_within_budget_trials_rank_before_over_budget_ones():
 
 def test_dominated_trial_is_stopped_and_the_decision_is_written_first(tmp_path):
     state = tmp_path / "scheduler.json"
-    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, param_budget=0.1, state_file=str(state))
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, param_budget=0.1, state_file=str(state))
     for tid, acc in (("t1", 0.90), ("t2", 0.80)):
         assert s.decide(tid, result(4, acc, 0.05)) in (CONTINUE, STOP)
     # t3 is dominated by t1 (less accurate, same size): 3 records, one kept.
@@ -70,7 +69,7 @@ def test_dominated_trial_is_stopped_and_the_decision_is_written_first(tmp_path):
 
 
 def test_over_budget_trials_neither_push_out_nor_make_room_for_trials_within_it():
-    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, param_budget=0.1)
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, param_budget=0.1)
     for i in range(3):  # three accurate students over the budget
         s.decide(f"big{i}", result(4, 0.99, 0.5 + i / 10))
     assert s.decide("ok", result(4, 0.60, 0.08)) == CONTINUE  # first within the budget: kept
@@ -79,27 +78,27 @@ def test_over_budget_trials_neither_push_out_nor_make_room_for_trials_within_it(
 
 
 def test_single_objective_without_budget_is_asha_top_one_over_eta(tmp_path):
-    s = RungScheduler([("val_acc", "max")], max_t=20, grace_period=2, reduction_factor=2)
+    s = RungScheduler([("val_acc", "max")], max_epochs=20, grace_period=2, reduction_factor=2)
     decisions = [s.decide(f"t{i}", result(2, acc)) for i, acc in enumerate([0.5, 0.6, 0.4, 0.7, 0.3])]
     # n=1 keeps 1; n=2 keeps 1 (0.6 beats 0.5); n=3 keeps 2 (0.4 is third); n=4 keeps 2 (0.7 first); n=5 keeps 3
     assert decisions == [CONTINUE, CONTINUE, STOP, CONTINUE, STOP]
 
 
 def test_no_early_stopping_records_nothing_and_never_stops():
-    s = RungScheduler(MO, max_t=10, grace_period=1, reduction_factor=2, early_stopping=False)
+    s = RungScheduler(MO, max_epochs=10, grace_period=1, reduction_factor=2, early_stopping=False)
     assert all(s.decide(f"t{i}", result(e, 0.1 * i)) == CONTINUE for i in range(5) for e in range(1, 11))
     assert not s.stopped
 
 
 def test_diverged_run_is_stopped_with_its_reason():
-    s = RungScheduler(MO, max_t=10, grace_period=2, reduction_factor=3)
+    s = RungScheduler(MO, max_epochs=10, grace_period=2, reduction_factor=3)
     assert s.decide("t1", {M.DIVERGED: 1.0, M.ERROR: "loss_student became nan at epoch 3"}) == STOP
     assert s.stopped["t1"]["reason"] == "diverged" and "nan" in s.stopped["t1"]["error"]
 
 
 def test_state_survives_pickling_by_reading_its_file(tmp_path):
     state = tmp_path / "scheduler.json"
-    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, state_file=str(state))
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, state_file=str(state))
     s.decide("t1", result(4, 0.9))
     s.decide("t2", result(4, 0.5, 0.5))
     s.decide("t3", result(4, 0.4, 0.6))
@@ -127,7 +126,7 @@ class FakeController:
 
 def test_restore_never_trains_a_stopped_or_finished_trial_again(tmp_path):
     state = tmp_path / "scheduler.json"
-    s = RungScheduler(MO, max_t=12, grace_period=4, reduction_factor=3, state_file=str(state))
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, state_file=str(state))
     assert s.decide("a", result(4, 0.9)) == CONTINUE
     assert s.decide("c", result(4, 0.7)) == STOP  # b has not reached the rung yet
     s.on_trial_complete(None, FakeTrial("a", "RUNNING"), result(12, 0.95))

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_main
 from search.space import DefineByRun, SpaceError, load_space, parse_space
 from trainable.config import build_config
 
@@ -90,7 +90,7 @@ def test_malformed_space_is_named(raw, needle):
 @pytest.mark.parametrize("raw, needle", MALFORMED[:12], ids=[m[1].split(":")[0] for m in MALFORMED[:12]])
 def test_malformed_space_cli_exit_2_one_line(tmp_path, raw, needle):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
-    r = run_cli("search/run_search.py", "--space", tmp_path / "bad.yaml", "--storage", tmp_path / "runs")
+    r = run_main("search/run_search.py", "--space", tmp_path / "bad.yaml", "--storage", tmp_path / "runs")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_main
 from trainable.errors import CheckpointError
 from trainable.models import build_classifier
 from trainable.tasks import TASKS
@@ -69,7 +69,7 @@ def test_corrupt_missing_and_unsafe_files(tmp_path, resnet34_state):
 
 def test_cli_bad_teacher_is_exit_2_one_line(tmp_path):
     torch.save(build_classifier("cnn", 10, 3, 32).state_dict(), tmp_path / "t.pt")
-    r = run_cli("trainable/run_akd.py", "--task", "cifar100", "--teacher", tmp_path / "t.pt",
+    r = run_main("trainable/run_akd.py", "--task", "cifar100", "--teacher", tmp_path / "t.pt",
                 "--data-root", tmp_path, "--out", tmp_path / "run", "--set", "teacher=cnn")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()

@@ -16,7 +16,8 @@ import hashlib
 import math
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,10 +26,16 @@ import torch.nn.functional as F
 from trainable import metrics as M
 from trainable.config import AKDConfig, config_to_dict
 from trainable.errors import CheckpointError, NonFiniteLossError
-from trainable.losses import (GENERATOR_LOSSES, STUDENT_LOSSES, TeacherProbe, activation_loss, balance_loss,
-                              get_loss, onehot_loss)
-from trainable.models import (build_classifier, build_generator, classifier_head, count_params,
-                              width_for_fraction)
+from trainable.losses import (
+    GENERATOR_LOSSES,
+    STUDENT_LOSSES,
+    TeacherProbe,
+    activation_loss,
+    balance_loss,
+    get_loss,
+    onehot_loss,
+)
+from trainable.models import build_classifier, build_generator, classifier_head, count_params, width_for_fraction
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
@@ -290,7 +297,7 @@ class AKDRun:
         p = self.cfg.early_stop_patience
         return p > 0 and self.epoch - self.best_epoch >= p
 
-    def fit(self, on_epoch: Callable[[dict[str, float], "AKDRun"], None] | None = None,
+    def fit(self, on_epoch: Callable[[dict[str, float], AKDRun], None] | None = None,
             max_epochs: int | None = None) -> list[dict[str, float]]:
         """Train until ``cfg.epochs`` (or ``max_epochs`` more epochs, or early stop).
 

@@ -11,7 +11,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 from trainable.errors import ConfigError
 
@@ -27,7 +27,7 @@ class AKDConfig:
     teacher: str = "cnn"  # teacher architecture (tasks set their own)
     student: str = "cnn"  # student architecture
     student_width: float = 1.0  # width multiplier of the student family
-    student_fraction: Optional[float] = None  # if set: width whose params are closest to this share of the teacher's
+    student_fraction: float | None = None  # if set: width whose params are closest to this share of the teacher's
     generator: str = "a"  # "a" (DFAD) or "deconv" (DCGAN-style)
     latent_dim: int = 100  # generator noise size
     generator_width: int = 64  # generator base channels

@@ -7,7 +7,7 @@ maximises student-teacher disagreement.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

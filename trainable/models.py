@@ -9,8 +9,8 @@ is a multiplier of the family's base width (1.0 = the published layout).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn

@@ -19,11 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules by bare name
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
 import torch
 
 from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint

@@ -16,11 +16,6 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script: import the project, not this folder's modules by bare name
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
 import torch
 
 from trainable.errors import UserError

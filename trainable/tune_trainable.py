@@ -17,8 +17,8 @@ from ray import tune
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import build_config
-from trainable.models import build_classifier
 from trainable.errors import NonFiniteLossError
+from trainable.models import build_classifier
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -1,0 +1,207 @@
+"""A search's settings, resolved once: ``SearchPlan``.
+
+Every setting of a search is decided here, in one place, with one precedence::
+
+    command line  >  the resumed search's record (akdtune/search.json)  >  --smoke  >  the space file
+
+and every check that can be made without Ray (options, paths, the resume record, the space) runs
+here, before anything is written. The rest of the search reads the plan and nothing else: a
+setting keeps the name it has in the space file (``max_epochs``, ``grace_period``,
+``reduction_factor``, ``confirm_top_k``, ...) from the YAML to the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.layout import CONFIRM_RESULTS, META_FILE
+from search.space import Space, load_space
+from trainable.errors import UserError
+
+# --smoke: the whole pipeline at a size a test suite can afford.
+SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
+SMOKE_BUDGET = dict(num_samples=3, max_epochs=3, grace_period=1, reduction_factor=2, confirm_top_k=1,
+                    confirm_seeds=2)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """What one invocation of ``run_search.py`` will do (a new search or the resume of one)."""
+
+    name: str
+    storage: str
+    path: str  # <storage>/<name>: a local folder (absolute) or a URI
+    space: Space
+    seed: int
+    num_samples: int
+    max_epochs: int
+    grace_period: int
+    reduction_factor: float
+    early_stopping: bool
+    confirm_top_k: int
+    confirm_seeds: int
+    teacher_path: str | None
+    data_root: str | None
+    download: bool
+    smoke: bool
+    cpus_per_trial: float
+    gpus_per_trial: float | None  # None: 1 where CUDA is available, else 0 (decided where torch is imported)
+    max_concurrent: int  # 0: as resources allow
+    max_failures: int
+    address: str | None
+    num_cpus: int | None
+    report: bool
+    resume: bool
+    resume_command: str  # the command that finishes this search if it is interrupted
+    record: dict[str, Any] | None = None  # the resumed search's akdtune/search.json
+    finished: bool = False  # resuming a search that already finished: nothing to do
+
+    @property
+    def task(self) -> str:
+        return self.space.task
+
+    @property
+    def local(self) -> bool:
+        return "://" not in self.path
+
+    def file(self, name: str) -> Path:
+        """A file of the search folder (local storage only), e.g. ``plan.file(META_FILE)``."""
+        return Path(self.path) / name
+
+    @property
+    def trial_config(self) -> dict[str, Any]:
+        """The config every trial starts from; the searcher adds the sampled hyperparameters."""
+        return {"task": self.task, "seed": self.seed, "epochs": self.max_epochs, **self.space.fixed,
+                **(SMOKE_CONFIG if self.smoke else {})}
+
+    def record_fields(self) -> dict[str, Any]:
+        """The plan's part of the search record written when a search starts."""
+        return {"space_file": self.space.path, "space": self.space.raw, "task": self.task, "seed": self.seed,
+                "num_samples": self.num_samples, "teacher": self.teacher_path, "data_root": self.data_root,
+                "smoke": self.smoke, "max_epochs": self.max_epochs, "grace_period": self.grace_period,
+                "reduction_factor": self.reduction_factor, "early_stopping": self.early_stopping,
+                "confirm_top_k": self.confirm_top_k, "confirm_seeds": self.confirm_seeds}
+
+
+def experiment_path(storage: str, name: str) -> str:
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{name}"
+    return str(Path(storage).expanduser().resolve() / name)
+
+
+def resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a != "--resume"]
+    return "python search/run_search.py " + " ".join(shlex.quote(a) for a in args) + " --resume"
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option that can be checked without Ray, before anything is written. Raises UserError."""
+
+    def bad(flag: str, v, need: str):
+        raise UserError(f"{flag} {v} is invalid: {need}")
+
+    if args.num_samples is not None and args.num_samples < 1:
+        bad("--num-samples", args.num_samples, "must be >= 1")
+    if not math.isfinite(args.cpus_per_trial) or args.cpus_per_trial <= 0:
+        bad("--cpus-per-trial", args.cpus_per_trial, "must be > 0")
+    if args.gpus_per_trial is not None and (not math.isfinite(args.gpus_per_trial) or args.gpus_per_trial < 0
+                                            or (args.gpus_per_trial > 1 and not args.gpus_per_trial.is_integer())):
+        bad("--gpus-per-trial", args.gpus_per_trial, "must be >= 0; a fraction only below 1 (e.g. 0.25)")
+    if args.max_concurrent < 0:
+        bad("--max-concurrent", args.max_concurrent, "must be >= 0 (0: as resources allow)")
+    if args.max_failures < 0:
+        bad("--max-failures", args.max_failures, "must be >= 0")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        bad("--num-cpus", args.num_cpus, "must be >= 1")
+    if args.num_cpus is not None and args.address:
+        raise UserError("--num-cpus sets up a local Ray; it cannot be combined with --address")
+    for flag, v, low in (("--confirm-top-k", args.confirm_top_k, 0), ("--confirm-seeds", args.confirm_seeds, 1)):
+        if v is not None and not low <= v <= 20:
+            bad(flag, v, f"must be in [{low}, 20]")
+    name = search_name(args)
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        raise UserError(f"--name {name!r} is invalid: a search name is one folder name inside --storage "
+                        "(letters, digits, '-', '_'; no '/' or '..')")
+    if "://" not in args.storage:
+        storage = Path(args.storage).expanduser()
+        if storage.exists() and not storage.is_dir():
+            raise UserError(f"--storage {args.storage} is a file, not a folder; pass a folder for the searches")
+        probe = storage if storage.exists() else next((p for p in storage.parents if p.exists()), Path("."))
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"--storage {args.storage}: {probe} is not writable; pass a folder you can write to")
+        if (storage / name).exists() and not (storage / name).is_dir():
+            raise UserError(f"{storage / name} is a file; pass another --name")
+        if args.resume and (storage / name).is_dir() and not os.access(storage / name, os.W_OK | os.X_OK):
+            raise UserError(f"cannot resume: {storage / name} is read-only; make it writable or copy it")
+
+
+def search_name(args: argparse.Namespace) -> str:
+    return args.name or Path(args.space).stem
+
+
+def _read_record(path: Path, name: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"cannot resume {name!r}: {path} is missing or unreadable (was the search started "
+                        "by this tool?); start a new search with --name") from None
+
+
+def _pick(key: str, cli, record: dict | None, smoke: bool, space_value):
+    """One setting: the command line > the resumed search's record > --smoke > the space."""
+    if cli is not None:
+        return cli
+    if record is not None and record.get(key) is not None:
+        return record[key]
+    if smoke and key in SMOKE_BUDGET:
+        return SMOKE_BUDGET[key]
+    return space_value
+
+
+def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
+    """Check the command line, the resume record and the space; decide every setting. Starts nothing."""
+    check_options(args)
+    name = search_name(args)
+    path = experiment_path(args.storage, name)
+    local = "://" not in path
+    exists = local and Path(path, "tuner.pkl").exists()
+    if exists and not args.resume:
+        raise UserError(f"a search named {name!r} already exists in {args.storage}; pass --resume to finish it, "
+                        "or --name NEW to start another")
+    if args.resume and local and not exists:
+        raise UserError(f"nothing to resume: no search named {name!r} in {args.storage}; drop --resume to start it")
+    record = _read_record(Path(path, META_FILE), name) if args.resume and local else None
+    space = load_space(args.space, args.task or (record or {}).get("task"))  # validated before Ray starts
+    if record is not None and record["space"] != space.raw:
+        raise UserError(f"{args.space} has changed since the search {name!r} started; restore the original "
+                        "space to resume, or start a new search with --name")
+    if record is not None and args.num_samples not in (None, record["num_samples"]):
+        raise UserError(f"search {name!r} was started with --num-samples {record['num_samples']}; resume it with "
+                        "the same number")
+
+    def pick(key: str, cli=None):
+        return _pick(key, cli, record, args.smoke, getattr(space, key))
+
+    max_epochs = pick("max_epochs")
+    early_stopping = not args.no_early_stopping if record is None else record.get("early_stopping", True)
+    teacher = args.teacher or (record or {}).get("teacher")
+    return SearchPlan(
+        name=name, storage=args.storage, path=path, space=space, seed=pick("seed", args.seed),
+        num_samples=pick("num_samples", args.num_samples), max_epochs=max_epochs,
+        grace_period=min(pick("grace_period"), max_epochs), reduction_factor=pick("reduction_factor"),
+        early_stopping=early_stopping, confirm_top_k=pick("confirm_top_k", args.confirm_top_k),
+        confirm_seeds=pick("confirm_seeds", args.confirm_seeds),
+        teacher_path=os.path.abspath(teacher) if teacher else None,
+        data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+        max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
+        resume=args.resume, resume_command=resume_command(argv), record=record,
+        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, "best").is_dir()),
+    )
+

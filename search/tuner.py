@@ -1,0 +1,193 @@
+"""From a ``SearchPlan`` to running Ray Tune experiments: the teacher, Ray, the trainable, the tuners.
+
+``prepare_teacher_for(plan)`` readies the teacher and the evaluation data once on the driver;
+``start_ray(plan)`` starts or joins Ray and checks that a trial's resources exist;
+``build_tuner`` / ``restore_tuner`` make the search's ``tune.Tuner`` and ``confirm_tuner`` the
+confirmation phase's. Nothing here decides a setting: the plan has them all.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search.layout import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, write_json_atomic
+from search.plan import SearchPlan
+from trainable.errors import UserError
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The search's teacher, prepared once: the model, its architecture, the evaluation data and its accuracy."""
+
+    model: Any  # torch.nn.Module in eval mode on the CPU
+    arch: str
+    data: Any  # trainable.tasks.EvalData
+    accuracy: dict[str, float]  # teacher_val_acc, teacher_test_acc
+    fingerprint: str
+
+
+def prepare_teacher_for(plan: SearchPlan) -> Teacher:
+    """Train (digits, cached) or load the teacher, load the evaluation data, and check a resume's teacher."""
+    from trainable.akd import fingerprint
+    from trainable.config import build_config
+    from trainable.outputs import teacher_metrics
+    from trainable.tasks import data_free, load_eval_data
+    from trainable.teacher import prepare_teacher
+
+    cfg = build_config(plan.trial_config)
+    model, info = prepare_teacher(plan.task, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root)
+    with data_free():
+        data = load_eval_data(plan.task, plan.seed, cfg.val_fraction, plan.data_root, plan.download)
+    teacher = Teacher(model, info["arch"], data, teacher_metrics(model, data), fingerprint(model))
+    recorded = (plan.record or {}).get("teacher_fingerprint")
+    if recorded not in (None, teacher.fingerprint):
+        raise UserError(f"the teacher differs from the one search {plan.name!r} started with; pass the same --teacher")
+    return teacher
+
+
+def gpus_per_trial(plan: SearchPlan) -> float:
+    import torch
+
+    if plan.gpus_per_trial is not None:
+        return plan.gpus_per_trial
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, in one line, when a cluster address given as host:port does not answer."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    if address in ("auto", "local") or ":" not in hostport:
+        return
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError):
+        raise UserError(f"--address {address}: nothing answers there within {timeout_s:.0f} s; start the cluster "
+                        "(ray start --head) or pass its address") from None
+
+
+def check_cluster(plan: SearchPlan) -> None:
+    """The resources a trial asks for exist in the running Ray cluster (else trials would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    if plan.cpus_per_trial > total.get("CPU", 0):
+        raise UserError(f"--cpus-per-trial {plan.cpus_per_trial:g} but the Ray cluster has "
+                        f"{total.get('CPU', 0):g} CPUs; lower it")
+    gpus = gpus_per_trial(plan)
+    if gpus > total.get("GPU", 0):
+        raise UserError(f"--gpus-per-trial {gpus:g} but the Ray cluster has {total.get('GPU', 0):g} "
+                        "GPUs; pass --gpus-per-trial 0 to run on CPUs")
+
+
+def start_ray(plan: SearchPlan) -> None:
+    """Start a local Ray (or join ``--address``) unless one is running in this process, then check resources."""
+    import ray
+
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged run reports no val_acc
+    if not ray.is_initialized():
+        if plan.address:
+            check_address(plan.address)
+        init = dict(address=plan.address) if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False)
+        try:
+            ray.init(log_to_driver=True, configure_logging=False, **init)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
+    check_cluster(plan)
+
+
+def record_session(plan: SearchPlan, teacher: Teacher, started: float) -> None:
+    """Write the search record (a new search) or mark this session's start in it (a resume)."""
+    if not plan.local:
+        return
+    if plan.resume:  # this session's time adds to the earlier sessions'
+        record = {**plan.record, "session_started": started, "wall_before": float(plan.record.get("wall_s", 0.0))}
+    else:
+        record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
+                  "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
+                  "teacher_arch": teacher.arch, **teacher.accuracy}
+    write_json_atomic(plan.file(META_FILE), record)
+
+
+def make_trainable(plan: SearchPlan, teacher: Teacher):
+    """``akd_trial`` with the teacher and the data attached (shipped once through the object store) and resources."""
+    from ray import tune
+
+    from trainable.tune_trainable import akd_trial, teacher_payload
+
+    return tune.with_resources(
+        tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
+                             threads=max(1, int(round(plan.cpus_per_trial)))),
+        resources={"cpu": plan.cpus_per_trial, "gpu": gpus_per_trial(plan)})
+
+
+def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
+    from ray import tune
+
+    from search.algorithms import WallClock
+
+    own = [WallClock(str(plan.file(META_FILE)))] if plan.local else []
+    return tune.RunConfig(name=name, storage_path=storage, callbacks=[*callbacks, *own],
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                          failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1)
+
+
+def _restore(path: str, trainable):
+    from ray import tune
+
+    return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+                              restart_errored=False)
+
+
+def build_tuner(plan: SearchPlan, trainable):
+    """A new search: our Optuna searcher and rung scheduler, ``num_samples`` trials."""
+    from ray import tune
+
+    from search.algorithms import SearchStateCallback, trial_dirname
+    from search.scheduler import RungScheduler
+    from search.searcher import OptunaSearcher
+
+    scheduler = RungScheduler(plan.space.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
+                              reduction_factor=plan.reduction_factor, param_budget=plan.space.param_budget,
+                              early_stopping=plan.early_stopping,
+                              state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
+    searcher = OptunaSearcher(plan.space.params, plan.space.objectives, plan.seed, plan.num_samples,
+                              study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
+                              param_budget=plan.space.param_budget, scheduler=scheduler)
+    if plan.local:
+        plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    storage = plan.storage if not plan.local else str(Path(plan.path).parent)
+    return tune.Tuner(
+        trainable, param_space=plan.trial_config,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                                    max_concurrent_trials=plan.max_concurrent or None,
+                                    trial_dirname_creator=trial_dirname, reuse_actors=True),
+        run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler)]))
+
+
+def restore_tuner(plan: SearchPlan, trainable):
+    """The interrupted search, as Tune saved it (our searcher and scheduler re-read their own files)."""
+    print(f"resuming {plan.path}")
+    return _restore(plan.path, trainable)
+
+
+def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folder: Path):
+    """The confirmation phase: one trial per (candidate, seed) in ``runs``, in ``folder`` (restored if it exists)."""
+    from ray import tune
+
+    from search.algorithms import trial_dirname
+    from trainable.tune_trainable import RUN
+
+    if (folder / "tuner.pkl").exists():
+        return _restore(str(folder), trainable)
+    return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
+                                                  trial_dirname_creator=trial_dirname),
+                      run_config=_run_config(plan, folder.name, str(folder.parent), []))
