@@ -92,7 +92,7 @@ def build_models(shape: dict, device):
     teacher = build_classifier(shape["teacher"], task.num_classes, task.channels, task.image_size).to(device)
     student = build_classifier(shape["student"], task.num_classes, task.channels, task.image_size,
                                shape.get("student_width", 1.0)).to(device)
-    generator = build_generator("a", shape["latent_dim"], shape["generator_width"], task.channels,
+    generator = build_generator("dfad", shape["latent_dim"], shape["generator_width"], task.channels,
                                 task.image_size).to(device)
     return teacher, student, generator
 

@@ -30,8 +30,10 @@ from results.summary import (
     load_experiment,
     write_summaries,
 )
+from search.layout import BEST_DIR, REPORT_FILE
 from trainable import metrics as M
 from trainable.errors import UserError
+from trainable.files import write_text
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
 
@@ -322,7 +324,7 @@ def render(e: Experiment) -> str:
     from plotly.offline import get_plotlyjs
 
     meta = e.meta
-    best_dir = e.path / "best"
+    best_dir = e.path / BEST_DIR
     best_metrics = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
     best_info = json.loads((best_dir / "trial.json").read_text()) if (best_dir / "trial.json").exists() else {}
     best_id = best_info.get("trial_id")  # only a confirmed, exported winner is called the best
@@ -383,10 +385,8 @@ def build_report(path: str | Path) -> Path:
     """Write the Parquet summaries and ``report.html`` of the experiment at ``path``; returns the report path."""
     e = load_experiment(path)
     write_summaries(e)
-    out = e.path / "report.html"
-    tmp = e.path / ".report.html.tmp"
-    tmp.write_text(render(e))
-    tmp.replace(out)
+    out = e.path / REPORT_FILE
+    write_text(out, render(e))
     return out
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 import pandas as pd
 
-from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, read_json
+from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, SUMMARY_DIR
+from search.scheduler import stop_decisions
 from trainable import metrics as M
+from trainable.files import atomic_path, read_json
 
 # Outcomes of a trial.
 COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (
@@ -51,7 +53,7 @@ TRIAL_COLUMNS = {
 class Experiment:
     path: Path
     meta: dict[str, Any]
-    scheduler: dict[str, Any]
+    stopped: dict[str, dict[str, Any]]  # the scheduler's stop decisions by trial id (search.scheduler.stop_decisions)
     confirmed: dict[str, Any]
     trials: pd.DataFrame
     epochs: pd.DataFrame
@@ -80,8 +82,7 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
             for t in analysis.trials]
 
 
-def _outcome(status: str, trial_id: str, scheduler: dict, last: dict) -> str:
-    stopped = (scheduler.get("stopped") or {}).get(trial_id)
+def _outcome(status: str, stopped: dict | None, last: dict) -> str:
     if status == "ABANDONED":
         return ABANDONED
     if status == "ERROR":
@@ -119,7 +120,7 @@ def load_experiment(path: str | Path) -> Experiment:
 
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
     meta = read_json(exp / META_FILE, {})
-    scheduler = read_json(exp / SCHEDULER_FILE, {})
+    stopped = stop_decisions(exp / SCHEDULER_FILE)
     confirmed = read_json(exp / CONFIRM_RESULTS, {})
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     space = meta.get("space") or {}
@@ -150,10 +151,10 @@ def load_experiment(path: str | Path) -> Experiment:
             epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
                                "time_total_s": r.get("time_total_s")})
         status = t.get("status", "PENDING")
-        outcome = _outcome(status, trial_id, scheduler, tail)
+        outcome = _outcome(status, stopped.get(trial_id), tail)
         last = ordered[-1] if ordered else {}
         config = t.get("config") or {}
-        stop = (scheduler.get("stopped") or {}).get(trial_id) or {}
+        stop = stopped.get(trial_id) or {}
         error = ""
         if outcome == ERRORED:
             error = _error_line(trial_dir)
@@ -196,7 +197,7 @@ def load_experiment(path: str | Path) -> Experiment:
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
     trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
-    return Experiment(exp, meta, scheduler, confirmed, trials, epochs)
+    return Experiment(exp, meta, stopped, confirmed, trials, epochs)
 
 
 def best_trial(e: Experiment) -> dict[str, Any] | None:
@@ -223,13 +224,10 @@ def best_trial(e: Experiment) -> dict[str, Any] | None:
 
 def write_summaries(e: Experiment) -> dict[str, Path]:
     """Write ``summary/trials.parquet`` and ``summary/epochs.parquet`` (atomically)."""
-    out = e.path / "summary"
-    out.mkdir(exist_ok=True)
+    out = e.path / SUMMARY_DIR
     paths = {}
     for name, df in (("trials", e.trials.drop(columns=["_dir", "_config"], errors="ignore")), ("epochs", e.epochs)):
-        target = out / f"{name}.parquet"
-        tmp = out / f".{name}.parquet.tmp"
-        df.to_parquet(tmp, index=False)
-        tmp.replace(target)
-        paths[name] = target
+        paths[name] = out / f"{name}.parquet"
+        with atomic_path(paths[name]) as tmp:
+            df.to_parquet(tmp, index=False)
     return paths

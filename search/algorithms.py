@@ -66,11 +66,11 @@ def update_wall(meta_file: str) -> float:
     """Set ``wall_s`` of the search record to the time before this session plus this session's time."""
     import time
 
-    from search.layout import read_json, write_json_atomic
+    from trainable.files import read_json, write_json
 
     meta = read_json(meta_file)
     if not meta or "session_started" not in meta:
         return 0.0
     meta["wall_s"] = float(meta.get("wall_before", 0.0)) + (time.time() - float(meta["session_started"]))
-    write_json_atomic(meta_file, meta)
+    write_json(meta_file, meta)
     return meta["wall_s"]

@@ -19,8 +19,9 @@ from typing import Any
 import pandas as pd
 
 from results.summary import COMPLETED, STOPPED_EARLY, Experiment
-from search.layout import CONFIRM_DIR, CONFIRM_PLAN, read_json, write_json_atomic
+from search.layout import CONFIRM_DIR, CONFIRM_PLAN
 from trainable import metrics as M
+from trainable.files import read_json, write_json
 from trainable.tune_trainable import CANDIDATE, CONTINUE_FROM
 
 SEED_STRIDE = 1000  # extra seeds: seed + 1000, seed + 2000, ...
@@ -75,7 +76,7 @@ def load_or_write_plan(exp: Path, make) -> dict[str, Any]:
     if existing is not None:
         return existing
     p = make()
-    write_json_atomic(exp / CONFIRM_PLAN, p)
+    write_json(exp / CONFIRM_PLAN, p)
     return p
 
 

@@ -22,13 +22,14 @@ from results.summary import (
 )
 from search.algorithms import update_wall
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
-from search.layout import CONFIRM_RESULTS, META_FILE, STUDY_FILE, write_json_atomic
+from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
 from search.searcher import fail_abandoned
 from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
 from trainable.config import build_config
+from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.tune_trainable import CANDIDATE, CHECKPOINT_FILE, RUN
 
@@ -72,20 +73,20 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     """
     chosen = max(winner["runs"], key=lambda r: (r[M.VAL_ACC], -r["seed"]))
     run = restore_run(Path(chosen["checkpoint"]), teacher, data)
-    out = exp / "best"
+    out = exp / BEST_DIR
     final = finish_run(run, out, teacher_acc, wall_s)
     final.update({M.VAL_ACC: winner["val_acc_mean"], "val_acc_std": winner["val_acc_std"],
                   M.TEST_ACC: winner["test_acc_mean"], "test_acc_std": winner["test_acc_std"],
                   "seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"],
                   "student_test_acc": final[M.TEST_ACC]})
-    write_json_atomic(out / "metrics.json", final)
-    write_json_atomic(out / "trial.json", {"trial_id": winner["trial_id"], "checkpoint": chosen["checkpoint"],
+    write_json(out / "metrics.json", final)
+    write_json(out / "trial.json", {"trial_id": winner["trial_id"], "checkpoint": chosen["checkpoint"],
                                            "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
     return final
 
 
 def write_confirmed(exp: Path, results: list[dict[str, Any]], winner_id: str | None) -> None:
-    write_json_atomic(exp / CONFIRM_RESULTS, {"winner": winner_id, "candidates": results})
+    write_json(exp / CONFIRM_RESULTS, {"winner": winner_id, "candidates": results})
 
 
 def _fmt(v: Any) -> str:
@@ -122,8 +123,8 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
                 continue
             print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r['val_acc_mean']:.4f} ± "
                   f"{r['val_acc_std']:.4f}  test {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}  seeds {r['seeds']}")
-    print(f"best student: {exp / 'best'}")
-    print(f"summaries:    {exp / 'summary'}")
+    print(f"best student: {exp / BEST_DIR}")
+    print(f"summaries:    {exp / SUMMARY_DIR}")
     if report is not None:
         print(f"report:       {report}")
 

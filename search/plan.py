@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.layout import CONFIRM_RESULTS, META_FILE
+from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE
 from search.space import Space, load_space
 from trainable.errors import UserError
 
@@ -202,6 +202,6 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
         resume=args.resume, resume_command=resume_command(argv), record=record,
-        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, "best").is_dir()),
+        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_DIR).is_dir()),
     )
 

@@ -33,8 +33,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.layout import write_json_atomic
 from trainable import metrics as M
+from trainable.files import write_json
 
 STATE_VERSION = 1
 
@@ -173,6 +173,7 @@ class RungScheduler(FIFOScheduler):
             state = json.load(f)
         return {**empty_state(), **state}
 
+
     def merge_state(self, other: dict[str, Any]) -> None:
         """Add records from another copy of the state (e.g. Tune's callback state); nothing is dropped."""
         st = self.state
@@ -185,7 +186,7 @@ class RungScheduler(FIFOScheduler):
 
     def _write(self) -> None:
         if self.state_file:
-            write_json_atomic(self.state_file, self.state)
+            write_json(self.state_file, self.state)
 
     @property
     def stopped(self) -> dict[str, dict[str, Any]]:
@@ -268,3 +269,11 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def stop_decisions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The trials the scheduler of a search cut short, by trial id: ``{reason, rung, epoch, position, of}``.
+
+    How results/ reads the scheduler's record; it never parses the state file itself.
+    """
+    return dict(RungScheduler.read_state(str(path))["stopped"])

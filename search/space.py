@@ -93,10 +93,6 @@ class Space:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
-    @property
-    def searched(self) -> list[str]:
-        return [p.name for p in self.params]
-
 
 def _short(v: Any, limit: int = 80) -> str:
     """A bounded repr for messages (a huge value never floods the terminal)."""
@@ -249,10 +245,10 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
             errs.append(f"budget.{key}: expected an integer in [{low}, 20], got {_short(v)}")
             v = default
         ints[key] = v
-    rf = budget.get("reduction_factor", 3)
-    if not _num(rf) or rf <= 1:
-        errs.append(f"budget.reduction_factor: expected a number > 1, got {_short(rf)}")
-        rf = 3
+    reduction_factor = budget.get("reduction_factor", 3)
+    if not _num(reduction_factor) or reduction_factor <= 1:
+        errs.append(f"budget.reduction_factor: expected a number > 1, got {_short(reduction_factor)}")
+        reduction_factor = 3
     # fixed and params
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
@@ -291,7 +287,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         raise SpaceError(f"{path}: " + "; ".join(errs))
     return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
                  param_budget=pb, num_samples=ints["num_samples"], max_epochs=ints["max_epochs"],
-                 grace_period=ints["grace_period"], reduction_factor=float(rf),
+                 grace_period=ints["grace_period"], reduction_factor=float(reduction_factor),
                  confirm_top_k=ints["confirm_top_k"], confirm_seeds=ints["confirm_seeds"], fixed=fixed, params=tuple(params),
                  seed=seed, raw=raw)
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.layout import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, write_json_atomic
+from search.layout import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME
 from search.plan import SearchPlan
 from trainable.errors import UserError
+from trainable.files import write_json
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def record_session(plan: SearchPlan, teacher: Teacher, started: float) -> None:
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy}
-    write_json_atomic(plan.file(META_FILE), record)
+    write_json(plan.file(META_FILE), record)
 
 
 def make_trainable(plan: SearchPlan, teacher: Teacher):

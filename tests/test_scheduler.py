@@ -209,14 +209,14 @@ def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
     import time
 
     from search.algorithms import WallClock, update_wall
-    from search.layout import read_json, write_json_atomic
+    from trainable.files import read_json, write_json
 
     meta = tmp_path / "search.json"
-    write_json_atomic(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})
+    write_json(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})
     clock = pickle.loads(pickle.dumps(WallClock(str(meta), every_s=0.0)))  # as Tune restores it
     clock.on_trial_complete(0, [], None)
     first = read_json(meta)["wall_s"]
     assert 29 < first < 60  # kept current: a kill -9 now loses at most every_s of it
     # A resumed session marks its start; its time adds to what the killed one had recorded.
-    write_json_atomic(meta, {**read_json(meta), "wall_before": first, "session_started": time.time() - 10})
+    write_json(meta, {**read_json(meta), "wall_before": first, "session_started": time.time() - 10})
     assert first + 9 < update_wall(str(meta)) < first + 40

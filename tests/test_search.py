@@ -177,6 +177,10 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
     proc = _start(args, ray_address)
     try:
         assert _wait_for(lambda: len(_finished_trials(exp)) >= 2), "no trial finished in time"
+        # Another process (this one) reads the study while the search runs, with the trials' states so far.
+        assert _wait_for(lambda: sum(t.state.name in ("COMPLETE", "PRUNED") for t in study_trials(exp).values()) >= 2)
+        live = study_trials(exp)
+        assert all(t.state.name in ("RUNNING", "COMPLETE", "PRUNED") for t in live.values())
         time.sleep(1.0)  # let Tune write an experiment checkpoint that includes them
     finally:
         proc.send_signal(signal.SIGKILL)

@@ -25,14 +25,13 @@ import torch.nn.functional as F
 
 from trainable import metrics as M
 from trainable.config import AKDConfig, config_to_dict
-from trainable.errors import CheckpointError, NonFiniteLossError
+from trainable.errors import CheckpointError, NonFiniteLossError, lookup
 from trainable.losses import (
     GENERATOR_LOSSES,
     STUDENT_LOSSES,
     TeacherProbe,
     activation_loss,
     balance_loss,
-    get_loss,
     onehot_loss,
 )
 from trainable.models import build_classifier, build_generator, classifier_head, count_params, width_for_fraction
@@ -157,8 +156,8 @@ class AKDRun:
                                               betas=(cfg.beta1, cfg.beta2))
         self.sched_student = _make_scheduler(cfg, self.opt_student)
         self.sched_generator = _make_scheduler(cfg, self.opt_generator)
-        self.student_loss = get_loss(STUDENT_LOSSES, "student loss", cfg.student_loss)
-        self.generator_loss = get_loss(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
+        self.student_loss = lookup(STUDENT_LOSSES, "student loss", cfg.student_loss)
+        self.generator_loss = lookup(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
         self.probe = TeacherProbe(self.teacher_fwd, classifier_head(self.teacher_fwd), want_bn=cfg.w_bn > 0,
                                   want_features=cfg.w_activation > 0)
         self.data = data
@@ -378,11 +377,9 @@ class AKDRun:
 
 def save_checkpoint(run: AKDRun, path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    import os
+    from trainable.files import torch_save
 
-    tmp = f"{path}.tmp"
-    torch.save(run.state_dict(), tmp)
-    os.replace(tmp, path)
+    torch_save(run.state_dict(), path)
 
 
 def load_checkpoint(path) -> dict[str, Any]:

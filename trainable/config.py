@@ -28,7 +28,7 @@ class AKDConfig:
     student: str = "cnn"  # student architecture
     student_width: float = 1.0  # width multiplier of the student family
     student_fraction: float | None = None  # if set: width whose params are closest to this share of the teacher's
-    generator: str = "a"  # "a" (DFAD) or "deconv" (DCGAN-style)
+    generator: str = "dfad"  # "dfad" (DFAD's GeneratorA) or "deconv" (DCGAN-style); "a" is read as "dfad"
     latent_dim: int = 100  # generator noise size
     generator_width: int = 64  # generator base channels
     # --- budget and loop
@@ -207,6 +207,9 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
         except ValueError as e:
             errs.append(str(e))
     if not errs:
+        from trainable.models import GENERATOR_ALIASES
+
+        coerced["generator"] = GENERATOR_ALIASES.get(coerced["generator"], coerced["generator"])
         errs.extend(_check_values(coerced))
     if errs:
         raise ConfigError("invalid config: " + "; ".join(errs))

@@ -1,4 +1,7 @@
-"""Exceptions. A ``UserError`` is bad input: the CLIs print its one line and exit 2."""
+"""Exceptions, and the one registry lookup. A ``UserError`` is bad input: the CLIs print its one line and exit 2."""
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(Exception):
@@ -19,3 +22,10 @@ class DataFreeViolation(RuntimeError):
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf; the message names the loss and the step."""
+
+
+def lookup(table: dict[str, Any], kind: str, name: str, error: type[Exception] = ValueError) -> Any:
+    """``table[name]`` of a registry (tasks, models, generators, losses), or one line naming the choices."""
+    if name not in table:
+        raise error(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+    return table[name]

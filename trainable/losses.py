@@ -48,10 +48,6 @@ STUDENT_LOSSES: dict[str, LossFn] = {"l1": l1, "l2": l2, "kl": kl}
 GENERATOR_LOSSES: dict[str, LossFn] = {"neg_l1": neg_l1, "neg_log_l2": neg_log_l2, "neg_kl": neg_kl}
 
 
-def get_loss(table: dict[str, LossFn], kind: str, name: str) -> LossFn:
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
-    return table[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +110,3 @@ class TeacherProbe:
     def bn_loss(self) -> torch.Tensor:
         return torch.stack(self.bn_terms).sum()
 
-    def remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainable.errors import lookup
+
 
 # ---------------------------------------------------------------------------------------------
 # CIFAR ResNets (3x3 stem, no max-pool)
@@ -64,25 +66,17 @@ class CifarResNet(nn.Module):
         return self.linear(out)  # (B, num_classes)
 
 
-def _stage_widths(width: float) -> tuple[int, ...]:
-    base = max(1, int(round(64 * width)))
-    return (base, 2 * base, 4 * base, 8 * base)
+def _scaled(base: int, width: float) -> int:
+    """Channels at a width multiplier, on the family's integer grid (at least 1)."""
+    return max(1, int(round(base * width)))
 
 
-def cifar_resnet18(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
-    return CifarResNet((2, 2, 2, 2), _stage_widths(width), num_classes, in_channels)
+def cifar_resnet(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    c = _scaled(arch.base, width)
+    return CifarResNet(arch.depths, (c, 2 * c, 4 * c, 8 * c), num_classes, in_channels)
 
 
-def cifar_resnet34(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
-    return CifarResNet((3, 4, 6, 3), _stage_widths(width), num_classes, in_channels)
-
-
-def cifar_resnet18_half(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
-    """ResNet-18 at half width (~2.8M parameters at 100 classes)."""
-    return CifarResNet((2, 2, 2, 2), _stage_widths(0.5 * width), num_classes, in_channels)
-
-
-def tv_resnet34(num_classes: int, in_channels: int = 3, image_size: int = 32, width: float = 1.0) -> nn.Module:
+def torchvision_resnet34(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
     """torchvision's ResNet-34 (7x7 stem with max-pool)."""
     import torchvision
 
@@ -116,9 +110,8 @@ class SmallCNN(nn.Module):
         return self.linear(out)
 
 
-def small_cnn(num_classes: int, in_channels: int = 1, image_size: int = 8, width: float = 1.0) -> nn.Module:
-    """Base width 32 at width 1.0 (about 94k parameters for digits)."""
-    return SmallCNN(num_classes, in_channels, max(1, int(round(32 * width))))
+def small_cnn(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
+    return SmallCNN(num_classes, in_channels, _scaled(arch.base, width))
 
 
 class LeNet5(nn.Module):
@@ -140,7 +133,7 @@ class LeNet5(nn.Module):
         return self.linear(self.fc(out.flatten(1)))
 
 
-def lenet5(num_classes: int, in_channels: int = 1, image_size: int = 28, width: float = 1.0) -> nn.Module:
+def lenet5(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
     return LeNet5(num_classes, in_channels, width)
 
 
@@ -203,47 +196,50 @@ class GeneratorDeconv(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Registries
+# Registries: architectures as data over a few family builders (like timm's model_args)
 # ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Arch:
-    build: Callable[..., nn.Module]
-    widthable: bool  # whether ``width`` (and so ``student_fraction``) applies
-    doc: str
+    """A classifier: its family's builder and the family's arguments.
+
+    ``base`` is the channel count of the first stage at width 1.0: the grid a width multiplier (and
+    so ``student_fraction``) moves on. ``None``: the architecture has no width multiplier.
+    """
+
+    family: Callable[..., nn.Module]  # builder(arch, num_classes, in_channels, image_size, width)
+    base: int | None
+    depths: tuple[int, ...] = ()  # ResNets: blocks per stage
+
+    @property
+    def widthable(self) -> bool:
+        return self.base is not None
 
 
 # Teachers and students share one table: any classifier may be either.
 CLASSIFIERS: dict[str, Arch] = {
-    "resnet34": Arch(cifar_resnet34, True, "CIFAR ResNet-34, 3x3 stem (21,328,292 params at 100 classes)"),
-    "resnet34_w": Arch(cifar_resnet34, True, "ResNet-34 topology at a width multiplier"),
-    "resnet34_tv": Arch(tv_resnet34, False, "torchvision resnet34, 7x7 stem"),
-    "resnet18": Arch(cifar_resnet18, True, "CIFAR ResNet-18 (11,220,132 params at 100 classes)"),
-    "resnet18_half": Arch(cifar_resnet18_half, True, "ResNet-18 at half width (~2.8M params)"),
-    "cnn": Arch(small_cnn, True, "small 3-conv CNN with width (digits, MNIST)"),
-    "lenet5": Arch(lenet5, True, "LeNet-5 (MNIST)"),
+    "resnet34": Arch(cifar_resnet, 64, (3, 4, 6, 3)),  # CIFAR ResNet-34, 3x3 stem: 21,328,292 params at 100 classes
+    "resnet34_w": Arch(cifar_resnet, 64, (3, 4, 6, 3)),  # the same, named for use at a width multiplier
+    "resnet34_tv": Arch(torchvision_resnet34, None),  # torchvision's resnet34, 7x7 stem
+    "resnet18": Arch(cifar_resnet, 64, (2, 2, 2, 2)),  # CIFAR ResNet-18: 11,220,132 params at 100 classes
+    "resnet18_half": Arch(cifar_resnet, 32, (2, 2, 2, 2)),  # ResNet-18 at half width: ~2.8M params
+    "cnn": Arch(small_cnn, 32),  # small 3-conv CNN (digits, MNIST): about 94k params for digits
+    "lenet5": Arch(lenet5, 6),  # LeNet-5 as in DFAD's MNIST teacher
 }
-TEACHERS = CLASSIFIERS
-STUDENTS = CLASSIFIERS
 
 GENERATORS: dict[str, type[nn.Module]] = {
-    "a": GeneratorA,
+    "dfad": GeneratorA,  # DFAD's published generator, GeneratorA
     "deconv": GeneratorDeconv,
 }
-
-
-def _lookup(table: dict, kind: str, name: str):
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; choose from {sorted(table)}")
-    return table[name]
+GENERATOR_ALIASES = {"a": "dfad"}  # earlier name of "dfad", still accepted (configs, checkpoints)
 
 
 def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
-    arch = _lookup(CLASSIFIERS, "model", name)
-    return arch.build(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    arch = lookup(CLASSIFIERS, "model", name)
+    return arch.family(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
 
 def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int) -> nn.Module:
-    cls = _lookup(GENERATORS, "generator", name)
+    cls = lookup(GENERATORS, "generator", GENERATOR_ALIASES.get(name, name))
     if image_size % 4:
         raise ValueError(f"generator needs an image size divisible by 4, got {image_size}")
     return cls(latent_dim, base, channels, image_size)
@@ -263,16 +259,14 @@ def width_for_fraction(name: str, fraction: float, teacher_params: int, num_clas
                        image_size: int) -> float:
     """The width multiplier whose parameter count is closest to ``fraction * teacher_params``.
 
-    Widths are searched on the family's integer channel grid (base 64 for ResNets, 32 for the CNN,
-    6 for LeNet) so that the returned width builds exactly the counted model.
+    Widths are searched on the architecture's integer channel grid (``Arch.base``) so that the
+    returned width builds exactly the counted model.
     """
-    arch = _lookup(CLASSIFIERS, "student", name)
+    arch = lookup(CLASSIFIERS, "student", name)
     if not arch.widthable:
         raise ValueError(f"student {name!r} has no width; student_fraction needs one of "
                          f"{sorted(k for k, a in CLASSIFIERS.items() if a.widthable)}")
-    base = {"cnn": 32, "lenet5": 6}.get(name, 64)
-    if name == "resnet18_half":
-        base = 32
+    base = arch.base
     target = fraction * teacher_params
     best_w, best_err = 1.0, float("inf")
     for channels in range(1, 8 * base + 1):

@@ -5,23 +5,15 @@ both carry the keys of ``trainable.metrics.FINAL_METRICS``.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from trainable import metrics as M
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
+from trainable.files import atomic_path, torch_save, write_json
 from trainable.tasks import EvalData
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, float]:
@@ -47,7 +39,8 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
     scale = max(1, 64 // run.task.image_size)  # enlarge 8x8 digits so they can be seen
     if scale > 1:
         imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
-    save_image(make_grid(imgs, nrow=8, padding=2, pad_value=1.0), str(path))
+    with atomic_path(path) as tmp:
+        save_image(make_grid(imgs, nrow=8, padding=2, pad_value=1.0), str(tmp), format="png")
 
 
 def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: float) -> dict[str, float]:
@@ -70,7 +63,7 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
         M.PARAM_RATIO: run.student_params / run.teacher_params,
         M.WALL_S: wall_s,
     }
-    torch.save(run.student.state_dict(), out / "student.pt")
+    torch_save(run.student.state_dict(), out / "student.pt")
     save_image_grid(run, out / "generated.png")
     conf = test["confusion"]
     lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]

@@ -24,7 +24,8 @@ import torch
 from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import build_config, config_to_dict, parse_value
 from trainable.errors import UserError
-from trainable.outputs import finish_run, teacher_metrics, write_json
+from trainable.files import write_json, write_text
+from trainable.outputs import finish_run, teacher_metrics
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
 
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    teacher, tinfo = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
+    teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
         akd = AKDRun(cfg, teacher, data, default_device())
@@ -88,17 +89,14 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
         t_acc = teacher_metrics(akd.teacher, akd.data, akd.device)
-        print(f"task {cfg.task}: teacher {tinfo['arch']} {akd.teacher_params:,} params "
+        print(f"task {cfg.task}: teacher {teacher_info['arch']} {akd.teacher_params:,} params "
               f"(val {t_acc['teacher_val_acc']:.4f}); student {cfg.student} width {akd.student_width:g} "
               f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
 
         def on_epoch(m: dict, r: AKDRun) -> None:
             save_checkpoint(r, ckpt_path)
             # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
-            lines = "".join(json.dumps(h) + "\n" for h in r.history)
-            tmp = out / "metrics.jsonl.tmp"
-            tmp.write_text(lines)
-            tmp.replace(out / "metrics.jsonl")
+            write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
             print(f"epoch {m['epoch']:>4}/{cfg.epochs}  val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  "
                   f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}  "
                   f"{m['images_per_s']:.0f} img/s", flush=True)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainable.errors import CheckpointError, UserError
+from trainable.files import torch_save
 from trainable.models import CLASSIFIERS, build_classifier, classifier_head
 from trainable.tasks import Task, get_task, load_eval_data, load_teacher_train
 
@@ -168,10 +169,7 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
     if log:
         log(f"training the {task.name} teacher ({arch}, seed {seed}); cached at {path}")
     model = train_teacher(task.name, arch, seed, device=torch.device("cpu"), log=None, **DIGITS_TEACHER_RECIPE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: concurrent preparers never see a partial file
+    torch_save(model.state_dict(), path)  # atomic: concurrent preparers never see a partial file
     return model.eval(), {"arch": arch, "source": str(path)}
 
 

@@ -16,9 +16,8 @@ import argparse
 import os
 import sys
 
-import torch
-
 from trainable.errors import UserError
+from trainable.files import torch_save
 from trainable.models import CLASSIFIERS
 from trainable.tasks import TASKS, get_task
 from trainable.teacher import teacher_accuracy, train_teacher
@@ -51,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         model = train_teacher(task.name, arch, args.seed, args.epochs, args.lr, args.batch_size,
                               args.weight_decay, args.data_root)
         model = model.cpu()
-        tmp = f"{args.out}.tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, args.out)
+        torch_save(model.state_dict(), args.out)
         acc = teacher_accuracy(model, task.name, args.seed, args.data_root)
         print(f"teacher {arch} on {task.name}: val_acc {acc['val_acc']:.4f} test_acc {acc['test_acc']:.4f}; "
               f"saved {args.out}")

@@ -1,0 +1,68 @@
+"""The one way this project writes a file: atomically.
+
+Every file of a run or search folder (checkpoints, JSON records, Parquet summaries, the report, the
+cached teacher) is written to a temporary file beside its target, flushed to disk, then moved over
+the target with ``os.replace``: a kill at any moment leaves either the old file or the new one,
+never half of one. Temporary names carry the process id, so two processes writing the same file
+(two searches preparing one cached teacher) do not trample each other's temporary file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write to; on leaving the block it replaces ``path`` (parents created).
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """JSON, indented and with sorted keys; numpy/torch scalars, tuples and sets become plain values."""
+    write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_jsonable) + "\n")
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The JSON in ``path``, or ``default`` if it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return default
+
+
+def torch_save(obj: Any, path: str | Path) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (set, tuple)):
+        return list(v)
+    if hasattr(v, "item"):  # numpy / torch scalars
+        return v.item()
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
