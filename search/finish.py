@@ -46,17 +46,17 @@ def latest_checkpoint(trial_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def restore_run(ckpt_path: Path, teacher, data) -> AKDRun:
+def restore_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> AKDRun:
     ckpt = load_checkpoint(ckpt_path)
     cfg = build_config(ckpt["config"], task_defaults=False)
-    run = AKDRun(cfg, teacher, data, default_device())
+    run = AKDRun(cfg, teacher, data, default_device(), data_root=data_root)
     run.load_state_dict(ckpt)
     return run
 
 
-def evaluate_run(ckpt_path: Path, teacher, data) -> dict[str, Any]:
+def evaluate_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> dict[str, Any]:
     """Validation and held-out test accuracy of the student in a checkpoint, with its epochs and size."""
-    run = restore_run(ckpt_path, teacher, data)
+    run = restore_run(ckpt_path, teacher, data, data_root)
     bs = run.cfg.eval_batch_size
     return {"seed": run.cfg.seed, "epochs": run.epoch, "checkpoint": str(ckpt_path),
             M.VAL_ACC: evaluate(run.student, data.val_x, data.val_y, bs, run.device)["acc"],
@@ -64,7 +64,8 @@ def evaluate_run(ckpt_path: Path, teacher, data) -> dict[str, Any]:
             M.STUDENT_PARAMS: run.student_params, M.PARAM_RATIO: run.student_params / run.teacher_params}
 
 
-def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float) -> dict[str, Any]:
+def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float,
+                data_root: str | None = None) -> dict[str, Any]:
     """Write ``best/``: the winner's student (its seed with the highest val_acc) and the confirmed metrics.
 
     ``metrics.json`` holds the keys of a run's ``final.json``; ``val_acc``/``test_acc`` are the means
@@ -72,7 +73,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     ``student_seed`` and ``student_test_acc``.
     """
     chosen = max(winner["runs"], key=lambda r: (r[M.VAL_ACC], -r["seed"]))
-    run = restore_run(Path(chosen["checkpoint"]), teacher, data)
+    run = restore_run(Path(chosen["checkpoint"]), teacher, data, data_root)
     out = exp / BEST_DIR
     final = finish_run(run, out, teacher_acc, wall_s)
     final.update({M.VAL_ACC: winner["val_acc_mean"], "val_acc_std": winner["val_acc_std"],
@@ -195,7 +196,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
                 ckpt = latest_checkpoint(match[0]["dir"]) if match else None
             if ckpt is None:
                 continue
-            r = evaluate_run(ckpt, teacher.model, teacher.data)
+            r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
             if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
                 runs.append(r)
         results.append(summarise_candidate(cand, runs))
@@ -208,7 +209,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
         return EXIT_ERROR
 
     wall_s = update_wall(str(exp / META_FILE)) or (time.time() - started)
-    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s)
+    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root)
     e = load_experiment(exp)
     write_summaries(e)
     best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()

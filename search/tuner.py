@@ -125,7 +125,7 @@ def make_trainable(plan: SearchPlan, teacher: Teacher):
 
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
-                             threads=max(1, int(round(plan.cpus_per_trial)))),
+                             threads=max(1, int(round(plan.cpus_per_trial))), data_root=plan.data_root),
         resources={"cpu": plan.cpus_per_trial, "gpu": gpus_per_trial(plan)})
 
 

@@ -2,7 +2,11 @@
 
 The loop, per iteration: ``n_student`` imitation steps (the student matches the frozen teacher on
 freshly generated images), then ``n_generator`` adversarial steps (the generator moves towards
-images where the two disagree). Plain PyTorch; the Tune adapter lives in ``trainable.tune_trainable``.
+images where the two disagree). With ``method: avkd`` the generator is class-conditional, G(z, y),
+and ``n_discriminator`` discriminator steps follow, D(x, y) telling generated images from prior
+data. Feature alignment (``w_feature``, ``w_feature_adv``) adds a term on intermediate features to
+the student's and the generator's losses under any method. Plain PyTorch; the Tune adapter lives
+in ``trainable.tune_trainable``.
 
 Example::
 
@@ -29,12 +33,23 @@ from trainable.errors import CheckpointError, NonFiniteLossError, lookup
 from trainable.losses import (
     GENERATOR_LOSSES,
     STUDENT_LOSSES,
+    FeatureProjector,
+    FeatureTap,
     TeacherProbe,
     activation_loss,
     balance_loss,
+    feature_loss,
     onehot_loss,
 )
-from trainable.models import build_classifier, build_generator, classifier_head, count_params, width_for_fraction
+from trainable.models import (
+    Discriminator,
+    build_classifier,
+    build_generator,
+    classifier_head,
+    count_params,
+    feature_layers,
+    width_for_fraction,
+)
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
@@ -127,9 +142,12 @@ class AKDRun:
         teacher: the pretrained teacher; it is frozen here (eval mode, no gradients) and never changed.
         data: validation and test tensors of the task (no training data).
         device: defaults to CUDA when present.
+        prior: AVKD's prior images (N, C, H, W), normalised; None loads ``cfg.prior`` (``data_root`` for
+            the CIFAR priors).
     """
 
-    def __init__(self, cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None):
+    def __init__(self, cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
+                 prior: torch.Tensor | None = None, data_root: str | None = None):
         self.cfg = cfg
         self.device = device or default_device()
         self.task = get_task(cfg.task)
@@ -139,23 +157,42 @@ class AKDRun:
         self.teacher = freeze(teacher).to(self.device, memory_format=fmt)
         self.teacher_params = count_params(self.teacher)
         self.teacher_fingerprint = fingerprint(self.teacher)
+        self.avkd = cfg.method == "avkd"
+        self.align = cfg.w_feature > 0 or cfg.w_feature_adv > 0
         # The module the steps run: the frozen teacher with BatchNorm folded into its convolutions
-        # (exact in eval mode, fewer memory passes), unless the BN-statistics loss needs its BN layers.
-        self.teacher_fwd = self.teacher if cfg.w_bn > 0 else fold_batchnorm(self.teacher).to(memory_format=fmt)
+        # (exact in eval mode, fewer memory passes), unless the BN-statistics loss needs its BN layers
+        # or feature alignment its layers.
+        keep = cfg.w_bn > 0 or self.align
+        self.teacher_fwd = self.teacher if keep else fold_batchnorm(self.teacher).to(memory_format=fmt)
         t = self.task
         self.student_width = cfg.student_width if cfg.student_fraction is None else width_for_fraction(
             cfg.student, cfg.student_fraction, self.teacher_params, t.num_classes, t.channels, t.image_size)
         self.student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size,
                                         self.student_width).to(self.device, memory_format=fmt)
         self.generator = build_generator(cfg.generator, cfg.latent_dim, cfg.generator_width, t.channels,
-                                         t.image_size).to(self.device)
+                                         t.image_size, num_classes=t.num_classes if self.avkd else 0).to(self.device)
         self.student_params = count_params(self.student)
-        self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.lr_student, momentum=cfg.momentum,
+        self.projector = self._feature_alignment() if self.align else None
+        student_params = list(self.student.parameters())
+        if self.projector is not None:
+            student_params += list(self.projector.parameters())
+        self.opt_student = torch.optim.SGD(student_params, lr=cfg.lr_student, momentum=cfg.momentum,
                                            nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.lr_generator,
                                               betas=(cfg.beta1, cfg.beta2))
         self.sched_student = _make_scheduler(cfg, self.opt_student)
         self.sched_generator = _make_scheduler(cfg, self.opt_generator)
+        self.discriminator = self.opt_discriminator = self.sched_discriminator = None
+        if self.avkd:
+            from trainable.priors import load_prior
+
+            self.discriminator = Discriminator(t.channels, t.num_classes, cfg.discriminator_width).to(self.device)
+            self.opt_discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator,
+                                                      betas=(cfg.beta1, cfg.beta2))
+            self.sched_discriminator = _make_scheduler(cfg, self.opt_discriminator)
+            self.prior = load_prior(cfg.prior, cfg.task, data_root, cfg.seed) if prior is None else prior
+            weights = torch.tensor(cfg.class_prior) if cfg.class_prior else torch.ones(t.num_classes)
+            self.class_weights = weights.float()
         self.student_loss = lookup(STUDENT_LOSSES, "student loss", cfg.student_loss)
         self.generator_loss = lookup(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
         self.probe = TeacherProbe(self.teacher_fwd, classifier_head(self.teacher_fwd), want_bn=cfg.w_bn > 0,
@@ -168,6 +205,29 @@ class AKDRun:
         self.stopped_early = False
         self.precision = self.resolve_precision(cfg.precision, self.device)
         self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+
+    def _feature_alignment(self) -> FeatureProjector:
+        """Hooks on the aligned layers of teacher and student, and the projection between their widths."""
+        cfg, t = self.cfg, self.task
+        try:
+            self.teacher_tap = FeatureTap(self.teacher_fwd, feature_layers(cfg.teacher, cfg.feature_layers))
+            self.student_tap = FeatureTap(self.student, feature_layers(cfg.student, cfg.feature_layers))
+            probe = torch.zeros(2, t.channels, t.image_size, t.image_size, device=self.device)
+            was_training = self.student.training
+            self.student.eval()
+            with torch.no_grad():
+                self.teacher_tap.start()
+                self.teacher_fwd(probe)
+                t_shapes = [f.shape for f in self.teacher_tap.collect()]
+                self.student_tap.start()
+                self.student(probe)
+                s_shapes = [f.shape for f in self.student_tap.collect()]
+            self.student.train(was_training)
+            return FeatureProjector(s_shapes, t_shapes, cfg.feature_projection).to(self.device)
+        except ValueError as e:
+            from trainable.errors import ConfigError
+
+            raise ConfigError(str(e)) from None
 
     @staticmethod
     def resolve_precision(precision: str, device: torch.device) -> str:
@@ -189,9 +249,20 @@ class AKDRun:
     def _noise(self) -> torch.Tensor:
         return torch.randn(self.cfg.batch_size, self.cfg.latent_dim, device=self.device)  # (B, nz)
 
+    def _labels(self) -> torch.Tensor:
+        """Classes requested from the conditional generator, drawn from the class prior: (B,) int64."""
+        return torch.multinomial(self.class_weights, self.cfg.batch_size, replacement=True).to(self.device)
+
+    def generate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One batch of images (B, C, H, W) and, for a conditional generator, the classes asked for (B,)."""
+        if self.avkd:
+            y = self._labels()
+            return self.generator(self._noise(), y), y
+        return self.generator(self._noise()), None
+
     @torch.no_grad()
-    def synthesize(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n`` batches of fresh images and their teacher logits, for ``n`` student steps.
+    def synthesize(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor] | None]]:
+        """``n`` batches of fresh images, their teacher logits and (feature alignment) teacher features.
 
         The generator does not change during student steps, so the images of all ``n`` steps can be
         made up front: one generator call per batch (its train-mode BatchNorm sees the same batches
@@ -199,34 +270,59 @@ class AKDRun:
         logits do not depend on the batch). Built without a graph: detached by construction.
         """
         with self._autocast():
-            fakes = [self.generator(self._noise()) for _ in range(n)]  # n x (B, C, H, W)
+            fakes = [self.generate()[0] for _ in range(n)]  # n x (B, C, H, W)
+            if self.align:
+                self.teacher_tap.start()
             t_logits = self.teacher_fwd(torch.cat(fakes))  # (n * B, K)
-        return list(zip(fakes, t_logits.split(self.cfg.batch_size)))
+            feats = self.teacher_tap.collect() if self.align else None
+        b = self.cfg.batch_size
+        per_batch = [[f[i * b:(i + 1) * b] for f in feats] if feats else None for i in range(n)]
+        return list(zip(fakes, t_logits.split(b), per_batch))
 
-    def student_step(self, fake: torch.Tensor | None = None, t_logits: torch.Tensor | None = None) -> dict[str, float]:
+    def student_step(self, fake: torch.Tensor | None = None, t_logits: torch.Tensor | None = None,
+                     t_feats: list[torch.Tensor] | None = None) -> dict[str, float]:
         """One imitation step: images and teacher targets (from ``synthesize`` if not given), student update."""
         if fake is None or t_logits is None:
-            fake, t_logits = self.synthesize(1)[0]  # (B, C, H, W), (B, K)
+            fake, t_logits, t_feats = self.synthesize(1)[0]  # (B, C, H, W), (B, K), features
         with self._autocast():
+            if self.align:
+                self.student_tap.start()
             s_logits = self.student(fake)  # (B, K)
+            s_feats = self.student_tap.collect() if self.align else None
         loss = self.student_loss(s_logits.float(), t_logits.float(), self.cfg.temperature)
+        if self.align and self.cfg.w_feature > 0:
+            loss = loss + self.cfg.w_feature * feature_loss(self.projector(s_feats), t_feats)
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_student.step()
         return {M.LOSS_STUDENT: loss.item()}
 
     def generator_step(self) -> dict[str, float]:
-        """One adversarial step: gradients reach the generator only (student and teacher weights frozen)."""
+        """One adversarial step: gradients reach the generator only (student, teacher, D weights frozen)."""
         cfg = self.cfg
-        self.student.requires_grad_(False)  # no student weight gradients are computed here
+        frozen = [m for m in (self.student, self.projector, self.discriminator) if m is not None]
+        for m in frozen:
+            m.requires_grad_(False)  # no weight gradients are computed for them here
+        feature_adv = self.align and cfg.w_feature_adv > 0
         try:
             with self._autocast():
-                fake = self.generator(self._noise())  # (B, C, H, W)
+                fake, y = self.generate()  # (B, C, H, W), (B,) or None
                 self.probe.start()
+                if feature_adv:
+                    self.teacher_tap.start()
                 t_logits = self.teacher_fwd(fake).float()  # (B, K); gradient flows to the image only
                 self.probe.stop()
+                t_feats = self.teacher_tap.collect() if feature_adv else None
+                if feature_adv:
+                    self.student_tap.start()
                 s_logits = self.student(fake).float()  # (B, K)
-            loss = self.generator_loss(s_logits, t_logits, cfg.temperature)
+                s_feats = self.student_tap.collect() if feature_adv else None
+                d = self.discriminator(fake, y).float() if self.avkd else None  # (B,)
+            loss = cfg.w_disagreement * self.generator_loss(s_logits, t_logits, cfg.temperature)
+            if self.avkd:  # fool D; the teacher sees the class asked for
+                loss = loss + cfg.w_discriminator * d.mean() + cfg.w_class * F.cross_entropy(t_logits, y)
+            if feature_adv:
+                loss = loss - cfg.w_feature_adv * feature_loss(self.projector(s_feats), t_feats)
             if cfg.w_onehot:
                 loss = loss + cfg.w_onehot * onehot_loss(t_logits)
             if cfg.w_activation:
@@ -240,8 +336,26 @@ class AKDRun:
             self.opt_generator.step()
         finally:
             self.probe.stop()
-            self.student.requires_grad_(True)
+            for m in frozen:
+                m.requires_grad_(True)
         return {M.LOSS_GENERATOR: loss.item()}
+
+    def discriminator_step(self) -> dict[str, float]:
+        """AVKD: D learns to output high logits on generated (x, y) and low ones on prior images (BCE)."""
+        with torch.no_grad(), self._autocast():
+            fake, y = self.generate()  # (B, C, H, W), (B,)
+        idx = torch.randint(len(self.prior), (self.cfg.batch_size,))
+        x_prior = self.prior[idx].to(self.device, non_blocking=True)  # (B, C, H, W)
+        y_prior = self._labels()  # classes for prior images are drawn like the generator's
+        with self._autocast():
+            d_fake = self.discriminator(fake, y).float()  # (B,)
+            d_prior = self.discriminator(x_prior, y_prior).float()
+        loss = (F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+                + F.binary_cross_entropy_with_logits(d_prior, torch.zeros_like(d_prior)))
+        self.opt_discriminator.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_discriminator.step()
+        return {M.LOSS_DISCRIMINATOR: loss.item()}
 
     @staticmethod
     def _check(value: float, name: str, where: str):
@@ -256,29 +370,35 @@ class AKDRun:
         self.generator.train()
         lr_s = self.opt_student.param_groups[0]["lr"]
         lr_g = self.opt_generator.param_groups[0]["lr"]
-        sum_s = sum_g = 0.0
+        sum_s = sum_g = sum_d = 0.0
+        n_d = cfg.n_discriminator if self.avkd else 0
         start = time.perf_counter()
         for it in range(cfg.iters_per_epoch):
-            for k, (fake, t_logits) in enumerate(self.synthesize(cfg.n_student)):
-                ls = self.student_step(fake, t_logits)[M.LOSS_STUDENT]
+            for k, (fake, t_logits, t_feats) in enumerate(self.synthesize(cfg.n_student)):
+                ls = self.student_step(fake, t_logits, t_feats)[M.LOSS_STUDENT]
                 self._check(ls, M.LOSS_STUDENT, f"epoch {self.epoch + 1} iteration {it + 1} student step {k + 1}")
                 sum_s += ls
             for k in range(cfg.n_generator):
                 lg = self.generator_step()[M.LOSS_GENERATOR]
                 self._check(lg, M.LOSS_GENERATOR, f"epoch {self.epoch + 1} iteration {it + 1} generator step {k + 1}")
                 sum_g += lg
+            for k in range(n_d):
+                ld = self.discriminator_step()[M.LOSS_DISCRIMINATOR]
+                self._check(ld, M.LOSS_DISCRIMINATOR,
+                            f"epoch {self.epoch + 1} iteration {it + 1} discriminator step {k + 1}")
+                sum_d += ld
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - start
-        for sched in (self.sched_student, self.sched_generator):
+        for sched in (self.sched_student, self.sched_generator, self.sched_discriminator):
             if sched is not None:
                 sched.step()
         self.epoch += 1
         val = evaluate(self.student, self.data.val_x, self.data.val_y, cfg.eval_batch_size, self.device)
         if val["acc"] > self.best_val_acc:
             self.best_val_acc, self.best_epoch = val["acc"], self.epoch
-        images = cfg.batch_size * (cfg.n_student + cfg.n_generator) * cfg.iters_per_epoch
-        return {
+        images = cfg.batch_size * (cfg.n_student + cfg.n_generator + n_d) * cfg.iters_per_epoch
+        metrics = {
             M.EPOCH: self.epoch,
             M.VAL_ACC: val["acc"],
             M.VAL_LOSS: val["loss"],
@@ -291,6 +411,9 @@ class AKDRun:
             M.LR_STUDENT: lr_s,
             M.LR_GENERATOR: lr_g,
         }
+        if n_d:
+            metrics[M.LOSS_DISCRIMINATOR] = sum_d / (cfg.iters_per_epoch * n_d)
+        return metrics
 
     def should_stop(self) -> bool:
         p = self.cfg.early_stop_patience
@@ -332,6 +455,10 @@ class AKDRun:
             "opt_generator": self.opt_generator.state_dict(),
             "sched_student": sched(self.sched_student),
             "sched_generator": sched(self.sched_generator),
+            **({"discriminator": self.discriminator.state_dict(),
+                "opt_discriminator": self.opt_discriminator.state_dict(),
+                "sched_discriminator": sched(self.sched_discriminator)} if self.avkd else {}),
+            **({"projector": self.projector.state_dict()} if self.projector is not None else {}),
             "epoch": self.epoch,
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
@@ -365,6 +492,13 @@ class AKDRun:
         for sched, key in ((self.sched_student, "sched_student"), (self.sched_generator, "sched_generator")):
             if sched is not None:
                 sched.load_state_dict(ckpt[key])
+        if self.avkd:
+            self.discriminator.load_state_dict(ckpt["discriminator"])
+            self.opt_discriminator.load_state_dict(ckpt["opt_discriminator"])
+            if self.sched_discriminator is not None:
+                self.sched_discriminator.load_state_dict(ckpt["sched_discriminator"])
+        if self.projector is not None:
+            self.projector.load_state_dict(ckpt["projector"])
         self.epoch = int(ckpt["epoch"])
         self.best_val_acc = float(ckpt["best_val_acc"])
         self.best_epoch = int(ckpt["best_epoch"])

@@ -110,3 +110,77 @@ class TeacherProbe:
     def bn_loss(self) -> torch.Tensor:
         return torch.stack(self.bn_terms).sum()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature alignment (any method)
+# ---------------------------------------------------------------------------------------------
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Normalised MSE between paired feature maps, averaged over the pairs.
+
+    Each sample's flattened feature map is divided by its L2 norm, so layers of any scale weigh
+    alike; per pair the loss is mean over the batch of ||s/|s| - t/|t|||^2, in [0, 4].
+    Where spatial sizes differ, both are average-pooled to the smaller one.
+    """
+    total = 0.0
+    for s, t in zip(student, teacher):
+        s, t = s.float(), t.float()
+        if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+            size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+            s, t = F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+        s = F.normalize(s.flatten(1), dim=1)  # (B, D)
+        t = F.normalize(t.flatten(1), dim=1)
+        total = total + (s - t).pow(2).sum(1).mean()
+    return total / max(1, len(student))
+
+
+class FeatureTap:
+    """Forward hooks that keep the outputs of named modules while active (``start`` .. ``collect``)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"feature_layers: {missing[0]!r} is not a layer of {type(model).__name__}")
+        self.names = names
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.active = False
+        self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in names]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.active:
+                self.outputs[name] = output
+
+        return hook
+
+    def start(self) -> None:
+        self.active, self.outputs = True, {}
+
+    def collect(self) -> list[torch.Tensor]:
+        """The captured outputs in ``names`` order; stops capturing."""
+        self.active = False
+        return [self.outputs[n] for n in self.names]
+
+
+class FeatureProjector(nn.Module):
+    """Per aligned layer, a learned 1x1 projection from the student's width to the teacher's, where they
+    differ (identity where they match). Trained with the student."""
+
+    def __init__(self, student_shapes: list[torch.Size], teacher_shapes: list[torch.Size], project: bool):
+        super().__init__()
+        maps = []
+        for i, (s, t) in enumerate(zip(student_shapes, teacher_shapes)):
+            if s[1] == t[1]:
+                maps.append(nn.Identity())
+            elif not project:
+                raise ValueError(f"feature_layers: layer {i + 1} has {s[1]} student channels and {t[1]} teacher "
+                                 "channels; set feature_projection: true to learn a projection between them")
+            elif len(s) == 4:
+                maps.append(nn.Conv2d(s[1], t[1], 1, bias=False))
+            else:
+                maps.append(nn.Linear(s[1], t[1], bias=False))
+        self.maps = nn.ModuleList(maps)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [m(f) for m, f in zip(self.maps, feats)]

@@ -11,9 +11,10 @@ PARAM_RATIO = "param_ratio"  # student_params / teacher_params
 IMAGES_PER_S = "images_per_s"  # synthetic images through student+generator steps per second
 LR_STUDENT = "lr_student"  # learning rates in effect during the epoch
 LR_GENERATOR = "lr_generator"
+LOSS_DISCRIMINATOR = "loss_discriminator"  # AVKD only: mean discriminator BCE over the epoch's D steps
 
 EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR)
+                 PARAM_RATIO, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR)
 
 # final.json of a run and best/metrics.json of a search share these keys.
 TEST_ACC = "test_acc"  # held-out, computed once

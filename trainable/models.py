@@ -195,6 +195,46 @@ class GeneratorDeconv(nn.Module):
         return self.body(self.bn0(out))  # (B, C, H, W)
 
 
+class ConditionalGenerator(nn.Module):
+    """G(z, y): a generator of the registry fed with the noise and a learned embedding of the class.
+
+    AVKD's generator models q(x|y); ``forward(z, y)`` takes the class of every image.
+    """
+
+    def __init__(self, base: type[nn.Module], latent_dim: int, width: int, channels: int, image_size: int,
+                 num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, latent_dim)
+        self.body = base(2 * latent_dim, width, channels, image_size)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # z: (B, nz), y: (B,) int64
+        return self.body(torch.cat([z, self.embed(y)], 1))  # (B, C, H, W)
+
+
+class Discriminator(nn.Module):
+    """D(x, y) -> a real-valued logit per image: three strided convolutions (spectral norm), global pooling,
+    and a class projection (Miyato & Koyama 2018): ``linear(h) + <embed(y), h>``.
+
+    AVKD trains it to output high values on generated (x, y) and low values on prior images.
+    """
+
+    def __init__(self, channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.features = nn.Sequential(
+            sn(nn.Conv2d(channels, width, 3, 1, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(width, 2 * width, 4, 2, 1)), nn.LeakyReLU(0.2),
+            sn(nn.Conv2d(2 * width, 4 * width, 3, 1, 1)), nn.LeakyReLU(0.2),
+        )
+        self.linear = sn(nn.Linear(4 * width, 1))
+        self.embed = sn(nn.Embedding(num_classes, 4 * width))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # x: (B, C, H, W), y: (B,)
+        h = self.features(x).sum((2, 3))  # (B, 4w)
+        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)  # (B,)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registries: architectures as data over a few family builders (like timm's model_args)
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +249,7 @@ class Arch:
     family: Callable[..., nn.Module]  # builder(arch, num_classes, in_channels, image_size, width)
     base: int | None
     depths: tuple[int, ...] = ()  # ResNets: blocks per stage
+    feature_layers: tuple[str, ...] = ()  # modules whose outputs feature alignment matches by default
 
     @property
     def widthable(self) -> bool:
@@ -216,14 +257,18 @@ class Arch:
 
 
 # Teachers and students share one table: any classifier may be either.
+_STAGES = ("layer1", "layer2", "layer3", "layer4")  # the residual stages' outputs
 CLASSIFIERS: dict[str, Arch] = {
-    "resnet34": Arch(cifar_resnet, 64, (3, 4, 6, 3)),  # CIFAR ResNet-34, 3x3 stem: 21,328,292 params at 100 classes
-    "resnet34_w": Arch(cifar_resnet, 64, (3, 4, 6, 3)),  # the same, named for use at a width multiplier
-    "resnet34_tv": Arch(torchvision_resnet34, None),  # torchvision's resnet34, 7x7 stem
-    "resnet18": Arch(cifar_resnet, 64, (2, 2, 2, 2)),  # CIFAR ResNet-18: 11,220,132 params at 100 classes
-    "resnet18_half": Arch(cifar_resnet, 32, (2, 2, 2, 2)),  # ResNet-18 at half width: ~2.8M params
-    "cnn": Arch(small_cnn, 32),  # small 3-conv CNN (digits, MNIST): about 94k params for digits
-    "lenet5": Arch(lenet5, 6),  # LeNet-5 as in DFAD's MNIST teacher
+    # CIFAR ResNet-34, 3x3 stem: 21,328,292 params at 100 classes
+    "resnet34": Arch(cifar_resnet, 64, (3, 4, 6, 3), _STAGES),
+    "resnet34_w": Arch(cifar_resnet, 64, (3, 4, 6, 3), _STAGES),  # the same, named for use at a width multiplier
+    "resnet34_tv": Arch(torchvision_resnet34, None, (), _STAGES),  # torchvision's resnet34, 7x7 stem
+    "resnet18": Arch(cifar_resnet, 64, (2, 2, 2, 2), _STAGES),  # CIFAR ResNet-18: 11,220,132 params at 100 classes
+    "resnet18_half": Arch(cifar_resnet, 32, (2, 2, 2, 2), _STAGES),  # ResNet-18 at half width: ~2.8M params
+    # small 3-conv CNN (digits, MNIST), about 94k params for digits; its conv blocks end at the ReLUs
+    "cnn": Arch(small_cnn, 32, (), ("features.2", "features.5", "features.9")),
+    # LeNet-5 as in DFAD's MNIST teacher; its conv blocks end at the pools and the last ReLU
+    "lenet5": Arch(lenet5, 6, (), ("features.2", "features.5", "features.7")),
 }
 
 GENERATORS: dict[str, type[nn.Module]] = {
@@ -238,11 +283,22 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
     return arch.family(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
 
-def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int) -> nn.Module:
+def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int,
+                    num_classes: int = 0) -> nn.Module:
+    """A generator of the registry; with ``num_classes`` a ``ConditionalGenerator`` G(z, y) around it."""
     cls = lookup(GENERATORS, "generator", GENERATOR_ALIASES.get(name, name))
     if image_size % 4:
         raise ValueError(f"generator needs an image size divisible by 4, got {image_size}")
+    if num_classes:
+        return ConditionalGenerator(cls, latent_dim, base, channels, image_size, num_classes)
     return cls(latent_dim, base, channels, image_size)
+
+
+def feature_layers(name: str, spec: str) -> tuple[str, ...]:
+    """The layer names feature alignment hooks on a classifier: its defaults (``auto``) or a comma list."""
+    if spec == "auto":
+        return CLASSIFIERS[name].feature_layers
+    return tuple(n.strip() for n in spec.split(",") if n.strip())
 
 
 def count_params(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ import torch
 from trainable import metrics as M
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
-from trainable.files import atomic_path, torch_save, write_json
+from trainable.files import atomic_path, torch_save, write_json, write_text
 from trainable.tasks import EvalData
 
 
@@ -23,15 +23,26 @@ def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.devi
 
 
 def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None:
-    """A grid of generated images (torchvision's make_grid), de-normalised to the task's pixel range."""
+    """A grid of generated images (torchvision's make_grid), de-normalised to the task's pixel range.
+
+    A class-conditional generator (AVKD) gets one row per class, in class order, so a reader can see
+    whether it learned the classes.
+    """
     from torchvision.utils import make_grid, save_image
 
     g = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(n, run.cfg.latent_dim, generator=g).to(run.device)
+    k = run.task.num_classes
+    per_row = 8 if not run.avkd else (10 if k <= 10 else 8)
+    rows = n // per_row if not run.avkd else k
+    z = torch.randn(rows * per_row, run.cfg.latent_dim, generator=g).to(run.device)
     was_training = run.generator.training
     run.generator.eval()
     with torch.no_grad():
-        imgs = run.generator(z).float().cpu()  # (n, C, H, W), normalised
+        if run.avkd:
+            y = torch.arange(k, device=run.device).repeat_interleave(per_row)  # row r: class r
+            imgs = run.generator(z, y).float().cpu()  # (k * per_row, C, H, W), normalised
+        else:
+            imgs = run.generator(z).float().cpu()
     run.generator.train(was_training)
     mean = torch.tensor(run.task.mean).view(1, -1, 1, 1)
     std = torch.tensor(run.task.std).view(1, -1, 1, 1)
@@ -40,7 +51,7 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
     if scale > 1:
         imgs = torch.nn.functional.interpolate(imgs, scale_factor=scale, mode="nearest")
     with atomic_path(path) as tmp:
-        save_image(make_grid(imgs, nrow=8, padding=2, pad_value=1.0), str(tmp), format="png")
+        save_image(make_grid(imgs, nrow=per_row, padding=2, pad_value=1.0), str(tmp), format="png")
 
 
 def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: float) -> dict[str, float]:
@@ -68,6 +79,6 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
     conf = test["confusion"]
     lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
     lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
-    (out / "confusion_test.csv").write_text("\n".join(lines) + "\n")
+    write_text(out / "confusion_test.csv", "\n".join(lines) + "\n")
     write_json(out / "config.json", {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})
     return final

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
-from trainable.config import build_config, config_to_dict, parse_value
+from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.outputs import finish_run, teacher_metrics
@@ -44,7 +44,11 @@ def parse_sets(items: list[str]) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One data-free adversarial distillation run (no Ray).")
     p.add_argument("--task", default="digits", help=f"one of {sorted(TASKS)} (default digits)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder (default runs/<task>_<method>)")
+    p.add_argument("--method", choices=sorted(METHODS), help="distillation method (default dfad; the same as "
+                   "--set method=NAME)")
+    p.add_argument("--prior", help="AVKD's prior data: letters | photos | cifar10 | cifar100 | cifar90 | "
+                   "folder:PATH (default: the task's; the same as --set prior=...)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set lr_student=0.05")
     p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits")
@@ -68,8 +72,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config({"task": args.task, **parse_sets(args.sets)})
-    out = Path(args.out)
+    shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior)) if v is not None}
+    cfg = build_config({"task": args.task, **shortcuts, **parse_sets(args.sets)})
+    out = Path(args.out or f"runs/{cfg.task}_{cfg.method}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run's outputs")
     if not os.access(out if out.exists() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
@@ -82,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
-        akd = AKDRun(cfg, teacher, data, default_device())
+        akd = AKDRun(cfg, teacher, data, default_device(), data_root=args.data_root)
         if args.resume:
             akd.load_state_dict(load_checkpoint(ckpt_path))
             print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
@@ -97,8 +102,9 @@ def run(args: argparse.Namespace) -> int:
             save_checkpoint(r, ckpt_path)
             # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
             write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
+            loss_d = f"  loss_D {m['loss_discriminator']:.4f}" if "loss_discriminator" in m else ""
             print(f"epoch {m['epoch']:>4}/{cfg.epochs}  val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  "
-                  f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}  "
+                  f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
                   f"{m['images_per_s']:.0f} img/s", flush=True)
 
         akd.fit(on_epoch)

@@ -42,7 +42,8 @@ CANDIDATE = "candidate"  # the search trial a confirmation trial belongs to
 RUN = "run"  # a confirmation trial's config is {RUN: {AKDConfig keys, CONTINUE_FROM, CANDIDATE}}
 
 
-def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1) -> None:
+def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1,
+              data_root: str | None = None) -> None:
     """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys.
 
     A run whose loss becomes NaN/Inf reports ``{diverged: 1, error: reason}`` once and ends: the
@@ -54,7 +55,7 @@ def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, t
     config.pop(CANDIDATE, None)
     cfg = build_config(config)  # a bad combination raises: the trial is recorded as errored, with the reason
     with data_free():
-        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device())
+        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device(), data_root=data_root)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
