@@ -228,6 +228,55 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
     return _fig_html(fig, "pareto")
 
 
+def method_labels(trials: pd.DataFrame) -> pd.Series | None:
+    """Each trial's method, with "+ features" where feature alignment was on; None if the method was not searched."""
+    if "param.method" not in trials:
+        return None
+    label = trials["param.method"].astype("string").fillna("?")
+    for col in ("param.w_feature", "param.w_feature_adv"):
+        if col in trials:
+            on = pd.to_numeric(trials[col], errors="coerce").fillna(0) > 0
+            label = label.where(~on, label + " + features")
+    return label
+
+
+def _method_plot(e: Experiment) -> str | None:
+    """val_acc by method: every trial at the first rung (one fidelity), full-length runs, confirmed test means."""
+    import plotly.graph_objects as go
+
+    t = e.trials.copy()
+    labels = method_labels(t)
+    if labels is None:
+        return None
+    t["label"] = labels
+    at = _fidelity(e)
+    first = e.epochs[e.epochs[M.EPOCH] == at].set_index("trial_id")[M.VAL_ACC]
+    t["acc_at"] = t["trial_id"].map(first)
+    order = sorted(t["label"].dropna().unique())
+    fig = go.Figure()
+    s = t[t["acc_at"].notna()]
+    fig.add_trace(go.Box(x=s["label"], y=s["acc_at"], name=f"every trial, val_acc at epoch {at}", boxpoints="all",
+                         jitter=0.4, pointpos=0, marker=dict(color="#1f77b4", size=7), customdata=s["trial_id"],
+                         hovertemplate="%{customdata}<br>%{x}<br>val_acc %{y:.4f}<extra></extra>"))
+    max_epochs = int(e.meta.get("max_epochs") or 0)
+    full = t[(t["epochs_run"] >= max_epochs) & t["final_val_acc"].notna()] if max_epochs else t.iloc[:0]
+    if len(full):
+        fig.add_trace(go.Scatter(x=full["label"], y=full["final_val_acc"], mode="markers",
+                                 name=f"val_acc after all {max_epochs} epochs",
+                                 marker=dict(symbol="diamond", size=11, color="crimson"), customdata=full["trial_id"],
+                                 hovertemplate="%{customdata}<br>%{x}<br>val_acc %{y:.4f}<extra></extra>"))
+    conf = t[t["confirmed_test_acc_mean"].notna()] if "confirmed_test_acc_mean" in t else t.iloc[:0]
+    if len(conf):
+        fig.add_trace(go.Scatter(
+            x=conf["label"], y=conf["confirmed_test_acc_mean"], mode="markers", name="confirmed held-out test_acc "
+            "(mean ± std over seeds)", error_y=dict(type="data", array=conf["confirmed_test_acc_std"].fillna(0).tolist()),
+            marker=dict(symbol="star", size=15, color="gold", line=dict(color="black", width=1)),
+            customdata=conf["trial_id"], hovertemplate="%{customdata}<br>%{x}<br>test_acc %{y:.4f}<extra></extra>"))
+    fig.update_layout(title="Accuracy by method", xaxis_title="method", yaxis_title="accuracy",
+                      xaxis=dict(categoryorder="array", categoryarray=order))
+    return _fig_html(fig, "methods")
+
+
 def _confirm_table(e: Experiment) -> str:
     cands = (e.confirmed or {}).get("candidates") or []
     if not cands:
@@ -359,6 +408,9 @@ def render(e: Experiment) -> str:
                      "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
     parts.append(_kv_table(header))
     parts.append(_section("Accuracy versus student size", _pareto_plot(e, best_id)))
+    by_method = _method_plot(e)
+    if by_method is not None:
+        parts.append(_section("Accuracy by method", by_method))
     parts.append(_section("Confirmation over seeds", _confirm_table(e)))
     parts.append(_section("Learning curves", _curves_plot(e)))
     for title, body in _optuna_plots(e):

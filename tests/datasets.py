@@ -28,6 +28,24 @@ def write_cifar100(root: Path, n_train: int = 64, n_test: int = 50, seed: int = 
     return root
 
 
+def write_cifar10(root: Path, n_train: int = 60, n_test: int = 40, seed: int = 0) -> Path:
+    """``cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` as in the official archive."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_train // 5
+        entry = {"batch_label": name, "labels": (np.arange(n) % 10).tolist(),
+                 "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+                 "filenames": [f"img_{i}.png" for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_train // 5}, f)
+    return root
+
+
 def write_mnist(root: Path, n_train: int = 32, n_test: int = 20, seed: int = 0) -> Path:
     """``MNIST/raw/*-ubyte`` idx files (big-endian headers), as torchvision extracts them."""
     rng = np.random.default_rng(seed)

@@ -183,4 +183,4 @@ class FeatureProjector(nn.Module):
         self.maps = nn.ModuleList(maps)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [m(f) for m, f in zip(self.maps, feats)]
+        return [m(f.float()) for m, f in zip(self.maps, feats)]  # fp32 even when the features are bf16
