@@ -7,6 +7,11 @@ the student step, student weight gradients computed during the generator step, f
 tensors. Same models, batch and step ratio; variants alternate A/B/... in one process, several
 repeats; medians are printed, with the ratio against the straightforward loop.
 
+Two rows measure the other methods at the project's default speed settings on the same models:
+AVKD (conditional generator; each iteration also takes one discriminator step on generated and
+prior images, counted as extra work, not as images) and DFAD with feature alignment (the teacher
+runs unfolded so its layers can be hooked; the student matches its stage outputs).
+
 Example::
 
     python bench/step_throughput.py                         # CIFAR-100 ResNet-34 -> ResNet-18 and digits
@@ -70,7 +75,7 @@ class Straightforward:
 class Project:
     """The project's loop (``AKDRun``'s own steps) for one speed configuration."""
 
-    def __init__(self, shape: dict, teacher, device, **speed):
+    def __init__(self, shape: dict, teacher, device, prior=None, **speed):
         task = get_task(shape["task"])
         cfg = build_config({"task": shape["task"], "teacher": shape["teacher"], "student": shape["student"],
                             "student_width": shape.get("student_width", 1.0), "student_fraction": None,
@@ -78,12 +83,14 @@ class Project:
                             "batch_size": shape["batch"], "n_student": 5, "n_generator": 1, "w_bn": 0.0, **speed})
         empty = torch.zeros(1, task.channels, task.image_size, task.image_size)
         data = EvalData(empty, torch.zeros(1, dtype=torch.long), empty, torch.zeros(1, dtype=torch.long))
-        self.run = AKDRun(cfg, teacher, data, device)
+        self.run = AKDRun(cfg, teacher, data, device, prior=prior)
 
     def iteration(self) -> None:
         for _ in range(self.run.cfg.n_student):
             self.run.student_step()
         self.run.generator_step()
+        if self.run.avkd:  # AVKD's discriminator step: extra work per iteration, same images counted
+            self.run.discriminator_step()
 
 
 def build_models(shape: dict, device):
@@ -110,6 +117,12 @@ def variants(shape: dict, device) -> dict[str, object]:
     out["project bf16 channels_last"] = Project(shape, build_models(shape, device)[0], device, precision="bf16",
                                                 channels_last=True)
     out["project default"] = Project(shape, build_models(shape, device)[0], device)
+    # The other methods at the project's default speed settings, on the same models.
+    t = get_task(shape["task"])
+    prior = torch.randn(512, t.channels, t.image_size, t.image_size)  # stands in for prior data: same cost
+    out["project avkd (+ discriminator step)"] = Project(shape, build_models(shape, device)[0], device,
+                                                         method="avkd", prior=prior)
+    out["project dfad + feature alignment"] = Project(shape, build_models(shape, device)[0], device, w_feature=1.0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         compiled = Project(shape, build_models(shape, device)[0], device, precision="bf16", channels_last=True)

@@ -5,6 +5,7 @@ and test; ``export_best`` writes ``best/``; ``print_result`` the terminal summar
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def _fmt(v: Any) -> str:
 def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, Any], results: list[dict],
                  trials_line: str, budget: float | None, wall_s: float, exp: Path, report: Path | None) -> None:
     rows = [("best trial", best["trial_id"])]
-    rows += [(k, _fmt(v)) for k, v in params.items() if v is not None]
+    rows += [(k, _fmt(v)) for k, v in params.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if budget:
         rows.append(("parameter budget", f"<= {budget:.0%} of the teacher"
                      + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))

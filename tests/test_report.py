@@ -96,3 +96,23 @@ def test_report_renders_in_headless_chromium(finished_search):
     subprocess.run([CHROMIUM, *flags, "--window-size=1300,6000", f"--screenshot={shot}", report.as_uri()],
                    capture_output=True, text=True, timeout=180)
     assert shot.is_file() and shot.stat().st_size > 10_000  # next to the report, for people to look at
+
+
+def test_the_method_comparison_plot_labels_feature_alignment():
+    """A plot of accuracy by method appears when the method is searched; "+ features" where alignment was on."""
+    from pathlib import Path
+
+    from results.report import _method_plot, method_labels
+    from results.summary import Experiment
+
+    trials = pd.DataFrame({
+        "trial_id": ["a", "b", "c", "d"], "param.method": ["dfad", "avkd", "dafl", "dfad"],
+        "param.w_feature": [0.0, 1.0, 0.0, 1.0], "final_val_acc": [0.9, 0.8, 0.95, 0.85], "epochs_run": [4, 4, 8, 8],
+        "confirmed_test_acc_mean": [None, None, 0.96, None], "confirmed_test_acc_std": [None, None, 0.01, None]})
+    epochs = pd.DataFrame({"trial_id": list("abcd") + ["c", "d"], M.EPOCH: [4, 4, 4, 4, 8, 8],
+                           M.VAL_ACC: [0.9, 0.8, 0.9, 0.85, 0.95, 0.85]})
+    e = Experiment(Path("/x"), {"grace_period": 4, "max_epochs": 8}, {}, {}, trials, epochs)
+    assert list(method_labels(trials)) == ["dfad", "avkd + features", "dafl", "dfad + features"]
+    html = _method_plot(e)
+    assert "id=\"methods\"" in html and "val_acc at epoch 4" in html and "after all 8 epochs" in html
+    assert _method_plot(Experiment(Path("/x"), {}, {}, {}, trials.drop(columns="param.method"), epochs)) is None
