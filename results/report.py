@@ -369,7 +369,7 @@ def _best_line(best_id: str | None, m: dict) -> str:
             + (f" ({m['epochs']} epochs)" if m.get("epochs") else ""))
 
 
-def render(e: Experiment) -> str:
+def render(e: Experiment, in_progress: str | None = None) -> str:
     from plotly.offline import get_plotlyjs
 
     meta = e.meta
@@ -402,7 +402,12 @@ def render(e: Experiment) -> str:
     ]
     parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
              f"<p>{html.escape(str((meta.get('space') or {}).get('description', '')))}</p>"]
-    if e.partial:
+    refresh = ""
+    if in_progress:
+        refresh = "<meta http-equiv='refresh' content='30'>"
+        parts.append(f"<div class='partial' id='in-progress'>In progress: {html.escape(in_progress)}. This page is "
+                     "rewritten as trials finish and reloads itself every 30 s.</div>")
+    elif e.partial:
         done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[DIVERGED] + counts[ERRORED]
         parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
                      "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
@@ -425,20 +430,33 @@ def render(e: Experiment) -> str:
     sp = e.trials["student_params"].dropna()
     if len(sp):
         sizes.append(("smallest / largest student tried", f"{int(sp.min()):,} / {int(sp.max()):,}"))
-    parts.append(_section("Parameter counts", _kv_table(sizes)))
+    if best_metrics.get(M.LATENCY_MS) is not None:
+        sizes += [
+            ("best student: FLOPs per image", f"{best_metrics[M.FLOPS]:,}"),
+            ("best student: CPU latency, batch 1", f"{best_metrics[M.LATENCY_MS]:.3f} ms per image (median; "
+                                                   f"{best_metrics.get(M.THREADS)} threads)"),
+            ("best student: CPU throughput, batch 256", f"{best_metrics[M.THROUGHPUT]:,.0f} images/s (median)"),
+            ("best student: best/student.pt2 on disk", f"{best_metrics[M.SIZE_BYTES]:,} bytes (torch.export; "
+                                                       "torch.export.load(path).module() runs it)"),
+        ]
+    parts.append(_section("Size and inference cost", _kv_table(sizes)))
     parts.append(_section("All trials (click a column to sort)", _trials_table(e, best_id)))
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-            f"<title>AKD search report: {html.escape(e.path.name)}</title>{_CSS}{_PAGE_CHECK}"
+            f"<title>AKD search report: {html.escape(e.path.name)}</title>{refresh}{_CSS}{_PAGE_CHECK}"
             f"<script type='text/javascript'>{get_plotlyjs()}</script>{_SORT_JS}</head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
-def build_report(path: str | Path) -> Path:
-    """Write the Parquet summaries and ``report.html`` of the experiment at ``path``; returns the report path."""
+def build_report(path: str | Path, in_progress: str | None = None) -> Path:
+    """Write the Parquet summaries and ``report.html`` of the experiment at ``path``; returns the report path.
+
+    ``in_progress`` (e.g. "5 of 16 trials finished"): the search is running; the page says so and
+    reloads itself. Both files are replaced atomically, so a reader never sees half of one.
+    """
     e = load_experiment(path)
     write_summaries(e)
     out = e.path / REPORT_FILE
-    write_text(out, render(e))
+    write_text(out, render(e, in_progress))
     return out
 
 
@@ -447,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description="Build Parquet summaries and the HTML report of a search.")
     p.add_argument("run_dir", help="the experiment folder, <storage>/<name>")
+    p.add_argument("--open", action="store_true", help="open the report in the web browser")
     args = p.parse_args(argv)
     try:
         out = build_report(args.run_dir)
@@ -454,6 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"summaries: {Path(args.run_dir) / 'summary'}\nreport:    {out}")
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(out.resolve().as_uri()):
+            print(f"no web browser found here; open {out} yourself")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from search.layout import CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, SUMMARY_DIR
+from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, SUMMARY_DIR
 from search.scheduler import stop_decisions
 from trainable import metrics as M
 from trainable.files import atomic_path, read_json
@@ -37,6 +37,11 @@ TRIAL_COLUMNS = {
     "student_params": "student parameter count",
     "teacher_params": "teacher parameter count",
     "param_ratio": "student_params / teacher_params",
+    "flops": "the student's floating-point operations per image (one forward; a multiply-add counts 2)",
+    "latency_ms_b1": "the winner only: median CPU milliseconds per image at batch 1 (best/student.pt2's model)",
+    "throughput_b256": "the winner only: median CPU images per second at batch 256",
+    "size_bytes": "the winner only: size of best/student.pt2",
+    "cpu_threads": "the winner only: torch CPU threads during that timing",
     "within_budget": "param_ratio <= the space's param_budget (true when there is none)",
     "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
     "wall_s": "seconds the trial ran (summed over resumes)",
@@ -122,6 +127,7 @@ def load_experiment(path: str | Path) -> Experiment:
     meta = read_json(exp / META_FILE, {})
     stopped = stop_decisions(exp / SCHEDULER_FILE)
     confirmed = read_json(exp / CONFIRM_RESULTS, {})
+    best_cost = read_json(exp / BEST_DIR / "metrics.json", {})
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     space = meta.get("space") or {}
     searched = list((space.get("params") or {}).keys())
@@ -173,6 +179,7 @@ def load_experiment(path: str | Path) -> Experiment:
             "student_params": last.get(M.STUDENT_PARAMS),
             "teacher_params": last.get(M.TEACHER_PARAMS),
             "param_ratio": last.get(M.PARAM_RATIO),
+            M.FLOPS: last.get(M.FLOPS),
             "wall_s": last.get("time_total_s"),
             "_dir": str(trial_dir),
             "_config": config,
@@ -183,6 +190,8 @@ def load_experiment(path: str | Path) -> Experiment:
             for stat in ("mean", "std"):
                 row[f"confirmed_{key}_{stat}"] = (cand or {}).get(f"{key}_{stat}")
         row["winner"] = trial_id == confirmed.get("winner")
+        for key in (M.LATENCY_MS, M.THROUGHPUT, M.SIZE_BYTES, M.THREADS):  # the exported winner's inference cost
+            row[key] = best_cost.get(key) if row["winner"] else None
         row["within_budget"] = bool(budget is None or (row["param_ratio"] is not None and row["param_ratio"] <= budget))
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows)

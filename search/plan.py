@@ -57,6 +57,7 @@ class SearchPlan:
     address: str | None
     num_cpus: int | None
     report: bool
+    verbose: bool  # Ray's tables and worker logs as well as our progress lines
     resume: bool
     resume_command: str  # the command that finishes this search if it is interrupted
     record: dict[str, Any] | None = None  # the resumed search's akdtune/search.json
@@ -201,6 +202,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
+        verbose=args.verbose,
         resume=args.resume, resume_command=resume_command(argv), record=record,
         finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_DIR).is_dir()),
     )

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "space's budget.confirm_seeds, else 3)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--verbose", action="store_true", help="Ray's own trial tables and worker output as well")
     return p
 
 

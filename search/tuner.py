@@ -93,12 +93,17 @@ def start_ray(plan: SearchPlan) -> None:
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged run reports no val_acc
+    if not plan.verbose:  # our progress lines instead of Tune's tables, banners and per-trial warnings
+        import logging
+
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output engine: silent at verbose=0
+        logging.getLogger("ray.tune").setLevel(logging.ERROR)
     if not ray.is_initialized():
         if plan.address:
             check_address(plan.address)
         init = dict(address=plan.address) if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False)
-        try:
-            ray.init(log_to_driver=True, configure_logging=False, **init)
+        try:  # workers' logs (a line per checkpoint) reach the terminal only with --verbose
+            ray.init(log_to_driver=plan.verbose, configure_logging=False, **init)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
     check_cluster(plan)
@@ -137,7 +142,21 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
     own = [WallClock(str(plan.file(META_FILE)))] if plan.local else []
     return tune.RunConfig(name=name, storage_path=storage, callbacks=[*callbacks, *own],
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                          failure_config=tune.FailureConfig(max_failures=plan.max_failures), verbose=1)
+                          failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+                          verbose=1 if plan.verbose else 0)
+
+
+def search_progress(plan: SearchPlan):
+    """The compact live view of the search's trials (and the live report where the storage is local)."""
+    from search.progress import SearchProgress
+    from search.scheduler import milestones
+
+    rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
+    return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.param_budget,
+                          [p.name for p in plan.space.params],
+                          state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
+                          report_dir=plan.path if plan.local and plan.report else None,
+                          confirm_runs=plan.confirm_top_k * plan.confirm_seeds)
 
 
 def _restore(path: str, trainable):
@@ -170,7 +189,7 @@ def build_tuner(plan: SearchPlan, trainable):
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                                     max_concurrent_trials=plan.max_concurrent or None,
                                     trial_dirname_creator=trial_dirname, reuse_actors=True),
-        run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler)]))
+        run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan)]))
 
 
 def restore_tuner(plan: SearchPlan, trainable):
@@ -184,11 +203,13 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     from ray import tune
 
     from search.algorithms import trial_dirname
+    from search.progress import SearchProgress
     from trainable.tune_trainable import RUN
 
     if (folder / "tuner.pkl").exists():
         return _restore(str(folder), trainable)
+    progress = SearchProgress(len(runs), plan.max_epochs, [], 1.0, None, [], label="confirmation run")
     return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
                                                   trial_dirname_creator=trial_dirname),
-                      run_config=_run_config(plan, folder.name, str(folder.parent), []))
+                      run_config=_run_config(plan, folder.name, str(folder.parent), [progress]))

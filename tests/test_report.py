@@ -48,7 +48,7 @@ def test_report_is_self_contained(finished_search):
     assert not re.search(r"""<(img|iframe|script|link)[^>]+(src|href)=['"]?https?:""", text), "no remote resource"
     for title in ("Optimization history", "Parallel coordinates", "Parameter importances",
                   "Learning curves of every trial", "Confirmation over seeds", "Slice", "Accuracy versus student size", "Learning curves", "Confusion matrix", "Generated images",
-                  "Parameter counts", "All trials"):
+                  "Size and inference cost", "All trials"):
         assert title in text, title
 
 

@@ -46,6 +46,7 @@ from trainable.models import (
     build_classifier,
     build_generator,
     classifier_head,
+    count_flops,
     count_params,
     feature_layers,
     width_for_fraction,
@@ -172,6 +173,7 @@ class AKDRun:
         self.generator = build_generator(cfg.generator, cfg.latent_dim, cfg.generator_width, t.channels,
                                          t.image_size, num_classes=t.num_classes if self.avkd else 0).to(self.device)
         self.student_params = count_params(self.student)
+        self.student_flops = count_flops(self.student, t.channels, t.image_size)
         self.projector = self._feature_alignment() if self.align else None
         student_params = list(self.student.parameters())
         if self.projector is not None:
@@ -407,6 +409,7 @@ class AKDRun:
             M.STUDENT_PARAMS: self.student_params,
             M.TEACHER_PARAMS: self.teacher_params,
             M.PARAM_RATIO: self.student_params / self.teacher_params,
+            M.FLOPS: self.student_flops,
             M.IMAGES_PER_S: images / max(train_s, 1e-9),
             M.LR_STUDENT: lr_s,
             M.LR_GENERATOR: lr_g,

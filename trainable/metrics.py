@@ -12,9 +12,17 @@ IMAGES_PER_S = "images_per_s"  # synthetic images through student+generator step
 LR_STUDENT = "lr_student"  # learning rates in effect during the epoch
 LR_GENERATOR = "lr_generator"
 LOSS_DISCRIMINATOR = "loss_discriminator"  # AVKD only: mean discriminator BCE over the epoch's D steps
+FLOPS = "flops"  # the student's floating-point operations per image (one forward), counted once per run
 
 EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR)
+                 PARAM_RATIO, FLOPS, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR)
+
+# What the exported student costs to run, measured once on the CPU when a run finishes (final.json, best/).
+LATENCY_MS = "latency_ms_b1"  # median milliseconds per image at batch 1
+THROUGHPUT = "throughput_b256"  # median images per second at batch 256
+SIZE_BYTES = "size_bytes"  # the torch.export program (student.pt2) on disk
+THREADS = "cpu_threads"  # torch CPU threads during the timing
+COST_METRICS = (FLOPS, LATENCY_MS, THROUGHPUT, SIZE_BYTES, THREADS)
 
 # final.json of a run and best/metrics.json of a search share these keys.
 TEST_ACC = "test_acc"  # held-out, computed once
@@ -22,7 +30,7 @@ TEACHER_VAL_ACC = "teacher_val_acc"
 TEACHER_TEST_ACC = "teacher_test_acc"
 WALL_S = "wall_s"
 FINAL_METRICS = (VAL_ACC, TEST_ACC, TEACHER_VAL_ACC, TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, WALL_S)
+                 PARAM_RATIO, WALL_S, *COST_METRICS)
 
 # Reported once, instead of an epoch's metrics, by a run whose loss became NaN/Inf: divergence is a
 # result of its settings (the trial ends, recorded with the reason), not a crash to retry.

@@ -305,6 +305,20 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def count_flops(model: nn.Module, channels: int, image_size: int) -> int:
+    """Floating-point operations of one forward of one image (``torch.utils.flop_counter``; a multiply-add
+    counts 2), in eval mode; the model's mode is put back."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, channels, image_size, image_size, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def classifier_params(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> int:
     """Parameter count without allocating weights (built on the meta device)."""
     with torch.device("meta"):

@@ -6,6 +6,7 @@ both carry the keys of ``trainable.metrics.FINAL_METRICS``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,11 +55,69 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
         save_image(make_grid(imgs, nrow=per_row, padding=2, pad_value=1.0), str(tmp), format="png")
 
 
+def export_student(student: torch.nn.Module, channels: int, image_size: int, out: Path) -> dict[str, Any]:
+    """The student as a ``torch.export`` program, ``student.pt2`` (loadable with ``torch.export.load`` and no
+    project code; any batch size), and ``student.onnx`` where the ONNX exporter is installed.
+
+    Returns what the export wrote: ``{"pt2": path, "onnx": path or None, "onnx_note": why not}``.
+    """
+    import copy
+    import importlib.util
+
+    model = copy.deepcopy(student).float().cpu().eval().to(memory_format=torch.contiguous_format)
+    x = torch.zeros(2, channels, image_size, image_size)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    with atomic_path(out / "student.pt2") as tmp:
+        torch.export.save(program, str(tmp))
+    written: dict[str, Any] = {"pt2": str(out / "student.pt2"), "onnx": None, "onnx_note": ""}
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
+        try:
+            with atomic_path(out / "student.onnx") as tmp:
+                torch.onnx.export(model, (x,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},))
+            written["onnx"] = str(out / "student.onnx")
+        except Exception as e:  # optional: the .pt2 program is the export
+            written["onnx_note"] = f"ONNX export failed: {type(e).__name__}: {str(e)[:200]}"
+    else:
+        written["onnx_note"] = "ONNX exporter not installed (pip install onnx onnxscript)"
+    return written
+
+
+def inference_cost(student: torch.nn.Module, channels: int, image_size: int, flops: int, size_bytes: int,
+                   latency_repeats: int = 30, throughput_repeats: int = 3) -> dict[str, float]:
+    """What the student costs on this machine's CPU: latency at batch 1 and throughput at batch 256 (medians of
+    timed runs after a warm-up, fp32), its FLOPs per image and its size on disk."""
+    import copy
+    import statistics
+    import time
+
+    model = copy.deepcopy(student).float().cpu().eval()
+    one = torch.randn(1, channels, image_size, image_size)
+    many = torch.randn(256, channels, image_size, image_size)
+    with torch.inference_mode():
+        model(one)
+        model(many)  # warm-up: allocator and kernel choice
+        lat = []
+        for _ in range(latency_repeats):
+            t0 = time.perf_counter()
+            model(one)
+            lat.append(time.perf_counter() - t0)
+        thr = []
+        for _ in range(throughput_repeats):
+            t0 = time.perf_counter()
+            model(many)
+            thr.append(256 / (time.perf_counter() - t0))
+    return {M.FLOPS: int(flops), M.LATENCY_MS: 1000 * statistics.median(lat), M.THROUGHPUT: statistics.median(thr),
+            M.SIZE_BYTES: int(size_bytes), M.THREADS: torch.get_num_threads()}
+
+
 def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: float) -> dict[str, float]:
     """Evaluate the student once on the held-out test split and write the run's outputs into ``out``.
 
-    Writes ``final.json`` style metrics (returned), ``student.pt`` (state_dict), ``generated.png``,
-    ``confusion_test.csv`` (rows: true class, columns: predicted) and ``config.json``.
+    Writes ``final.json`` style metrics (returned, with the student's inference cost), ``student.pt``
+    (state_dict), ``student.pt2`` (``torch.export`` program; ``student.onnx`` where the exporter is
+    installed), ``generated.png``, ``confusion_test.csv`` (rows: true class, columns: predicted) and
+    ``config.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
     d = run.data
@@ -75,6 +134,10 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
         M.WALL_S: wall_s,
     }
     torch_save(run.student.state_dict(), out / "student.pt")
+    t = run.task
+    export_student(run.student, t.channels, t.image_size, out)
+    final.update(inference_cost(run.student, t.channels, t.image_size, run.student_flops,
+                                (out / "student.pt2").stat().st_size))
     save_image_grid(run, out / "generated.png")
     conf = test["confusion"]
     lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]

@@ -1,0 +1,270 @@
+"""What a person sees while a search runs: one compact live view instead of Ray's tables.
+
+``SearchProgress`` is a Tune ``Callback`` (Tune's public reporting interface). It counts trials
+finished / running / stopped / failed of N and epochs done, estimates the time left from measured
+epoch times and the scheduler's remaining work, keeps the best student within the budget so far,
+and prints one line per finished trial. In a terminal a tqdm bar redraws in place; anywhere else
+(CI, a pipe, a log file) it prints plain lines and nothing else, so a default search stays under
+about 60 lines. A failed trial is always reported, with its reason.
+
+It can also keep the report current: every ``report_every_s`` seconds after a trial finishes it asks
+a background thread to rewrite the Parquet summaries and ``report.html`` (atomically), so the
+report can be opened while the search runs.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from trainable import metrics as M
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def expected_epochs(max_epochs: int, milestones: list[int], reduction_factor: float) -> float:
+    """Epochs a trial runs on average under successive halving: all reach the first rung, 1/eta of them
+    the next, and so on; without rungs, every trial runs ``max_epochs``."""
+    if not milestones:
+        return float(max_epochs)
+    total, prev, survive = 0.0, 0, 1.0
+    for m in [*milestones, max_epochs]:
+        total += survive * (m - prev)
+        prev, survive = m, survive / reduction_factor
+    return total
+
+
+def short_params(config: dict[str, Any], names: list[str]) -> str:
+    parts = []
+    for n in names:
+        v = config.get(n)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        parts.append(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}")
+    return " ".join(parts)
+
+
+class SearchProgress(Callback):
+    """Compact progress of a search (see the module docstring).
+
+    Args:
+        num_samples: trials of the search.
+        max_epochs: epochs of a full trial.
+        milestones: the scheduler's rung epochs ([] without early stopping).
+        reduction_factor: the scheduler's eta.
+        param_budget: trials above it are not "best within the budget".
+        params: names of the searched hyperparameters, shown per finished trial.
+        state_file: the scheduler's state file, read for its stop decisions when a trial ends.
+        report_dir: the search folder whose summaries and report are rewritten as trials finish (None: not).
+        report_every_s: at most one rewrite per this many seconds.
+        confirm_runs: confirmation runs that will follow (counted in the ETA).
+        label: what a unit is called in the lines ("trial", "confirmation run").
+
+    Everything is plain data: Tune pickles its callbacks with the experiment, and a resumed search
+    gets this object back.
+    """
+
+    def __init__(self, num_samples: int, max_epochs: int, milestones: list[int], reduction_factor: float,
+                 param_budget: float | None, params: list[str], state_file: str | None = None,
+                 report_dir: str | None = None, report_every_s: float = 20.0, confirm_runs: int = 0,
+                 label: str = "trial"):
+        self.num_samples = num_samples
+        self.max_epochs = max_epochs
+        self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor)
+        self.param_budget = param_budget
+        self.params = params
+        self.state_file = state_file
+        self.report_dir = report_dir
+        self.report_every_s = report_every_s
+        self.confirm_runs = confirm_runs
+        self.label = label
+        self.stream = sys.stdout
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start = time.time()
+        self.epochs: dict[str, int] = {}  # trial id -> epochs reported
+        self.finished: dict[str, str] = {}  # trial id -> outcome word
+        self.epoch_times: list[float] = []
+        self.best: tuple[float, float, str] | None = None  # (val_acc, param_ratio, trial id)
+        self.bar = None
+        self._pending = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._last_report = 0.0
+
+    def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
+        keep = ("num_samples", "max_epochs", "per_trial", "param_budget", "params", "state_file", "report_dir",
+                "report_every_s", "confirm_runs", "label")
+        return {k: self.__dict__[k] for k in keep}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.stream = sys.stdout
+        self._reset()
+
+    def stopped(self) -> dict[str, dict]:
+        if not self.state_file:
+            return {}
+        from search.scheduler import stop_decisions
+
+        return stop_decisions(self.state_file)
+
+    # -- what is printed
+    @property
+    def tty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def _line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def counts(self) -> dict[str, int]:
+        c = {"completed": 0, "stopped": 0, "failed": 0}
+        for outcome in self.finished.values():
+            c[outcome] += 1
+        return c
+
+    def eta_s(self, running: int) -> float | None:
+        """Seconds left: the search's remaining epochs at the measured pace, then the confirmation runs."""
+        if not self.epoch_times:
+            return None
+        done_trials = len(self.finished)
+        per_trial = self.per_trial
+        ended = [self.epochs.get(t, 0) for t in self.finished]
+        if len(ended) >= 3:  # what trials actually ran so far corrects the schedule's estimate
+            per_trial = 0.5 * per_trial + 0.5 * sum(ended) / len(ended)
+        in_flight = sum(e for t, e in self.epochs.items() if t not in self.finished)
+        left = max(0.0, (self.num_samples - done_trials) * per_trial - in_flight)
+        left += self.confirm_runs * self.max_epochs
+        pace = sorted(self.epoch_times)[len(self.epoch_times) // 2]  # median seconds per epoch per trial
+        return left * pace / max(1, running)
+
+    def status(self, running: int) -> str:
+        c = self.counts()
+        eta = self.eta_s(running)
+        best = (f"best so far val_acc {self.best[0]:.4f} at {self.best[1]:.1%} params ({self.best[2]})"
+                if self.best else "no result yet")
+        return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
+                f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
+                f"elapsed {fmt_duration(time.time() - self.start)}"
+                + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}")
+
+    # -- Tune's callback interface
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        self._reset()
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.num_samples, unit="trial", file=self.stream, dynamic_ncols=True,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} trials {postfix}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if M.EPOCH not in result:
+            return
+        self.epochs[trial.trial_id] = int(result[M.EPOCH])
+        if result.get("time_this_iter_s"):
+            self.epoch_times.append(float(result["time_this_iter_s"]))
+        acc, ratio = result.get(M.VAL_ACC), result.get(M.PARAM_RATIO)
+        within = self.param_budget is None or (ratio is not None and ratio <= self.param_budget)
+        if acc is not None and within and (self.best is None or acc > self.best[0]):
+            self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.status(self._running(trials)), refresh=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        decision = (self.stopped() or {}).get(trial.trial_id)
+        last = trial.last_result or {}
+        if last.get(M.DIVERGED) or (decision or {}).get("reason") == "diverged":
+            self._finish(trials, trial, "failed", f"diverged: {str(last.get(M.ERROR, ''))[:120]}")
+        elif decision:
+            where = f"stopped at epoch {decision.get('epoch', self.epochs.get(trial.trial_id, '?'))}"
+            if decision.get("position"):
+                where += f" (rung: {decision['position']} of {decision.get('of', '?')})"
+            self._finish(trials, trial, "stopped", where)
+        else:
+            self._finish(trials, trial, "completed", f"completed {self.epochs.get(trial.trial_id, 0)} epochs")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trials, trial, "failed", "ERRORED (see its error.txt; summary/trials.parquet has the reason)")
+
+    def _running(self, trials) -> int:
+        return sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in self.finished)
+
+    def _finish(self, trials, trial, outcome: str, what: str) -> None:
+        if trial.trial_id in self.finished:
+            return
+        self.finished[trial.trial_id] = outcome
+        last = trial.last_result or {}
+        acc = last.get(M.VAL_ACC)
+        ratio = last.get(M.PARAM_RATIO)
+        detail = (f"val_acc {acc:.4f}" if isinstance(acc, (int, float)) else "no val_acc") + (
+            f" params {ratio:.1%}" if isinstance(ratio, (int, float)) else "")
+        line = (f"[{len(self.finished):>{len(str(self.num_samples))}}/{self.num_samples}] {self.label} "
+                f"{trial.trial_id} {what}: {detail}  {short_params(trial.config, self.params)}").rstrip()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(self.status(self._running(trials)), refresh=True)
+            self._line(line)
+        else:  # plain lines: the status every few trials keeps a search near 60 lines
+            self._line(line)
+            every = max(1, self.num_samples // 6)
+            if len(self.finished) % every == 0 or len(self.finished) == self.num_samples:
+                self._line(f"      {self.status(self._running(trials))}")
+        self._request_report()
+
+    def on_experiment_end(self, trials, **info):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self._stop_worker()
+
+    # -- the live report
+    def on_progress(self) -> None:
+        from results.report import build_report
+
+        done = len(self.finished)
+        build_report(self.report_dir, in_progress=f"{done} of {self.num_samples} {self.label}s finished")
+
+    def _request_report(self) -> None:
+        if self.report_dir is None:
+            return
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._report_loop, name="akdtune-report", daemon=True)
+            self._stop = False
+            self._worker.start()
+        self._pending.set()
+
+    def _report_loop(self) -> None:
+        while True:
+            self._pending.wait()
+            if getattr(self, "_stop", False):
+                return
+            wait = self._last_report + self.report_every_s - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            self._pending.clear()
+            self._last_report = time.time()
+            try:
+                self.on_progress()
+            except Exception as e:  # the report is a view: a failure to draw it never stops the search
+                self._line(f"      (report not updated: {type(e).__name__}: {str(e)[:120]})")
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._stop = True
+            self._pending.set()
+            self._worker.join(timeout=60)
+            self._worker = None

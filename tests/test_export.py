@@ -1,0 +1,57 @@
+"""The exported student runs without this project: torch.export.load in a fresh Python, same accuracy."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_values
+from trainable import metrics as M
+from trainable.akd import AKDRun
+from trainable.config import build_config
+from trainable.outputs import finish_run
+from trainable.tasks import data_free
+
+FRESH = """
+import json, sys
+import torch
+x, y = torch.load(sys.argv[2], weights_only=True)
+model = torch.export.load(sys.argv[1]).module()
+with torch.no_grad():
+    acc = sum((model(x[i:i + 64]).argmax(1) == y[i:i + 64]).sum().item() for i in range(0, len(y), 64)) / len(y)
+project = [m for m in sys.modules if m.split(".")[0] in ("trainable", "search", "results")]
+print(json.dumps({"acc": acc, "project_modules": project}))
+"""
+
+
+@pytest.mark.slow
+def test_student_pt2_loads_in_a_fresh_python_and_reproduces_test_acc(tmp_path, digits_teacher, digits_data):
+    with data_free():
+        run = AKDRun(build_config(tiny_values(epochs=3, iters_per_epoch=5)), digits_teacher, digits_data,
+                     torch.device("cpu"))
+        run.fit()
+        final = finish_run(run, tmp_path / "out", {M.TEACHER_VAL_ACC: 1.0, M.TEACHER_TEST_ACC: 1.0}, 1.0)
+    assert (tmp_path / "out" / "student.pt2").is_file()
+    torch.save((digits_data.test_x, digits_data.test_y), tmp_path / "test.pt")
+    script = tmp_path / "fresh.py"
+    script.write_text(FRESH)
+    r = subprocess.run([sys.executable, "-I", str(script), str(tmp_path / "out" / "student.pt2"),
+                        str(tmp_path / "test.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["project_modules"] == []
+    assert abs(got["acc"] - final[M.TEST_ACC]) <= 0.001  # within 0.1 point
+
+
+def test_inference_cost_is_measured_once_when_a_run_finishes(tmp_path, digits_teacher, digits_data):
+    with data_free():
+        run = AKDRun(build_config(tiny_values()), digits_teacher, digits_data, torch.device("cpu"))
+        h = run.fit()
+        final = finish_run(run, tmp_path, {M.TEACHER_VAL_ACC: 1.0, M.TEACHER_TEST_ACC: 1.0}, 1.0)
+    assert set(final) == set(M.FINAL_METRICS)
+    assert final[M.FLOPS] == h[-1][M.FLOPS] == run.student_flops > 0
+    assert final[M.LATENCY_MS] > 0 and final[M.THROUGHPUT] > 0 and final[M.THREADS] >= 1
+    assert final[M.SIZE_BYTES] == (tmp_path / "student.pt2").stat().st_size
+    # A conv's multiply-adds dominate: at least 2 x params x (8x8 / 4) for this 8x8 CNN.
+    assert final[M.FLOPS] > 2 * run.student_params
