@@ -7,6 +7,10 @@ the student step, student weight gradients computed during the generator step, f
 tensors. Same models, batch and step ratio; variants alternate A/B/... in one process, several
 repeats; medians are printed, with the ratio against the straightforward loop.
 
+Each row also gives the FLOPs of one full iteration (``FlopCounterMode``: forward and backward of
+every step), the achieved FLOP/s, and its fraction of this machine's matmul peak in the variant's
+precision (a 2048x2048 matmul timed the same way in the same run): how much speed is left to win.
+
 Two rows measure the other methods at the project's default speed settings on the same models:
 AVKD (conditional generator; each iteration also takes one discriminator step on generated and
 prior images, counted as extra work, not as images) and DFAD with feature alignment (the teacher
@@ -145,10 +149,44 @@ def measure(loop, iters: int, batch: int, device) -> float:
     return iters * 6 * batch / (time.perf_counter() - start)
 
 
-def bench_shape(name: str, shape: dict, repeats: int, device) -> dict[str, float]:
+def iteration_flops(loop) -> int:
+    """Floating-point operations of one full iteration (forward and backward of every step), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loop.iteration()
+    return int(counter.get_total_flops())
+
+
+def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+    """This machine's attainable FLOP/s in ``dtype``: a large square matmul, timed like the iterations (median)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / 3)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def variant_dtype(loop) -> torch.dtype:
+    run = getattr(loop, "run", None)
+    return torch.bfloat16 if run is not None and run.precision == "bf16" else torch.float32
+
+
+def bench_shape(name: str, shape: dict, repeats: int, device, peaks: dict) -> dict[str, float]:
     loops = variants(shape, device)
     for loop in loops.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice, compilation
         loop.iteration()
+    flops = {k: iteration_flops(loop) for k, loop in loops.items()}
     samples = {k: [] for k in loops}
     for _ in range(repeats):  # alternate the variants inside each repeat: machine noise hits all alike
         for k, loop in loops.items():
@@ -157,9 +195,15 @@ def bench_shape(name: str, shape: dict, repeats: int, device) -> dict[str, float
     base = med["straightforward"]
     print(f"\n{name}: {shape['teacher']} -> {shape['student']}, batch {shape['batch']}, 5:1 steps, "
           f"{repeats} repeats x {shape['iters']} iterations, device {device}, {torch.get_num_threads()} threads")
+    print(f"  {'variant':<52} {'img/s':>9}  {'range':>13}  {'ratio':>5}  {'GFLOP/iter':>10}  {'GFLOP/s':>8}  "
+          "of matmul peak")
     for k, v in med.items():
         spread = f"{min(samples[k]):.0f}-{max(samples[k]):.0f}"
-        print(f"  {k:<52} {v:>9.1f} img/s  (range {spread})  x{v / base:.2f}")
+        achieved = flops[k] * v / (6 * shape["batch"])  # FLOP/s: FLOPs per iteration x iterations per second
+        dtype = variant_dtype(loops[k])
+        frac = achieved / peaks[dtype]
+        print(f"  {k:<52} {v:>9.1f}  {spread:>13}  x{v / base:.2f}  {flops[k] / 1e9:>10.2f}  {achieved / 1e9:>8.1f}  "
+              f"{100 * frac:5.1f}% ({'bf16' if dtype == torch.bfloat16 else 'fp32'})")
     return {k: v / base for k, v in med.items()}
 
 
@@ -175,12 +219,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}; default precision on {device.type}: "
           f"{_bc({'task': 'cifar100'}).precision} -> resolves to {AKDRun.resolve_precision('auto', device)}")
+    peaks = {dt: matmul_peak(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    print("matmul peak (2048x2048, median of 5): " + ", ".join(
+        f"{'bf16' if dt == torch.bfloat16 else 'fp32'} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items()))
     ratios = {}
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
         if args.batch:
             shape["batch"] = args.batch
-        ratios[name] = bench_shape(name, shape, args.repeats, device)
+        ratios[name] = bench_shape(name, shape, args.repeats, device, peaks)
     key = "cifar100" if "cifar100" in ratios else next(iter(ratios))
     print(f"\nproject default / straightforward ({key}): {ratios[key]['project default']:.2f}")
     print(f"ratio={ratios[key]['project default']:.2f}")

@@ -14,6 +14,7 @@ STUDY_NAME = "akdtune"  # the study's name inside STUDY_FILE
 CONFIRM_DIR = "confirm"  # the confirmation phase: a Ray experiment of its own, inside the search folder
 CONFIRM_PLAN = "akdtune/confirm.json"  # candidates and seeds of the confirmation phase
 CONFIRM_RESULTS = "akdtune/confirmed.json"  # per candidate: seeds, val/test accuracy per seed, mean and std
+LIVE_REPORT_FILE = "akdtune/live_report.json"  # how often and how long the live report was rewritten
 SUMMARY_DIR = "summary"  # trials.parquet, epochs.parquet (results.summary.write_summaries)
 REPORT_FILE = "report.html"  # results.report.build_report
 BEST_DIR = "best"  # the winner: a run's outputs (trainable.outputs.finish_run), metrics.json, trial.json

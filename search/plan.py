@@ -58,6 +58,7 @@ class SearchPlan:
     num_cpus: int | None
     report: bool
     verbose: bool  # Ray's tables and worker logs as well as our progress lines
+    report_every_s: float  # the live report: at most one rewrite per this many seconds; 0: only at the end
     resume: bool
     resume_command: str  # the command that finishes this search if it is interrupted
     record: dict[str, Any] | None = None  # the resumed search's akdtune/search.json
@@ -122,6 +123,8 @@ def check_options(args: argparse.Namespace) -> None:
         bad("--num-cpus", args.num_cpus, "must be >= 1")
     if args.num_cpus is not None and args.address:
         raise UserError("--num-cpus sets up a local Ray; it cannot be combined with --address")
+    if not math.isfinite(args.report_every) or args.report_every < 0:
+        bad("--report-every", args.report_every, "must be >= 0 seconds (0: the report is written at the end only)")
     for flag, v, low in (("--confirm-top-k", args.confirm_top_k, 0), ("--confirm-seeds", args.confirm_seeds, 1)):
         if v is not None and not low <= v <= 20:
             bad(flag, v, f"must be in [{low}, 20]")
@@ -202,7 +205,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
-        verbose=args.verbose,
+        verbose=args.verbose, report_every_s=args.report_every,
         resume=args.resume, resume_command=resume_command(argv), record=record,
         finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_DIR).is_dir()),
     )

@@ -102,6 +102,7 @@ class SearchProgress(Callback):
         self._pending = threading.Event()
         self._worker: threading.Thread | None = None
         self._last_report = 0.0
+        self.reports, self.report_s = 0, 0.0  # rewrites of the live report and the seconds they took
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
         keep = ("num_samples", "max_epochs", "per_trial", "param_budget", "params", "state_file", "report_dir",
@@ -230,6 +231,14 @@ class SearchProgress(Callback):
             self.bar.close()
             self.bar = None
         self._stop_worker()
+        if self.report_dir is not None:  # what the live report cost (bench/report_overhead.py reads it)
+            from pathlib import Path
+
+            from search.layout import LIVE_REPORT_FILE
+            from trainable.files import write_json
+
+            write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,
+                                                                  "wall_s": time.time() - self.start})
 
     # -- the live report
     def on_progress(self) -> None:
@@ -259,6 +268,8 @@ class SearchProgress(Callback):
             self._last_report = time.time()
             try:
                 self.on_progress()
+                self.reports += 1
+                self.report_s += time.time() - self._last_report
             except Exception as e:  # the report is a view: a failure to draw it never stops the search
                 self._line(f"      (report not updated: {type(e).__name__}: {str(e)[:120]})")
 

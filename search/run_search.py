@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "space's budget.confirm_seeds, else 3)")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--report-every", type=float, default=20.0, metavar="SECONDS",
+                   help="rewrite the report at most this often while trials finish (default 20; 0: only at the end)")
     p.add_argument("--verbose", action="store_true", help="Ray's own trial tables and worker output as well")
     return p
 

@@ -155,8 +155,8 @@ def search_progress(plan: SearchPlan):
     return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.param_budget,
                           [p.name for p in plan.space.params],
                           state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
-                          report_dir=plan.path if plan.local and plan.report else None,
-                          confirm_runs=plan.confirm_top_k * plan.confirm_seeds)
+                          report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
+                          report_every_s=plan.report_every_s, confirm_runs=plan.confirm_top_k * plan.confirm_seeds)
 
 
 def _restore(path: str, trainable):

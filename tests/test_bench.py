@@ -14,6 +14,10 @@ def test_step_throughput_runs_and_prints_a_ratio():
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
     assert any("straightforward" in ln for ln in lines) and any("project bf16 channels_last" in ln for ln in lines)
+    assert any(ln.startswith("matmul peak") for ln in lines)
+    rows = [ln for ln in lines if "img/s" not in ln and re.search(r"% \((fp32|bf16)\)$", ln)]
+    assert len(rows) >= 7, lines  # every variant: GFLOP per iteration, GFLOP/s and its share of the peak
+    assert any("project avkd" in ln for ln in rows) and any("feature alignment" in ln for ln in rows)
 
 
 @pytest.mark.slow

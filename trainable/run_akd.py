@@ -98,16 +98,29 @@ def run(args: argparse.Namespace) -> int:
               f"(val {t_acc['teacher_val_acc']:.4f}); student {cfg.student} width {akd.student_width:g} "
               f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
 
+        bar = None
+        if sys.stdout.isatty():  # a bar with epoch, losses and ETA; plain lines in logs and pipes
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.epochs, initial=akd.epoch, unit="epoch", dynamic_ncols=True)
+
         def on_epoch(m: dict, r: AKDRun) -> None:
             save_checkpoint(r, ckpt_path)
             # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
             write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(val_acc=f"{m['val_acc']:.4f}", loss_S=f"{m['loss_student']:.4f}",
+                                loss_G=f"{m['loss_generator']:.4f}")
+                return
             loss_d = f"  loss_D {m['loss_discriminator']:.4f}" if "loss_discriminator" in m else ""
             print(f"epoch {m['epoch']:>4}/{cfg.epochs}  val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  "
                   f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
                   f"{m['images_per_s']:.0f} img/s", flush=True)
 
         akd.fit(on_epoch)
+        if bar is not None:
+            bar.close()
         final = finish_run(akd, out, t_acc, time.time() - start)
     write_json(out / "final.json", final)
     print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))

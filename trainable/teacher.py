@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -105,11 +106,19 @@ def _augment(x: torch.Tensor, task: Task) -> torch.Tensor:
 def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, lr: float = 0.1,
                   batch_size: int = 128, weight_decay: float = 5e-4, data_root: str | None = None,
                   device: torch.device | None = None, log=print,
-                  train_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+                  train_data: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False) -> nn.Module:
     """Supervised training of a teacher: SGD (momentum 0.9, Nesterov), cosine schedule, shift augmentation.
 
     With the defaults this is the standard CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, 200 epochs).
+    ``progress``: a bar with epoch, loss and ETA when stdout is a terminal (else ``log`` lines).
     """
+    import sys
+
+    bar = None
+    if progress and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, unit="epoch", desc="teacher", dynamic_ncols=True)
     task = get_task(task_name)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y = train_data if train_data is not None else load_teacher_train(task_name, seed, data_root)
@@ -132,8 +141,13 @@ def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, l
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        if log and (epoch + 1) % max(1, epochs // 10) == 0:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / len(y):.4f}")
+        elif log and (epoch + 1) % max(1, epochs // 10) == 0:
             log(f"teacher epoch {epoch + 1}/{epochs} loss {total / len(y):.4f}")
+    if bar is not None:
+        bar.close()
     model.zero_grad(set_to_none=True)
     return model.eval()
 
@@ -167,8 +181,12 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
             if log:
                 log(f"cached teacher {path} is unreadable; training it again")
     if log:
-        log(f"training the {task.name} teacher ({arch}, seed {seed}); cached at {path}")
+        log(f"training the {task.name} teacher on first use ({arch}, seed {seed}; about 10 s on 2 CPU cores); "
+            f"cached at {path} for later runs")
+    start = time.perf_counter()
     model = train_teacher(task.name, arch, seed, device=torch.device("cpu"), log=None, **DIGITS_TEACHER_RECIPE)
+    if log:
+        log(f"teacher trained in {time.perf_counter() - start:.0f} s")
     torch_save(model.state_dict(), path)  # atomic: concurrent preparers never see a partial file
     return model.eval(), {"arch": arch, "source": str(path)}
 

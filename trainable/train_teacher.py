@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise UserError(f"--out {args.out}: {parent} is a file, not a folder; pass another path")
         model = train_teacher(task.name, arch, args.seed, args.epochs, args.lr, args.batch_size,
-                              args.weight_decay, args.data_root)
+                              args.weight_decay, args.data_root, progress=True)
         model = model.cpu()
         torch_save(model.state_dict(), args.out)
         acc = teacher_accuracy(model, task.name, args.seed, args.data_root)

@@ -1,0 +1,104 @@
+"""The compact progress view: counts, ETA, best within the budget, plain lines off a terminal; the live report."""
+import io
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT
+from search.progress import SearchProgress, expected_epochs, fmt_duration
+from trainable import metrics as M
+
+
+def fake_trial(tid, status="RUNNING", last=None, config=None):
+    return SimpleNamespace(trial_id=tid, status=status, last_result=last or {}, config=config or {"lr_student": 0.1})
+
+
+def test_expected_epochs_follow_successive_halving():
+    assert expected_epochs(20, [], 3) == 20
+    assert expected_epochs(20, [4, 12], 3) == pytest.approx(4 + 8 / 3 + 8 / 9)
+    assert fmt_duration(59) == "59s" and fmt_duration(125) == "2m05s" and fmt_duration(3700) == "1h01m"
+
+
+def test_plain_lines_with_eta_and_the_best_within_the_budget():
+    out = io.StringIO()
+    p = SearchProgress(4, 10, [2, 6], 3, 0.1, ["lr_student"])
+    p.setup()
+    p.stream = out
+    trials = [fake_trial(t) for t in "abcd"]
+    for epoch in (1, 2):
+        for t, acc, ratio in (("a", 0.5, 0.05), ("b", 0.9, 0.5)):  # b is more accurate but over the budget
+            r = {M.EPOCH: epoch, M.VAL_ACC: acc + epoch / 100, M.PARAM_RATIO: ratio, "time_this_iter_s": 2.0}
+            p.on_trial_result(0, trials, trials["ab".index(t)], r)
+    trials[0].last_result = {M.VAL_ACC: 0.52, M.PARAM_RATIO: 0.05}
+    p.on_trial_complete(0, trials, trials[0])
+    p.on_trial_error(0, trials, trials[1])
+    text = out.getvalue()
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("[1/4] trial a completed 2 epochs: val_acc 0.5200 params 5.0%  lr_student=0.1")
+    assert "[2/4] trial b ERRORED" in text
+    status = [ln for ln in lines if "done (" in ln]
+    assert status and "ETA" in status[-1] and "best so far val_acc 0.5200 at 5.0% params (a)" in status[-1]
+    assert "1 completed, 0 stopped early, 1 failed" in status[-1]
+    assert not p.tty  # a StringIO is not a terminal: no bar, plain lines only
+
+
+def test_the_eta_shrinks_as_work_is_done():
+    p = SearchProgress(4, 10, [], 3, None, [])
+    p.setup()
+    p.stream = io.StringIO()
+    trials = [fake_trial(t) for t in "abcd"]
+    p.on_trial_result(0, trials, trials[0], {M.EPOCH: 1, M.VAL_ACC: 0.5, "time_this_iter_s": 1.0})
+    first = p.eta_s(running=2)
+    for e in range(2, 11):
+        p.on_trial_result(0, trials, trials[0], {M.EPOCH: e, M.VAL_ACC: 0.5, "time_this_iter_s": 1.0})
+    p.on_trial_complete(0, trials, trials[0])
+    assert first == pytest.approx((40 - 1) * 1.0 / 2) and p.eta_s(running=2) == pytest.approx(30 * 1.0 / 2)
+
+
+def test_the_callback_survives_pickling_as_plain_settings():
+    import pickle
+
+    p = SearchProgress(4, 10, [2], 3, 0.1, ["x"], state_file="/nowhere.json", report_dir=None)
+    p.setup()
+    q = pickle.loads(pickle.dumps(p))
+    assert (q.num_samples, q.state_file, q.params) == (4, "/nowhere.json", ["x"]) and q.finished == {}
+
+
+def _search(tmp_path, *extra):
+    return subprocess.Popen([sys.executable, str(ROOT / "search" / "run_search.py"), "--space",
+                             str(ROOT / "spaces" / "capacity.yaml"), "--smoke", "--num-samples", "4",
+                             "--storage", str(tmp_path), "--name", "p", *extra],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_a_search_prints_a_few_lines_and_the_report_is_valid_while_it_runs(tmp_path, ray_address):
+    proc = _search(tmp_path, "--address", ray_address, "--report-every", "0.2")
+    report = tmp_path / "p" / "report.html"
+    seen, reads = set(), 0
+    while proc.poll() is None:
+        if report.exists():
+            text = report.read_text()
+            reads += 1
+            assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>"), "half-written report"
+            seen.add("in progress" if "id='in-progress'" in text else "final")
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    lines = out.strip().splitlines()
+    assert len(lines) <= 60, out
+    assert any("ETA" in ln for ln in lines) and any("best so far val_acc" in ln for ln in lines)
+    assert not any("Trial status" in ln or "│" in ln or "Checkpoint successfully created" in ln for ln in lines)
+    assert "in progress" in seen and reads > 3
+    assert "id='in-progress'" not in report.read_text()  # the final report says nothing of progress
+
+
+@pytest.mark.slow
+def test_verbose_brings_back_rays_output(tmp_path, ray_address):
+    proc = _search(tmp_path, "--address", ray_address, "--verbose", "--no-report", "--confirm-top-k", "0")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Trial status" in out or "│" in out
