@@ -15,6 +15,7 @@ import pandas as pd
 
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, SUMMARY_DIR
 from search.scheduler import stop_decisions
+from search.space import budget_limits, within_limits
 from trainable import metrics as M
 from trainable.files import atomic_path, read_json
 
@@ -42,7 +43,7 @@ TRIAL_COLUMNS = {
     "throughput_b256": "the winner only: median CPU images per second at batch 256",
     "size_bytes": "the winner only: size of best/student.pt2",
     "cpu_threads": "the winner only: torch CPU threads during that timing",
-    "within_budget": "param_ratio <= the space's param_budget (true when there is none)",
+    "within_budget": "param_ratio <= the space's param_budget and flops <= its budget.flops (true when it has none)",
     "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
     "wall_s": "seconds the trial ran (summed over resumes)",
     "confirmed_seeds": "confirmation candidates: the seeds each was run with to max_epochs (else empty)",
@@ -131,7 +132,7 @@ def load_experiment(path: str | Path) -> Experiment:
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     space = meta.get("space") or {}
     searched = list((space.get("params") or {}).keys())
-    budget = space.get("param_budget")
+    limits = budget_limits(space)
     trial_rows, epoch_rows = [], []
     records = _trial_records(exp)
     known = {Path(t["dir"]).name for t in records}
@@ -192,7 +193,7 @@ def load_experiment(path: str | Path) -> Experiment:
         row["winner"] = trial_id == confirmed.get("winner")
         for key in (M.LATENCY_MS, M.THROUGHPUT, M.SIZE_BYTES, M.THREADS):  # the exported winner's inference cost
             row[key] = best_cost.get(key) if row["winner"] else None
-        row["within_budget"] = bool(budget is None or (row["param_ratio"] is not None and row["param_ratio"] <= budget))
+        row["within_budget"] = within_limits(row, limits)
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows)
     if trials.empty:

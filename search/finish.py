@@ -98,11 +98,13 @@ def _fmt(v: Any) -> str:
 
 
 def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, Any], results: list[dict],
-                 trials_line: str, budget: float | None, wall_s: float, exp: Path, report: Path | None) -> None:
+                 trials_line: str, limits: dict[str, float], wall_s: float, exp: Path, report: Path | None) -> None:
     rows = [("best trial", best["trial_id"])]
     rows += [(k, _fmt(v)) for k, v in params.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if budget:
-        rows.append(("parameter budget", f"<= {budget:.0%} of the teacher"
+    if limits:
+        parts = [f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
+                 for m, v in limits.items()]
+        rows.append(("budget", ", ".join(parts)
                      + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
     n = len(final["seeds"])
     rows += [
@@ -215,7 +217,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
     write_summaries(e)
     best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()
     params = {c.removeprefix("param."): best[c] for c in best if c.startswith("param.")}
-    print_result(best, params, final, results, line, e.param_budget, wall_s, exp, _report(exp, plan.report))
+    print_result(best, params, final, results, line, plan.space.limits, wall_s, exp, _report(exp, plan.report))
     return EXIT_OK
 
 

@@ -63,7 +63,7 @@ class SearchProgress(Callback):
         max_epochs: epochs of a full trial.
         milestones: the scheduler's rung epochs ([] without early stopping).
         reduction_factor: the scheduler's eta.
-        param_budget: trials above it are not "best within the budget".
+        limits: the space's budget {metric: upper limit}; trials over it are not "best within the budget".
         params: names of the searched hyperparameters, shown per finished trial.
         state_file: the scheduler's state file, read for its stop decisions when a trial ends.
         report_dir: the search folder whose summaries and report are rewritten as trials finish (None: not).
@@ -76,13 +76,13 @@ class SearchProgress(Callback):
     """
 
     def __init__(self, num_samples: int, max_epochs: int, milestones: list[int], reduction_factor: float,
-                 param_budget: float | None, params: list[str], state_file: str | None = None,
+                 limits: dict[str, float] | None, params: list[str], state_file: str | None = None,
                  report_dir: str | None = None, report_every_s: float = 20.0, confirm_runs: int = 0,
                  label: str = "trial"):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
         self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor)
-        self.param_budget = param_budget
+        self.limits = dict(limits or {})
         self.params = params
         self.state_file = state_file
         self.report_dir = report_dir
@@ -105,7 +105,7 @@ class SearchProgress(Callback):
         self.reports, self.report_s = 0, 0.0  # rewrites of the live report and the seconds they took
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
-        keep = ("num_samples", "max_epochs", "per_trial", "param_budget", "params", "state_file", "report_dir",
+        keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "report_dir",
                 "report_every_s", "confirm_runs", "label")
         return {k: self.__dict__[k] for k in keep}
 
@@ -166,10 +166,23 @@ class SearchProgress(Callback):
     # -- Tune's callback interface
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         self._reset()
+        if self.state_file:  # a resumed search: the trials its earlier sessions finished count as done
+            from search.scheduler import RungScheduler
+
+            state = RungScheduler.read_state(self.state_file)
+            for tid, decision in state["stopped"].items():
+                self.finished[tid] = "failed" if decision.get("reason") == "diverged" else "stopped"
+            for tid, final in state["finished"].items():
+                self.finished.setdefault(tid, "completed")
+                self.epochs[tid] = int((final or {}).get(M.EPOCH, 0) or 0)
+            if self.finished:
+                print(f"resumed: {len(self.finished)} of {self.num_samples} {self.label}s were finished before",
+                      file=self.stream, flush=True)
         if self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.num_samples, unit="trial", file=self.stream, dynamic_ncols=True,
+            self.bar = tqdm(total=self.num_samples, initial=len(self.finished), unit="trial", file=self.stream,
+                            dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} trials {postfix}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -179,7 +192,9 @@ class SearchProgress(Callback):
         if result.get("time_this_iter_s"):
             self.epoch_times.append(float(result["time_this_iter_s"]))
         acc, ratio = result.get(M.VAL_ACC), result.get(M.PARAM_RATIO)
-        within = self.param_budget is None or (ratio is not None and ratio <= self.param_budget)
+        from search.space import within_limits
+
+        within = within_limits(result, self.limits)
         if acc is not None and within and (self.best is None or acc > self.best[0]):
             self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
         if self.bar is not None:

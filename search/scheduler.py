@@ -137,19 +137,21 @@ class RungScheduler(FIFOScheduler):
         grace_period: first rung.
         reduction_factor: eta; the top 1/eta of a rung goes on.
         param_budget: optional; trials with ``param_ratio`` above it rank after all within it.
+        limits: further limits {metric: upper limit} (e.g. ``flops``), treated like the budget.
         state_file: where the state is written (JSON); None keeps it in memory only.
         early_stopping: False records rungs but never stops (every trial runs ``max_epochs``).
     """
 
     def __init__(self, objectives: Sequence[tuple[str, str]], max_epochs: int, grace_period: int,
                  reduction_factor: float, param_budget: float | None = None, state_file: str | None = None,
-                 early_stopping: bool = True):
+                 early_stopping: bool = True, limits: dict[str, float] | None = None):
         super().__init__()
         self.objectives = [(str(m), str(d)) for m, d in objectives]
         self.max_epochs = int(max_epochs)
         self.milestones = milestones(grace_period, reduction_factor, max_epochs) if early_stopping else []
         self.reduction_factor = float(reduction_factor)
         self.param_budget = param_budget
+        self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.state_file = state_file
         self._state: dict[str, Any] | None = None  # loaded lazily, so an unpickled copy reads the file
 
@@ -199,10 +201,9 @@ class RungScheduler(FIFOScheduler):
         return self.state["finished"]
 
     def violation(self, result: dict[str, Any]) -> float:
-        ratio = result.get(M.PARAM_RATIO)
-        if self.param_budget is None or ratio is None:
-            return 0.0
-        return max(0.0, float(ratio) - float(self.param_budget))
+        from search.space import limit_violation
+
+        return limit_violation(result, self.limits)
 
     # -- decisions
     def decide(self, trial_id: str, result: dict[str, Any]) -> str:

@@ -55,11 +55,14 @@ class OptunaSearcher(Searcher):
         study_path: journal file of the study; None keeps it in memory.
         study_name: the study's name in that file.
         param_budget: optional constraint on ``param_ratio``.
+        limits: further limits {metric: upper limit} (e.g. ``flops``), told to TPE as constraints
+            ``<metric>_budget`` = value / limit - 1 (feasible when <= 0).
         scheduler: the search's ``RungScheduler``; its decisions say which trials were pruned.
     """
 
     def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
-                 study_path: str | None, study_name: str, param_budget: float | None, scheduler):
+                 study_path: str | None, study_name: str, param_budget: float | None, scheduler,
+                 limits: dict[str, float] | None = None):
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.params = tuple(params)
         self.objectives = [(str(m), str(d)) for m, d in objectives]
@@ -68,6 +71,7 @@ class OptunaSearcher(Searcher):
         self.study_path = study_path
         self.study_name = study_name
         self.param_budget = param_budget
+        self.limits = {m: float(v) for m, v in (limits or {}).items() if m != M.PARAM_RATIO}
         self.scheduler = scheduler
         self._study = self._storage = None
         self._live: dict[str, Any] = {}  # ray trial id -> optuna.Trial of this process
@@ -127,6 +131,10 @@ class OptunaSearcher(Searcher):
                 and not trial.user_attrs.get(M.PARAM_RATIO):
             trial.set_user_attr(M.PARAM_RATIO, float(result[M.PARAM_RATIO]))
             trial.set_constraint(CONSTRAINT, float(result[M.PARAM_RATIO]) - float(self.param_budget))
+        for metric, limit in self.limits.items():
+            if result.get(metric) is not None and not trial.user_attrs.get(f"{metric}_budget_told"):
+                trial.set_user_attr(f"{metric}_budget_told", True)
+                trial.set_constraint(f"{metric}_budget", float(result[metric]) / limit - 1.0)
         value = result.get(self.objectives[0][0])
         if len(self.objectives) == 1 and value is not None and math.isfinite(value):
             if epoch not in self._steps.setdefault(trial_id, set()):

@@ -8,6 +8,7 @@ A space file::
       - {metric: val_acc, mode: max}
       - {metric: param_ratio, mode: min}
     param_budget: 0.10            # optional: the best trial must have param_ratio <= this
+    # budget.flops: 400000        # optional: ... and at most this many FLOPs per image (student forward)
     budget: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3,
              confirm_top_k: 3, confirm_seeds: 3}   # top 3 re-run to max_epochs with 3 seeds each (0: off)
     fixed: {n_generator: 1}       # config values for every trial
@@ -34,7 +35,8 @@ from trainable.errors import ConfigError, UserError
 from trainable.tasks import TASKS
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "param_budget", "budget", "fixed", "params", "seed"}
-BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds"}
+BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds",
+               "flops"}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -88,6 +90,10 @@ class Space:
     params: tuple[Param, ...]
     seed: int = 0
     raw: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def limits(self) -> dict[str, float]:
+        return budget_limits(self.raw)
 
     @property
     def multi_objective(self) -> bool:
@@ -239,6 +245,9 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         ints[key] = v
     if ints["grace_period"] > ints["max_epochs"]:
         errs.append(f"budget.grace_period: ({ints['grace_period']}) must be <= budget.max_epochs ({ints['max_epochs']})")
+    flops = budget.get("flops")
+    if flops is not None and (not _num(flops) or flops <= 0):
+        errs.append(f"budget.flops: expected a positive number of FLOPs per image, got {_short(flops)}")
     for key, default, low in (("confirm_top_k", 3, 0), ("confirm_seeds", 3, 1)):
         v = budget.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 20:
@@ -380,3 +389,31 @@ class DefineByRun:
             else:
                 chosen[p.name] = fixed[p.name] = p.value
         return fixed
+
+
+def budget_limits(raw: dict[str, Any]) -> dict[str, float]:
+    """The space's constraints as {metric: upper limit}: ``param_budget`` on ``param_ratio`` and ``budget.flops``
+    on ``flops``. A trial is within the budget when every limit holds."""
+    limits = {}
+    if raw.get("param_budget") is not None:
+        limits[M.PARAM_RATIO] = float(raw["param_budget"])
+    if isinstance(raw.get("budget"), dict) and raw["budget"].get("flops") is not None:
+        limits[M.FLOPS] = float(raw["budget"]["flops"])
+    return limits
+
+
+def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
+    """Every limit holds (a metric the result lacks counts as over)."""
+    return all(result.get(m) is not None and result[m] <= lim for m, lim in limits.items())
+
+
+def limit_violation(result: dict[str, Any], limits: dict[str, float]) -> float:
+    """How far over its limits a result is, 0 within them: param_ratio above its budget (a share of the teacher)
+    plus the relative excess of the other metrics (e.g. flops / limit - 1)."""
+    total = 0.0
+    for m, lim in limits.items():
+        v = result.get(m)
+        if v is None:
+            continue
+        total += max(0.0, float(v) - lim) if m == M.PARAM_RATIO else max(0.0, float(v) / lim - 1.0)
+    return total

@@ -152,7 +152,7 @@ def search_progress(plan: SearchPlan):
     from search.scheduler import milestones
 
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
-    return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.param_budget,
+    return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.limits,
                           [p.name for p in plan.space.params],
                           state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
                           report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
@@ -176,11 +176,11 @@ def build_tuner(plan: SearchPlan, trainable):
 
     scheduler = RungScheduler(plan.space.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, param_budget=plan.space.param_budget,
-                              early_stopping=plan.early_stopping,
+                              early_stopping=plan.early_stopping, limits=plan.space.limits,
                               state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
     searcher = OptunaSearcher(plan.space.params, plan.space.objectives, plan.seed, plan.num_samples,
                               study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
-                              param_budget=plan.space.param_budget, scheduler=scheduler)
+                              param_budget=plan.space.param_budget, scheduler=scheduler, limits=plan.space.limits)
     if plan.local:
         plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)

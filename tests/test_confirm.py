@@ -87,6 +87,6 @@ def test_the_summary_names_a_candidate_whose_confirmation_runs_all_failed(capsys
              M.TEACHER_VAL_ACC: 0.99, M.TEACHER_TEST_ACC: 0.98, M.STUDENT_PARAMS: 100, M.TEACHER_PARAMS: 2000,
              M.PARAM_RATIO: 0.05}
     print_result({"trial_id": "good", "within_budget": True}, {"lr_student": 0.1}, final, [good, failed],
-                 "2 completed", 0.1, 12.0, Path("/x"), None)
+                 "2 completed", {M.PARAM_RATIO: 0.1}, 12.0, Path("/x"), None)
     out = capsys.readouterr().out
     assert "* good" in out and "failed  no confirmation run finished 20 epochs" in out

@@ -24,7 +24,7 @@ def test_expected_epochs_follow_successive_halving():
 
 def test_plain_lines_with_eta_and_the_best_within_the_budget():
     out = io.StringIO()
-    p = SearchProgress(4, 10, [2, 6], 3, 0.1, ["lr_student"])
+    p = SearchProgress(4, 10, [2, 6], 3, {M.PARAM_RATIO: 0.1}, ["lr_student"])
     p.setup()
     p.stream = out
     trials = [fake_trial(t) for t in "abcd"]
@@ -61,7 +61,7 @@ def test_the_eta_shrinks_as_work_is_done():
 def test_the_callback_survives_pickling_as_plain_settings():
     import pickle
 
-    p = SearchProgress(4, 10, [2], 3, 0.1, ["x"], state_file="/nowhere.json", report_dir=None)
+    p = SearchProgress(4, 10, [2], 3, {M.PARAM_RATIO: 0.1}, ["x"], state_file="/nowhere.json", report_dir=None)
     p.setup()
     q = pickle.loads(pickle.dumps(p))
     assert (q.num_samples, q.state_file, q.params) == (4, "/nowhere.json", ["x"]) and q.finished == {}

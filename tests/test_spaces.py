@@ -116,3 +116,17 @@ def test_every_problem_reported_together():
         parse_space({"budget": {"num_samples": -1}, "params": {"lr_studnet": {}, "n_student": {"type": "int", "low": 3, "high": 1}}})
     msg = str(e.value)
     assert "budget.num_samples" in msg and "lr_studnet" in msg and "n_student" in msg
+
+
+def test_a_flops_budget_is_a_limit_like_the_parameter_budget():
+    from search.space import budget_limits, limit_violation, within_limits
+    from trainable import metrics as M
+
+    raw = {**VALID, "param_budget": 0.1, "budget": {**VALID["budget"], "flops": 1000}}
+    space = parse_space(raw, "f.yaml")
+    assert space.limits == budget_limits(raw) == {M.PARAM_RATIO: 0.1, M.FLOPS: 1000.0}
+    assert within_limits({M.PARAM_RATIO: 0.05, M.FLOPS: 900}, space.limits)
+    assert not within_limits({M.PARAM_RATIO: 0.05, M.FLOPS: 1100}, space.limits)
+    assert limit_violation({M.PARAM_RATIO: 0.15, M.FLOPS: 1500}, space.limits) == pytest.approx(0.05 + 0.5)
+    with pytest.raises(SpaceError, match="budget.flops: expected a positive number"):
+        parse_space({**VALID, "budget": {**VALID["budget"], "flops": -1}}, "f.yaml")
