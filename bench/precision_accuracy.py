@@ -16,29 +16,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
+from method_accuracy import one_run  # the same run: the digits default recipe with some values set
 
-from trainable.akd import AKDRun, default_device, evaluate
-from trainable.config import build_config
-from trainable.tasks import data_free, load_eval_data
-from trainable.teacher import prepare_teacher
+from trainable.akd import default_device
 
 VARIANTS = {"fp32": dict(precision="fp32", channels_last=False),
             "bf16 channels_last": dict(precision="bf16", channels_last=True)}
-
-
-def one_run(seed: int, speed: dict, device) -> tuple[float, float]:
-    cfg = build_config({"task": "digits", "seed": seed, **speed})
-    teacher, _ = prepare_teacher("digits", cfg.teacher, None, seed, log=None)
-    start = time.perf_counter()
-    with data_free():
-        data = load_eval_data("digits", seed)
-        run = AKDRun(cfg, teacher, data, device)
-        run.fit()
-        acc = evaluate(run.student, data.test_x, data.test_y, device=device)["acc"]
-    return acc, time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
