@@ -266,19 +266,18 @@ class SearchProgress(Callback):
         if self.report_dir is None:
             return
         if self._worker is None:
+            self._stopping = threading.Event()
             self._worker = threading.Thread(target=self._report_loop, name="akdtune-report", daemon=True)
-            self._stop = False
             self._worker.start()
         self._pending.set()
 
     def _report_loop(self) -> None:
+        """Rewrite the report when asked, at most every ``report_every_s``; ends at once when stopped."""
         while True:
             self._pending.wait()
-            if getattr(self, "_stop", False):
-                return
             wait = self._last_report + self.report_every_s - time.time()
-            if wait > 0:
-                time.sleep(wait)
+            if self._stopping.is_set() or (wait > 0 and self._stopping.wait(wait)):
+                return  # the search is over: finish_search writes the final report
             self._pending.clear()
             self._last_report = time.time()
             try:
@@ -290,7 +289,7 @@ class SearchProgress(Callback):
 
     def _stop_worker(self) -> None:
         if self._worker is not None:
-            self._stop = True
+            self._stopping.set()
             self._pending.set()
-            self._worker.join(timeout=60)
+            self._worker.join(timeout=60)  # at most the end of a rewrite in progress
             self._worker = None
