@@ -68,7 +68,7 @@ class SearchProgress(Callback):
         state_file: the scheduler's state file, read for its stop decisions when a trial ends.
         report_dir: the search folder whose summaries and report are rewritten as trials finish (None: not).
         report_every_s: at most one rewrite per this many seconds.
-        confirm_runs: confirmation runs that will follow (counted in the ETA).
+        confirm_runs: confirmation runs that will follow (counted in the ETA as full-length runs).
         label: what a unit is called in the lines ("trial", "confirmation run").
 
     Everything is plain data: Tune pickles its callbacks with the experiment, and a resumed search
@@ -103,6 +103,7 @@ class SearchProgress(Callback):
         self._worker: threading.Thread | None = None
         self._last_report = 0.0
         self.reports, self.report_s = 0, 0.0  # rewrites of the live report and the seconds they took
+        self.peak_running = 0  # the most trials seen running at once
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
         keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "report_dir",
@@ -151,7 +152,7 @@ class SearchProgress(Callback):
         left = max(0.0, (self.num_samples - done_trials) * per_trial - in_flight)
         left += self.confirm_runs * self.max_epochs
         pace = sorted(self.epoch_times)[len(self.epoch_times) // 2]  # median seconds per epoch per trial
-        return left * pace / max(1, running)
+        return left * pace / max(1, running, self.peak_running)  # trials run side by side as before
 
     def status(self, running: int) -> str:
         c = self.counts()
@@ -197,6 +198,7 @@ class SearchProgress(Callback):
         within = within_limits(result, self.limits)
         if acc is not None and within and (self.best is None or acc > self.best[0]):
             self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
+        self.peak_running = max(self.peak_running, self._running(trials))
         if self.bar is not None:
             self.bar.set_postfix_str(self.status(self._running(trials)), refresh=True)
 

@@ -156,7 +156,9 @@ def search_progress(plan: SearchPlan):
                           [p.name for p in plan.space.params],
                           state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
                           report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
-                          report_every_s=plan.report_every_s, confirm_runs=plan.confirm_top_k * plan.confirm_seeds)
+                          report_every_s=plan.report_every_s,
+                          # each candidate's own seed mostly exists already: the extra seeds are the work left
+                          confirm_runs=plan.confirm_top_k * max(1, plan.confirm_seeds - 1))
 
 
 def _restore(path: str, trainable):

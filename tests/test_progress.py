@@ -49,7 +49,7 @@ def test_the_eta_shrinks_as_work_is_done():
     p = SearchProgress(4, 10, [], 3, None, [])
     p.setup()
     p.stream = io.StringIO()
-    trials = [fake_trial(t) for t in "abcd"]
+    trials = [fake_trial("a"), fake_trial("b"), fake_trial("c", "PENDING"), fake_trial("d", "PENDING")]
     p.on_trial_result(0, trials, trials[0], {M.EPOCH: 1, M.VAL_ACC: 0.5, "time_this_iter_s": 1.0})
     first = p.eta_s(running=2)
     for e in range(2, 11):
