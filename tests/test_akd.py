@@ -147,3 +147,23 @@ def test_cuda_path(digits_data):
                  torch.device("cuda"))
     h = run.fit()
     assert next(run.student.parameters()).is_cuda and math.isfinite(h[-1][M.VAL_LOSS])
+
+
+def test_a_checkpoint_from_before_the_methods_resumes(tmp_path, digits_data):
+    """Checkpoints written before method, AVKD and feature alignment existed (and with generator "a")."""
+    from trainable.config import FIELDS, METHOD_KEYS
+
+    teacher = random_teacher()
+    first = make_run(teacher, digits_data, epochs=2)
+    first.fit(max_epochs=1)
+    ckpt = first.state_dict()
+    new_keys = {"method", "w_disagreement", "w_feature", "w_feature_adv", "feature_layers", "feature_projection",
+                *METHOD_KEYS["avkd"]}
+    assert new_keys <= set(FIELDS)
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in new_keys}
+    ckpt["config"]["generator"] = "a"
+    again = make_run(teacher, digits_data, epochs=2)
+    again.load_state_dict(ckpt)
+    assert again.epoch == 1
+    with pytest.raises(CheckpointError, match="different config"):
+        make_run(teacher, digits_data, epochs=2, w_feature=1.0).load_state_dict(ckpt)

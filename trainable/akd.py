@@ -478,8 +478,8 @@ class AKDRun:
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"not an AKD run checkpoint (expected format {CHECKPOINT_FORMAT}); "
                                   "pass a checkpoint.pt written by this tool")
-        mine, theirs = config_to_dict(self.cfg), ckpt["config"]
-        diff = sorted(k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k))
+        mine, theirs = config_to_dict(self.cfg), checkpoint_config(ckpt["config"], self.cfg.method)
+        diff = sorted(k for k in mine if k not in RESUMABLE_CHANGES and k in theirs and mine[k] != theirs[k])
         if diff:
             shown = ", ".join(f"{k}={theirs.get(k)!r} (run has {mine[k]!r})" for k in diff[:5])
             raise CheckpointError(f"checkpoint was written with a different config: {shown}; "
@@ -510,6 +510,22 @@ class AKDRun:
         if ckpt["rng"]["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         random.setstate(ckpt["rng"]["python"])
+
+
+def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
+    """A checkpoint's config as this version reads it: a key it predates takes the value the run then had (the
+    dataclass default: the feature did not exist), AVKD-only keys are moot unless the method is AVKD, and
+    renamed registry names are read under their new name."""
+    from trainable.config import FIELDS, METHOD_KEYS
+    from trainable.models import GENERATOR_ALIASES
+
+    out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
+    out.update({k: v for k, v in saved.items() if k not in FIELDS})
+    out["generator"] = GENERATOR_ALIASES.get(out["generator"], out["generator"])
+    if method != "avkd" and out.get("method", "dfad") != "avkd":
+        for k in METHOD_KEYS["avkd"]:
+            out.pop(k, None)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
 def save_checkpoint(run: AKDRun, path) -> None:

@@ -305,6 +305,5 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
 
 
 def config_to_dict(cfg: AKDConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(cfg)
-    d["milestones"] = list(cfg.milestones)
-    return d
+    """Plain data (tuples as lists): what config.json and checkpoints hold."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
