@@ -299,8 +299,8 @@ def test_sigkill_right_after_a_stop_decision_never_trains_that_trial_again(tmp_p
     # A folder the driver made just before the kill, unknown to Tune, is listed as abandoned.
     assert (trials["outcome"] != "abandoned").sum() == 6 and trials["trial_id"].is_unique
     for tid, decision in stopped.items():
-        epochs = _epochs_reported(exp, tid)
-        assert max(epochs) <= decision["epoch"], f"trial {tid} stopped at {decision['epoch']} trained on: {epochs}"
+        epochs = _epochs_reported(exp, tid)  # may be empty: the kill can beat Tune's write of the stopping result
+        assert max(epochs, default=0) <= decision["epoch"], f"trial {tid} stopped at {decision['epoch']} trained on: {epochs}"
         assert trials.loc[trials["trial_id"] == tid, "outcome"].item() == "stopped_early"
         assert study_trials(exp)[tid].state.name == "PRUNED"
 
