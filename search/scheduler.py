@@ -136,8 +136,9 @@ class RungScheduler(FIFOScheduler):
         max_epochs: epochs of a full run (``budget.max_epochs``).
         grace_period: first rung.
         reduction_factor: eta; the top 1/eta of a rung goes on.
-        param_budget: optional; trials with ``param_ratio`` above it rank after all within it.
-        limits: further limits {metric: upper limit} (e.g. ``flops``), treated like the budget.
+        param_budget: shorthand for ``limits={"param_ratio": param_budget}``.
+        limits: the space's budget {metric: upper limit} (``param_ratio``, ``flops``): trials over it rank
+            after every trial within it, by how far over.
         state_file: where the state is written (JSON); None keeps it in memory only.
         early_stopping: False records rungs but never stops (every trial runs ``max_epochs``).
     """
@@ -150,7 +151,6 @@ class RungScheduler(FIFOScheduler):
         self.max_epochs = int(max_epochs)
         self.milestones = milestones(grace_period, reduction_factor, max_epochs) if early_stopping else []
         self.reduction_factor = float(reduction_factor)
-        self.param_budget = param_budget
         self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.state_file = state_file
         self._state: dict[str, Any] | None = None  # loaded lazily, so an unpickled copy reads the file
@@ -159,6 +159,13 @@ class RungScheduler(FIFOScheduler):
         d = self.__dict__.copy()
         d["_state"] = None  # the file, not a pickled snapshot, is the record
         return d
+
+    def __setstate__(self, d):
+        if "limits" not in d:  # pickled by an earlier version: the budget was param_budget alone
+            budget = d.pop("param_budget", None)
+            d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
+            d.setdefault("max_epochs", d.pop("max_t", None))
+        self.__dict__.update(d)
 
     # -- state
     @property

@@ -54,14 +54,14 @@ class OptunaSearcher(Searcher):
         num_samples: trials in the search (sets TPE's random start-up trials).
         study_path: journal file of the study; None keeps it in memory.
         study_name: the study's name in that file.
-        param_budget: optional constraint on ``param_ratio``.
-        limits: further limits {metric: upper limit} (e.g. ``flops``), told to TPE as constraints
-            ``<metric>_budget`` = value / limit - 1 (feasible when <= 0).
+        param_budget: shorthand for ``limits={"param_ratio": param_budget}``.
+        limits: the space's budget {metric: upper limit}, told to TPE as constraints (feasible when <= 0):
+            ``param_budget`` = param_ratio - limit, and ``<metric>_budget`` = value / limit - 1 for the others.
         scheduler: the search's ``RungScheduler``; its decisions say which trials were pruned.
     """
 
     def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
-                 study_path: str | None, study_name: str, param_budget: float | None, scheduler,
+                 study_path: str | None, study_name: str, param_budget: float | None = None, scheduler=None,
                  limits: dict[str, float] | None = None):
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.params = tuple(params)
@@ -70,8 +70,7 @@ class OptunaSearcher(Searcher):
         self.num_samples = int(num_samples)
         self.study_path = study_path
         self.study_name = study_name
-        self.param_budget = param_budget
-        self.limits = {m: float(v) for m, v in (limits or {}).items() if m != M.PARAM_RATIO}
+        self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.scheduler = scheduler
         self._study = self._storage = None
         self._live: dict[str, Any] = {}  # ray trial id -> optuna.Trial of this process
@@ -81,6 +80,12 @@ class OptunaSearcher(Searcher):
         d = self.__dict__.copy()
         d["_study"], d["_storage"], d["_live"], d["_steps"] = None, None, {}, {}  # the journal file is the record
         return d
+
+    def __setstate__(self, d):
+        if "limits" not in d:  # pickled by an earlier version: the budget was param_budget alone
+            budget = d.pop("param_budget", None)
+            d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
+        self.__dict__.update(d)
 
     # -- the study
     @property
@@ -127,14 +132,16 @@ class OptunaSearcher(Searcher):
         if trial is None or M.EPOCH not in result:
             return
         epoch = int(result[M.EPOCH])
-        if self.param_budget is not None and result.get(M.PARAM_RATIO) is not None \
-                and not trial.user_attrs.get(M.PARAM_RATIO):
-            trial.set_user_attr(M.PARAM_RATIO, float(result[M.PARAM_RATIO]))
-            trial.set_constraint(CONSTRAINT, float(result[M.PARAM_RATIO]) - float(self.param_budget))
-        for metric, limit in self.limits.items():
-            if result.get(metric) is not None and not trial.user_attrs.get(f"{metric}_budget_told"):
-                trial.set_user_attr(f"{metric}_budget_told", True)
-                trial.set_constraint(f"{metric}_budget", float(result[metric]) / limit - 1.0)
+        for metric, limit in self.limits.items():  # measured once per trial: told once
+            told = M.PARAM_RATIO if metric == M.PARAM_RATIO else f"{metric}_budget_told"
+            if result.get(metric) is None or trial.user_attrs.get(told):
+                continue
+            value = float(result[metric])
+            trial.set_user_attr(told, value if metric == M.PARAM_RATIO else True)
+            if metric == M.PARAM_RATIO:
+                trial.set_constraint(CONSTRAINT, value - limit)
+            else:
+                trial.set_constraint(f"{metric}_budget", value / limit - 1.0)
         value = result.get(self.objectives[0][0])
         if len(self.objectives) == 1 and value is not None and math.isfinite(value):
             if epoch not in self._steps.setdefault(trial_id, set()):

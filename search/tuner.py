@@ -177,12 +177,12 @@ def build_tuner(plan: SearchPlan, trainable):
     from search.searcher import OptunaSearcher
 
     scheduler = RungScheduler(plan.space.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
-                              reduction_factor=plan.reduction_factor, param_budget=plan.space.param_budget,
-                              early_stopping=plan.early_stopping, limits=plan.space.limits,
+                              reduction_factor=plan.reduction_factor, limits=plan.space.limits,
+                              early_stopping=plan.early_stopping,
                               state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
     searcher = OptunaSearcher(plan.space.params, plan.space.objectives, plan.seed, plan.num_samples,
                               study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
-                              param_budget=plan.space.param_budget, scheduler=scheduler, limits=plan.space.limits)
+                              scheduler=scheduler, limits=plan.space.limits)
     if plan.local:
         plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)

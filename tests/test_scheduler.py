@@ -220,3 +220,25 @@ def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
     # A resumed session marks its start; its time adds to what the killed one had recorded.
     write_json(meta, {**read_json(meta), "wall_before": first, "session_started": time.time() - 10})
     assert first + 9 < update_wall(str(meta)) < first + 40
+
+
+def test_a_scheduler_and_searcher_pickled_by_the_earlier_version_restore(tmp_path):
+    """A search started before budgets became limits resumes: param_budget (and max_t) are read as they meant."""
+    from search.searcher import OptunaSearcher
+
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, param_budget=0.1)
+    old = s.__getstate__()
+    old.pop("limits")
+    old.update(param_budget=0.1, max_t=old.pop("max_epochs"))
+    s2 = RungScheduler.__new__(RungScheduler)
+    s2.__setstate__(old)
+    assert s2.limits == {M.PARAM_RATIO: 0.1} and s2.max_epochs == 12
+    assert s2.violation({M.PARAM_RATIO: 0.15}) == pytest.approx(0.05)
+    searcher = OptunaSearcher([], MO, 0, 4, study_path=None, study_name="akdtune", param_budget=0.1,
+                              scheduler=None)
+    state = pickle.loads(pickle.dumps(searcher)).__dict__
+    state.pop("limits")
+    state["param_budget"] = 0.1
+    s3 = OptunaSearcher.__new__(OptunaSearcher)
+    s3.__setstate__(state)
+    assert s3.limits == {M.PARAM_RATIO: 0.1}
