@@ -31,7 +31,7 @@ from results.summary import (
     write_summaries,
 )
 from search.layout import BEST_DIR, REPORT_FILE
-from search.space import budget_limits
+from search.space import budget_limits, describe_limits
 from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.files import write_text
@@ -394,8 +394,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
           else "not evaluated yet")),
         ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
                             f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
-        ("budget", ", ".join(f"param_ratio <= {v:.0%}" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
-                             for m, v in budget_limits(meta.get("space") or {}).items()) or "none"),
+        ("budget", describe_limits(budget_limits(meta.get("space") or {})) or "none"),
         ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
                    f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
                    f"(of {num_samples})"),

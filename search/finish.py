@@ -26,6 +26,7 @@ from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_o
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
 from search.searcher import fail_abandoned
+from search.space import describe_limits
 from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
@@ -102,9 +103,7 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
     rows = [("best trial", best["trial_id"])]
     rows += [(k, _fmt(v)) for k, v in params.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if limits:
-        parts = [f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
-                 for m, v in limits.items()]
-        rows.append(("budget", ", ".join(parts)
+        rows.append(("budget", describe_limits(limits)
                      + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
     n = len(final["seeds"])
     rows += [

@@ -402,6 +402,12 @@ def budget_limits(raw: dict[str, Any]) -> dict[str, float]:
     return limits
 
 
+def describe_limits(limits: dict[str, float]) -> str:
+    """The budget in words, e.g. "params <= 10% of the teacher, flops <= 400,000"; "" for none."""
+    return ", ".join(f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
+                     for m, v in limits.items())
+
+
 def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
     """Every limit holds (a metric the result lacks counts as over)."""
     return all(result.get(m) is not None and result[m] <= lim for m, lim in limits.items())
