@@ -21,6 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from search.space import within_limits
 from trainable import metrics as M
 
 
@@ -193,10 +194,7 @@ class SearchProgress(Callback):
         if result.get("time_this_iter_s"):
             self.epoch_times.append(float(result["time_this_iter_s"]))
         acc, ratio = result.get(M.VAL_ACC), result.get(M.PARAM_RATIO)
-        from search.space import within_limits
-
-        within = within_limits(result, self.limits)
-        if acc is not None and within and (self.best is None or acc > self.best[0]):
+        if acc is not None and within_limits(result, self.limits) and (self.best is None or acc > self.best[0]):
             self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
         self.peak_running = max(self.peak_running, self._running(trials))
         if self.bar is not None:

@@ -522,7 +522,7 @@ def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
     out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
     out.update({k: v for k, v in saved.items() if k not in FIELDS})
     out["generator"] = GENERATOR_ALIASES.get(out["generator"], out["generator"])
-    if method != "avkd" and out.get("method", "dfad") != "avkd":
+    if method != "avkd" and out["method"] != "avkd":
         for k in METHOD_KEYS["avkd"]:
             out.pop(k, None)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}

@@ -221,6 +221,7 @@ def _check_values(c: dict[str, Any]) -> list[str]:
 
 def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
+    from trainable.models import CLASSIFIERS
     from trainable.priors import check_prior
 
     errs = []
@@ -231,15 +232,9 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
     if cp and (len(cp) != task.num_classes or min(cp) < 0 or sum(cp) <= 0):
         errs.append(f"class_prior: expected {task.num_classes} weights >= 0 with a positive sum (one per class of "
                     f"{task.name}), or [] for uniform; got {len(cp)} values")
-    if (c["w_feature"] > 0 or c["w_feature_adv"] > 0) and c["teacher"] in _classifiers() and c["student"] in _classifiers():
+    if (c["w_feature"] > 0 or c["w_feature_adv"] > 0) and c["teacher"] in CLASSIFIERS and c["student"] in CLASSIFIERS:
         errs.extend(_check_feature_layers(c, task))
     return errs
-
-
-def _classifiers():
-    from trainable.models import CLASSIFIERS
-
-    return CLASSIFIERS
 
 
 def _check_feature_layers(c: dict[str, Any], task) -> list[str]:

@@ -6,7 +6,6 @@ both carry the keys of ``trainable.metrics.FINAL_METRICS``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -55,12 +54,10 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
         save_image(make_grid(imgs, nrow=per_row, padding=2, pad_value=1.0), str(tmp), format="png")
 
 
-def export_student(student: torch.nn.Module, channels: int, image_size: int, out: Path) -> dict[str, Any]:
+def export_student(student: torch.nn.Module, channels: int, image_size: int, out: Path) -> None:
     """The student as a ``torch.export`` program, ``student.pt2`` (loadable with ``torch.export.load`` and no
-    project code; any batch size), and ``student.onnx`` where the ONNX exporter is installed.
-
-    Returns what the export wrote: ``{"pt2": path, "onnx": path or None, "onnx_note": why not}``.
-    """
+    project code; any batch size), and ``student.onnx`` where the ONNX exporter (``onnx`` and ``onnxscript``)
+    is installed; an ONNX export that fails leaves no file."""
     import copy
     import importlib.util
 
@@ -70,17 +67,12 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     with atomic_path(out / "student.pt2") as tmp:
         torch.export.save(program, str(tmp))
-    written: dict[str, Any] = {"pt2": str(out / "student.pt2"), "onnx": None, "onnx_note": ""}
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
         try:
             with atomic_path(out / "student.onnx") as tmp:
                 torch.onnx.export(model, (x,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},))
-            written["onnx"] = str(out / "student.onnx")
-        except Exception as e:  # optional: the .pt2 program is the export
-            written["onnx_note"] = f"ONNX export failed: {type(e).__name__}: {str(e)[:200]}"
-    else:
-        written["onnx_note"] = "ONNX exporter not installed (pip install onnx onnxscript)"
-    return written
+        except Exception:  # optional: the .pt2 program is the export
+            pass
 
 
 def inference_cost(student: torch.nn.Module, channels: int, image_size: int, flops: int, size_bytes: int,
