@@ -133,9 +133,10 @@ def _optuna_plots(e: Experiment) -> list[tuple[str, str]]:
 
     real = load_study(e.path)
     epoch = _fidelity(e)
-    study, n_in, n_out = at_fidelity(e, real, epoch)
+    study, n_in, n_out, refused = at_fidelity(e, real, epoch)
     note = f"val_acc at epoch {epoch}, the epoch every compared trial reached ({n_in} trials"
-    note += f"; {n_out} left out: they failed or were not run to epoch {epoch})" if n_out else ")"
+    note += f"; {n_out} left out: they failed or were not run to epoch {epoch}" if n_out else ""
+    note += f"; {refused} proposed settings over the budget were refused, not trained)" if refused else ")"
     out = []
     plots = [
         ("Optimization history", lambda: ov.plot_optimization_history(study, target_name=f"val_acc @ epoch {epoch}")),

@@ -25,7 +25,7 @@ from search.algorithms import update_wall
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
-from search.searcher import fail_abandoned
+from search.searcher import fail_abandoned, refused_over_budget
 from search.space import describe_limits
 from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M
@@ -134,8 +134,10 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
 
 def _trials_line(e) -> str:
     c = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
+    refused = refused_over_budget(str(Path(e.path) / STUDY_FILE))
     return (f"{c[COMPLETED]} completed, {c[STOPPED_EARLY]} stopped early, {c[DIVERGED]} diverged, {c[ERRORED]} errored"
-            + (f", {c[UNFINISHED]} unfinished" if c[UNFINISHED] else ""))
+            + (f", {c[UNFINISHED]} unfinished" if c[UNFINISHED] else "")
+            + (f"; {refused} proposed setting(s) over the budget refused before training" if refused else ""))
 
 
 def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
-from search.tuner import build_tuner, make_trainable, prepare_teacher_for, record_session, restore_tuner, start_ray
+from search.tuner import budget_check, build_tuner, make_trainable, prepare_teacher_for, record_session, restore_tuner, start_ray
 from trainable.errors import UserError
 
 
@@ -79,10 +79,11 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
     teacher = prepare_teacher_for(plan)
+    check = budget_check(plan, teacher)  # a space with no setting within its budget stops here
     start_ray(plan)
     record_session(plan, teacher, started)
     trainable = make_trainable(plan, teacher)
-    tuner = restore_tuner(plan, trainable) if plan.resume else build_tuner(plan, trainable)
+    tuner = restore_tuner(plan, trainable) if plan.resume else build_tuner(plan, trainable, check)
     tuner.fit()
     if not plan.local:
         print(f"search finished; summaries are written for local storage only: run results/report.py on a copy of "

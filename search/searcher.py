@@ -3,15 +3,21 @@
 - The study lives in Optuna's own journal storage in the run folder (``akdtune/study.journal``),
   written as trials report. It is the single record of the study: a resumed search loads it, the
   results/ code reads it, and another process can watch it (``optuna.load_study``, or
-  ``optuna-dashboard``) while the search runs. Each Optuna trial carries its Ray trial id as the
-  user attribute ``ray_trial_id``.
+  ``optuna-dashboard``) while the search runs. Each Optuna trial that Tune runs carries its Ray
+  trial id as the user attribute ``ray_trial_id``.
 - A trial the scheduler cut short is told as PRUNED, with its intermediate values (single-objective
   studies); one that diverged or errored is FAIL, with the reason as user attribute ``error``; a
   completed one is COMPLETE with its objective values. (Ray's stock OptunaSearch tells Optuna that
   an ASHA-stopped trial COMPLETEd with its early, low-fidelity score.)
-- A space's parameter budget is told to the sampler as a constraint (``param_ratio - budget <= 0``,
-  via ``Trial.set_constraint``) as soon as a trial's size is known, so TPE spends trials where the
-  answer lies. TPE is used for one and for two objectives (it learns from pruned and infeasible
+- A space's budget is told to the sampler as constraints (``param_ratio - budget <= 0``, via
+  ``Trial.set_constraint``) as soon as a setting's size is known, so TPE spends trials where the
+  answer lies.
+- A setting over the budget (``param_budget``, ``budget.flops``) is refused before it is trained:
+  ``search.budget.BudgetCheck`` works out its size and FLOPs on the meta device when Optuna proposes
+  it. It is told PRUNED before its first step, with its constraint values (TPE ranks it infeasible
+  and learns where the budget ends) and the user attribute ``over_budget`` (why, in words); then
+  Optuna is asked again. So every trial Tune runs is within the budget, and only trials Tune runs
+  carry a ``ray_trial_id``. TPE is used for one and for two objectives (it learns from pruned and infeasible
   trials; NSGA-II ignores pruned ones).
 """
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from search.budget import MAX_REFUSALS, OVER_BUDGET
 from search.layout import STUDY_NAME
 from search.space import DefineByRun, Param
 from trainable import metrics as M
@@ -58,11 +65,13 @@ class OptunaSearcher(Searcher):
         limits: the space's budget {metric: upper limit}, told to TPE as constraints (feasible when <= 0):
             ``param_budget`` = param_ratio - limit, and ``<metric>_budget`` = value / limit - 1 for the others.
         scheduler: the search's ``RungScheduler``; its decisions say which trials were pruned.
+        budget_check: a ``search.budget.BudgetCheck``; a proposed setting over the budget is refused before it
+            is trained (told FAIL with the user attribute ``over_budget``) and another one asked for.
     """
 
     def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
                  study_path: str | None, study_name: str, param_budget: float | None = None, scheduler=None,
-                 limits: dict[str, float] | None = None):
+                 limits: dict[str, float] | None = None, budget_check=None):
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.params = tuple(params)
         self.objectives = [(str(m), str(d)) for m, d in objectives]
@@ -72,6 +81,7 @@ class OptunaSearcher(Searcher):
         self.study_name = study_name
         self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.scheduler = scheduler
+        self.budget_check = budget_check
         self._study = self._storage = None
         self._live: dict[str, Any] = {}  # ray trial id -> optuna.Trial of this process
         self._steps: dict[str, set[int]] = {}  # ray trial id -> epochs reported to Optuna
@@ -85,6 +95,7 @@ class OptunaSearcher(Searcher):
         if "limits" not in d:  # pickled by an earlier version: the budget was param_budget alone
             budget = d.pop("param_budget", None)
             d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
+        d.setdefault("budget_check", None)  # pickled before settings were checked against the budget
         self.__dict__.update(d)
 
     # -- the study
@@ -121,27 +132,50 @@ class OptunaSearcher(Searcher):
 
     # -- Tune hooks
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
-        trial = self.study.ask()
+        import optuna
+
+        check = self.budget_check if self.budget_check is not None and self.budget_check.active else None
+        for attempt in range(MAX_REFUSALS + 1):
+            trial = self.study.ask()
+            fixed = DefineByRun(self.params)(trial)
+            setting = {**trial.params, **fixed}
+            costs = check.costs(setting) if check is not None else None
+            if costs is not None:
+                self._constrain(trial, costs)
+            reason = check.reason(costs) if check is not None and attempt < MAX_REFUSALS else None
+            if reason is None:
+                break
+            # Over the budget: never trained. Pruned before its first step, with its constraint values, so
+            # that TPE learns where the budget ends; the next ask draws again.
+            trial.set_user_attr(OVER_BUDGET, reason)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        if attempt == MAX_REFUSALS:
+            log.warning("%d settings in a row were over the budget; training the next one (it ranks after those "
+                        "within the budget)", MAX_REFUSALS)
         trial.set_user_attr(RAY_ID, trial_id)
-        fixed = DefineByRun(self.params)(trial)
         self._live[trial_id], self._steps[trial_id] = trial, set()
-        return {**trial.params, **fixed}
+        return setting
+
+    def _constrain(self, trial, values: dict[str, Any]) -> None:
+        """Tell the sampler the budget's constraints for the metrics in ``values`` (feasible when <= 0), once per
+        trial and metric: ``param_budget`` = param_ratio - limit, ``<metric>_budget`` = value / limit - 1."""
+        for metric, limit in self.limits.items():
+            told = M.PARAM_RATIO if metric == M.PARAM_RATIO else f"{metric}_budget_told"
+            if values.get(metric) is None or trial.user_attrs.get(told) is not None:
+                continue
+            value = float(values[metric])
+            trial.set_user_attr(told, value if metric == M.PARAM_RATIO else True)
+            if metric == M.PARAM_RATIO:
+                trial.set_constraint(CONSTRAINT, value - limit)
+            else:
+                trial.set_constraint(f"{metric}_budget", value / limit - 1.0)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         trial = self._trial(trial_id)
         if trial is None or M.EPOCH not in result:
             return
         epoch = int(result[M.EPOCH])
-        for metric, limit in self.limits.items():  # measured once per trial: told once
-            told = M.PARAM_RATIO if metric == M.PARAM_RATIO else f"{metric}_budget_told"
-            if result.get(metric) is None or trial.user_attrs.get(told):
-                continue
-            value = float(result[metric])
-            trial.set_user_attr(told, value if metric == M.PARAM_RATIO else True)
-            if metric == M.PARAM_RATIO:
-                trial.set_constraint(CONSTRAINT, value - limit)
-            else:
-                trial.set_constraint(f"{metric}_budget", value / limit - 1.0)
+        self._constrain(trial, result)  # measured once per trial: told once (at suggest when the check knew it)
         value = result.get(self.objectives[0][0])
         if len(self.objectives) == 1 and value is not None and math.isfinite(value):
             if epoch not in self._steps.setdefault(trial_id, set()):
@@ -206,3 +240,13 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
             study.tell(ft.number, state=optuna.trial.TrialState.FAIL)
             n += 1
     return n
+
+
+def refused_over_budget(study_path: str) -> int:
+    """How many proposed settings the search refused before training because they were over its budget."""
+    import optuna
+
+    if not os.path.isfile(study_path):
+        return 0
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
+    return sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))

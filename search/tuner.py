@@ -49,6 +49,18 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     return teacher
 
 
+def budget_check(plan: SearchPlan, teacher: Teacher):
+    """The ``BudgetCheck`` of the plan's space and teacher; for a new search, first refuse (exit 2) a space in
+    which no setting fits the budget."""
+    from search.budget import BudgetCheck, check_reachable
+    from trainable.models import count_params
+
+    check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits))
+    if not plan.resume:
+        check_reachable(plan.space.params, check, plan.seed)
+    return check
+
+
 def gpus_per_trial(plan: SearchPlan) -> float:
     import torch
 
@@ -168,8 +180,9 @@ def _restore(path: str, trainable):
                               restart_errored=False)
 
 
-def build_tuner(plan: SearchPlan, trainable):
-    """A new search: our Optuna searcher and rung scheduler, ``num_samples`` trials."""
+def build_tuner(plan: SearchPlan, trainable, check=None):
+    """A new search: our Optuna searcher (refusing settings over the budget with ``check``, a
+    ``BudgetCheck``) and rung scheduler, ``num_samples`` trials."""
     from ray import tune
 
     from search.algorithms import SearchStateCallback, trial_dirname
@@ -182,7 +195,7 @@ def build_tuner(plan: SearchPlan, trainable):
                               state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
     searcher = OptunaSearcher(plan.space.params, plan.space.objectives, plan.seed, plan.num_samples,
                               study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
-                              scheduler=scheduler, limits=plan.space.limits)
+                              scheduler=scheduler, limits=plan.space.limits, budget_check=check)
     if plan.local:
         plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)

@@ -59,7 +59,8 @@ def study_trials(exp: Path) -> dict:
         study = optuna.load_study(study_name="akdtune", storage=journal_storage(exp / "akdtune" / "study.journal"))
     except Exception:
         return {}
-    return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False)}
+    # settings refused before training (over the budget) have no Ray trial
+    return {t.user_attrs["ray_trial_id"]: t for t in study.get_trials(deepcopy=False) if "ray_trial_id" in t.user_attrs}
 
 
 def scheduler_state(exp: Path) -> dict:

@@ -135,6 +135,24 @@ def _make_scheduler(cfg: AKDConfig, opt: torch.optim.Optimizer):
     return None  # "none": constant learning rates
 
 
+def student_width(cfg: AKDConfig, teacher_params: int) -> float:
+    """The student's width multiplier: ``student_width``, or the one closest to ``student_fraction`` of the teacher."""
+    if cfg.student_fraction is None:
+        return cfg.student_width
+    t = get_task(cfg.task)
+    return width_for_fraction(cfg.student, cfg.student_fraction, teacher_params, t.num_classes, t.channels, t.image_size)
+
+
+def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
+    """The student's ``param_ratio`` and ``flops``, exactly as its run will report them, without training or
+    allocating it (built on the meta device): what a search checks against its budget before a trial starts."""
+    t = get_task(cfg.task)
+    width = student_width(cfg, teacher_params)
+    with torch.device("meta"):
+        student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size, width)
+    return {M.PARAM_RATIO: count_params(student) / teacher_params, M.FLOPS: count_flops(student, t.channels, t.image_size)}
+
+
 class AKDRun:
     """A data-free adversarial distillation run.
 
@@ -166,8 +184,7 @@ class AKDRun:
         keep = cfg.w_bn > 0 or self.align
         self.teacher_fwd = self.teacher if keep else fold_batchnorm(self.teacher).to(memory_format=fmt)
         t = self.task
-        self.student_width = cfg.student_width if cfg.student_fraction is None else width_for_fraction(
-            cfg.student, cfg.student_fraction, self.teacher_params, t.num_classes, t.channels, t.image_size)
+        self.student_width = student_width(cfg, self.teacher_params)
         self.student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size,
                                         self.student_width).to(self.device, memory_format=fmt)
         self.generator = build_generator(cfg.generator, cfg.latent_dim, cfg.generator_width, t.channels,
