@@ -84,6 +84,7 @@ def check_reachable(params: Sequence[Param], check: BudgetCheck, seed: int, draw
 
     if not check.active:
         return
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line in the search's output
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     smallest: tuple[float, str] = (math.inf, "")
     for _ in range(draws):

@@ -67,6 +67,7 @@ class SearchProgress(Callback):
         limits: the space's budget {metric: upper limit}; trials over it are not "best within the budget".
         params: names of the searched hyperparameters, shown per finished trial.
         state_file: the scheduler's state file, read for its stop decisions when a trial ends.
+        study_file: the study's journal, read for the settings refused over the budget (shown in the status).
         report_dir: the search folder whose summaries and report are rewritten as trials finish (None: not).
         report_every_s: at most one rewrite per this many seconds.
         confirm_runs: confirmation runs that will follow (counted in the ETA as full-length runs).
@@ -79,13 +80,14 @@ class SearchProgress(Callback):
     def __init__(self, num_samples: int, max_epochs: int, milestones: list[int], reduction_factor: float,
                  limits: dict[str, float] | None, params: list[str], state_file: str | None = None,
                  report_dir: str | None = None, report_every_s: float = 20.0, confirm_runs: int = 0,
-                 label: str = "trial"):
+                 label: str = "trial", study_file: str | None = None):
         self.num_samples = num_samples
         self.max_epochs = max_epochs
         self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor)
         self.limits = dict(limits or {})
         self.params = params
         self.state_file = state_file
+        self.study_file = study_file
         self.report_dir = report_dir
         self.report_every_s = report_every_s
         self.confirm_runs = confirm_runs
@@ -107,11 +109,12 @@ class SearchProgress(Callback):
         self.peak_running = 0  # the most trials seen running at once
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
-        keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "report_dir",
-                "report_every_s", "confirm_runs", "label")
+        keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "study_file",
+                "report_dir", "report_every_s", "confirm_runs", "label")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, d):
+        d.setdefault("study_file", None)  # pickled before the status showed refused settings
         self.__dict__.update(d)
         self.stream = sys.stdout
         self._reset()
@@ -163,7 +166,19 @@ class SearchProgress(Callback):
         return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
                 f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
                 f"elapsed {fmt_duration(time.time() - self.start)}"
-                + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}")
+                + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}" + self._refused())
+
+    def _refused(self) -> str:
+        """" | K over the budget refused" while the search has refused settings before training them."""
+        if not self.study_file:
+            return ""
+        from search.searcher import refused_over_budget
+
+        try:
+            n = refused_over_budget(self.study_file)
+        except Exception:  # the journal is being written: the next status line counts them
+            return ""
+        return f" | {n} over the budget refused" if n else ""
 
     # -- Tune's callback interface
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):

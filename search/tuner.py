@@ -167,6 +167,7 @@ def search_progress(plan: SearchPlan):
     return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.limits,
                           [p.name for p in plan.space.params],
                           state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
+                          study_file=str(plan.file(STUDY_FILE)) if plan.local else None,
                           report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
                           report_every_s=plan.report_every_s,
                           # each candidate's own seed mostly exists already: the extra seeds are the work left

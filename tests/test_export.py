@@ -55,3 +55,51 @@ def test_inference_cost_is_measured_once_when_a_run_finishes(tmp_path, digits_te
     assert final[M.SIZE_BYTES] == (tmp_path / "student.pt2").stat().st_size
     # A conv's multiply-adds dominate: at least 2 x params x (8x8 / 4) for this 8x8 CNN.
     assert final[M.FLOPS] > 2 * run.student_params
+
+
+ONNX = ("onnx", "onnxscript", "onnxruntime")
+
+
+def test_student_onnx_is_one_file_that_onnxruntime_runs_like_torch(tmp_path, capsys):
+    """Where the ONNX exporter is installed (``pip install -e .[onnx]``; CI installs it), ``student.onnx`` is
+    written beside ``student.pt2``: weights inside, any batch size, the same logits; the exporter prints nothing."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ONNX):
+        pytest.skip("onnx, onnxscript and onnxruntime are not installed (pip install -e .[onnx])")
+    import onnxruntime
+
+    from trainable.models import build_classifier
+    from trainable.outputs import export_student
+
+    torch.manual_seed(0)
+    student = build_classifier("cnn", 10, 1, 8, 0.3125).eval()
+    export_student(student, 1, 8, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx", "student.pt2"]  # no weights file beside it
+    assert capsys.readouterr().out == ""
+    session = onnxruntime.InferenceSession(str(tmp_path / "student.onnx"))
+    name = session.get_inputs()[0].name
+    for batch in (1, 7, 300):
+        x = torch.randn(batch, 1, 8, 8)
+        with torch.no_grad():
+            want = student(x).numpy()
+        got = session.run(None, {name: x.numpy()})[0]
+        assert got.shape == want.shape and abs(got - want).max() < 1e-4
+
+
+def test_a_failed_onnx_export_leaves_no_file_and_says_so(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    if not all(importlib.util.find_spec(m) for m in ONNX[:2]):
+        pytest.skip("onnx and onnxscript are not installed (pip install -e .[onnx])")
+    from trainable.models import build_classifier
+    from trainable.outputs import export_student
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator\nmore detail")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    export_student(build_classifier("cnn", 10, 1, 8, 0.25).eval(), 1, 8, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt2"]
+    err = capsys.readouterr().err
+    assert err == "note: student.onnx not written (RuntimeError: unsupported operator); student.pt2 is the export\n"

@@ -1,5 +1,6 @@
 """The compact progress view: counts, ETA, best within the budget, plain lines off a terminal; the live report."""
 import io
+import pickle
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ def test_a_search_prints_a_few_lines_and_the_report_is_valid_while_it_runs(tmp_p
     assert len(lines) <= 60, out
     assert any("ETA" in ln for ln in lines) and any("best so far val_acc" in ln for ln in lines)
     assert not any("Trial status" in ln or "│" in ln or "Checkpoint successfully created" in ln for ln in lines)
+    assert not any(ln.startswith("[I ") for ln in lines), out  # nor Optuna's info lines
     assert "in progress" in seen and reads > 3
     assert "id='in-progress'" not in report.read_text()  # the final report says nothing of progress
     # capacity.yaml's sizes reach past its budget: those settings were refused before training, and said so
@@ -128,3 +130,31 @@ def test_the_report_thread_stops_at_once_when_the_search_ends(tmp_path, monkeypa
     p.on_experiment_end(trials)
     assert time.time() - start < 2 and len(calls) == 1
     assert (tmp_path / "akdtune" / "live_report.json").exists()
+
+
+def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
+    import optuna
+
+    from search.budget import OVER_BUDGET
+    from search.searcher import journal_storage
+
+    journal = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="akdtune", storage=journal_storage(journal))
+    p = SearchProgress(4, 10, [2], 3, {M.PARAM_RATIO: 0.1}, ["x"], study_file=str(journal))
+    p.setup()
+    assert "refused" not in p.status(0)
+    for _ in range(2):
+        t = study.ask()
+        t.set_user_attr(OVER_BUDGET, "params 30% of the teacher, over the budget of params <= 10% of the teacher")
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)  # pruned by a rung: not refused
+    assert p.status(0).endswith(" | 2 over the budget refused")
+    q = pickle.loads(pickle.dumps(p))
+    assert q.study_file == str(journal)
+    # a callback pickled before it knew the journal restores without it
+    state = p.__getstate__()
+    state.pop("study_file")
+    old = SearchProgress.__new__(SearchProgress)
+    old.__setstate__(state)
+    assert old.study_file is None and "refused" not in old.status(0)
+    assert not SearchProgress(4, 10, [2], 3, None, [], study_file=str(tmp_path / "none.journal"))._refused()

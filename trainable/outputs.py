@@ -5,6 +5,7 @@ both carry the keys of ``trainable.metrics.FINAL_METRICS``.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -56,10 +57,13 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
 
 def export_student(student: torch.nn.Module, channels: int, image_size: int, out: Path) -> None:
     """The student as a ``torch.export`` program, ``student.pt2`` (loadable with ``torch.export.load`` and no
-    project code; any batch size), and ``student.onnx`` where the ONNX exporter (``onnx`` and ``onnxscript``)
-    is installed; an ONNX export that fails leaves no file."""
+    project code; any batch size), and ``student.onnx`` where the ONNX exporter (``onnx`` and ``onnxscript``,
+    ``pip install -e .[onnx]``) is installed: one file, weights inside, any batch size. An ONNX export that
+    fails leaves no file and says so in one line on stderr."""
+    import contextlib
     import copy
     import importlib.util
+    import io
 
     model = copy.deepcopy(student).float().cpu().eval().to(memory_format=torch.contiguous_format)
     x = torch.zeros(2, channels, image_size, image_size)
@@ -68,11 +72,13 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     with atomic_path(out / "student.pt2") as tmp:
         torch.export.save(program, str(tmp))
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
-        try:
-            with atomic_path(out / "student.onnx") as tmp:
-                torch.onnx.export(model, (x,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},))
-        except Exception:  # optional: the .pt2 program is the export
-            pass
+        try:  # one self-contained file (weights inside, not beside it), and no exporter chatter on stdout
+            with contextlib.redirect_stdout(io.StringIO()), atomic_path(out / "student.onnx") as tmp:
+                torch.onnx.export(model, (x,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},),
+                                  external_data=False, verbose=False)
+        except Exception as exc:  # optional: the .pt2 program is the export
+            print(f"note: student.onnx not written ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                  "student.pt2 is the export", file=sys.stderr)
 
 
 def inference_cost(student: torch.nn.Module, channels: int, image_size: int, flops: int, size_bytes: int,
