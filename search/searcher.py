@@ -17,8 +17,9 @@
   it. It is told PRUNED before its first step, with its constraint values (TPE ranks it infeasible
   and learns where the budget ends) and the user attribute ``over_budget`` (why, in words); then
   Optuna is asked again. So every trial Tune runs is within the budget, and only trials Tune runs
-  carry a ``ray_trial_id``. TPE is used for one and for two objectives (it learns from pruned and infeasible
-  trials; NSGA-II ignores pruned ones).
+  carry a ``ray_trial_id``.
+- TPE is used for one and for two objectives (it learns from pruned and infeasible trials;
+  NSGA-II ignores pruned ones).
 """
 from __future__ import annotations
 
