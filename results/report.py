@@ -30,7 +30,8 @@ from results.summary import (
     load_experiment,
     write_summaries,
 )
-from search.layout import BEST_DIR, REPORT_FILE
+from search.budget import refused_over_budget
+from search.layout import BEST_DIR, REPORT_FILE, STUDY_FILE
 from search.space import budget_limits, describe_limits
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -385,6 +386,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
     max_epochs = int(meta.get("max_epochs") or 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
     full = num_samples * max_epochs
+    refused = refused_over_budget(str(e.path / STUDY_FILE))
     header = [
         ("task", str(meta.get("task", "?"))),
         ("space", str(meta.get("space_file", "?"))),
@@ -395,7 +397,8 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
           else "not evaluated yet")),
         ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
                             f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
-        ("budget", describe_limits(budget_limits(meta.get("space") or {})) or "none"),
+        ("budget", (describe_limits(budget_limits(meta.get("space") or {})) or "none")
+         + (f"; {refused} proposed settings over it were refused before training" if refused else "")),
         ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
                    f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
                    f"(of {num_samples})"),

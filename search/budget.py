@@ -101,3 +101,18 @@ def check_reachable(params: Sequence[Param], check: BudgetCheck, seed: int, draw
             smallest = (size, reason)
     raise UserError(f"none of {draws} settings drawn from the space fits its budget (the smallest drawn: {smallest[1]}); "
                     "lower the size range (e.g. student_fraction's low) or raise the budget")
+
+
+def refused_over_budget(study_path: str) -> int:
+    """How many proposed settings the search in this study journal refused before training, over its budget."""
+    import os
+
+    import optuna
+
+    from search.layout import STUDY_NAME
+    from search.searcher import journal_storage
+
+    if not os.path.isfile(study_path):
+        return 0
+    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
+    return sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))

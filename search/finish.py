@@ -22,10 +22,11 @@ from results.summary import (
     write_summaries,
 )
 from search.algorithms import update_wall
+from search.budget import refused_over_budget
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
-from search.searcher import fail_abandoned, refused_over_budget
+from search.searcher import fail_abandoned
 from search.space import describe_limits
 from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M

@@ -172,7 +172,7 @@ class SearchProgress(Callback):
         """" | K over the budget refused" while the search has refused settings before training them."""
         if not self.study_file:
             return ""
-        from search.searcher import refused_over_budget
+        from search.budget import refused_over_budget
 
         try:
             n = refused_over_budget(self.study_file)

@@ -242,12 +242,3 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
             n += 1
     return n
 
-
-def refused_over_budget(study_path: str) -> int:
-    """How many proposed settings the search refused before training because they were over its budget."""
-    import optuna
-
-    if not os.path.isfile(study_path):
-        return 0
-    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
-    return sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))

@@ -99,12 +99,13 @@ def test_a_search_prints_a_few_lines_and_the_report_is_valid_while_it_runs(tmp_p
     # capacity.yaml's sizes reach past its budget: those settings were refused before training, and said so
     import pandas as pd
 
-    from search.searcher import refused_over_budget
+    from search.budget import refused_over_budget
 
     trials = pd.read_parquet(tmp_path / "p" / "summary" / "trials.parquet")
     refused = refused_over_budget(str(tmp_path / "p" / "akdtune" / "study.journal"))
     assert len(trials) == 4 and trials["within_budget"].all() and refused >= 1
     assert f"{refused} proposed setting(s) over the budget refused before training" in out
+    assert f"{refused} proposed settings over it were refused before training" in report.read_text()
 
 
 @pytest.mark.slow
