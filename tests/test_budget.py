@@ -105,3 +105,31 @@ def test_the_search_command_refuses_an_impossible_budget_before_writing(tmp_path
     r = run_main("search/run_search.py", "--space", str(space), "--storage", str(tmp_path / "runs"), "--smoke")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "fits its budget" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+class RefuseAll:
+    """A budget check under which nothing fits."""
+
+    active = True
+
+    def costs(self, setting):
+        return {M.PARAM_RATIO: 0.5}
+
+    def reason(self, costs):
+        return "params 50.0% of the teacher, over the budget of params <= 10% of the teacher"
+
+
+def test_after_max_refusals_in_a_row_the_next_setting_is_trained_with_a_warning(caplog):
+    from search.budget import MAX_REFUSALS
+    from search.searcher import OptunaSearcher
+
+    s = OptunaSearcher(parse_space({"params": FRACTION}).params, MO, seed=0, num_samples=4, study_path=None,
+                       study_name="akdtune", param_budget=0.1, budget_check=RefuseAll())
+    with caplog.at_level("WARNING", logger="search.searcher"):
+        setting = s.suggest("t0")
+    assert "student_fraction" in setting
+    trials = s.study.trials
+    assert len(trials) == MAX_REFUSALS + 1  # a search never hangs on a space that is nearly all over budget
+    assert sum(OVER_BUDGET in t.user_attrs for t in trials) == MAX_REFUSALS
+    assert trials[-1].user_attrs["ray_trial_id"] == "t0" and trials[-1].state.name == "RUNNING"
+    assert f"{MAX_REFUSALS} settings in a row were over the budget" in caplog.text
