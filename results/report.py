@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from results.study import load_study
 from results.summary import (
     COMPLETED,
     DIVERGED,
@@ -30,8 +31,8 @@ from results.summary import (
     load_experiment,
     write_summaries,
 )
-from search.budget import refused_over_budget
-from search.layout import BEST_DIR, REPORT_FILE, STUDY_FILE
+from search.budget import count_refused
+from search.layout import BEST_DIR, REPORT_FILE
 from search.space import budget_limits, describe_limits
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -126,15 +127,15 @@ def _fidelity(e: Experiment) -> int:
     return grace or max_epochs or 1
 
 
-def _optuna_plots(e: Experiment) -> list[tuple[str, str]]:
-    """Optuna's plots over every trial at one stated fidelity; a note instead of a plot where data is too thin."""
+def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
+    """Optuna's plots over every trial of the study ``real`` at one stated fidelity (``refused``: settings refused
+    over the budget, said in the note); a note instead of a plot where data is too thin."""
     import optuna.visualization as ov
 
-    from results.study import at_fidelity, load_study
+    from results.study import at_fidelity
 
-    real = load_study(e.path)
     epoch = _fidelity(e)
-    study, n_in, n_out, refused = at_fidelity(e, real, epoch)
+    study, n_in, n_out = at_fidelity(e, real, epoch)
     note = f"val_acc at epoch {epoch}, the epoch every compared trial reached ({n_in} trials"
     note += f"; {n_out} left out: they failed or were not run to epoch {epoch}" if n_out else ""
     note += f"; {refused} proposed settings over the budget were refused, not trained)" if refused else ")"
@@ -386,7 +387,8 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
     max_epochs = int(meta.get("max_epochs") or 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
     full = num_samples * max_epochs
-    refused = refused_over_budget(str(e.path / STUDY_FILE))
+    real = load_study(e.path)  # read once: the header's count and Optuna's plots
+    refused = count_refused(real)
     header = [
         ("task", str(meta.get("task", "?"))),
         ("space", str(meta.get("space_file", "?"))),
@@ -423,7 +425,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         parts.append(_section("Accuracy by method", by_method))
     parts.append(_section("Confirmation over seeds", _confirm_table(e)))
     parts.append(_section("Learning curves", _curves_plot(e)))
-    for title, body in _optuna_plots(e):
+    for title, body in _optuna_plots(e, real, refused):
         parts.append(_section(title, body))
     parts.append(_section("Best student", "<div class='grid'><div><h3>Generated images</h3>" + _image(best_dir)
                           + "</div><div><h3>Confusion matrix</h3>" + _confusion_plot(best_dir) + "</div></div>"))

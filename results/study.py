@@ -37,23 +37,22 @@ def load_study(exp: str | Path) -> optuna.Study | None:
         return None
 
 
-def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int, int]:
+def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:
     """A single-objective (val_acc, max) study with one COMPLETE trial per trial that reached ``epoch``.
 
-    Returns (study, trials included, trials left out because they never reached ``epoch``, proposed settings
-    refused before training because they were over the budget).
+    Returns (study, trials included, trials left out because they never reached ``epoch``). Settings refused
+    before training (over the budget) were never trials of the search: neither included nor left out.
     """
     out = optuna.create_study(direction="maximize")
     if study is None:
-        return out, 0, len(e.trials), 0
+        return out, 0, len(e.trials)
     at = {}
     if len(e.epochs):
         sel = e.epochs[e.epochs[M.EPOCH] == epoch]
         at = {tid: v for tid, v in zip(sel["trial_id"], sel[M.VAL_ACC]) if v is not None and not pd.isna(v)}
-    included, left_out, refused = [], 0, 0
+    included, left_out = [], 0
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if OVER_BUDGET in t.user_attrs:  # never trained: not a trial of the search
-            refused += 1
             continue
         v = at.get(t.user_attrs.get("ray_trial_id"))
         if v is None or not math.isfinite(float(v)) or not t.distributions:
@@ -63,4 +62,4 @@ def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[
             state=optuna.trial.TrialState.COMPLETE, params=t.params, distributions=t.distributions, value=float(v),
             user_attrs={"ray_trial_id": t.user_attrs.get("ray_trial_id"), "state": t.state.name}))
     out.add_trials(included)
-    return out, len(included), left_out, refused
+    return out, len(included), left_out

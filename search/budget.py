@@ -91,20 +91,25 @@ def check_reachable(params: Sequence[Param], check: BudgetCheck, seed: int, draw
         trial = study.ask()
         fixed = DefineByRun(params)(trial)
         setting = {**trial.params, **fixed}
-        reason = check.over(setting)
+        costs = check.costs(setting)
+        reason = check.reason(costs)
         study.tell(trial, 0.0)
         if reason is None:
             return
-        costs = check.costs(setting) or {}
-        size = costs.get(M.PARAM_RATIO, math.inf)
+        size = (costs or {}).get(M.PARAM_RATIO, math.inf)
         if size < smallest[0]:
             smallest = (size, reason)
     raise UserError(f"none of {draws} settings drawn from the space fits its budget (the smallest drawn: {smallest[1]}); "
                     "lower the size range (e.g. student_fraction's low) or raise the budget")
 
 
+def count_refused(study) -> int:
+    """How many proposed settings an Optuna study's search refused before training, over its budget."""
+    return 0 if study is None else sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
 def refused_over_budget(study_path: str) -> int:
-    """How many proposed settings the search in this study journal refused before training, over its budget."""
+    """``count_refused`` of the study in this journal file (0 when there is none yet)."""
     import os
 
     import optuna
@@ -114,5 +119,4 @@ def refused_over_budget(study_path: str) -> int:
 
     if not os.path.isfile(study_path):
         return 0
-    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
-    return sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
+    return count_refused(optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path)))

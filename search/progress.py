@@ -107,6 +107,7 @@ class SearchProgress(Callback):
         self._last_report = 0.0
         self.reports, self.report_s = 0, 0.0  # rewrites of the live report and the seconds they took
         self.peak_running = 0  # the most trials seen running at once
+        self.refused = 0  # settings refused over the budget so far (read from the study when a trial starts)
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
         keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "study_file",
@@ -166,19 +167,20 @@ class SearchProgress(Callback):
         return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
                 f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
                 f"elapsed {fmt_duration(time.time() - self.start)}"
-                + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}" + self._refused())
+                + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}"
+                + (f" | {self.refused} over the budget refused" if self.refused else ""))
 
-    def _refused(self) -> str:
-        """" | K over the budget refused" while the search has refused settings before training them."""
+    def _count_refused(self) -> None:
+        """Re-read the refused count. Refusals happen only when the searcher proposes a trial, so this runs when
+        a trial starts (and at setup, for a resumed search), not on every result."""
         if not self.study_file:
-            return ""
+            return
         from search.budget import refused_over_budget
 
         try:
-            n = refused_over_budget(self.study_file)
-        except Exception:  # the journal is being written: the next status line counts them
-            return ""
-        return f" | {n} over the budget refused" if n else ""
+            self.refused = refused_over_budget(self.study_file)
+        except Exception:  # the journal is being written: the next trial's start counts them
+            pass
 
     # -- Tune's callback interface
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
@@ -195,12 +197,16 @@ class SearchProgress(Callback):
             if self.finished:
                 print(f"resumed: {len(self.finished)} of {self.num_samples} {self.label}s were finished before",
                       file=self.stream, flush=True)
+        self._count_refused()
         if self.tty:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.num_samples, initial=len(self.finished), unit="trial", file=self.stream,
                             dynamic_ncols=True,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} trials {postfix}")
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._count_refused()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if M.EPOCH not in result:

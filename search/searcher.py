@@ -67,7 +67,8 @@ class OptunaSearcher(Searcher):
             ``param_budget`` = param_ratio - limit, and ``<metric>_budget`` = value / limit - 1 for the others.
         scheduler: the search's ``RungScheduler``; its decisions say which trials were pruned.
         budget_check: a ``search.budget.BudgetCheck``; a proposed setting over the budget is refused before it
-            is trained (told FAIL with the user attribute ``over_budget``) and another one asked for.
+            is trained (told PRUNED before its first step, with the user attribute ``over_budget``) and another
+            one asked for.
     """
 
     def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
@@ -241,4 +242,3 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
             study.tell(ft.number, state=optuna.trial.TrialState.FAIL)
             n += 1
     return n
-

@@ -149,6 +149,7 @@ def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
         t.set_user_attr(OVER_BUDGET, "params 30% of the teacher, over the budget of params <= 10% of the teacher")
         study.tell(t, state=optuna.trial.TrialState.PRUNED)
     study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)  # pruned by a rung: not refused
+    p.on_trial_start(0, [], None)  # refusals happen when a trial is proposed: counted as it starts
     assert p.status(0).endswith(" | 2 over the budget refused")
     q = pickle.loads(pickle.dumps(p))
     assert q.study_file == str(journal)
@@ -158,4 +159,6 @@ def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
     old = SearchProgress.__new__(SearchProgress)
     old.__setstate__(state)
     assert old.study_file is None and "refused" not in old.status(0)
-    assert not SearchProgress(4, 10, [2], 3, None, [], study_file=str(tmp_path / "none.journal"))._refused()
+    missing = SearchProgress(4, 10, [2], 3, None, [], study_file=str(tmp_path / "none.journal"))
+    missing.setup()
+    assert "refused" not in missing.status(0)
