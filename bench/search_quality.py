@@ -158,6 +158,14 @@ def project(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
             "wall": wall}
 
 
+def spread(diffs: list[float]) -> str:
+    """The per-seed differences, in points, and their mean's standard error: how far the mean can be trusted."""
+    per = ", ".join(f"{100 * d:+.2f}" for d in diffs)
+    if len(diffs) < 2:
+        return f" (per seed {per})"
+    return f" (per seed {per}; standard error of the mean {100 * statistics.stdev(diffs) / len(diffs) ** 0.5:.2f})"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -199,9 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean     stock    its pick over the project's seeds, every seed to max_epochs: {like:.4f}")
     diff = 100 * (mean["project"]["test_acc"] - mean["stock"]["test_acc"])
     full = all(r["epochs"] >= max_epochs for r in out["project"])
-    print(f"project - stock: {diff:+.2f} points of held-out test_acc (project: mean over its seeds; stock: its one run)")
+    print(f"project - stock: {diff:+.2f} points of held-out test_acc (project: mean over its seeds; stock: its one run)"
+          + spread([p["test_acc"] - s["test_acc"] for p, s in zip(out["project"], out["stock"])]))
     print(f"  like for like: {100 * (own - mean['stock']['test_acc']):+.2f} points one run against one run; "
-          f"{100 * (mean['project']['test_acc'] - like):+.2f} points mean over the same seeds against mean")
+          f"{100 * (mean['project']['test_acc'] - like):+.2f} points mean over the same seeds against mean"
+          + spread([p["test_acc"] - statistics.mean(s["seed_runs"]) for p, s in zip(out["project"], out["stock"])]))
     print(f"project winner fully trained on every seed: {full}")
     print(f"ratio={diff:.2f}")
     return 0

@@ -26,3 +26,70 @@ def test_gpu_packing_says_when_skipped():
         pytest.skip("measured for real on a GPU machine (python bench/gpu_packing.py); too slow for the suite")
     r = run_cli("bench/gpu_packing.py")
     assert r.returncode == 0 and "skipped" in r.stdout and r.stdout.strip().endswith("ratio=nan")
+
+
+def _capacity_check():
+    from search.budget import BudgetCheck
+    from search.space import load_space
+    from trainable.models import build_classifier, count_params
+
+    space = load_space("spaces/capacity.yaml")
+    base = {"task": "digits", "epochs": space.max_epochs, **space.fixed}
+    teacher = build_classifier("cnn", 10, 1, 8)
+    return space, BudgetCheck(base, count_params(teacher), dict(space.limits))
+
+
+def test_ceiling_bench_takes_the_largest_student_within_the_budget():
+    from bench.capacity_ceiling import grid_settings, largest_within
+    from trainable import metrics as M
+
+    space, check = _capacity_check()
+    sizing, size = largest_within(space, check)
+    assert list(sizing) == ["student_fraction"] and size <= space.param_budget
+    held = {"lr_student": 0.1, "lr_generator": 0.001}
+    assert check.costs({**held, **sizing})[M.PARAM_RATIO] == size
+    # every larger size the range offers is over the budget
+    fractions = [sizing["student_fraction"] * 1.01 ** k for k in range(1, 400)]
+    larger = [c[M.PARAM_RATIO] for f in fractions if f <= 0.5
+              for c in [check.costs({**held, "student_fraction": f})] if c[M.PARAM_RATIO] > size]
+    assert larger and all(r > space.param_budget for r in larger)
+    settings = grid_settings(space, sizing, {"lr_student": (0.1, 0.2), "lr_generator": (0.001,)})
+    assert settings == [{**sizing, "lr_student": 0.1, "lr_generator": 0.001},
+                        {**sizing, "lr_student": 0.2, "lr_generator": 0.001}]
+    # a parameter left out of the grid is held at the middle of its (log) range
+    (one,) = grid_settings(space, sizing, {"lr_student": (0.1,)})
+    assert one["lr_generator"] == pytest.approx((0.0002 * 0.005) ** 0.5)
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["lr_students=0.1"], "not a parameter of"),
+    (["lr_student"], "is not NAME=V1,V2"),
+    (["lr_student=fast"], "is not NAME=V1,V2"),
+    (["lr_student=0.1,nan"], "is not NAME=V1,V2"),
+    (["lr_student=-0.1"], "lr_student"),
+])
+def test_ceiling_bench_refuses_a_bad_grid_in_one_line(grid, message):
+    from conftest import run_main
+
+    args = [a for g in grid for a in ("--grid", g)]
+    r = run_main("bench/capacity_ceiling.py", "--seeds", "0", "--epochs", "1", *args)
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_ceiling_bench_runs_and_prints_the_ceiling():
+    r = run_cli("bench/capacity_ceiling.py", "--seeds", "0", "--epochs", "1", "--confirm-seeds", "2",
+                "--grid", "lr_student=0.1", "--grid", "lr_generator=0.001", "--against", "0.5", "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "the largest student within param_ratio <= 0.1 is 8.4%" in lines[0]
+    assert re.search(r"lr_student=0\.1, lr_generator=0\.001 +test_acc per seed 0\.\d{4}  mean 0\.\d{4}", r.stdout)
+    assert any(ln.startswith("ceiling: 0.") and "2 runs" in ln for ln in lines)
+    assert re.fullmatch(r"ratio=-?\d+\.\d\d", lines[-1])
+
+
+def test_search_quality_gives_the_per_seed_differences_and_their_standard_error():
+    from bench.search_quality import spread
+
+    assert spread([-0.0028, -0.0013, 0.018]) == " (per seed -0.28, -0.13, +1.80; standard error of the mean 0.67)"
+    assert spread([0.01]) == " (per seed +1.00)"

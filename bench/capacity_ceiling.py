@@ -1,0 +1,234 @@
+"""How high a capacity search can score: the best held-out test_acc a student within the budget reaches.
+
+A search's winner can only be as good as the best setting within the space's budget. This bench
+measures that ceiling directly, the way ``bench/search_quality.py`` scores a search's winner: for
+each seed S (S's teacher and validation/test split, as ``run_search.py --seed S`` has them), every
+setting of a small grid is trained over the confirmation's seeds (S, S + 1000, ...; the space's
+``confirm_seeds``) to the space's ``max_epochs``, one thread per run, ``--num-cpus`` runs at a time.
+
+- The student's size is the largest the budget admits: the parameters that set the size (found by
+  probing the budget check, ``search/budget.py``) take the value giving the largest student within
+  it. Larger students learn faster and score higher in every search measured so far.
+- The other parameters take the values given with ``--grid NAME=V1,V2,...``; one not named is held
+  at the middle of its range (on the log scale where the space says so). The default grid for
+  ``spaces/capacity.yaml`` brackets the searches' winners (lr_student 0.1-0.25, lr_generator
+  0.0002-0.0011 in ``bench/search_quality.py``).
+
+Printed: each setting's test_acc per seed (the mean over the confirmation seeds) and over all seeds,
+then the best setting's mean, the ceiling. The best is chosen on the test split itself, so the
+ceiling is if anything an overestimate of what a search that selects on validation can expect.
+With ``--against X`` (e.g. the stock integration's mean from ``bench/search_quality.py``) it also
+prints the most a search can expect to gain over X.
+
+Example::
+
+    python bench/capacity_ceiling.py                        # seeds 0 1 2, 6 settings x 2 runs each: ~15 min on 2 cores
+    python bench/capacity_ceiling.py --against 0.9657
+    python bench/capacity_ceiling.py --grid lr_student=0.15,0.25 --grid lr_generator=0.0005
+
+The last line is ``ratio=<ceiling - X, in points>`` with ``--against X``, else ``ratio=<ceiling>``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from trainable.errors import UserError  # noqa: E402
+
+DEFAULT_GRID = {"lr_student": (0.12, 0.2, 0.3), "lr_generator": (0.0003, 0.0008)}  # for spaces/capacity.yaml
+PROBES = 400  # values of a size parameter tried when looking for the largest student within the budget
+
+
+def _values(p, n: int) -> list[float]:
+    """``n`` values spread evenly over a numeric parameter's range (log scale where it is log)."""
+    lo, hi = float(p.low), float(p.high)
+    f = (lambda t: lo * (hi / lo) ** t) if p.log else (lambda t: lo + (hi - lo) * t)
+    vals = [f(i / (n - 1)) for i in range(n)] if n > 1 else [f(0.5)]
+    return [int(round(v)) for v in vals] if p.type == "int" else vals
+
+
+def middle(p) -> Any:
+    return p.choices[0] if p.type == "categorical" else _values(p, 1)[0]
+
+
+def largest_within(space, check) -> tuple[dict[str, Any], float]:
+    """The size parameter's value that gives the largest student within the budget, and that student's
+    param_ratio. The size parameter is the one numeric parameter whose value changes the student's costs."""
+    from trainable import metrics as M
+
+    numeric = [p for p in space.params if p.type in ("float", "int")]
+    held = {p.name: middle(p) for p in space.params if p.type != "fixed"}
+    sizing = [p for p in numeric
+              if check.costs({**held, p.name: p.low}) != check.costs({**held, p.name: p.high})]
+    if len(sizing) != 1:
+        raise UserError(f"this bench needs a space whose student size is set by one numeric parameter; "
+                         f"{space.path} has {len(sizing)} ({', '.join(p.name for p in sizing) or 'none'})")
+    p = sizing[0]
+    best: tuple[float, list[float]] = (-math.inf, [])
+    for v in _values(p, PROBES):
+        costs = check.costs({**held, p.name: v})
+        if costs is None or check.reason(costs) is not None:
+            continue
+        size = costs[M.PARAM_RATIO]
+        if size > best[0] + 1e-12:
+            best = (size, [v])
+        elif abs(size - best[0]) <= 1e-12:
+            best[1].append(v)
+    if not best[1]:
+        raise UserError(f"no value of {p.name} in {space.path} gives a student within its budget")
+    vs = best[1]
+    value = vs[len(vs) // 2]  # the middle of the values that build this student
+    return {p.name: value}, best[0]
+
+
+def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list[dict[str, Any]]:
+    names = {p.name for p in space.params}
+    unknown = sorted(set(grid) - names)
+    if unknown:
+        raise UserError(f"--grid names {', '.join(unknown)}, not a parameter of {space.path} "
+                         f"(its parameters: {', '.join(sorted(names))})")
+    axes = {p.name: grid.get(p.name, (middle(p),)) for p in space.params
+            if p.type != "fixed" and p.name not in sizing}
+    keys = list(axes)
+    return [{**sizing, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+_CACHE: dict[int, tuple] = {}
+
+
+def train_one(job: tuple[dict[str, Any], int, int]) -> tuple[float, float, float]:
+    """One run to max_epochs in a worker process, one thread: (test_acc, val_acc, wall seconds)."""
+    import torch
+
+    from trainable.akd import AKDRun, evaluate
+    from trainable.config import build_config
+    from trainable.tasks import data_free, load_eval_data
+    from trainable.teacher import prepare_teacher
+
+    config, search_seed, run_seed = job
+    torch.set_num_threads(1)
+    start = time.time()
+    cfg = build_config({**config, "seed": run_seed})
+    if search_seed not in _CACHE:
+        teacher, _ = prepare_teacher(cfg.task, cfg.teacher, None, search_seed, log=None)
+        with data_free():
+            _CACHE[search_seed] = (teacher, load_eval_data(cfg.task, search_seed, cfg.val_fraction))
+    teacher, data = _CACHE[search_seed]
+    with data_free():
+        run = AKDRun(cfg, teacher, data)
+        run.fit()
+    test = evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
+    val = evaluate(run.student, data.val_x, data.val_y, cfg.eval_batch_size, run.device)["acc"]
+    return test, val, time.time() - start
+
+
+def parse_grid(items: list[str]) -> dict[str, tuple]:
+    out = {}
+    for item in items:
+        name, sep, vals = item.partition("=")
+        try:
+            if not sep or not vals:
+                raise ValueError
+            values = tuple(float(v) for v in vals.split(","))
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"--grid {item!r} is not NAME=V1,V2,... with numbers, e.g. lr_student=0.1,0.2") from None
+        out[name.strip()] = values
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return measure(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def measure(argv: list[str] | None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--space", default=str(ROOT / "spaces" / "capacity.yaml"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                   help="values of a searched parameter (repeatable); default for capacity.yaml: "
+                        + " ".join(f"{k}={','.join(map(str, v))}" for k, v in DEFAULT_GRID.items()))
+    p.add_argument("--epochs", type=int, help="epochs of every run (default: the space's max_epochs)")
+    p.add_argument("--confirm-seeds", type=int, help="runs per seed (default: the space's confirm_seeds)")
+    p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--against", type=float, help="a search's mean best feasible test_acc to compare with")
+    args = p.parse_args(argv)
+
+    from search.budget import BudgetCheck
+    from search.confirm import SEED_STRIDE
+    from search.space import load_space
+    from trainable.config import build_config
+    from trainable.models import count_params
+    from trainable.teacher import prepare_teacher
+
+    space = load_space(args.space)
+    grid = parse_grid(args.grid) or (DEFAULT_GRID if Path(args.space).resolve() == ROOT / "spaces" / "capacity.yaml"
+                                     else {})
+    if not space.limits:
+        raise UserError(f"{args.space} has no budget (param_budget or budget.flops); the ceiling is "
+                         "the best student within a budget")
+    epochs = args.epochs or space.max_epochs
+    n_seeds = max(1, args.confirm_seeds or space.confirm_seeds)
+    base = {"task": space.task or "digits", "epochs": epochs, **space.fixed}
+    teacher, _ = prepare_teacher(space.task, build_config(base).teacher, None, args.seeds[0], log=None)
+    check = BudgetCheck(base, count_params(teacher), dict(space.limits))
+    sizing, size = largest_within(space, check)
+    settings = [{**base, **s} for s in grid_settings(space, sizing, grid)]
+    for cfg in settings:  # a grid value the config refuses (e.g. a negative learning rate) stops here, in one line
+        build_config(cfg)
+    run_seeds = {s: [s + SEED_STRIDE * i for i in range(n_seeds)] for s in args.seeds}
+    print(f"{space.path}: the largest student within {', '.join(f'{k} <= {v:g}' for k, v in space.limits.items())} "
+          f"is {size:.1%} of the teacher's params ({', '.join(f'{k}={v:.4g}' for k, v in sizing.items())}); "
+          f"{len(settings)} settings x seeds {args.seeds} x {n_seeds} runs of {epochs} epochs", flush=True)
+
+    jobs = [(cfg, s, r) for cfg in settings for s in args.seeds for r in run_seeds[s]]
+    searched = [k for k in settings[0] if k in {p.name for p in space.params} and k not in sizing]
+    start = time.time()
+    by_setting: list[dict] = []
+    means: list[float] = []
+    with ProcessPoolExecutor(max_workers=max(1, args.num_cpus), mp_context=get_context("spawn")) as pool:
+        results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
+        for cfg in settings:
+            per_seed = {s: [next(results)[0] for _ in run_seeds[s]] for s in args.seeds}
+            seed_means = [statistics.mean(v) for v in per_seed.values()]
+            means.append(statistics.mean(seed_means))
+            by_setting.append(cfg)
+            runs = [a for v in per_seed.values() for a in v]
+            sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
+            print(f"{', '.join(f'{k}={cfg[k]:.4g}' for k in searched):<40} test_acc per seed "
+                  f"{' / '.join(f'{m:.4f}' for m in seed_means)}  mean {means[-1]:.4f}  (runs' std {sd:.4f})",
+                  flush=True)
+    wall = time.time() - start
+    best = max(range(len(means)), key=lambda i: means[i])
+    ceiling = means[best]
+    print(f"ceiling: {ceiling:.4f} mean held-out test_acc, the best of {len(settings)} settings "
+          f"({', '.join(f'{k}={by_setting[best][k]:.4g}' for k in searched)}; chosen on the test split itself); "
+          f"{len(jobs)} runs in {wall:.0f} s")
+    if args.against is not None:
+        gain = 100 * (ceiling - args.against)
+        print(f"the most a search can expect over {args.against:.4f}: {gain:+.2f} points")
+        print(f"ratio={gain:.2f}")
+    else:
+        print(f"ratio={ceiling:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
