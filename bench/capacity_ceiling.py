@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from trainable.errors import UserError  # noqa: E402
 
 DEFAULT_GRID = {"lr_student": (0.12, 0.2, 0.3), "lr_generator": (0.0003, 0.0008)}  # for spaces/capacity.yaml
-PROBES = 400  # values of a size parameter tried when looking for the largest student within the budget
+PROBES = 64  # values of the size parameter tried (evenly, on its scale) to find the largest student within the budget
 
 
 def _values(p, n: int) -> list[float]:
@@ -60,7 +60,15 @@ def _values(p, n: int) -> list[float]:
 
 
 def middle(p) -> Any:
+    """A parameter's value when the grid does not name it: a fixed one's value, a categorical one's first
+    choice, else the middle of its range."""
+    if p.type == "fixed":
+        return p.value
     return p.choices[0] if p.type == "categorical" else _values(p, 1)[0]
+
+
+def show(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def largest_within(space, check) -> tuple[dict[str, Any], float]:
@@ -69,7 +77,7 @@ def largest_within(space, check) -> tuple[dict[str, Any], float]:
     from trainable import metrics as M
 
     numeric = [p for p in space.params if p.type in ("float", "int")]
-    held = {p.name: middle(p) for p in space.params if p.type != "fixed"}
+    held = {p.name: middle(p) for p in space.params}
     sizing = [p for p in numeric
               if check.costs({**held, p.name: p.low}) != check.costs({**held, p.name: p.high})]
     if len(sizing) != 1:
@@ -93,14 +101,30 @@ def largest_within(space, check) -> tuple[dict[str, Any], float]:
     return {p.name: value}, best[0]
 
 
-def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list[dict[str, Any]]:
+def check_grid(space, grid: dict[str, tuple], base: dict[str, Any]) -> None:
+    """Refuse, in one line, a grid naming no parameter of the space, or a value of the wrong kind or one the
+    run's config refuses (e.g. a negative learning rate)."""
+    from trainable.config import build_config
+
     names = {p.name for p in space.params}
     unknown = sorted(set(grid) - names)
     if unknown:
         raise UserError(f"--grid names {', '.join(unknown)}, not a parameter of {space.path} "
-                         f"(its parameters: {', '.join(sorted(names))})")
-    axes = {p.name: grid.get(p.name, (middle(p),)) for p in space.params
-            if p.type != "fixed" and p.name not in sizing}
+                        f"(its parameters: {', '.join(sorted(names))})")
+    held = {p.name: middle(p) for p in space.params}
+    for p in space.params:
+        for v in grid.get(p.name, ()):
+            if p.type in ("float", "int") and not (isinstance(v, float) and math.isfinite(v)):
+                raise UserError(f"--grid {p.name}: {v!r} is not a finite number")
+            if p.type == "categorical" and v not in p.choices and str(v) not in map(str, p.choices):
+                raise UserError(f"--grid {p.name}: {v!r} is not one of its choices ({', '.join(map(str, p.choices))})")
+            build_config({**base, **held, p.name: v})
+
+
+def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, with the size parameter at ``sizing`` and the parameters the grid
+    does not name at ``middle``."""
+    axes = {p.name: grid.get(p.name, (middle(p),)) for p in space.params if p.name not in sizing}
     keys = list(axes)
     return [{**sizing, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
 
@@ -134,19 +158,21 @@ def train_one(job: tuple[dict[str, Any], int, int]) -> tuple[float, float, float
     return test, val, time.time() - start
 
 
+def _number(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def parse_grid(items: list[str]) -> dict[str, tuple]:
     out = {}
     for item in items:
         name, sep, vals = item.partition("=")
-        try:
-            if not sep or not vals:
-                raise ValueError
-            values = tuple(float(v) for v in vals.split(","))
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError
-        except ValueError:
-            raise UserError(f"--grid {item!r} is not NAME=V1,V2,... with numbers, e.g. lr_student=0.1,0.2") from None
-        out[name.strip()] = values
+        values = [v.strip() for v in vals.split(",")]
+        if not sep or not name.strip() or not all(values):
+            raise UserError(f"--grid {item!r} is not NAME=V1,V2,..., e.g. lr_student=0.1,0.2")
+        out[name.strip()] = tuple(_number(v) for v in values)
     return out
 
 
@@ -187,15 +213,14 @@ def measure(argv: list[str] | None) -> int:
     epochs = args.epochs or space.max_epochs
     n_seeds = max(1, args.confirm_seeds or space.confirm_seeds)
     base = {"task": space.task or "digits", "epochs": epochs, **space.fixed}
+    check_grid(space, grid, base)
     teacher, _ = prepare_teacher(space.task, build_config(base).teacher, None, args.seeds[0], log=None)
     check = BudgetCheck(base, count_params(teacher), dict(space.limits))
     sizing, size = largest_within(space, check)
     settings = [{**base, **s} for s in grid_settings(space, sizing, grid)]
-    for cfg in settings:  # a grid value the config refuses (e.g. a negative learning rate) stops here, in one line
-        build_config(cfg)
     run_seeds = {s: [s + SEED_STRIDE * i for i in range(n_seeds)] for s in args.seeds}
     print(f"{space.path}: the largest student within {', '.join(f'{k} <= {v:g}' for k, v in space.limits.items())} "
-          f"is {size:.1%} of the teacher's params ({', '.join(f'{k}={v:.4g}' for k, v in sizing.items())}); "
+          f"is {size:.1%} of the teacher's params ({', '.join(f'{k}={show(v)}' for k, v in sizing.items())}); "
           f"{len(settings)} settings x seeds {args.seeds} x {n_seeds} runs of {epochs} epochs", flush=True)
 
     jobs = [(cfg, s, r) for cfg in settings for s in args.seeds for r in run_seeds[s]]
@@ -212,14 +237,14 @@ def measure(argv: list[str] | None) -> int:
             by_setting.append(cfg)
             runs = [a for v in per_seed.values() for a in v]
             sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
-            print(f"{', '.join(f'{k}={cfg[k]:.4g}' for k in searched):<40} test_acc per seed "
+            print(f"{', '.join(f'{k}={show(cfg[k])}' for k in searched):<40} test_acc per seed "
                   f"{' / '.join(f'{m:.4f}' for m in seed_means)}  mean {means[-1]:.4f}  (runs' std {sd:.4f})",
                   flush=True)
     wall = time.time() - start
     best = max(range(len(means)), key=lambda i: means[i])
     ceiling = means[best]
     print(f"ceiling: {ceiling:.4f} mean held-out test_acc, the best of {len(settings)} settings "
-          f"({', '.join(f'{k}={by_setting[best][k]:.4g}' for k in searched)}; chosen on the test split itself); "
+          f"({', '.join(f'{k}={show(by_setting[best][k])}' for k in searched)}; chosen on the test split itself); "
           f"{len(jobs)} runs in {wall:.0f} s")
     if args.against is not None:
         gain = 100 * (ceiling - args.against)
