@@ -132,7 +132,7 @@ def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list
 _CACHE: dict[int, tuple] = {}
 
 
-def train_one(job: tuple[dict[str, Any], int, int]) -> tuple[float, float, float]:
+def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> tuple[float, float, float]:
     """One run to max_epochs in a worker process, one thread: (test_acc, val_acc, wall seconds)."""
     import torch
 
@@ -141,17 +141,17 @@ def train_one(job: tuple[dict[str, Any], int, int]) -> tuple[float, float, float
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
 
-    config, search_seed, run_seed = job
+    config, search_seed, run_seed, teacher_path, data_root = job
     torch.set_num_threads(1)
     start = time.time()
     cfg = build_config({**config, "seed": run_seed})
     if search_seed not in _CACHE:
-        teacher, _ = prepare_teacher(cfg.task, cfg.teacher, None, search_seed, log=None)
+        teacher, _ = prepare_teacher(cfg.task, cfg.teacher, teacher_path, search_seed, data_root, log=None)
         with data_free():
-            _CACHE[search_seed] = (teacher, load_eval_data(cfg.task, search_seed, cfg.val_fraction))
+            _CACHE[search_seed] = (teacher, load_eval_data(cfg.task, search_seed, cfg.val_fraction, data_root))
     teacher, data = _CACHE[search_seed]
     with data_free():
-        run = AKDRun(cfg, teacher, data)
+        run = AKDRun(cfg, teacher, data, data_root=data_root)
         run.fit()
     test = evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
     val = evaluate(run.student, data.val_x, data.val_y, cfg.eval_batch_size, run.device)["acc"]
@@ -194,6 +194,8 @@ def measure(argv: list[str] | None) -> int:
     p.add_argument("--epochs", type=int, help="epochs of every run (default: the space's max_epochs)")
     p.add_argument("--confirm-seeds", type=int, help="runs per seed (default: the space's confirm_seeds)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits")
+    p.add_argument("--data-root", help="folder of the torchvision dataset (tasks other than digits)")
     p.add_argument("--against", type=float, help="a search's mean best feasible test_acc to compare with")
     args = p.parse_args(argv)
 
@@ -214,7 +216,8 @@ def measure(argv: list[str] | None) -> int:
     n_seeds = max(1, args.confirm_seeds or space.confirm_seeds)
     base = {"task": space.task or "digits", "epochs": epochs, **space.fixed}
     check_grid(space, grid, base)
-    teacher, _ = prepare_teacher(space.task, build_config(base).teacher, None, args.seeds[0], log=None)
+    teacher, _ = prepare_teacher(base["task"], build_config(base).teacher, args.teacher, args.seeds[0], args.data_root,
+                                 log=None)
     check = BudgetCheck(base, count_params(teacher), dict(space.limits))
     sizing, size = largest_within(space, check)
     settings = [{**base, **s} for s in grid_settings(space, sizing, grid)]
@@ -223,7 +226,7 @@ def measure(argv: list[str] | None) -> int:
           f"is {size:.1%} of the teacher's params ({', '.join(f'{k}={show(v)}' for k, v in sizing.items())}); "
           f"{len(settings)} settings x seeds {args.seeds} x {n_seeds} runs of {epochs} epochs", flush=True)
 
-    jobs = [(cfg, s, r) for cfg in settings for s in args.seeds for r in run_seeds[s]]
+    jobs = [(cfg, s, r, args.teacher, args.data_root) for cfg in settings for s in args.seeds for r in run_seeds[s]]
     searched = [k for k in settings[0] if k in {p.name for p in space.params} and k not in sizing]
     start = time.time()
     by_setting: list[dict] = []

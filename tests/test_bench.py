@@ -95,3 +95,14 @@ def test_search_quality_gives_the_per_seed_differences_and_their_standard_error(
 
     assert spread([-0.0028, -0.0013, 0.018]) == " (per seed -0.28, -0.13, +1.80; standard error of the mean 0.67)"
     assert spread([0.01]) == " (per seed +1.00)"
+
+
+@pytest.mark.parametrize("space, message", [
+    ("nope.yaml", "space file not found"),
+    ("spaces/lr.yaml", "has no budget"),
+])
+def test_ceiling_bench_refuses_a_space_it_cannot_measure_in_one_line(space, message):
+    from conftest import run_main
+
+    r = run_main("bench/capacity_ceiling.py", "--space", space, "--seeds", "0")
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
