@@ -133,30 +133,24 @@ def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list
 _CACHE: dict[int, tuple] = {}
 
 
-def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> tuple[float, float, float]:
-    """One run to max_epochs in a worker process, one thread: (test_acc, val_acc, wall seconds)."""
+def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> float:
+    """One run to max_epochs in a worker process, one thread: its held-out test_acc."""
     import torch
 
-    from trainable.akd import AKDRun, evaluate
+    from trainable.akd import fit_and_test
     from trainable.config import build_config
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
 
     config, search_seed, run_seed, teacher_path, data_root = job
     torch.set_num_threads(1)
-    start = time.time()
     cfg = build_config({**config, "seed": run_seed})
     if search_seed not in _CACHE:
         teacher, _ = prepare_teacher(cfg.task, cfg.teacher, teacher_path, search_seed, data_root, log=None)
         with data_free():
             _CACHE[search_seed] = (teacher, load_eval_data(cfg.task, search_seed, cfg.val_fraction, data_root))
     teacher, data = _CACHE[search_seed]
-    with data_free():
-        run = AKDRun(cfg, teacher, data, data_root=data_root)
-        run.fit()
-    test = evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
-    val = evaluate(run.student, data.val_x, data.val_y, cfg.eval_batch_size, run.device)["acc"]
-    return test, val, time.time() - start
+    return fit_and_test(cfg, teacher, data, data_root=data_root)
 
 
 def _number(text: str) -> Any:
@@ -228,14 +222,14 @@ def measure(argv: list[str] | None) -> int:
           f"{len(settings)} settings x seeds {args.seeds} x {n_seeds} runs of {epochs} epochs", flush=True)
 
     jobs = [(cfg, s, r, args.teacher, args.data_root) for cfg in settings for s in args.seeds for r in run_seeds[s]]
-    searched = [k for k in settings[0] if k in {p.name for p in space.params} and k not in sizing]
+    searched = [p.name for p in space.params if p.name not in sizing]
     start = time.time()
     by_setting: list[dict] = []
     means: list[float] = []
     with ProcessPoolExecutor(max_workers=max(1, args.num_cpus), mp_context=get_context("spawn")) as pool:
         results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
         for cfg in settings:
-            per_seed = {s: [next(results)[0] for _ in run_seeds[s]] for s in args.seeds}
+            per_seed = {s: [next(results) for _ in run_seeds[s]] for s in args.seeds}
             seed_means = [statistics.mean(v) for v in per_seed.values()]
             means.append(statistics.mean(seed_means))
             by_setting.append(cfg)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from trainable.akd import AKDRun, default_device, evaluate
+from trainable.akd import default_device, fit_and_test
 from trainable.config import build_config
 from trainable.tasks import data_free, load_eval_data
 from trainable.teacher import prepare_teacher
@@ -35,9 +35,7 @@ def one_run(seed: int, values: dict, device) -> tuple[float, float]:
     start = time.perf_counter()
     with data_free():
         data = load_eval_data("digits", seed)
-        run = AKDRun(cfg, teacher, data, device)
-        run.fit()
-        acc = evaluate(run.student, data.test_x, data.test_y, device=device)["acc"]
+    acc = fit_and_test(cfg, teacher, data, device)
     return acc, time.perf_counter() - start
 
 

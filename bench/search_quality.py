@@ -116,9 +116,8 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
     trial itself when it ran max_epochs, else a fresh full run."""
     from search.confirm import SEED_STRIDE
     from trainable import metrics as M
-    from trainable.akd import AKDRun, evaluate
+    from trainable.akd import fit_and_test
     from trainable.config import build_config
-    from trainable.tasks import data_free
 
     base = int(config.get("seed", 0))
     out = []
@@ -127,10 +126,7 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
             out.append(final[M.TEST_ACC])
             continue
         cfg = build_config({**config, "seed": base + SEED_STRIDE * i, "epochs": space.max_epochs})
-        with data_free():
-            run = AKDRun(cfg, teacher, data)
-            run.fit()
-        out.append(evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"])
+        out.append(fit_and_test(cfg, teacher, data))
     return out
 
 

@@ -153,6 +153,16 @@ def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
     return {M.PARAM_RATIO: count_params(student) / teacher_params, M.FLOPS: count_flops(student, t.channels, t.image_size)}
 
 
+def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
+                 data_root: str | None = None) -> float:
+    """Train a run of ``cfg`` to its end in one go (no checkpoints, data-free) and return its student's held-out
+    test accuracy: what the accuracy benchmarks measure."""
+    with data_free():
+        run = AKDRun(cfg, teacher, data, device, data_root=data_root)
+        run.fit()
+    return evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
+
+
 class AKDRun:
     """A data-free adversarial distillation run.
 
