@@ -18,6 +18,11 @@ setting of a small grid is trained over the confirmation's seeds (S, S + 1000, .
 Printed: each setting's test_acc per seed (the mean over the confirmation seeds) and over all seeds,
 then the best setting's mean, the ceiling. The best is chosen on the test split itself, so the
 ceiling is if anything an overestimate of what a search that selects on validation can expect.
+How much is noise: the spread of the settings' means is printed beside the spread that the runs'
+own noise would give them if every setting were equally good (from the runs of one setting and seed,
+which differ only in the student's seed), with the mean over all settings and how far the best of
+that many equally good settings would lie above it by chance. When the two spreads are alike, the
+grid's differences, and so most of the ceiling's lead, are noise that no search can select on.
 With ``--against X`` (e.g. the stock integration's mean from ``bench/search_quality.py``) it also
 prints the most a search can expect to gain over X.
 
@@ -130,6 +135,34 @@ def grid_settings(space, sizing: dict[str, Any], grid: dict[str, tuple]) -> list
     return [{**sizing, **dict(zip(keys, combo))} for combo in itertools.product(*(axes[k] for k in keys))]
 
 
+def noise(per_setting: list[dict[int, list[float]]]) -> dict[str, float]:
+    """How far the settings' mean test_acc differ, against what the runs' noise alone would give.
+
+    Args:
+        per_setting: for each setting, seed -> the test_acc of its runs at that seed (the same seeds and
+            number of runs for every setting).
+
+    Returns ``mean`` (over all settings), ``spread`` (std of the settings' means), ``noise_spread`` (the std
+    a setting's mean would have from run noise alone: the pooled std of runs within one setting and seed,
+    over the square root of a setting's runs; seed effects are shared by all settings and cancel) and
+    ``luck`` (how far the best of that many settings that were all equally good would lie above their
+    mean by chance, expected: ``noise_spread`` times the expected maximum of as many standard normals);
+    NaN where there are too few runs to tell.
+    """
+    means = [statistics.mean(statistics.mean(v) for v in cells.values()) for cells in per_setting]
+    cells = [v for s in per_setting for v in s.values()]
+    dof = sum(len(v) - 1 for v in cells)
+    within = math.sqrt(sum((x - statistics.mean(v)) ** 2 for v in cells for x in v) / dof) if dof else math.nan
+    runs = sum(len(v) for v in cells) / len(per_setting) if per_setting else 0  # a setting's runs
+    noise_spread = within / math.sqrt(runs) if runs else math.nan
+    k = len(means)
+    # Blom's approximation of the expected maximum of k standard normals.
+    e_max = statistics.NormalDist().inv_cdf((k - 0.375) / (k + 0.25)) if k > 1 else 0.0
+    return {"mean": statistics.mean(means) if means else math.nan,
+            "spread": statistics.stdev(means) if k > 1 else math.nan,
+            "noise_spread": noise_spread, "luck": noise_spread * e_max}
+
+
 _CACHE: dict[int, tuple] = {}
 
 
@@ -226,6 +259,7 @@ def measure(argv: list[str] | None) -> int:
     start = time.time()
     by_setting: list[dict] = []
     means: list[float] = []
+    cells: list[dict[int, list[float]]] = []
     with ProcessPoolExecutor(max_workers=max(1, args.num_cpus), mp_context=get_context("spawn")) as pool:
         results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
         for cfg in settings:
@@ -233,6 +267,7 @@ def measure(argv: list[str] | None) -> int:
             seed_means = [statistics.mean(v) for v in per_seed.values()]
             means.append(statistics.mean(seed_means))
             by_setting.append(cfg)
+            cells.append(per_seed)
             runs = [a for v in per_seed.values() for a in v]
             sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
             print(f"{', '.join(f'{k}={show(cfg[k])}' for k in searched):<40} test_acc per seed "
@@ -244,6 +279,11 @@ def measure(argv: list[str] | None) -> int:
     print(f"ceiling: {ceiling:.4f} mean held-out test_acc, the best of {len(settings)} settings "
           f"({', '.join(f'{k}={show(by_setting[best][k])}' for k in searched)}; chosen on the test split itself); "
           f"{len(jobs)} runs in {wall:.0f} s")
+    n = noise(cells)
+    if len(settings) > 1 and not math.isnan(n["noise_spread"]):
+        print(f"noise: the settings' means spread by {n['spread']:.4f} (std); the runs' noise alone would spread "
+              f"equally good settings by {n['noise_spread']:.4f}. Mean of all settings {n['mean']:.4f}; the best "
+              f"of {len(settings)} equally good settings would lie {100 * n['luck']:.2f} points above it by chance")
     if args.against is not None:
         gain = 100 * (ceiling - args.against)
         print(f"the most a search can expect over {args.against:.4f}: {gain:+.2f} points")

@@ -79,7 +79,9 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
     teacher = prepare_teacher_for(plan)
-    check = budget_check(plan, teacher)  # a space with no setting within its budget stops here
+    # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
+    # searcher carries its own.
+    check = None if plan.resume else budget_check(plan, teacher)
     start_ray(plan)
     record_session(plan, teacher, started)
     trainable = make_trainable(plan, teacher)

@@ -50,14 +50,13 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
 
 
 def budget_check(plan: SearchPlan, teacher: Teacher):
-    """The ``BudgetCheck`` of the plan's space and teacher; for a new search, first refuse (exit 2) a space in
-    which no setting fits the budget."""
+    """The ``BudgetCheck`` of a new search's space and teacher; first refuse (exit 2) a space in which no setting
+    fits the budget."""
     from search.budget import BudgetCheck, check_reachable
     from trainable.models import count_params
 
     check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits))
-    if not plan.resume:
-        check_reachable(plan.space.params, check, plan.seed)
+    check_reachable(plan.space.params, check, plan.seed)
     return check
 
 

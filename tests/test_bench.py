@@ -1,4 +1,5 @@
 """The benchmark scripts run and end with their ratio line (no timing is asserted here)."""
+import math
 import re
 
 import pytest
@@ -81,13 +82,39 @@ def test_ceiling_bench_refuses_a_bad_grid_in_one_line(grid, message):
 @pytest.mark.slow
 def test_ceiling_bench_runs_and_prints_the_ceiling():
     r = run_cli("bench/capacity_ceiling.py", "--seeds", "0", "--epochs", "1", "--confirm-seeds", "2",
-                "--grid", "lr_student=0.1", "--grid", "lr_generator=0.001", "--against", "0.5", "--num-cpus", "2")
+                "--grid", "lr_student=0.1,0.2", "--grid", "lr_generator=0.001", "--against", "0.5", "--num-cpus", "2")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert "the largest student within param_ratio <= 0.1 is 8.4%" in lines[0]
-    assert re.search(r"lr_student=0\.1, lr_generator=0\.001 +test_acc per seed 0\.\d{4}  mean 0\.\d{4}", r.stdout)
-    assert any(ln.startswith("ceiling: 0.") and "2 runs" in ln for ln in lines)
+    for lr in ("0.1", "0.2"):
+        assert re.search(rf"lr_student={lr}, lr_generator=0\.001 +test_acc per seed 0\.\d{{4}}  mean 0\.\d{{4}}",
+                         r.stdout)
+    assert any(ln.startswith("ceiling: 0.") and "4 runs" in ln for ln in lines)
+    assert re.search(r"noise: the settings' means spread by 0\.\d{4} \(std\); the runs' noise alone would spread "
+                     r"equally good settings by 0\.\d{4}\. Mean of all settings 0\.\d{4}; the best of 2", r.stdout)
     assert re.fullmatch(r"ratio=-?\d+\.\d\d", lines[-1])
+
+
+def test_ceiling_noise_sets_the_settings_spread_beside_the_runs_own():
+    from bench.capacity_ceiling import noise
+
+    a = {0: [0.90, 0.92], 1: [0.94, 0.96]}  # mean 0.93; runs within a seed 0.01 from their cell's mean
+    b = {0: [0.91, 0.93], 1: [0.95, 0.97]}  # mean 0.94
+    n = noise([a, b])
+    assert n["mean"] == pytest.approx(0.935)
+    assert n["spread"] == pytest.approx(0.01 / math.sqrt(2))
+    # pooled within-cell std sqrt(8e-4 / 4) over the square root of a setting's 4 runs
+    assert n["noise_spread"] == pytest.approx(math.sqrt(2e-4) / 2)
+    # the best of 2 equally good settings: about 0.56 of their mean's std above the mean (1/sqrt(pi))
+    assert 0.5 < n["luck"] / n["noise_spread"] < 0.65
+    # a seed that is easier for every setting moves neither spread
+    shifted = noise([{0: a[0], 1: [x + 0.02 for x in a[1]]}, {0: b[0], 1: [x + 0.02 for x in b[1]]}])
+    assert shifted["spread"] == pytest.approx(n["spread"])
+    assert shifted["noise_spread"] == pytest.approx(n["noise_spread"])
+    # more settings: a larger expected lead of the best by chance
+    assert noise([a, b, a, b, a, b])["luck"] > n["luck"]
+    # one run per seed: the runs' own noise cannot be told
+    assert math.isnan(noise([{0: [0.9]}, {0: [0.95]}])["noise_spread"])
 
 
 def test_search_quality_gives_the_per_seed_differences_and_their_standard_error():
