@@ -22,6 +22,7 @@ Example::
 
     python bench/step_throughput.py                         # CIFAR-100 ResNet-34 -> ResNet-18 and digits
     python bench/step_throughput.py --shapes cifar100 --batch 32 --repeats 5
+    python bench/step_throughput.py --shapes cifar100 --batch 256 --iters 20   # on a GPU
 
 The last line is ``ratio=<project default / straightforward, CIFAR-100 shapes>``.
 """
@@ -210,11 +211,20 @@ def bench_shape(name: str, shape: dict, repeats: int, device, peaks: dict) -> di
     return {k: v / base for k, v in med.items()}
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="digits,cifar100", help=f"comma list of {sorted(SHAPES)}")
-    p.add_argument("--batch", type=int, help="override the batch of every shape")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=_positive, help="override the batch of every shape")
+    p.add_argument("--iters", type=_positive, help="override the iterations of every timed measurement (on a GPU, one "
+                                             "iteration at batch 256 lasts well under a second: use 20 or more)")
+    p.add_argument("--repeats", type=_positive, default=5)
     p.add_argument("--device", default=str(default_device()))
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -230,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(SHAPES[name])
         if args.batch:
             shape["batch"] = args.batch
+        if args.iters:
+            shape["iters"] = args.iters
         ratios[name] = bench_shape(name, shape, args.repeats, device, peaks)
     key = "cifar100" if "cifar100" in ratios else next(iter(ratios))
     print(f"\nproject default / straightforward ({key}): {ratios[key]['project default']:.2f}")
