@@ -149,7 +149,7 @@ def noise(per_setting: list[dict[int, list[float]]]) -> dict[str, float]:
     mean by chance, expected: ``noise_spread`` times the expected maximum of as many standard normals);
     NaN where there are too few runs to tell.
     """
-    means = [statistics.mean(statistics.mean(v) for v in cells.values()) for cells in per_setting]
+    means = [statistics.mean(statistics.mean(v) for v in by_seed.values()) for by_seed in per_setting]
     cells = [v for s in per_setting for v in s.values()]
     dof = sum(len(v) - 1 for v in cells)
     within = math.sqrt(sum((x - statistics.mean(v)) ** 2 for v in cells for x in v) / dof) if dof else math.nan
@@ -257,17 +257,15 @@ def measure(argv: list[str] | None) -> int:
     jobs = [(cfg, s, r, args.teacher, args.data_root) for cfg in settings for s in args.seeds for r in run_seeds[s]]
     searched = [p.name for p in space.params if p.name not in sizing]
     start = time.time()
-    by_setting: list[dict] = []
     means: list[float] = []
-    cells: list[dict[int, list[float]]] = []
+    per_setting: list[dict[int, list[float]]] = []  # each setting's seed -> its runs' test_acc
     with ProcessPoolExecutor(max_workers=max(1, args.num_cpus), mp_context=get_context("spawn")) as pool:
         results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
         for cfg in settings:
             per_seed = {s: [next(results) for _ in run_seeds[s]] for s in args.seeds}
             seed_means = [statistics.mean(v) for v in per_seed.values()]
             means.append(statistics.mean(seed_means))
-            by_setting.append(cfg)
-            cells.append(per_seed)
+            per_setting.append(per_seed)
             runs = [a for v in per_seed.values() for a in v]
             sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
             print(f"{', '.join(f'{k}={show(cfg[k])}' for k in searched):<40} test_acc per seed "
@@ -277,9 +275,9 @@ def measure(argv: list[str] | None) -> int:
     best = max(range(len(means)), key=lambda i: means[i])
     ceiling = means[best]
     print(f"ceiling: {ceiling:.4f} mean held-out test_acc, the best of {len(settings)} settings "
-          f"({', '.join(f'{k}={show(by_setting[best][k])}' for k in searched)}; chosen on the test split itself); "
+          f"({', '.join(f'{k}={show(settings[best][k])}' for k in searched)}; chosen on the test split itself); "
           f"{len(jobs)} runs in {wall:.0f} s")
-    n = noise(cells)
+    n = noise(per_setting)
     if len(settings) > 1 and not math.isnan(n["noise_spread"]):
         print(f"noise: the settings' means spread by {n['spread']:.4f} (std); the runs' noise alone would spread "
               f"equally good settings by {n['noise_spread']:.4f}. Mean of all settings {n['mean']:.4f}; the best "
