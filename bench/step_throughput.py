@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from trainable.akd import AKDRun, default_device
 from trainable.config import build_config
 from trainable.models import build_classifier, build_generator
+from trainable.speed import cpu_bf16_native, machine_description
 from trainable.tasks import EvalData, get_task
 
 # Per shape: the task, models, batch and how many iterations one timed measurement runs.
@@ -82,22 +83,37 @@ class Straightforward:
 class Project:
     """The project's loop (``AKDRun``'s own steps) for one speed configuration."""
 
-    def __init__(self, shape: dict, teacher, device, prior=None, **speed):
-        task = get_task(shape["task"])
-        cfg = build_config({"task": shape["task"], "teacher": shape["teacher"], "student": shape["student"],
-                            "student_width": shape.get("student_width", 1.0), "student_fraction": None,
-                            "latent_dim": shape["latent_dim"], "generator_width": shape["generator_width"],
-                            "batch_size": shape["batch"], "n_student": 5, "n_generator": 1, "w_bn": 0.0, **speed})
-        empty = torch.zeros(1, task.channels, task.image_size, task.image_size)
-        data = EvalData(empty, torch.zeros(1, dtype=torch.long), empty, torch.zeros(1, dtype=torch.long))
-        self.run = AKDRun(cfg, teacher, data, device, prior=prior)
+    def __init__(self, shape: dict, teacher, device, prior=None, speed=None, **values):
+        self.run = AKDRun(project_config(shape, **values), teacher, empty_data(shape), device, prior=prior, speed=speed)
 
     def iteration(self) -> None:
-        for _ in range(self.run.cfg.n_student):
-            self.run.student_step()
-        self.run.generator_step()
-        if self.run.avkd:  # AVKD's discriminator step: extra work per iteration, same images counted
-            self.run.discriminator_step()
+        self.run.iteration()  # AVKD: its discriminator step is extra work per iteration, same images counted
+
+
+def project_config(shape: dict, **values):
+    return build_config({"task": shape["task"], "teacher": shape["teacher"], "student": shape["student"],
+                         "student_width": shape.get("student_width", 1.0), "student_fraction": None,
+                         "latent_dim": shape["latent_dim"], "generator_width": shape["generator_width"],
+                         "batch_size": shape["batch"], "n_student": 5, "n_generator": 1, "w_bn": 0.0, **values})
+
+
+def empty_data(shape: dict) -> EvalData:
+    task = get_task(shape["task"])
+    empty = torch.zeros(1, task.channels, task.image_size, task.image_size)
+    return EvalData(empty, torch.zeros(1, dtype=torch.long), empty, torch.zeros(1, dtype=torch.long))
+
+
+def auto_choice(shape: dict, device):
+    """What ``precision: auto`` and ``channels_last: auto`` choose for this shape on this machine, measured
+    afresh (a throwaway cache), as a run would the first time."""
+    import tempfile
+    from pathlib import Path
+
+    from trainable.speed import choose_speed
+
+    with tempfile.TemporaryDirectory() as d:
+        return choose_speed(project_config(shape), build_models(shape, device)[0], empty_data(shape), device,
+                            cache=Path(d) / "speed.json")
 
 
 def build_models(shape: dict, device):
@@ -111,7 +127,7 @@ def build_models(shape: dict, device):
     return teacher, student, generator
 
 
-def variants(shape: dict, device) -> dict[str, object]:
+def variants(shape: dict, device, auto) -> dict[str, object]:
     teacher, student, generator = build_models(shape, device)
     out = {"straightforward": Straightforward(teacher, student, generator, shape["batch"], shape["latent_dim"], 5,
                                               device)}
@@ -123,13 +139,14 @@ def variants(shape: dict, device) -> dict[str, object]:
                                   channels_last=False)
     out["project bf16 channels_last"] = Project(shape, build_models(shape, device)[0], device, precision="bf16",
                                                 channels_last=True)
-    out["project default"] = Project(shape, build_models(shape, device)[0], device)
-    # The other methods at the project's default speed settings, on the same models.
+    out[f"project default (auto: {auto.name})"] = Project(shape, build_models(shape, device)[0], device, speed=auto)
+    # The other methods at the default's speed settings, on the same models.
     t = get_task(shape["task"])
     prior = torch.randn(512, t.channels, t.image_size, t.image_size)  # stands in for prior data: same cost
     out["project avkd (+ discriminator step)"] = Project(shape, build_models(shape, device)[0], device,
-                                                         method="avkd", prior=prior)
-    out["project dfad + feature alignment"] = Project(shape, build_models(shape, device)[0], device, w_feature=1.0)
+                                                         method="avkd", prior=prior, speed=auto)
+    out["project dfad + feature alignment"] = Project(shape, build_models(shape, device)[0], device, w_feature=1.0,
+                                                      speed=auto)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         compiled = Project(shape, build_models(shape, device)[0], device, precision="bf16", channels_last=True)
@@ -187,7 +204,9 @@ def variant_dtype(loop) -> torch.dtype:
 
 
 def bench_shape(name: str, shape: dict, repeats: int, device, peaks: dict) -> dict[str, float]:
-    loops = variants(shape, device)
+    auto = auto_choice(shape, device)
+    print(f"\n{name}: auto chooses {auto.name} ({auto.describe().split('(', 1)[1]}")
+    loops = variants(shape, device, auto)
     for loop in loops.values():  # warm-up: allocator, oneDNN/cuDNN kernel choice, compilation
         loop.iteration()
     flops = {k: iteration_flops(loop) for k, loop in loops.items()}
@@ -208,7 +227,7 @@ def bench_shape(name: str, shape: dict, repeats: int, device, peaks: dict) -> di
         frac = achieved / peaks[dtype]
         print(f"  {k:<52} {v:>9.1f}  {spread:>13}  x{v / base:.2f}  {flops[k] / 1e9:>10.2f}  {achieved / 1e9:>8.1f}  "
               f"{100 * frac:5.1f}% ({'bf16' if dtype == torch.bfloat16 else 'fp32'})")
-    return {k: v / base for k, v in med.items()}
+    return {("project default" if k.startswith("project default") else k): v / base for k, v in med.items()}
 
 
 def _positive(text: str) -> int:
@@ -228,13 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=str(default_device()))
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    from trainable.config import build_config as _bc
-
-    print(f"torch {torch.__version__}; default precision on {device.type}: "
-          f"{_bc({'task': 'cifar100'}).precision} -> resolves to {AKDRun.resolve_precision('auto', device)}")
+    print(f"torch {torch.__version__}; {machine_description(device)}")
     peaks = {dt: matmul_peak(device, dt) for dt in (torch.float32, torch.bfloat16)}
     print("matmul peak (2048x2048, best of 5): " + ", ".join(
         f"{'bf16' if dt == torch.bfloat16 else 'fp32'} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items()))
+    if device.type == "cpu":
+        native = cpu_bf16_native()
+        print("bf16 on this CPU: " + {True: "native (AVX-512 BF16 / AMX flags)", False: "emulated (no AVX-512 BF16 or "
+              "AMX flag)", None: "unknown (no CPU flags readable)"}[native] + f"; bf16 matmul peak is "
+              f"x{peaks[torch.bfloat16] / peaks[torch.float32]:.2f} fp32's")
     ratios = {}
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])

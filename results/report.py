@@ -363,6 +363,17 @@ def _kv_table(rows: list[tuple[str, str]]) -> str:
                                for k, v in rows) + "</table>"
 
 
+def speed_line(speed: dict | None) -> str:
+    """What the trials computed in, how it was chosen, and on which machine (search.json's ``speed``)."""
+    if not isinstance(speed, dict) or "precision" not in speed:
+        return "not recorded (a search started before speed was measured)"
+    name = f"{speed['precision']}{' channels_last' if speed.get('channels_last') else ''}"
+    how = speed.get("source", "?")
+    if speed.get("speedup"):
+        how += f", x{float(speed['speedup']):.2f} against fp32"
+    return f"{name} ({how}) on {speed.get('machine') or 'an unrecorded machine'}"
+
+
 def _best_line(best_id: str | None, m: dict) -> str:
     seeds = m.get("seeds") or []
     if len(seeds) > 1:
@@ -394,6 +405,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         ("space", str(meta.get("space_file", "?"))),
         ("teacher", f"{meta.get('teacher_arch', '?')}, val_acc {_fmt(meta.get('teacher_val_acc'))}, "
                     f"test_acc {_fmt(meta.get('teacher_test_acc'))}"),
+        ("speed", speed_line(meta.get("speed"))),
         ("best student", _best_line(best_id, best_metrics) if best_metrics else
          ("none: no trial succeeded" if counts[COMPLETED] + counts[STOPPED_EARLY] == 0 and not e.partial
           else "not evaluated yet")),

@@ -34,6 +34,7 @@ from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
 from trainable.config import build_config
 from trainable.files import write_json
 from trainable.outputs import finish_run
+from trainable.speed import Speed
 from trainable.tune_trainable import CANDIDATE, CHECKPOINT_FILE, RUN
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
@@ -52,7 +53,8 @@ def latest_checkpoint(trial_dir: str | Path) -> Path | None:
 def restore_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> AKDRun:
     ckpt = load_checkpoint(ckpt_path)
     cfg = build_config(ckpt["config"], task_defaults=False)
-    run = AKDRun(cfg, teacher, data, default_device(), data_root=data_root)
+    speed = Speed.from_record(ckpt["speed"]) if isinstance(ckpt.get("speed"), dict) else None  # as it trained
+    run = AKDRun(cfg, teacher, data, default_device(), data_root=data_root, speed=speed)
     run.load_state_dict(ckpt)
     return run
 

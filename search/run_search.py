@@ -20,7 +20,16 @@ from pathlib import Path
 
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
-from search.tuner import budget_check, build_tuner, make_trainable, prepare_teacher_for, record_session, restore_tuner, start_ray
+from search.tuner import (
+    budget_check,
+    build_tuner,
+    choose_trial_speed,
+    make_trainable,
+    prepare_teacher_for,
+    record_session,
+    restore_tuner,
+    start_ray,
+)
 from trainable.errors import UserError
 
 
@@ -82,9 +91,11 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.
     check = None if plan.resume else budget_check(plan, teacher)
+    speed = choose_trial_speed(plan, teacher)  # measured once here (or cached), used by every trial
+    print(speed.describe(), flush=True)
     start_ray(plan)
-    record_session(plan, teacher, started)
-    trainable = make_trainable(plan, teacher)
+    record_session(plan, teacher, speed, started)
+    trainable = make_trainable(plan, teacher, speed)
     tuner = restore_tuner(plan, trainable) if plan.resume else build_tuner(plan, trainable, check)
     tuner.fit()
     if not plan.local:

@@ -60,6 +60,36 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
     return check
 
 
+def choose_trial_speed(plan: SearchPlan, teacher: Teacher):
+    """The precision and layout every trial computes in (``trainable.speed``): measured once here, on the driver
+    before Ray starts, with a trial's threads on a trial's device, for a setting in the middle of the space
+    (cached per machine and models). A resumed search keeps the choice it started with."""
+    import torch
+
+    from search.space import middle_setting
+    from trainable.config import ConfigError, build_config
+    from trainable.speed import Speed, choose_speed
+
+    if plan.record is not None and plan.record.get("speed"):
+        return Speed.from_record({**plan.record["speed"], "source": "as the search started"})
+    try:
+        cfg = build_config({**plan.trial_config, **middle_setting(plan.space.params)})
+    except ConfigError:  # the middle of every range need not be a valid combination; the fixed settings are
+        cfg = build_config(plan.trial_config)
+    device = torch.device("cuda") if gpus_per_trial(plan) > 0 and torch.cuda.is_available() else torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(trial_threads(plan))
+    try:
+        return choose_speed(cfg, teacher.model, teacher.data, device, data_root=plan.data_root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def trial_threads(plan: SearchPlan) -> int:
+    """torch's intra-op threads in a trial: its CPUs, so that trials side by side do not oversubscribe the cores."""
+    return max(1, int(round(plan.cpus_per_trial)))
+
+
 def gpus_per_trial(plan: SearchPlan) -> float:
     import torch
 
@@ -120,8 +150,9 @@ def start_ray(plan: SearchPlan) -> None:
     check_cluster(plan)
 
 
-def record_session(plan: SearchPlan, teacher: Teacher, started: float) -> None:
-    """Write the search record (a new search) or mark this session's start in it (a resume)."""
+def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) -> None:
+    """Write the search record (a new search) or mark this session's start in it (a resume). ``speed`` is the
+    trials' ``trainable.speed.Speed``."""
     if not plan.local:
         return
     if plan.resume:  # this session's time adds to the earlier sessions'
@@ -129,19 +160,20 @@ def record_session(plan: SearchPlan, teacher: Teacher, started: float) -> None:
     else:
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
-                  "teacher_arch": teacher.arch, **teacher.accuracy}
+                  "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record()}
     write_json(plan.file(META_FILE), record)
 
 
-def make_trainable(plan: SearchPlan, teacher: Teacher):
-    """``akd_trial`` with the teacher and the data attached (shipped once through the object store) and resources."""
+def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
+    """``akd_trial`` with the teacher, the data and the measured ``speed`` attached (shipped once through the
+    object store) and resources."""
     from ray import tune
 
     from trainable.tune_trainable import akd_trial, teacher_payload
 
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
-                             threads=max(1, int(round(plan.cpus_per_trial))), data_root=plan.data_root),
+                             threads=trial_threads(plan), data_root=plan.data_root, speed=speed.record()),
         resources={"cpu": plan.cpus_per_trial, "gpu": gpus_per_trial(plan)})
 
 

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import random
@@ -51,11 +52,14 @@ from trainable.models import (
     feature_layers,
     width_for_fraction,
 )
+from trainable.speed import Speed
+from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
-# Config keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size")
+# Config keys that may differ between a checkpoint and the run resuming it: budgets, and the speed
+# settings (a run moved to another machine resumes at that machine's fastest).
+RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last")
 
 
 def default_device() -> torch.device:
@@ -154,11 +158,11 @@ def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
 
 
 def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
-                 data_root: str | None = None) -> float:
+                 data_root: str | None = None, speed: Speed | None = None) -> float:
     """Train a run of ``cfg`` to its end in one go (no checkpoints, data-free) and return its student's held-out
     test accuracy: what the accuracy benchmarks measure."""
     with data_free():
-        run = AKDRun(cfg, teacher, data, device, data_root=data_root)
+        run = AKDRun(cfg, teacher, data, device, data_root=data_root, speed=speed)
         run.fit()
     return evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
 
@@ -173,16 +177,23 @@ class AKDRun:
         device: defaults to CUDA when present.
         prior: AVKD's prior images (N, C, H, W), normalised; None loads ``cfg.prior`` (``data_root`` for
             the CIFAR priors).
+        speed: the measured choice for ``auto`` precision and layout (``trainable.speed.choose_speed``);
+            None: fp32 with contiguous tensors where the config says auto.
     """
 
     def __init__(self, cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
-                 prior: torch.Tensor | None = None, data_root: str | None = None):
+                 prior: torch.Tensor | None = None, data_root: str | None = None, speed: Speed | None = None):
         self.cfg = cfg
         self.device = device or default_device()
         self.task = get_task(cfg.task)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.precision, self.channels_last = resolve_speed(cfg, speed)
+        # What this run computes in, with how it was decided (recorded in checkpoints and final.json).
+        fixed = cfg.precision != "auto" and cfg.channels_last != "auto"
+        self.speed = dataclasses.replace(speed or Speed("fp32", False, "fixed" if fixed else "default"),
+                                         precision=self.precision, channels_last=self.channels_last)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.teacher = freeze(teacher).to(self.device, memory_format=fmt)
         self.teacher_params = count_params(self.teacher)
         self.teacher_fingerprint = fingerprint(self.teacher)
@@ -232,7 +243,6 @@ class AKDRun:
         self.best_epoch = 0
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
-        self.precision = self.resolve_precision(cfg.precision, self.device)
         self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
 
     def _feature_alignment(self) -> FeatureProjector:
@@ -257,17 +267,6 @@ class AKDRun:
             from trainable.errors import ConfigError
 
             raise ConfigError(str(e)) from None
-
-    @staticmethod
-    def resolve_precision(precision: str, device: torch.device) -> str:
-        """``auto`` -> bf16 where the device computes it natively (CUDA, or a CPU with AVX-512 BF16/AMX)."""
-        if precision != "auto":
-            return precision
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        if device.type == "cpu":
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        return "fp32"
 
     # ------------------------------------------------------------------ steps
     def _autocast(self):
@@ -392,6 +391,26 @@ class AKDRun:
             raise NonFiniteLossError(f"{name} became {value} at {where}; lower the learning rates or change the loss")
 
     # ------------------------------------------------------------------ epochs
+    def iteration(self, where: str = "iteration") -> tuple[float, float, float]:
+        """One AKD iteration: ``n_student`` imitation steps, ``n_generator`` adversarial steps, and (AVKD)
+        ``n_discriminator`` discriminator steps. Returns the sums of their losses; a NaN/Inf loss raises,
+        naming ``where`` and the step."""
+        cfg = self.cfg
+        sum_s = sum_g = sum_d = 0.0
+        for k, (fake, t_logits, t_feats) in enumerate(self.synthesize(cfg.n_student)):
+            ls = self.student_step(fake, t_logits, t_feats)[M.LOSS_STUDENT]
+            self._check(ls, M.LOSS_STUDENT, f"{where} student step {k + 1}")
+            sum_s += ls
+        for k in range(cfg.n_generator):
+            lg = self.generator_step()[M.LOSS_GENERATOR]
+            self._check(lg, M.LOSS_GENERATOR, f"{where} generator step {k + 1}")
+            sum_g += lg
+        for k in range(cfg.n_discriminator if self.avkd else 0):
+            ld = self.discriminator_step()[M.LOSS_DISCRIMINATOR]
+            self._check(ld, M.LOSS_DISCRIMINATOR, f"{where} discriminator step {k + 1}")
+            sum_d += ld
+        return sum_s, sum_g, sum_d
+
     def train_epoch(self) -> dict[str, float]:
         """One epoch of iterations, then validation. Returns the flat per-epoch metrics."""
         cfg = self.cfg
@@ -403,19 +422,8 @@ class AKDRun:
         n_d = cfg.n_discriminator if self.avkd else 0
         start = time.perf_counter()
         for it in range(cfg.iters_per_epoch):
-            for k, (fake, t_logits, t_feats) in enumerate(self.synthesize(cfg.n_student)):
-                ls = self.student_step(fake, t_logits, t_feats)[M.LOSS_STUDENT]
-                self._check(ls, M.LOSS_STUDENT, f"epoch {self.epoch + 1} iteration {it + 1} student step {k + 1}")
-                sum_s += ls
-            for k in range(cfg.n_generator):
-                lg = self.generator_step()[M.LOSS_GENERATOR]
-                self._check(lg, M.LOSS_GENERATOR, f"epoch {self.epoch + 1} iteration {it + 1} generator step {k + 1}")
-                sum_g += lg
-            for k in range(n_d):
-                ld = self.discriminator_step()[M.LOSS_DISCRIMINATOR]
-                self._check(ld, M.LOSS_DISCRIMINATOR,
-                            f"epoch {self.epoch + 1} iteration {it + 1} discriminator step {k + 1}")
-                sum_d += ld
+            ls, lg, ld = self.iteration(f"epoch {self.epoch + 1} iteration {it + 1}")
+            sum_s, sum_g, sum_d = sum_s + ls, sum_g + lg, sum_d + ld
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         train_s = time.perf_counter() - start
@@ -438,6 +446,7 @@ class AKDRun:
             M.PARAM_RATIO: self.student_params / self.teacher_params,
             M.FLOPS: self.student_flops,
             M.IMAGES_PER_S: images / max(train_s, 1e-9),
+            M.TRAIN_THREADS: torch.get_num_threads(),
             M.LR_STUDENT: lr_s,
             M.LR_GENERATOR: lr_g,
         }
@@ -478,6 +487,7 @@ class AKDRun:
             "config": config_to_dict(self.cfg),
             "teacher": {"arch": self.cfg.teacher, "params": self.teacher_params,
                         "fingerprint": self.teacher_fingerprint},
+            "speed": self.speed.record(),
             "student_width": self.student_width,
             "student": self.student.state_dict(),
             "generator": self.generator.state_dict(),

@@ -95,11 +95,11 @@ class AKDConfig:
     val_fraction: float = 0.2  # torchvision tasks: share of the official test split used for validation
     eval_batch_size: int = 1024
     # --- speed
-    # auto: bf16 autocast where the device computes bf16 natively (CUDA; CPUs with AVX-512 BF16/AMX),
-    # else fp32. On by default because digits' held-out accuracy stays within 1 point of fp32 over 3
-    # seeds (bench/precision_accuracy.py) while CIFAR-shape steps run ~1.8x faster than fp32 on such a CPU.
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: bool = True  # NHWC activations for teacher and student (preferred by oneDNN and cuDNN)
+    # auto: the fastest of the candidates, timed once per machine and models and cached
+    # (trainable/speed.py); bf16 only where it is clearly faster than fp32 (a CPU that emulates bf16
+    # runs it at half fp32's speed).
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
+    channels_last: bool | str = "auto"  # auto | true | false: NHWC activations for teacher and student
 
     @property
     def lr_milestone_epochs(self) -> list[int]:
@@ -118,8 +118,16 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+# Settings that take true, false or auto (decided by measurement, trainable/speed.py).
+BOOL_OR_AUTO = ("channels_last",)
+
+
 def _coerce(key: str, value: Any) -> Any:
     """Check one value against its field's type; ints are accepted for floats. Raises ValueError."""
+    if key in BOOL_OR_AUTO:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f"{key}: expected true, false or auto, got {value!r}")
     hint, optional = _base_type(_HINTS[key])
     if value is None:
         if optional:
@@ -159,6 +167,9 @@ def parse_value(key: str, text: str) -> Any:
         return text  # reported as unknown by build_config
     hint, optional = _base_type(_HINTS[key])
     t = text.strip()
+    if key in BOOL_OR_AUTO:
+        hint = str if t.lower() == "auto" else bool
+        t = t.lower() if t.lower() == "auto" else t
     if optional and t.lower() in ("none", "null", ""):
         return None
     try:

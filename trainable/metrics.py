@@ -13,9 +13,10 @@ LR_STUDENT = "lr_student"  # learning rates in effect during the epoch
 LR_GENERATOR = "lr_generator"
 LOSS_DISCRIMINATOR = "loss_discriminator"  # AVKD only: mean discriminator BCE over the epoch's D steps
 FLOPS = "flops"  # the student's floating-point operations per image (one forward), counted once per run
+TRAIN_THREADS = "threads"  # torch intra-op CPU threads the run trained with (a trial: its cpus_per_trial)
 
 EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, FLOPS, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR)
+                 PARAM_RATIO, FLOPS, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR, TRAIN_THREADS)
 
 # What the exported student costs to run, measured once on the CPU when a run finishes (final.json, best/).
 LATENCY_MS = "latency_ms_b1"  # median milliseconds per image at batch 1
@@ -29,8 +30,13 @@ TEST_ACC = "test_acc"  # held-out, computed once
 TEACHER_VAL_ACC = "teacher_val_acc"
 TEACHER_TEST_ACC = "teacher_test_acc"
 WALL_S = "wall_s"
+# What the run computed in (trainable/speed.py): chosen by measurement where the config says auto.
+PRECISION = "precision"  # fp32 | bf16
+CHANNELS_LAST = "channels_last"  # true | false
+SPEEDUP = "speedup_vs_fp32"  # measured: the chosen variant's speed over fp32 with contiguous tensors; null if not
+SPEED_KEYS = (PRECISION, CHANNELS_LAST, SPEEDUP)
 FINAL_METRICS = (VAL_ACC, TEST_ACC, TEACHER_VAL_ACC, TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, WALL_S, *COST_METRICS)
+                 PARAM_RATIO, WALL_S, *COST_METRICS, *SPEED_KEYS)
 
 # Reported once, instead of an epoch's metrics, by a run whose loss became NaN/Inf: divergence is a
 # result of its settings (the trial ends, recorded with the reason), not a crash to retry.

@@ -130,6 +130,9 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
         M.TEACHER_PARAMS: run.teacher_params,
         M.PARAM_RATIO: run.student_params / run.teacher_params,
         M.WALL_S: wall_s,
+        M.PRECISION: run.precision,
+        M.CHANNELS_LAST: run.channels_last,
+        M.SPEEDUP: run.speed.speedup,
     }
     torch_save(run.student.state_dict(), out / "student.pt")
     t = run.task

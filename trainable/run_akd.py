@@ -26,6 +26,7 @@ from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.outputs import finish_run, teacher_metrics
+from trainable.speed import choose_speed
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
 
@@ -87,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
-        akd = AKDRun(cfg, teacher, data, default_device(), data_root=args.data_root)
+        device = default_device()
+        speed = choose_speed(cfg, teacher, data, device, data_root=args.data_root)  # cached after the first time
+        print(speed.describe(), flush=True)
+        akd = AKDRun(cfg, teacher, data, device, data_root=args.data_root, speed=speed)
         if args.resume:
             akd.load_state_dict(load_checkpoint(ckpt_path))
             print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
@@ -123,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
         final = finish_run(akd, out, t_acc, time.time() - start)
     write_json(out / "final.json", final)
-    print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()))
+    print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
+                                if v is not None))
     return 0
 
 

@@ -19,6 +19,7 @@ from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoi
 from trainable.config import build_config
 from trainable.errors import NonFiniteLossError
 from trainable.models import build_classifier
+from trainable.speed import Speed
 from trainable.tasks import EvalData, data_free, get_task
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -43,19 +44,23 @@ RUN = "run"  # a confirmation trial's config is {RUN: {AKDConfig keys, CONTINUE_
 
 
 def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1,
-              data_root: str | None = None) -> None:
-    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys.
+              data_root: str | None = None, speed: dict[str, Any] | None = None) -> None:
+    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys; ``threads`` is the
+    trial's CPUs (torch's intra-op threads, so trials side by side do not oversubscribe the cores);
+    ``speed`` the precision and layout the search measured once on the driver (``Speed.record()``).
 
     A run whose loss becomes NaN/Inf reports ``{diverged: 1, error: reason}`` once and ends: the
     divergence is a result of its settings, which a retry from its checkpoint would only repeat.
     """
     torch.set_num_threads(max(1, threads))
+    chosen = Speed.from_record(speed) if speed else None
     config = dict(config.get(RUN, config))
     continue_from = config.pop(CONTINUE_FROM, None)
     config.pop(CANDIDATE, None)
     cfg = build_config(config)  # a bad combination raises: the trial is recorded as errored, with the reason
     with data_free():
-        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device(), data_root=data_root)
+        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device(), data_root=data_root,
+                     speed=chosen)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as d:

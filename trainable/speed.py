@@ -1,0 +1,283 @@
+"""Precision and memory layout chosen by measurement, not by a capability flag.
+
+Whether bf16 autocast or channels_last makes a run faster depends on the device *and* the models: a
+CPU with AVX-512 BF16 or AMX computes bf16 natively (about x1.4 on the digits models), a CPU with
+AVX-512 alone only emulates it (x0.5), and on a GPU models as small as digits' are bound by kernel
+launches, where bf16 only adds casts. So ``precision: auto`` and ``channels_last: auto`` are decided
+by timing a few full AKD iterations of the run's own models in each candidate and keeping the
+fastest. The choice is cached per machine and models (``<cache>/speed.json``, beside the cached
+digits teacher), so it is measured once; a search measures on the driver before Ray starts and hands
+the choice to every trial.
+
+Accuracy guard: bf16 rounds the activations, which can cost accuracy (the digits recipe measured
+-0.74 to +0.5 points over seeds, bench/precision_accuracy.py). bf16 is therefore kept only where it
+is at least ``BF16_MARGIN`` faster than the fastest fp32 candidate: a barely faster bf16 is not
+worth its rounding.
+
+Example::
+
+    speed = choose_speed(cfg, teacher, data, device)   # measures, or reads the cache
+    run = AKDRun(cfg, teacher, data, device, speed=speed)
+    print(speed.describe())
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+AUTO = "auto"
+BF16_MARGIN = 1.10  # bf16 must beat the best fp32 candidate by this factor to be chosen
+CACHE_FILE = "speed.json"
+CACHE_VERSION = 1  # bump when what is measured changes: older entries are then measured again
+# Environment variables that cap the instruction sets torch's CPU kernels use (part of the cache key).
+ISA_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What a run computes in: precision (fp32 | bf16) and the activations' layout.
+
+    ``seconds`` holds the measured seconds per AKD iteration of every candidate (empty when nothing
+    was measured), ``source`` says where the choice came from: measured | cached | fixed (the config
+    named both) | default (not measured: fp32, contiguous); ``machine`` where it was measured.
+    """
+
+    precision: str
+    channels_last: bool
+    source: str = "default"
+    seconds: dict[str, float] = field(default_factory=dict)
+    machine: str = ""
+
+    @property
+    def name(self) -> str:
+        return variant_name(self.precision, self.channels_last)
+
+    @property
+    def speedup(self) -> float | None:
+        """How much faster the choice is than fp32 with contiguous tensors, where both were measured."""
+        base = self.seconds.get(variant_name("fp32", False))
+        mine = self.seconds.get(self.name)
+        return base / mine if base and mine else None
+
+    def describe(self) -> str:
+        """One line for the terminal: what was chosen, from where, and how much faster it is."""
+        if self.source in ("fixed", "default"):
+            return f"speed: {self.name} ({'as configured' if self.source == 'fixed' else 'not measured'})"
+        others = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in sorted(self.seconds.items(), key=lambda kv: kv[1]))
+        gain = f", x{self.speedup:.2f} against fp32" if self.speedup else ""
+        return f"speed: {self.name} ({self.source}{gain}; per iteration: {others})"
+
+    def record(self) -> dict[str, Any]:
+        """Plain data for search.json, final.json and the checkpoint."""
+        out = asdict(self)
+        out["speedup"] = self.speedup
+        return out
+
+    @staticmethod
+    def from_record(rec: dict[str, Any]) -> Speed:
+        return Speed(str(rec["precision"]), bool(rec["channels_last"]), str(rec.get("source", "cached")),
+                     {str(k): float(v) for k, v in (rec.get("seconds") or {}).items()}, str(rec.get("machine", "")))
+
+
+def variant_name(precision: str, channels_last: bool) -> str:
+    return f"{precision}{' channels_last' if channels_last else ''}"
+
+
+def resolve(cfg, speed: Speed | None) -> tuple[str, bool]:
+    """The precision and layout a run of ``cfg`` uses: the config's own where it names them, else ``speed``'s
+    (a measured choice), else fp32 with contiguous tensors (the unmeasured, always-safe default)."""
+    chosen = speed or Speed("fp32", False)
+    precision = chosen.precision if cfg.precision == AUTO else cfg.precision
+    channels_last = chosen.channels_last if cfg.channels_last == AUTO else bool(cfg.channels_last)
+    return precision, channels_last
+
+
+def candidates(cfg, device: torch.device) -> list[tuple[str, bool]]:
+    """The (precision, channels_last) pairs ``auto`` chooses among for ``cfg`` on ``device``."""
+    if cfg.precision != AUTO:
+        precisions = [cfg.precision]
+    elif device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        precisions = ["fp32"]
+    else:  # a CPU always runs bf16, natively or emulated: the timing tells which
+        precisions = ["fp32", "bf16"]
+    layouts = [False, True] if cfg.channels_last == AUTO else [bool(cfg.channels_last)]
+    return [(p, cl) for p in precisions for cl in layouts]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else the platform's word for it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU computes bf16 natively (x86: AVX-512 BF16 or AMX-BF16; Arm: the BF16 extension);
+    None where the flags cannot be read. Reported for people; the choice itself is timed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def machine_description(device: torch.device) -> str:
+    """E.g. 'cpu Intel(R) Xeon(R) Processor, native bf16: no, 2 threads, torch 2.14.1'."""
+    if device.type == "cuda":
+        return f"cuda {device_name(device)}, torch {torch.__version__}"
+    native = {True: "yes", False: "no", None: "unknown"}[cpu_bf16_native()]
+    return f"cpu {cpu_name()}, native bf16: {native}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cache_key(cfg, device: torch.device, teacher_params: int) -> str:
+    """What decides which candidate is fastest: the device and its model, torch, threads, the models and the
+    loop's shape. Learning rates and seeds do not."""
+    from trainable.tasks import get_task
+
+    t = get_task(cfg.task)
+    parts = {
+        "v": CACHE_VERSION, "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
+        "isa": [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in ISA_VARIABLES)],
+        "threads": torch.get_num_threads() if device.type == "cpu" else 0,
+        "teacher": cfg.teacher, "teacher_params": int(teacher_params), "student": cfg.student,
+        "student_width": cfg.student_width, "student_fraction": cfg.student_fraction, "generator": cfg.generator,
+        "latent_dim": cfg.latent_dim, "generator_width": cfg.generator_width, "batch_size": cfg.batch_size,
+        "n_student": cfg.n_student, "n_generator": cfg.n_generator, "method": cfg.method,
+        "image": [t.channels, t.image_size, t.num_classes], "bn_loss": cfg.w_bn > 0,
+        "align": cfg.w_feature > 0 or cfg.w_feature_adv > 0,
+        "candidates": [variant_name(p, cl) for p, cl in candidates(cfg, device)],
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def time_candidates(cfg, teacher: torch.nn.Module, data, device: torch.device, pairs: list[tuple[str, bool]],
+                    rounds: int = 3, min_seconds: float = 0.3, max_iters: int = 20,
+                    data_root: str | None = None) -> dict[str, float]:
+    """Seconds per full AKD iteration (student steps, generator steps, discriminator steps) of each candidate.
+
+    Every candidate gets its own run (its own copy of the teacher: the layout changes a module in
+    place) and one warm-up iteration (allocator, oneDNN/cuDNN kernel choice); then ``rounds`` rounds
+    time each candidate in turn, so the machine's noise falls on all alike, and the median is kept.
+    A round runs as many iterations as fit in ``min_seconds`` (at most ``max_iters``).
+    """
+    from trainable.akd import AKDRun
+
+    runs = {}
+    for precision, cl in pairs:
+        fixed = _with(cfg, precision=precision, channels_last=cl)
+        runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
+    iters = {}
+    for name, run in runs.items():
+        first = _timed(run, 1, device)  # warm-up, and the size of one iteration
+        iters[name] = max(1, min(max_iters, int(min_seconds / max(first, 1e-6))))
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(_timed(run, iters[name], device) / iters[name])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _timed(run, iters: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        run.iteration()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _with(cfg, **changes):
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def pick(seconds: dict[str, float]) -> tuple[str, bool]:
+    """The fastest candidate, bf16 only where it beats the fastest fp32 one by ``BF16_MARGIN``."""
+    def parse(name: str) -> tuple[str, bool]:
+        return name.split()[0], name.endswith("channels_last")
+
+    fastest = min(seconds, key=seconds.get)
+    fp32 = {k: v for k, v in seconds.items() if k.startswith("fp32")}
+    if fastest.startswith("bf16") and fp32:
+        best_fp32 = min(fp32, key=fp32.get)
+        if seconds[best_fp32] < BF16_MARGIN * seconds[fastest]:
+            return parse(best_fp32)
+    return parse(fastest)
+
+
+def default_cache() -> Path:
+    from trainable.teacher import cache_dir
+
+    return cache_dir() / CACHE_FILE
+
+
+def choose_speed(cfg, teacher: torch.nn.Module, data, device: torch.device, cache: Path | None = None,
+                 timer: Callable[..., dict[str, float]] = time_candidates, data_root: str | None = None) -> Speed:
+    """The precision and layout for runs of ``cfg`` on ``device``: as configured where the config names both,
+    else from the cache, else measured (``timer``) and cached.
+
+    Args:
+        cfg: the run's config; only its ``auto`` settings are decided.
+        teacher: the teacher (not changed: each candidate runs on a copy).
+        data: the task's evaluation data (a run needs it; nothing is evaluated).
+        device: where the runs will compute.
+        cache: the cache file (default ``<cache_dir>/speed.json``).
+        timer: measures seconds per iteration for a list of candidates (tests pass a fake).
+    """
+    from trainable.files import read_json, write_json
+    from trainable.models import count_params
+
+    pairs = candidates(cfg, device)
+    if len(pairs) == 1:
+        return Speed(*pairs[0], source="fixed", machine=machine_description(device))
+    cache = Path(cache) if cache is not None else default_cache()
+    key = cache_key(cfg, device, count_params(teacher))
+    entries = read_json(cache, default={})
+    entries = entries if isinstance(entries, dict) else {}
+    hit = entries.get(key)
+    if isinstance(hit, dict):
+        try:
+            return Speed.from_record({**hit, "source": "cached"})
+        except (KeyError, TypeError, ValueError):
+            pass  # a damaged entry is measured again
+    seconds = timer(cfg, teacher, data, device, pairs, data_root=data_root)
+    precision, channels_last = pick(seconds)
+    speed = Speed(precision, channels_last, "measured", dict(seconds), machine_description(device))
+    entries = read_json(cache, default={})  # another process may have added entries meanwhile
+    entries = entries if isinstance(entries, dict) else {}
+    entries[key] = {**speed.record(), "measured": time.strftime("%Y-%m-%d")}
+    try:
+        write_json(cache, entries)
+    except OSError:  # a read-only cache costs a measurement next time, nothing else
+        pass
+    return speed
