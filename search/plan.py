@@ -23,6 +23,7 @@ from typing import Any
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE
 from search.space import Space, load_space
 from trainable.errors import UserError
+from trainable.sources import as_spec
 
 # --smoke: the whole pipeline at a size a test suite can afford.
 SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
@@ -47,6 +48,7 @@ class SearchPlan:
     confirm_top_k: int
     confirm_seeds: int
     teacher_path: str | None
+    teacher_model: str | None  # --teacher-model: the teacher's model spec over the space's and the task's
     data_root: str | None
     download: bool
     smoke: bool
@@ -80,12 +82,13 @@ class SearchPlan:
     def trial_config(self) -> dict[str, Any]:
         """The config every trial starts from; the searcher adds the sampled hyperparameters."""
         return {"task": self.task, "seed": self.seed, "epochs": self.max_epochs, **self.space.fixed,
-                **(SMOKE_CONFIG if self.smoke else {})}
+                **({"teacher": self.teacher_model} if self.teacher_model else {}), **(SMOKE_CONFIG if self.smoke else {})}
 
     def record_fields(self) -> dict[str, Any]:
         """The plan's part of the search record written when a search starts."""
         return {"space_file": self.space.path, "space": self.space.raw, "task": self.task, "seed": self.seed,
-                "num_samples": self.num_samples, "teacher": self.teacher_path, "data_root": self.data_root,
+                "num_samples": self.num_samples, "teacher": self.teacher_path,
+                "teacher_model": self.teacher_model, "data_root": self.data_root,
                 "smoke": self.smoke, "max_epochs": self.max_epochs, "grace_period": self.grace_period,
                 "reduction_factor": self.reduction_factor, "early_stopping": self.early_stopping,
                 "confirm_top_k": self.confirm_top_k, "confirm_seeds": self.confirm_seeds}
@@ -202,6 +205,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         early_stopping=early_stopping, confirm_top_k=pick("confirm_top_k", args.confirm_top_k),
         confirm_seeds=pick("confirm_seeds", args.confirm_seeds),
         teacher_path=os.path.abspath(teacher) if teacher else None,
+        teacher_model=as_spec(args.teacher_model or (record or {}).get("teacher_model")),
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,

@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="runs", help="where experiments live: a folder or a URI Ray accepts (default runs/)")
     p.add_argument("--resume", action="store_true", help="finish the named, interrupted search")
     p.add_argument("--task", help="task (default: the space's, else digits)")
-    p.add_argument("--teacher", help="teacher checkpoint (required except for digits)")
+    p.add_argument("--teacher", help="teacher checkpoint (required except for digits and .pt2 programs)")
+    p.add_argument("--teacher-model", metavar="SPEC", help="the teacher's model: a registered name, torchvision:NAME, "
+                   "timm:NAME, package.module:callable, or a torch.export program file (.pt2)")
     p.add_argument("--data-root", help="folder of the torchvision dataset")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (online)")
     p.add_argument("--num-samples", type=int, help="number of trials (default: the space's budget)")

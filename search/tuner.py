@@ -140,6 +140,11 @@ def start_ray(plan: SearchPlan) -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output engine: silent at verbose=0
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
     if not ray.is_initialized():
+        # A teacher or student given as package.module:callable is imported by every trial: the folder the
+        # search runs from is importable there as it is here (a local Ray's workers inherit this environment).
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if os.getcwd() not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, paths)])
         if plan.address:
             check_address(plan.address)
         init = dict(address=plan.address) if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False)

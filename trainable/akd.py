@@ -235,8 +235,13 @@ class AKDRun:
             self.class_weights = weights.float()
         self.student_loss = lookup(STUDENT_LOSSES, "student loss", cfg.student_loss)
         self.generator_loss = lookup(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
-        self.probe = TeacherProbe(self.teacher_fwd, classifier_head(self.teacher_fwd), want_bn=cfg.w_bn > 0,
-                                  want_features=cfg.w_activation > 0)
+        if cfg.w_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in self.teacher_fwd.modules()):
+            from trainable.errors import ConfigError
+
+            raise ConfigError(f"w_bn: the BatchNorm-statistics term needs a teacher with BatchNorm layers; {cfg.teacher} "
+                              "has none (an exported program has no layers to hook): set w_bn=0")
+        self.probe = TeacherProbe(self.teacher_fwd, self._teacher_head() if cfg.w_activation > 0 else None,
+                                  want_bn=cfg.w_bn > 0, want_features=cfg.w_activation > 0)
         self.data = data
         self.epoch = 0  # epochs completed
         self.best_val_acc = -1.0
@@ -245,12 +250,22 @@ class AKDRun:
         self.stopped_early = False
         self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
 
+    def _teacher_head(self) -> nn.Linear:
+        """The teacher's final linear layer (DAFL's activation loss reads its input)."""
+        try:
+            return classifier_head(self.teacher_fwd)
+        except ValueError:
+            from trainable.errors import ConfigError
+
+            raise ConfigError(f"w_activation: the activation term reads the input of the teacher's linear head; "
+                              f"{self.cfg.teacher} has none to hook: set w_activation=0") from None
+
     def _feature_alignment(self) -> FeatureProjector:
         """Hooks on the aligned layers of teacher and student, and the projection between their widths."""
         cfg, t = self.cfg, self.task
         try:
-            self.teacher_tap = FeatureTap(self.teacher_fwd, feature_layers(cfg.teacher, cfg.feature_layers))
-            self.student_tap = FeatureTap(self.student, feature_layers(cfg.student, cfg.feature_layers))
+            self.teacher_tap = FeatureTap(self.teacher_fwd, feature_layers(cfg.teacher, cfg.feature_layers, self.teacher_fwd))
+            self.student_tap = FeatureTap(self.student, feature_layers(cfg.student, cfg.feature_layers, self.student))
             probe = torch.zeros(2, t.channels, t.image_size, t.image_size, device=self.device)
             was_training = self.student.training
             self.student.eval()

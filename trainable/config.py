@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
-from trainable.errors import ConfigError
+from trainable.errors import ConfigError, UserError
 
 SCHEDULERS = ("multistep", "cosine", "exponential", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -193,7 +193,7 @@ def parse_value(key: str, text: str) -> Any:
 def _check_values(c: dict[str, Any]) -> list[str]:
     """Range and registry checks on coerced values."""
     from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
-    from trainable.models import CLASSIFIERS, GENERATORS
+    from trainable.models import GENERATORS, is_widthable
     from trainable.tasks import TASKS
 
     errs = []
@@ -202,10 +202,14 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         if not ok:
             errs.append(msg)
 
-    for key, table in (("task", TASKS), ("method", METHODS), ("teacher", CLASSIFIERS), ("student", CLASSIFIERS),
-                       ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
+    for key, table in (("task", TASKS), ("method", METHODS), ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
                        ("generator_loss", GENERATOR_LOSSES)):
         need(c[key] in table, f"{key}: unknown {c[key]!r}; choose from {sorted(table)}")
+    for role in ("teacher", "student"):
+        errs.extend(_check_model(role, c[role]))
+    if c["student_fraction"] is not None and not _check_model("student", c["student"]):
+        need(is_widthable(c["student"]), f"student_fraction: the student {c['student']} has no width multiplier to "
+             "size it by; drop student_fraction (student_fraction=none) and choose students by name")
     need(c["scheduler"] in SCHEDULERS, f"scheduler: unknown {c['scheduler']!r}; choose from {list(SCHEDULERS)}")
     need(c["precision"] in PRECISIONS, f"precision: unknown {c['precision']!r}; choose from {list(PRECISIONS)}")
     for key in ("epochs", "iters_per_epoch", "batch_size", "n_student", "n_generator", "latent_dim",
@@ -230,10 +234,23 @@ def _check_values(c: dict[str, Any]) -> list[str]:
     return errs
 
 
+def _check_model(role: str, spec: str) -> list[str]:
+    """A teacher or student spec: a registered name or a foreign model that can be found (not built yet)."""
+    from trainable import sources
+    from trainable.models import CLASSIFIERS, MODEL_FORMS
+
+    if sources.is_foreign(spec):
+        problem = sources.check_spec(spec, role)
+        return [problem] if problem else []
+    if spec not in CLASSIFIERS:
+        return [f"{role}: unknown {spec!r}; choose from {sorted(CLASSIFIERS)}, or name one as {MODEL_FORMS}"]
+    return []
+
+
 def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
-    from trainable.models import CLASSIFIERS
     from trainable.priors import check_prior
+    from trainable.sources import is_program
 
     errs = []
     problem = check_prior(c["prior"], task.name)
@@ -243,7 +260,8 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
     if cp and (len(cp) != task.num_classes or min(cp) < 0 or sum(cp) <= 0):
         errs.append(f"class_prior: expected {task.num_classes} weights >= 0 with a positive sum (one per class of "
                     f"{task.name}), or [] for uniform; got {len(cp)} values")
-    if (c["w_feature"] > 0 or c["w_feature_adv"] > 0) and c["teacher"] in CLASSIFIERS and c["student"] in CLASSIFIERS:
+    if ((c["w_feature"] > 0 or c["w_feature_adv"] > 0) and not is_program(c["teacher"])
+            and not _check_model("teacher", c["teacher"]) and not _check_model("student", c["student"])):
         errs.extend(_check_feature_layers(c, task))
     return errs
 
@@ -255,9 +273,12 @@ def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
 
     found = {}
     for role in ("teacher", "student"):
-        names = feature_layers(c[role], c["feature_layers"])
-        with torch.device("meta"):
-            model = build_classifier(c[role], task.num_classes, task.channels, task.image_size)
+        try:
+            with torch.device("meta"):
+                model = build_classifier(c[role], task.num_classes, task.channels, task.image_size)
+        except (UserError, ValueError) as e:
+            return [f"{role}: {e}"]
+        names = feature_layers(c[role], c["feature_layers"], model)
         modules = dict(model.named_modules())
         missing = [n for n in names if n not in modules]
         if not names:
@@ -294,6 +315,11 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
     if task_defaults and isinstance(method, str) and method in METHODS:
         merged.update(METHODS[method])
     merged.update({k: v for k, v in values.items() if k in FIELDS})
+    if "student_fraction" not in values and isinstance(merged["student"], str) and ":" in merged["student"]:
+        from trainable.models import is_widthable
+
+        if not _check_model("student", merged["student"]) and not is_widthable(merged["student"]):
+            merged["student_fraction"] = None  # the task's default size does not apply to a student without a width
     coerced: dict[str, Any] = {}
     for key, value in merged.items():
         try:

@@ -9,6 +9,7 @@ is a multiplier of the family's base width (1.0 = the published layout).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -278,9 +279,28 @@ GENERATORS: dict[str, type[nn.Module]] = {
 GENERATOR_ALIASES = {"a": "dfad"}  # earlier name of "dfad", still accepted (configs, checkpoints)
 
 
+MODEL_FORMS = "torchvision:NAME, timm:NAME, package.module:callable or (teacher only) a .pt2 program"
+
+
 def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
-    arch = lookup(CLASSIFIERS, "model", name)
+    """A classifier by spec: a registered name, or a foreign model (``trainable.sources``), untrained."""
+    from trainable import sources
+
+    if sources.is_foreign(name):
+        return sources.build_foreign(name, num_classes, in_channels, image_size, width)
+    if name not in CLASSIFIERS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(CLASSIFIERS)}, or name one as {MODEL_FORMS}")
+    arch = CLASSIFIERS[name]
     return arch.family(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+
+
+def is_widthable(name: str) -> bool:
+    """Whether ``student_fraction``/``student_width`` can size this family (a width multiplier exists)."""
+    from trainable import sources
+
+    if sources.is_foreign(name):
+        return sources.widthable(name)
+    return name in CLASSIFIERS and CLASSIFIERS[name].widthable
 
 
 def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int,
@@ -294,11 +314,29 @@ def build_generator(name: str, latent_dim: int, base: int, channels: int, image_
     return cls(latent_dim, base, channels, image_size)
 
 
-def feature_layers(name: str, spec: str) -> tuple[str, ...]:
-    """The layer names feature alignment hooks on a classifier: its defaults (``auto``) or a comma list."""
-    if spec == "auto":
+def feature_layers(name: str, spec: str, model: nn.Module | None = None) -> tuple[str, ...]:
+    """The layer names feature alignment hooks on a classifier: its defaults (``auto``) or a comma list.
+
+    ``auto`` on a foreign model (``model`` given) finds its stages by their common names: ResNet-style
+    ``layer1``..``layer4``, timm's ``stages.N``/``blocks.N``, or torchvision's ``features.N`` (MobileNet,
+    EfficientNet, ConvNeXt, VGG), four of them evenly spread ending at the last.
+    """
+    if spec != "auto":
+        return tuple(n.strip() for n in spec.split(",") if n.strip())
+    if name in CLASSIFIERS:
         return CLASSIFIERS[name].feature_layers
-    return tuple(n.strip() for n in spec.split(",") if n.strip())
+    if model is None:
+        return ()
+    modules = dict(model.named_modules())
+    if all(s in modules for s in _STAGES):
+        return _STAGES
+    for container in ("stages", "blocks", "features", "layers"):
+        seq = modules.get(container)
+        if isinstance(seq, nn.Sequential) and len(seq) >= 2:
+            n = len(seq)
+            picks = sorted({max(0, round(n * k / 4) - 1) for k in (1, 2, 3, 4)})
+            return tuple(f"{container}.{i}" for i in picks)
+    return ()
 
 
 def count_params(model: nn.Module) -> int:
@@ -332,12 +370,21 @@ def width_for_fraction(name: str, fraction: float, teacher_params: int, num_clas
     Widths are searched on the architecture's integer channel grid (``Arch.base``) so that the
     returned width builds exactly the counted model.
     """
-    arch = lookup(CLASSIFIERS, "student", name)
-    if not arch.widthable:
+    if not is_widthable(name):
         raise ValueError(f"student {name!r} has no width; student_fraction needs one of "
-                         f"{sorted(k for k, a in CLASSIFIERS.items() if a.widthable)}")
-    base = arch.base
+                         f"{sorted(k for k, a in CLASSIFIERS.items() if a.widthable)} or a torchvision MobileNet/MNASNet "
+                         "(torchvision:mobilenet_v3_small, ...); choose other students by name")
     target = fraction * teacher_params
+    if name not in CLASSIFIERS:  # a foreign width multiplier on a grid of 0.05 steps (their channels round to 8)
+        grid = [round(0.05 * i, 2) for i in range(2, 61)]
+        count = functools.cache(lambda w: classifier_params(name, num_classes, in_channels, image_size, w))
+        lo, hi = 0, len(grid) - 1  # parameters grow with width: bisect for the first width at or over the target
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if count(grid[mid]) < target else (lo, mid)
+        near = grid[max(0, lo - 1):lo + 1]
+        return min(near, key=lambda w: abs(count(w) - target))
+    base = CLASSIFIERS[name].base
     best_w, best_err = 1.0, float("inf")
     for channels in range(1, 8 * base + 1):
         w = channels / base

@@ -26,6 +26,7 @@ from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.outputs import finish_run, teacher_metrics
+from trainable.sources import as_spec
 from trainable.speed import choose_speed
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
@@ -52,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder:PATH (default: the task's; the same as --set prior=...)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable), e.g. --set lr_student=0.05")
-    p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits")
+    p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits and .pt2 programs")
+    p.add_argument("--teacher-model", metavar="SPEC", help="the teacher's model: a registered name, torchvision:NAME, "
+                   "timm:NAME, package.module:callable, or a torch.export program file (.pt2); the same as "
+                   "--set teacher=SPEC")
     p.add_argument("--data-root", help="folder of the torchvision dataset")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (online)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior)) if v is not None}
+    shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
+                                   ("teacher", as_spec(args.teacher_model))) if v is not None}
     cfg = build_config({"task": args.task, **shortcuts, **parse_sets(args.sets)})
     out = Path(args.out or f"runs/{cfg.task}_{cfg.method}")
     if out.exists() and not out.is_dir():

@@ -62,33 +62,43 @@ def load_teacher(path: str | os.PathLike, arch: str, task: Task) -> nn.Module:
         raise CheckpointError(f"cannot read teacher checkpoint {path} ({type(e).__name__}): corrupt, or holds "
                               "objects other than tensors; save it with torch.save(model.state_dict(), PATH)") from None
     state = _extract_state_dict(obj, path)
-    if arch not in CLASSIFIERS:
-        raise UserError(f"unknown teacher {arch!r}; choose from {sorted(CLASSIFIERS)}")
-    model = build_classifier(arch, task.num_classes, task.channels, task.image_size)
-    head = classifier_head(model)
-    head_key = next(f"{name}.weight" for name, m in model.named_modules() if m is head)
-    if head_key in state and state[head_key].ndim == 2 and state[head_key].shape[0] != task.num_classes:
-        raise CheckpointError(f"checkpoint has {state[head_key].shape[0]} output classes; task {task.name} needs "
-                              f"{task.num_classes}; pass a teacher trained on {task.name}")
+    try:
+        model = build_classifier(arch, task.num_classes, task.channels, task.image_size)
+    except ValueError as e:
+        raise UserError(f"teacher: {e}") from None
+    try:
+        _check_head(model, classifier_head(model), state, task)
+    except ValueError:  # no linear head to read the class count from: the forward check sees the output
+        pass
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
+    hint = ARCH_HINT if arch in CLASSIFIERS else "pass the weights of this model, or name the model they were saved from:"
+    names = sorted(CLASSIFIERS) if arch in CLASSIFIERS else "torchvision:NAME, timm:NAME, package.module:callable"
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint does not fit teacher architecture {arch!r}: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {ARCH_HINT} {sorted(CLASSIFIERS)}")
+            f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}; {hint} {names}")
     bad = [k for k in expected if tuple(state[k].shape) != tuple(expected[k].shape)]
     if bad:
         k = bad[0]
         raise CheckpointError(f"checkpoint does not fit teacher architecture {arch!r}: {k} has shape "
                               f"{tuple(state[k].shape)}, expected {tuple(expected[k].shape)} "
-                              f"({len(bad)} tensors differ); {ARCH_HINT} {sorted(CLASSIFIERS)}")
+                              f"({len(bad)} tensors differ); {hint} {names}")
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise CheckpointError(f"teacher checkpoint {path} has non-finite weights (NaN/Inf) in {len(nonfinite)} "
                               f"tensor(s), e.g. {nonfinite[0]}; pass a teacher whose training converged")
     model.load_state_dict(state)
     return model
+
+
+def _check_head(model: nn.Module, head: nn.Linear, state: dict[str, torch.Tensor], task: Task) -> None:
+    """The class count of the checkpoint's head against the task's."""
+    head_key = next(f"{name}.weight" for name, m in model.named_modules() if m is head)
+    if head_key in state and state[head_key].ndim == 2 and state[head_key].shape[0] != task.num_classes:
+        raise CheckpointError(f"checkpoint has {state[head_key].shape[0]} output classes; task {task.name} needs "
+                              f"{task.num_classes}; pass a teacher trained on {task.name}")
 
 
 def _augment(x: torch.Tensor, task: Task) -> torch.Tensor:
@@ -166,10 +176,23 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
     Returns:
         (teacher in eval mode on CPU, info dict with ``arch``, ``source``).
     """
+    from trainable import sources
+
     task = get_task(task_name)
     arch = arch or task.teacher
+    if sources.is_program(arch):
+        if teacher_path:
+            raise UserError(f"the teacher {arch} is an exported program: its weights are inside it; drop --teacher")
+        model = sources.load_program(arch)
+        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True)
+        return model.eval(), {"arch": arch, "source": arch}
     if teacher_path:
-        return load_teacher(teacher_path, arch, task).eval(), {"arch": arch, "source": str(teacher_path)}
+        model = load_teacher(teacher_path, arch, task).eval()
+        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True)
+        return model, {"arch": arch, "source": str(teacher_path)}
+    if sources.is_foreign(arch):
+        raise UserError(f"the teacher {arch} needs its trained weights: pass --teacher PATH (a state_dict saved with "
+                        "torch.save(model.state_dict(), PATH))")
     if task.name != "digits":
         raise UserError(f"task {task.name} needs a pretrained teacher: pass --teacher PATH "
                         "(train one with python trainable/train_teacher.py)")

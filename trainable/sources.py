@@ -1,0 +1,234 @@
+"""Models by name or import path: torchvision, timm, the user's own factory, or an exported program.
+
+A model spec is what the config keys ``teacher`` and ``student`` (and ``--teacher-model``) hold:
+
+- a registered name (``resnet34``, ``cnn``, ...: ``trainable.models.CLASSIFIERS``);
+- ``torchvision:NAME``: any torchvision classification builder (``resnet50``, ``mobilenet_v3_small``,
+  ``efficientnet_b0``, ``convnext_tiny``, ``vit_b_16``, ...), built untrained with the task's class count;
+- ``timm:NAME``: any timm model (``pip install timm``), untrained, with the task's classes and channels;
+- ``package.module:callable``: the user's own factory, called with ``num_classes=`` (this imports and
+  runs the user's code); the current folder is importable, like ``python -m`` makes it;
+- a ``torch.export`` program file (``*.pt2``), teacher only: the program carries its weights, so no
+  code and no ``--teacher`` are needed.
+
+Weights for the first four come from ``--teacher PATH`` (a state_dict read with ``weights_only=True``).
+Every error is a ``UserError`` of one line that says what is wrong and what to do.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from trainable.errors import UserError
+
+TORCHVISION, TIMM = "torchvision:", "timm:"
+PROGRAM_SUFFIX = ".pt2"
+# torchvision builders that take a width multiplier (``width_mult``): a student of theirs can be sized by
+# student_fraction; other foreign students are chosen among categorically.
+TORCHVISION_WIDTH = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "mnasnet0_5", "mnasnet0_75",
+                     "mnasnet1_0", "mnasnet1_3")
+
+
+class ModelSourceError(UserError):
+    """A model spec that cannot be built: names the spec and what to do."""
+
+
+def is_program(spec: str) -> bool:
+    return spec.endswith(PROGRAM_SUFFIX)
+
+
+def is_foreign(spec: str) -> bool:
+    """A spec that names a model outside the project's registry."""
+    return ":" in spec or is_program(spec)
+
+
+def kind(spec: str) -> str:
+    """registered | torchvision | timm | callable | program."""
+    if is_program(spec):
+        return "program"
+    if spec.startswith(TORCHVISION):
+        return "torchvision"
+    if spec.startswith(TIMM):
+        return "timm"
+    if ":" in spec:
+        return "callable"
+    return "registered"
+
+
+def check_spec(spec: str, role: str) -> str | None:
+    """Why ``spec`` cannot name a ``role`` (teacher | student) model, in one line, or None when it can
+    (a cheap check: the builder exists; building and the forward check come later)."""
+    k = kind(spec)
+    if k == "program":
+        if role != "teacher":
+            return f"{role}: {spec!r} is an exported program; only a teacher can be one (a student is trained)"
+        return None if os.path.isfile(spec) else f"{role}: program file {spec} not found; pass the path of a .pt2 file"
+    try:
+        _builder(spec)
+    except ModelSourceError as e:
+        return f"{role}: {e}"
+    return None
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _builder(spec: str):
+    """The callable that builds ``spec`` (not called). Raises ModelSourceError."""
+    k = kind(spec)
+    if k == "torchvision":
+        import torchvision
+
+        name = spec[len(TORCHVISION):]
+        names = _torchvision_names()
+        if name not in names:
+            raise ModelSourceError(f"torchvision has no classification model {name!r}; choose from {names[:12]} ... "
+                                   f"({len(names)} in all: torchvision.models.list_models())")
+        return torchvision.models.get_model_builder(name)
+    if k == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ModelSourceError(f"{spec!r} needs timm, which is not installed; pip install timm "
+                                   "(or pip install -e .[timm])") from None
+        name = spec[len(TIMM):]
+        if not timm.is_model(name):
+            raise ModelSourceError(f"timm has no model {name!r}; list them with timm.list_models()")
+        return lambda **kw: timm.create_model(name, pretrained=False, **kw)
+    if k == "callable":
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise ModelSourceError(f"{spec!r} is not package.module:callable")
+        if os.getcwd() not in sys.path:  # the user's own module in the folder they run from
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ModelSourceError(f"cannot import {module_name!r} for {spec!r} ({e}); run from the folder that "
+                                   "holds it or add it to PYTHONPATH") from None
+        except Exception as e:  # the user's module raised while importing
+            raise ModelSourceError(f"importing {module_name!r} for {spec!r} raised {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
+        fn = getattr(module, attr, None)
+        if fn is None or not callable(fn):
+            raise ModelSourceError(f"{module_name!r} has no callable {attr!r}; name a class or function that "
+                                   "builds the model from num_classes=")
+        return fn
+    raise ModelSourceError(f"{spec!r} is not torchvision:NAME, timm:NAME or package.module:callable")
+
+
+def widthable(spec: str) -> bool:
+    """Whether a foreign student has a width knob (``student_fraction`` sizes it)."""
+    if kind(spec) == "torchvision":
+        return spec[len(TORCHVISION):] in TORCHVISION_WIDTH
+    return False
+
+
+def build_foreign(spec: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
+    """Build a foreign classifier, untrained. Raises ModelSourceError (one line) where it cannot be built."""
+    k = kind(spec)
+    if k == "program":
+        return load_program(spec)
+    fn = _builder(spec)
+    kwargs = {"num_classes": num_classes}
+    if k == "timm":
+        kwargs["in_chans"] = in_channels
+    if width != 1.0:
+        if not widthable(spec):
+            raise ModelSourceError(f"{spec} has no width multiplier; choose students of it by name "
+                                   "(student: {type: categorical, choices: [...]}) instead of a width or fraction")
+        kwargs["width_mult"] = width
+    if k == "torchvision" and spec[len(TORCHVISION):].startswith(("vit_", "swin_", "maxvit")):
+        kwargs["image_size"] = image_size if spec[len(TORCHVISION):].startswith("vit_") else None
+        kwargs = {k2: v for k2, v in kwargs.items() if v is not None}
+    try:
+        model = fn(**kwargs)
+    except Exception as e:
+        raise ModelSourceError(f"building {spec} with num_classes={num_classes} raised {type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0][:200]}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module; return the model")
+    return model
+
+
+class ExportedTeacher(nn.Module):
+    """A ``torch.export`` program as a teacher module. The program was exported in eval mode and its graph fixes
+    that mode: ``train()``/``eval()`` do not reach into it (a program refuses them)."""
+
+    def __init__(self, program: nn.Module):
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> ExportedTeacher:
+        self.training = False  # always evaluates: BatchNorm uses its running statistics, as exported
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, K)
+        return self.program(x)
+
+
+def load_program(path: str) -> nn.Module:
+    """A ``torch.export`` program file as a module (its weights inside). Raises ModelSourceError."""
+    if not os.path.isfile(path):
+        raise ModelSourceError(f"program file {path} not found; pass the path of a .pt2 file")
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise ModelSourceError(f"{path} is not a torch.export program ({type(e).__name__}); write one with "
+                               "torch.export.save(torch.export.export(model, (x,)), PATH)") from None
+    return ExportedTeacher(program.module())
+
+
+def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, image_size: int,
+                  need_grad: bool = False) -> None:
+    """One forward at the task's shape: output (N, num_classes), finite; with ``need_grad`` the input must get a
+    gradient through the model (a teacher: the generator learns through it). Raises ModelSourceError."""
+    x = torch.randn(3, channels, image_size, image_size, requires_grad=need_grad)  # 3: no size a program is fixed at
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, ExportedTeacher):
+            with torch.no_grad():
+                model(x[:1].detach())  # a program must take any batch size, one image included
+        with torch.set_grad_enabled(need_grad):
+            out = model(x)
+    except Exception as e:
+        shape = f"(N, {channels}, {image_size}, {image_size})"
+        raise ModelSourceError(f"{spec} fails on a batch of the task's shape {shape} ({type(e).__name__}: "
+                               f"{(str(e).splitlines() or [''])[0][:160]}); a program must accept any batch size "
+                               "(export with dynamic_shapes), a model the task's channels and image size") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelSourceError(f"{spec} outputs {got} for 3 images; the task needs (3, {num_classes}) class scores")
+    if not bool(torch.isfinite(out).all()):
+        raise ModelSourceError(f"{spec} outputs NaN/Inf on a batch of random images; check its weights")
+    if need_grad:
+        out.float().sum().backward()
+        if x.grad is None or not bool(torch.isfinite(x.grad).all()) or not bool(x.grad.abs().sum() > 0):
+            raise ModelSourceError(f"no gradient flows through {spec} to its input; the generator learns through the "
+                                   "teacher, so pass a differentiable model (not one exported for inference only)")
+
+
+def check_student(spec: str, num_classes: int, channels: int, image_size: int) -> None:
+    """A foreign student builds and gives (N, num_classes) at the task's shape (the project's own are tested).
+    Raises ModelSourceError."""
+    if is_foreign(spec):
+        if is_program(spec):
+            raise ModelSourceError(f"student: {spec} is an exported program; a student is trained, so name its model")
+        check_forward(build_foreign(spec, num_classes, channels, image_size), spec, num_classes, channels, image_size)
+
+
+def as_spec(spec: str | None) -> str | None:
+    """A spec from the command line as a config holds it: a program file by its absolute path (a trial runs in a
+    folder of its own)."""
+    return str(Path(spec).expanduser().resolve()) if spec and is_program(spec) else spec
