@@ -40,6 +40,7 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
 
     cfg = build_config(plan.trial_config)
     model, info = prepare_teacher(plan.task, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root)
+    check_students(plan, cfg.student)
     with data_free():
         data = load_eval_data(plan.task, plan.seed, cfg.val_fraction, plan.data_root, plan.download)
     teacher = Teacher(model, info["arch"], data, teacher_metrics(model, data), fingerprint(model))
@@ -47,6 +48,18 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     if recorded not in (None, teacher.fingerprint):
         raise UserError(f"the teacher differs from the one search {plan.name!r} started with; pass the same --teacher")
     return teacher
+
+
+def check_students(plan: SearchPlan, fixed: str) -> None:
+    """Every foreign student the search can train (the config's, or each choice of a searched ``student``) builds
+    and gives class scores at the task's shape: refused here, in one line, before Ray starts."""
+    from trainable.sources import check_student
+    from trainable.tasks import get_task
+
+    task = get_task(plan.task)
+    specs = {fixed} | {c for p in plan.space.params if p.name == "student" for c in p.choices}
+    for spec in sorted(s for s in specs if isinstance(s, str)):
+        check_student(spec, task.num_classes, task.channels, task.image_size)
 
 
 def budget_check(plan: SearchPlan, teacher: Teacher):

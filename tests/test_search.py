@@ -356,3 +356,55 @@ def test_a_finished_search_resumed_says_so_and_changes_nothing(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 0 and "is finished" in r.stdout
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+
+
+USER_TEACHER = '''
+import torch.nn as nn
+
+
+class DigitsNet(nn.Module):
+    """A teacher class of the user's own, for 1 x 8 x 8 digits."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 32, 3, 1, 1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 64, 3, 2, 1), nn.BatchNorm2d(64), nn.ReLU(),
+                                  nn.Conv2d(64, 128, 3, 2, 1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(128, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+'''
+
+
+def test_a_search_with_the_users_own_teacher_class_runs_end_to_end(tmp_path, ray_address):
+    """--teacher-model mymodule:Class --teacher w.pt, from the user's folder: the trials import the class there."""
+    import torch
+
+    (tmp_path / "myteacher.py").write_text(USER_TEACHER)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import myteacher
+
+        torch.manual_seed(0)
+        torch.save(myteacher.DigitsNet(10).state_dict(), tmp_path / "w.pt")
+    finally:
+        sys.path.remove(str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(ROOT / "spaces" / "capacity.yaml"),
+                        "--teacher-model", "myteacher:DigitsNet", "--teacher", "w.pt", "--smoke", "--num-samples", "2",
+                        "--storage", "runs", "--no-report", "--address", ray_address],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    exp = tmp_path / "runs" / "capacity"
+    record = json.loads((exp / "akdtune" / "search.json").read_text())
+    assert record["teacher_model"] == "myteacher:DigitsNet" and record["teacher_arch"] == "myteacher:DigitsNet"
+    metrics = json.loads((exp / "best" / "metrics.json").read_text())
+    assert metrics["teacher_params"] == sum(p.numel() for p in myteacher.DigitsNet(10).parameters())
+    assert metrics["param_ratio"] <= 0.10  # the space's budget, against the user's teacher
+    # A class that does not exist is refused before Ray starts, in one line, with nothing written.
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(ROOT / "spaces" / "capacity.yaml"),
+                        "--teacher-model", "myteacher:Nope", "--teacher", "w.pt", "--smoke", "--storage", "runs",
+                        "--name", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "has no callable 'Nope'" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "runs" / "nope").exists()

@@ -149,3 +149,12 @@ def test_time_candidates_times_every_candidate_on_real_runs(digits_data):
 
 def test_cpu_flags_are_read_where_linux_gives_them():
     assert cpu_bf16_native() in (True, False, None)
+
+
+def test_the_report_header_says_what_the_trials_computed_in():
+    from results.report import speed_line
+
+    rec = Speed("bf16", True, "measured", dict(NATIVE), "cpu Some CPU, native bf16: yes, 1 thread, torch 2").record()
+    assert speed_line(rec) == "bf16 channels_last (measured, x1.67 against fp32) on cpu Some CPU, native bf16: yes, " \
+                              "1 thread, torch 2"
+    assert speed_line(None).startswith("not recorded")

@@ -26,7 +26,7 @@ from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.outputs import finish_run, teacher_metrics
-from trainable.sources import as_spec
+from trainable.sources import as_spec, check_student
 from trainable.speed import choose_speed
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
+    task = TASKS[cfg.task]
+    check_student(cfg.student, task.num_classes, task.channels, task.image_size)  # a foreign one, at the door
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
         device = default_device()

@@ -203,8 +203,8 @@ def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, 
     except Exception as e:
         shape = f"(N, {channels}, {image_size}, {image_size})"
         raise ModelSourceError(f"{spec} fails on a batch of the task's shape {shape} ({type(e).__name__}: "
-                               f"{(str(e).splitlines() or [''])[0][:160]}); a program must accept any batch size "
-                               "(export with dynamic_shapes), a model the task's channels and image size") from None
+                               f"{(str(e).splitlines() or [''])[0][:160]}); the model must take the task's channels and image "
+                               "size (a program also any batch size: export it with dynamic_shapes)") from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, num_classes):

@@ -153,7 +153,8 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda {device_name(device)}, torch {torch.__version__}"
     native = {True: "yes", False: "no", None: "unknown"}[cpu_bf16_native()]
-    return f"cpu {cpu_name()}, native bf16: {native}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    n = torch.get_num_threads()
+    return f"cpu {cpu_name()}, native bf16: {native}, {n} thread{'s' * (n != 1)}, torch {torch.__version__}"
 
 
 def cache_key(cfg, device: torch.device, teacher_params: int) -> str:
