@@ -58,14 +58,16 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     """(a) Ray Tune's stock OptunaSearch + ASHAScheduler on val_acc, on the same trainable and space."""
     import optuna
     import ray
+    import torch
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from search.finish import evaluate_run, latest_checkpoint
-    from search.space import load_space
+    from search.space import load_space, middle_setting
     from trainable import metrics as M
     from trainable.config import build_config
+    from trainable.speed import choose_speed
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
     from trainable.tune_trainable import akd_trial, teacher_payload
@@ -77,6 +79,10 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     teacher, info = prepare_teacher(space.task, cfg.teacher, None, seed)
     with data_free():
         data = load_eval_data(space.task, seed, cfg.val_fraction)
+    # The same precision and layout as the project's trials (measured with one thread, cached), so that the two
+    # sides differ in how they search, not in how fast a trial runs.
+    torch.set_num_threads(1)
+    speed = choose_speed(build_config({**base, **middle_setting(space.params)}), teacher, data, torch.device("cpu"))
     param_space = dict(base)
     for p in space.params:  # the same distributions, written as a Tune user would
         param_space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)
@@ -84,7 +90,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     try:
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(akd_trial, teacher=teacher_payload(teacher, info["arch"]),
-                                                     data=data, threads=1), {"cpu": 1}),
+                                                     data=data, threads=1, speed=speed.record()), {"cpu": 1}),
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 metric="val_acc", mode="max", num_samples=space.num_samples,

@@ -48,7 +48,27 @@ SHAPES = {
                      batch=32, iters=1),
     "digits": dict(task="digits", teacher="cnn", student="cnn", student_width=0.28125, latent_dim=64,
                    generator_width=32, batch=128, iters=10),
+    # ImageNet-shaped (224 x 224, 1000 classes): Fast-Datafree's kind of pair, torchvision ResNet-50 -> MobileNetV3,
+    # models named as a user names them; the task is a folder task made on the fly (one tiny image per class).
+    "imagenet": dict(task="imagenet", teacher="torchvision:resnet50", student="torchvision:mobilenet_v3_small",
+                     latent_dim=256, generator_width=64, batch=8, iters=1),
 }
+
+
+def imagenet_task(folder) -> str:
+    """A folder task of 1000 classes at 224 x 224 (one 4 x 4 image per class: only its shape is used here)."""
+    import numpy as np
+    from PIL import Image
+
+    from trainable.images import as_task_name
+
+    names = [f"c{i:04d}" for i in range(1000)]
+    for name in names:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(folder / name / "0.png")
+    (folder / "task.yaml").write_text("image_size: 224\nchannels: 3\nmean: [0.485, 0.456, 0.406]\n"
+                                      "std: [0.229, 0.224, 0.225]\n")
+    return as_task_name(f"folder:{folder}")
 
 
 class Straightforward:
@@ -142,7 +162,8 @@ def variants(shape: dict, device, auto) -> dict[str, object]:
     out[f"project default (auto: {auto.name})"] = Project(shape, build_models(shape, device)[0], device, speed=auto)
     # The other methods at the default's speed settings, on the same models.
     t = get_task(shape["task"])
-    prior = torch.randn(512, t.channels, t.image_size, t.image_size)  # stands in for prior data: same cost
+    n_prior = 512 if t.image_size <= 64 else 64
+    prior = torch.randn(n_prior, t.channels, t.image_size, t.image_size)  # stands in for prior data: same cost
     out["project avkd (+ discriminator step)"] = Project(shape, build_models(shape, device)[0], device,
                                                          method="avkd", prior=prior, speed=auto)
     out["project dfad + feature alignment"] = Project(shape, build_models(shape, device)[0], device, w_feature=1.0,
@@ -257,8 +278,18 @@ def main(argv: list[str] | None = None) -> int:
               "AMX flag)", None: "unknown (no CPU flags readable)"}[native] + f"; bf16 matmul peak is "
               f"x{peaks[torch.bfloat16] / peaks[torch.float32]:.2f} fp32's")
     ratios = {}
+    import tempfile
+    from pathlib import Path
+
+    scratch = tempfile.TemporaryDirectory()
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            print(f"error: --shapes: unknown {name!r}; choose from {sorted(SHAPES)}", file=sys.stderr)
+            return 2
     for name in args.shapes.split(","):
         shape = dict(SHAPES[name])
+        if name == "imagenet":
+            shape["task"] = imagenet_task(Path(scratch.name) / "imagenet")
         if args.batch:
             shape["batch"] = args.batch
         if args.iters:

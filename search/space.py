@@ -32,7 +32,8 @@ import yaml
 from trainable import metrics as M
 from trainable.config import FIELDS, build_config
 from trainable.errors import ConfigError, UserError
-from trainable.tasks import TASKS
+from trainable.images import as_task_name
+from trainable.tasks import task_problem
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "param_budget", "budget", "fixed", "params", "seed"}
 BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds",
@@ -199,9 +200,10 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         raise SpaceError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
     for key in sorted(set(raw) - TOP_KEYS):
         errs.append(f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}")
-    task = task_override or raw.get("task") or "digits"
-    if task not in TASKS:
-        errs.append(f"task: unknown {_short(task)}; choose from {sorted(TASKS)}")
+    task = as_task_name(task_override or raw.get("task") or "digits")
+    problem = task_problem(task)
+    if problem:
+        errs.append(problem if len(problem) < 400 else _short(problem, 400))
         task = "digits"
     # objectives
     if "objective" in raw and "objectives" in raw:

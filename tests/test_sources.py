@@ -216,3 +216,11 @@ def test_run_akd_takes_the_teacher_model_flag_and_refuses_bad_ones_in_one_line(t
                  tmp_path / "o")
     assert r.returncode == 2 and "needs its trained weights" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_timm_without_timm_installed_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails, as where it is not installed
+    problem = check_spec("timm:resnet10t", "student")
+    assert "needs timm, which is not installed; pip install timm" in problem

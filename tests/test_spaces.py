@@ -13,7 +13,8 @@ VALID = {"budget": {"num_samples": 2, "max_epochs": 3, "grace_period": 1},
 
 
 def test_the_promised_spaces_ship():
-    assert {p.stem for p in SPACES} >= {"capacity", "lr", "loss", "ratios", "cifar100_dfad", "methods", "flops"}
+    assert {p.stem for p in SPACES} >= {"capacity", "lr", "loss", "ratios", "cifar100_dfad", "methods", "flops",
+                                        "imagenet_r50_mbv2", "tinyimagenet_avkd"}
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)

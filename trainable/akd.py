@@ -160,8 +160,12 @@ def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
 def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
                  data_root: str | None = None, speed: Speed | None = None) -> float:
     """Train a run of ``cfg`` to its end in one go (no checkpoints, data-free) and return its student's held-out
-    test accuracy: what the accuracy benchmarks measure."""
+    test accuracy: what the accuracy benchmarks measure. ``speed`` None: measured (or cached) like any run."""
+    from trainable.speed import choose_speed
+
+    device = device or default_device()
     with data_free():
+        speed = speed or choose_speed(cfg, teacher, data, device, data_root=data_root)
         run = AKDRun(cfg, teacher, data, device, data_root=data_root, speed=speed)
         run.fit()
     return evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]

@@ -41,7 +41,7 @@ METHOD_KEYS = {"avkd": ("prior", "class_prior", "lr_discriminator", "n_discrimin
 @dataclass(frozen=True)
 class AKDConfig:
     # --- what is distilled, and how
-    task: str = "digits"  # key of trainable.tasks.TASKS
+    task: str = "digits"  # key of trainable.tasks.TASKS, or folder:PATH (your own labelled images)
     method: str = "dfad"  # dfad | dafl | avkd (see METHODS)
     seed: int = 0  # seeds models, noise and the validation/test split
     teacher: str = "cnn"  # teacher architecture (tasks set their own)
@@ -194,7 +194,7 @@ def _check_values(c: dict[str, Any]) -> list[str]:
     """Range and registry checks on coerced values."""
     from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
     from trainable.models import GENERATORS, is_widthable
-    from trainable.tasks import TASKS
+    from trainable.tasks import get_task, task_problem
 
     errs = []
 
@@ -202,7 +202,10 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         if not ok:
             errs.append(msg)
 
-    for key, table in (("task", TASKS), ("method", METHODS), ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
+    problem = task_problem(c["task"])
+    if problem:
+        errs.append(problem)
+    for key, table in (("method", METHODS), ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
                        ("generator_loss", GENERATOR_LOSSES)):
         need(c[key] in table, f"{key}: unknown {c[key]!r}; choose from {sorted(table)}")
     for role in ("teacher", "student"):
@@ -229,8 +232,8 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         need(0 < c["student_fraction"] < 1, f"student_fraction: must be in (0, 1), got {c['student_fraction']}")
     need(all(0 < m < 1 for m in c["milestones"]), f"milestones: fractions of the epochs in (0, 1), got {list(c['milestones'])}")
     need(not (c["nesterov"] and c["momentum"] == 0), "nesterov: needs momentum > 0")
-    if c["task"] in TASKS:
-        errs.extend(_check_method(c, TASKS[c["task"]]))
+    if not problem:
+        errs.extend(_check_method(c, get_task(c["task"])))
     return errs
 
 
@@ -304,13 +307,13 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
     Raises:
         ConfigError: listing every unknown key, wrong type and impossible value.
     """
-    from trainable.tasks import TASKS
+    from trainable.tasks import get_task, task_problem
 
     errs = [f"{k}: unknown key; valid keys are {sorted(FIELDS)}" for k in values if k not in FIELDS]
     merged: dict[str, Any] = {f.name: f.default for f in fields(AKDConfig)}
     task = values.get("task", merged["task"])
-    if task_defaults and isinstance(task, str) and task in TASKS:
-        merged.update(TASKS[task].defaults)
+    if task_defaults and not task_problem(task):
+        merged.update(get_task(task).defaults)
     method = values.get("method", merged["method"])
     if task_defaults and isinstance(method, str) and method in METHODS:
         merged.update(METHODS[method])

@@ -141,18 +141,48 @@ def lenet5(arch: Arch, num_classes: int, in_channels: int, image_size: int, widt
 # ---------------------------------------------------------------------------------------------
 # Generators
 # ---------------------------------------------------------------------------------------------
+def upsampling_plan(image_size: int) -> tuple[int, int]:
+    """(start size, doublings) of a generator for square images of ``image_size``: two doublings from
+    ``image_size / 4`` as DFAD's generator does (8 to 32 px), one more for each further halving while the start
+    is above 8 px (64 px: 8 and 3; 224 px: 7 and 5), so the first linear layer stays small at any size. A size
+    the doublings do not reach exactly is resized to at the end (bilinear)."""
+    if image_size < 4:
+        raise ValueError(f"generator needs an image size of at least 4, got {image_size}")
+    ups = 2
+    while -(-image_size // 2 ** ups) > 8:  # ceil(image_size / 2^ups)
+        ups += 1
+    return -(-image_size // 2 ** ups), ups
+
+
+def _up_block(channels: int) -> nn.Sequential:
+    """A further doubling stage of a generator beyond DFAD's two: upsample, conv, BN, LeakyReLU."""
+    return nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(channels, channels, 3, 1, 1), nn.BatchNorm2d(channels),
+                         nn.LeakyReLU(0.2, inplace=True))
+
+
+def _fit(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize the generator's output to the image size where its doublings overshoot it."""
+    if x.shape[-1] == image_size:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+
 class GeneratorA(nn.Module):
-    """DFAD's generator: linear -> BN -> (upsample, conv, BN, LeakyReLU) x2 -> conv -> tanh -> BN."""
+    """DFAD's generator: linear -> BN -> (upsample, conv, BN, LeakyReLU) x2 -> conv -> tanh -> BN; images above
+    32 px get one more (upsample, conv, BN, LeakyReLU) stage per doubling (``upsampling_plan``)."""
 
     def __init__(self, latent_dim: int, base: int, channels: int, image_size: int):
         super().__init__()
-        self.init_size = image_size // 4
+        self.init_size, ups = upsampling_plan(image_size)
+        self.image_size = image_size
         self.base = base
         self.project = nn.Linear(latent_dim, 2 * base * self.init_size ** 2)
         self.bn0 = nn.BatchNorm2d(2 * base)
         self.block1 = nn.Sequential(
             nn.Conv2d(2 * base, 2 * base, 3, 1, 1), nn.BatchNorm2d(2 * base), nn.LeakyReLU(0.2, inplace=True)
         )
+        # Stages beyond DFAD's two (none up to 32 px, so existing checkpoints load as they are).
+        self.extra = nn.Sequential(*[_up_block(2 * base) for _ in range(ups - 2)])
         self.block2 = nn.Sequential(
             nn.Conv2d(2 * base, base, 3, 1, 1), nn.BatchNorm2d(base), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(base, channels, 3, 1, 1), nn.Tanh(),
@@ -161,10 +191,11 @@ class GeneratorA(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, latent_dim)
-        out = self.project(z).view(z.shape[0], 2 * self.base, self.init_size, self.init_size)
-        out = F.interpolate(self.bn0(out), scale_factor=2)  # (B, 2b, H/2, W/2)
-        out = F.interpolate(self.block1(out), scale_factor=2)  # (B, 2b, H, W)
-        return self.block2(out)  # (B, C, H, W)
+        out = self.project(z).view(z.shape[0], 2 * self.base, self.init_size, self.init_size)  # (B, 2b, s, s)
+        out = F.interpolate(self.bn0(out), scale_factor=2)  # (B, 2b, 2s, 2s)
+        out = F.interpolate(self.block1(out), scale_factor=2)  # (B, 2b, 4s, 4s)
+        out = self.extra(out)  # (B, 2b, s * 2^ups, ...)
+        return _fit(self.block2(out), self.image_size)  # (B, C, H, W)
 
 
 class GeneratorDeconv(nn.Module):
@@ -172,14 +203,19 @@ class GeneratorDeconv(nn.Module):
 
     def __init__(self, latent_dim: int, base: int, channels: int, image_size: int):
         super().__init__()
-        self.init_size = image_size // 4
+        self.init_size, ups = upsampling_plan(image_size)
+        self.image_size = image_size
         self.base = base
         self.project = nn.Sequential(
             nn.Linear(latent_dim, 4 * base * self.init_size ** 2, bias=False),
         )
         self.bn0 = nn.BatchNorm2d(4 * base)
+        extra = []  # doublings beyond the two (images above 32 px), at the first stage's width
+        for _ in range(ups - 2):
+            extra += [nn.ConvTranspose2d(4 * base, 4 * base, 4, 2, 1, bias=False), nn.BatchNorm2d(4 * base),
+                      nn.ReLU(inplace=True)]
         self.body = nn.Sequential(
-            nn.ReLU(inplace=True),
+            nn.ReLU(inplace=True), *extra,
             nn.ConvTranspose2d(4 * base, 2 * base, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * base), nn.ReLU(inplace=True),
             nn.ConvTranspose2d(2 * base, base, 4, 2, 1, bias=False), nn.BatchNorm2d(base), nn.ReLU(inplace=True),
             nn.Conv2d(base, channels, 3, 1, 1), nn.Tanh(),
@@ -193,7 +229,7 @@ class GeneratorDeconv(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, latent_dim)
         out = self.project(z).view(z.shape[0], 4 * self.base, self.init_size, self.init_size)
-        return self.body(self.bn0(out))  # (B, C, H, W)
+        return _fit(self.body(self.bn0(out)), self.image_size)  # (B, C, H, W)
 
 
 class ConditionalGenerator(nn.Module):
@@ -307,8 +343,6 @@ def build_generator(name: str, latent_dim: int, base: int, channels: int, image_
                     num_classes: int = 0) -> nn.Module:
     """A generator of the registry; with ``num_classes`` a ``ConditionalGenerator`` G(z, y) around it."""
     cls = lookup(GENERATORS, "generator", GENERATOR_ALIASES.get(name, name))
-    if image_size % 4:
-        raise ValueError(f"generator needs an image size divisible by 4, got {image_size}")
     if num_classes:
         return ConditionalGenerator(cls, latent_dim, base, channels, image_size, num_classes)
     return cls(latent_dim, base, channels, image_size)

@@ -25,10 +25,11 @@ from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoi
 from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
+from trainable.images import as_task_name
 from trainable.outputs import finish_run, teacher_metrics
 from trainable.sources import as_spec, check_student
 from trainable.speed import choose_speed
-from trainable.tasks import TASKS, data_free, load_eval_data
+from trainable.tasks import TASKS, data_free, get_task, load_eval_data
 from trainable.teacher import prepare_teacher
 
 
@@ -45,7 +46,8 @@ def parse_sets(items: list[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="One data-free adversarial distillation run (no Ray).")
-    p.add_argument("--task", default="digits", help=f"one of {sorted(TASKS)} (default digits)")
+    p.add_argument("--task", default="digits", help=f"one of {sorted(TASKS)}, or folder:PATH of your own labelled images "
+                   "(default digits)")
     p.add_argument("--out", help="output folder (default runs/<task>_<method>)")
     p.add_argument("--method", choices=sorted(METHODS), help="distillation method (default dfad; the same as "
                    "--set method=NAME)")
@@ -79,8 +81,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
                                    ("teacher", as_spec(args.teacher_model))) if v is not None}
-    cfg = build_config({"task": args.task, **shortcuts, **parse_sets(args.sets)})
-    out = Path(args.out or f"runs/{cfg.task}_{cfg.method}")
+    cfg = build_config({"task": as_task_name(args.task), **shortcuts, **parse_sets(args.sets)})
+    for note in get_task(cfg.task).notes:
+        print(f"note: {note}")
+    short = Path(cfg.task[len("folder:"):]).name if cfg.task.startswith("folder:") else cfg.task
+    out = Path(args.out or f"runs/{short}_{cfg.method}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run's outputs")
     if not os.access(out if out.exists() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
-    task = TASKS[cfg.task]
+    task = get_task(cfg.task)
     check_student(cfg.student, task.num_classes, task.channels, task.image_size)  # a foreign one, at the door
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainable.errors import DataFreeViolation, UserError, lookup
+from trainable.errors import DataFreeViolation, UserError
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Task:
     teacher: str  # default teacher architecture
     defaults: dict[str, Any] = field(default_factory=dict)  # config defaults for this task
     doc: str = ""
+    classes: tuple[str, ...] = ()  # class names in the teacher's output order, where the task knows them
+    notes: tuple[str, ...] = ()  # what the task assumed (a folder task's normalisation), said once by the CLIs
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,39 @@ TASKS: dict[str, Task] = {
                     {**_CIFAR_DEFAULTS, "prior": "cifar100"}, "torchvision CIFAR-10"),
     "cifar100": Task("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "resnet34",
                      {**_CIFAR_DEFAULTS, "prior": "cifar10"}, "torchvision CIFAR-100"),
+    # AVKD's Tiny-ImageNet setting: ResNet-34 -> ResNet-18 (CIFAR stems) at 64 x 64, a folder:PATH prior of
+    # other photos (the paper used Caltech images).
+    "tinyimagenet": Task("tinyimagenet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), "resnet34",
+                         {**_CIFAR_DEFAULTS, "batch_size": 128, "prior": "photos"},
+                         "Tiny-ImageNet (64 x 64, 200 classes), its official val/ split, --data-root"),
 }
+TASK_FORMS = "or folder:PATH (your own labelled images, one sub-folder per class)"
 
 
 def get_task(name: str) -> Task:
-    return lookup(TASKS, "task", name, UserError)
+    """A registered task, or a folder of the user's images (``folder:PATH``). Raises UserError (one line)."""
+    from trainable.images import folder_task, is_folder_task
+
+    if is_folder_task(name):
+        return folder_task(name[len("folder:"):])
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)} {TASK_FORMS}")
+    return TASKS[name]
+
+
+def task_problem(name: Any) -> str | None:
+    """Why ``name`` names no task, in one line, or None."""
+    from trainable.images import is_folder_task
+
+    if not isinstance(name, str):
+        return f"task: expected a name, got {name!r}"
+    if not is_folder_task(name) and name not in TASKS:
+        return f"task: unknown {name!r}; choose from {sorted(TASKS)} {TASK_FORMS}"
+    try:
+        get_task(name)
+    except UserError as e:
+        return f"task: {e}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,12 +201,18 @@ def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, dat
         data_root: folder of the torchvision dataset.
         download: let torchvision download when online.
     """
+    from trainable import images
+
     task = get_task(task_name)
     if task.name == "digits":
         split = _digits_split(seed)
         vx, vy = _digits_tensors(split["val"], task)
         tx, ty = _digits_tensors(split["test"], task)
         return EvalData(vx, vy, tx, ty)
+    if images.is_folder_task(task.name):
+        return EvalData(*images.load_folder(task, seed, val_fraction))
+    if task.name == "tinyimagenet":
+        return EvalData(*images.load_tiny_val(task, data_root, seed, val_fraction))
     ds = _torchvision_split(task, data_root, train=False, download=download)
     x, y = _dataset_tensors(ds, task)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -189,7 +225,14 @@ def load_teacher_train(task_name: str, seed: int = 0, data_root: str | None = No
     """The teacher's training data. Refuses inside a data-free run."""
     if in_data_free_run():
         raise DataFreeViolation(f"a data-free run tried to read {task_name}'s teacher-training data")
+    from trainable import images
+
     task = get_task(task_name)
     if task.name == "digits":
         return _digits_tensors(_digits_split(seed)["teacher_train"], task)
+    if images.is_folder_task(task.name):
+        raise UserError(f"task {task.name} holds held-out images only, no teacher-training data; pass the trained "
+                        "teacher's weights with --teacher PATH")
+    if task.name == "tinyimagenet":
+        return images.load_tiny_train(task, data_root)
     return _dataset_tensors(_torchvision_split(task, data_root, train=True, download=download), task)

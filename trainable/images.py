@@ -1,0 +1,241 @@
+"""Your own images: a folder task (``folder:PATH``, ImageFolder layout) and Tiny-ImageNet's official layout.
+
+A folder task is a user's held-out labelled images, one sub-folder per class; ``PATH/task.yaml``
+(optional) says what the folder cannot::
+
+    classes: [cat, dog, ...]    # the teacher's output order (default: the sorted folder names)
+    mean: [0.485, 0.456, 0.406] # per channel, of the teacher's input normalisation (default: ImageNet's)
+    std: [0.229, 0.224, 0.225]
+    image_size: 96              # square side the teacher takes (default: the first image's side)
+    channels: 3                 # 1 or 3 (default: the first image's mode)
+
+Like the torchvision tasks, a data-free run reads these images only for evaluation: split by seed into
+validation (selection) and test (reported once). Every problem is one ``UserError`` line.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainable.errors import UserError
+
+FOLDER = "folder:"
+TASK_FILE = "task.yaml"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TASK_KEYS = ("classes", "mean", "std", "image_size", "channels")
+
+
+def is_folder_task(name: str) -> bool:
+    return isinstance(name, str) and name.startswith(FOLDER)
+
+
+def as_task_name(name: str | None) -> str | None:
+    """A task from the command line as configs hold it: a folder task by its absolute path (trials run in folders
+    of their own)."""
+    if name and is_folder_task(name) and len(name) > len(FOLDER):
+        return FOLDER + str(Path(name[len(FOLDER):]).expanduser().resolve())
+    return name
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
+    """One image as float32 (C, H, W) in [0, 1], in the task's mode, resized to ``side`` x ``side`` (bilinear) when
+    given. Raises UserError naming the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if side is not None and im.size != (side, side):
+                im = im.resize((side, side), Image.BILINEAR)
+            a = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove it or replace it with a readable "
+                        "image") from None
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def _task_yaml(root: Path) -> dict[str, Any]:
+    import yaml
+
+    path = root / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix it or remove it") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a mapping of {list(TASK_KEYS)}")
+    unknown = sorted(str(k) for k in raw if k not in TASK_KEYS)
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {unknown}; valid keys are {list(TASK_KEYS)}")
+    return raw
+
+
+def _numbers(raw: dict, key: str, n: int, path: Path) -> tuple[float, ...] | None:
+    v = raw.get(key)
+    if v is None:
+        return None
+    v = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    if (not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                          for x in v)
+            or (key == "std" and not all(x > 0 for x in v))):
+        raise UserError(f"{path / TASK_FILE}: {key} must be {n} number(s){' > 0' if key == 'std' else ''} (one per "
+                        f"channel), got {v!r}")
+    return tuple(float(x) for x in v)
+
+
+@functools.lru_cache(maxsize=8)
+def folder_task(root_text: str):
+    """The ``Task`` of a folder of labelled images (see the module docstring). Raises UserError."""
+    from trainable.tasks import Task
+
+    root = Path(root_text)
+    if not root.is_dir():
+        raise UserError(f"task folder:{root} is not a folder; pass folder:PATH of held-out images in ImageFolder "
+                        "layout (one sub-folder per class)")
+    raw = _task_yaml(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = raw.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not all(isinstance(c, (str, int)) for c in classes):
+            raise UserError(f"{root / TASK_FILE}: classes must be a list of the class folders' names")
+        classes = [str(c) for c in classes]
+        if len(set(classes)) != len(classes):
+            raise UserError(f"{root / TASK_FILE}: classes lists a name twice")
+        missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
+        if missing or extra:
+            raise UserError(f"{root / TASK_FILE} lists {len(classes)} classes but the folder has {len(folders)} class "
+                            f"folders (listed without a folder: {missing[:5]}; folders not listed: {extra[:5]}); "
+                            "make them agree")
+    else:
+        classes = folders
+    if len(classes) < 2:
+        raise UserError(f"task folder:{root} has {len(classes)} class folder(s); it needs at least 2 (one sub-folder "
+                        "of images per class)")
+    empty = [c for c in classes if not image_files(root / c)]
+    if empty:
+        raise UserError(f"task folder:{root}: class folder {empty[0]!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    channels, side = raw.get("channels"), raw.get("image_size")
+    if channels is not None and channels not in (1, 3):
+        raise UserError(f"{root / TASK_FILE}: channels must be 1 or 3, got {channels!r}")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not 4 <= side <= 1024):
+        raise UserError(f"{root / TASK_FILE}: image_size must be a whole number of pixels in [4, 1024], got {side!r}")
+    if channels is None or side is None:  # read off the first image
+        from PIL import Image
+
+        first = image_files(root / classes[0])[0]
+        try:
+            with Image.open(first) as im:
+                mode, size = im.mode, im.size
+        except OSError:
+            raise UserError(f"cannot read image {first}; remove it or replace it with a readable image") from None
+        channels = channels or (1 if mode in ("L", "1", "I", "I;16", "F") else 3)
+        side = side or size[0]
+    mean = _numbers(raw, "mean", channels, root)
+    std = _numbers(raw, "std", channels, root)
+    notes = []
+    if mean is None or std is None:
+        mean = mean or (IMAGENET_MEAN if channels == 3 else (0.5,))
+        std = std or (IMAGENET_STD if channels == 3 else (0.5,))
+        notes.append(f"normalising with {'ImageNet' if channels == 3 else 'mean 0.5, std 0.5'}'s statistics (set mean "
+                     f"and std in {root / TASK_FILE} to the teacher's own)")
+    defaults = dict(FOLDER_DEFAULTS)
+    return Task(FOLDER + str(root), len(classes), channels, side, mean, std, defaults["teacher"], defaults,
+                f"your images in {root}", classes=tuple(classes), notes=tuple(notes))
+
+
+# A recipe for your own images: DFAD's loop at a batch a CPU or GPU of any size can take; name the teacher
+# (--teacher-model) and pass its weights.
+FOLDER_DEFAULTS = dict(
+    teacher="resnet34", student="resnet18", student_fraction=None, generator="dfad", latent_dim=256,
+    generator_width=64, epochs=200, iters_per_epoch=50, batch_size=64, n_student=5, n_generator=1,
+    lr_student=0.1, lr_generator=1e-3, scheduler="cosine", prior="photos",
+)
+
+
+def load_folder(task, seed: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All images of a folder task, normalised, split by seed into (val_x, val_y, test_x, test_y)."""
+    root = Path(task.name[len(FOLDER):])
+    xs, ys = [], []
+    for label, cls in enumerate(task.classes):
+        for f in image_files(root / cls):
+            xs.append(read_image(f, task.channels, task.image_size))
+            ys.append(label)
+    if len(ys) < 2:
+        raise UserError(f"task {task.name} has {len(ys)} image(s); it needs at least 2 (validation and test)")
+    return split(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), task, seed, val_fraction)
+
+
+def split(x: torch.Tensor, y: torch.Tensor, task, seed: int, val_fraction: float):
+    """Normalise and split by seed into validation and test, each at least one image."""
+    mean = torch.tensor(task.mean).view(1, -1, 1, 1)
+    std = torch.tensor(task.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = min(len(y) - 1, max(1, int(round(val_fraction * len(y)))))
+    return x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny-ImageNet (64 x 64, 200 classes), its official on-disk layout
+# ---------------------------------------------------------------------------------------------
+TINY_FOLDER = "tiny-imagenet-200"
+
+
+def _tiny_root(data_root: str | None) -> Path:
+    if data_root is None:
+        raise UserError("task tinyimagenet needs its data: pass --data-root DIR holding tiny-imagenet-200/ (the "
+                        "official archive, unpacked)")
+    root = Path(data_root) / TINY_FOLDER
+    if not (root / "wnids.txt").is_file():
+        raise UserError(f"tinyimagenet data not found: {root / 'wnids.txt'} is missing; pass --data-root to the folder "
+                        f"that holds {TINY_FOLDER}/")
+    return root
+
+
+def tiny_classes(root: Path) -> list[str]:
+    """The 200 WordNet ids in the order the teacher's outputs follow (sorted, as ImageFolder orders train/)."""
+    return sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
+
+
+def load_tiny_val(task, data_root: str | None, seed: int, val_fraction: float):
+    """Tiny-ImageNet's official ``val/`` split (val_annotations.txt), split by seed into validation and test."""
+    root = _tiny_root(data_root)
+    index = {w: i for i, w in enumerate(tiny_classes(root))}
+    ann = root / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise UserError(f"tinyimagenet data incomplete: {ann} is missing; unpack the official archive again")
+    xs, ys = [], []
+    for line in ann.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2 or parts[1] not in index:
+            continue
+        xs.append(read_image(root / "val" / "images" / parts[0], task.channels, task.image_size))
+        ys.append(index[parts[1]])
+    if len(ys) < 2:
+        raise UserError(f"tinyimagenet: {ann} names fewer than 2 readable images; unpack the official archive again")
+    return split(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), task, seed, val_fraction)
+
+
+def load_tiny_train(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny-ImageNet's ``train/<wnid>/images/`` (the teacher's training data; never read by a data-free run)."""
+    root = _tiny_root(data_root)
+    xs, ys = [], []
+    for label, wnid in enumerate(tiny_classes(root)):
+        for f in image_files(root / "train" / wnid):
+            xs.append(read_image(f, task.channels, task.image_size))
+            ys.append(label)
+    x = torch.from_numpy(np.stack(xs))
+    mean = torch.tensor(task.mean).view(1, -1, 1, 1)
+    std = torch.tensor(task.std).view(1, -1, 1, 1)
+    return (x - mean) / std, torch.tensor(ys, dtype=torch.int64)
