@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=str(default_device()))
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}; {machine_description(device)}")
+    print(machine_description(device))
     peaks = {dt: matmul_peak(device, dt) for dt in (torch.float32, torch.bfloat16)}
     print("matmul peak (2048x2048, best of 5): " + ", ".join(
         f"{'bf16' if dt == torch.bfloat16 else 'fp32'} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items()))

@@ -429,3 +429,18 @@ def test_a_search_with_the_users_own_teacher_class_runs_end_to_end(tmp_path, ray
                         "--name", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "has no callable 'Nope'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "runs" / "nope").exists()
+
+
+def test_a_search_with_an_exported_program_as_its_teacher(tmp_path, digits_teacher):
+    """A .pt2 teacher (what a search exports as best/student.pt2): no code and no weights file; trials load it."""
+    import torch
+
+    x = torch.zeros(2, 1, 8, 8)
+    program = torch.export.export(digits_teacher.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, str(tmp_path / "teacher.pt2"))
+    rc = search("--space", ROOT / "spaces" / "lr.yaml", "--teacher-model", tmp_path / "teacher.pt2", "--smoke",
+                "--num-samples", 2, "--storage", tmp_path, "--no-report")
+    assert rc == 0
+    metrics = json.loads((tmp_path / "lr" / "best" / "metrics.json").read_text())
+    assert metrics["teacher_params"] == sum(p.numel() for p in digits_teacher.parameters())
+    assert metrics["teacher_test_acc"] > 0.9  # the program is the trained teacher

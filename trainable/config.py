@@ -318,6 +318,8 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
     if task_defaults and isinstance(method, str) and method in METHODS:
         merged.update(METHODS[method])
     merged.update({k: v for k, v in values.items() if k in FIELDS})
+    if "w_bn" not in values and isinstance(merged["teacher"], str) and merged["teacher"].endswith(".pt2"):
+        merged["w_bn"] = 0.0  # a program has no BatchNorm layers to hook: the task's default term does not apply
     if "student_fraction" not in values and isinstance(merged["student"], str) and ":" in merged["student"]:
         from trainable.models import is_widthable
 

@@ -127,8 +127,9 @@ def cpu_name() -> str:
 
 
 def cpu_bf16_native() -> bool | None:
-    """Whether this CPU computes bf16 natively (x86: AVX-512 BF16 or AMX-BF16; Arm: the BF16 extension);
-    None where the flags cannot be read. Reported for people; the choice itself is timed."""
+    """Whether this CPU computes bf16 natively (x86: AVX-512 BF16 or AMX-BF16; Arm: the BF16 extension, and
+    oneDNN not capped below them by ``ONEDNN_MAX_CPU_ISA``); None where the flags cannot be read. Reported for
+    people; the choice itself is timed."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -139,6 +140,9 @@ def cpu_bf16_native() -> bool | None:
             flags.update(line.split(":", 1)[1].split())
     if not flags:
         return None
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    if cap != "ALL" and not any(word in cap for word in ("BF16", "AMX", "FP16", "AVX10")):
+        return False  # oneDNN told not to use the CPU's bf16 instructions: it emulates them
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
