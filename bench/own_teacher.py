@@ -56,8 +56,7 @@ class DigitsNet(nn.Module):
 '''
 # The digits recipe (trainable/tasks.py), written in the space as a user with their own folder would.
 DIGITS_RECIPE = dict(student="cnn", generator="dfad", latent_dim=64, generator_width=32, iters_per_epoch=20,
-                     batch_size=128, n_student=5, n_generator=1, lr_student=0.1, lr_generator=0.001,
-                     scheduler="cosine", w_bn=0.1)
+                     batch_size=128, n_student=5, n_generator=1, scheduler="cosine", w_bn=0.1)
 
 
 def user_side(work: Path, seed: int) -> float:
@@ -112,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     teacher_acc = user_side(work, args.seed)
     space = yaml.safe_load((ROOT / "spaces" / "capacity.yaml").read_text())
-    space["fixed"] = {**(space.get("fixed") or {}), **DIGITS_RECIPE}
+    searched = set(space.get("params") or {})
+    space["fixed"] = {**(space.get("fixed") or {}), **{k: v for k, v in DIGITS_RECIPE.items() if k not in searched}}
     (work / "capacity_own.yaml").write_text(yaml.safe_dump(space))
     cmd = [sys.executable, str(ROOT / "search" / "run_search.py"), "--space", "capacity_own.yaml", "--task",
            "folder:imgs", "--teacher-model", "mynets:DigitsNet", "--teacher", "teacher.pt", "--seed", str(args.seed),

@@ -23,6 +23,7 @@ Example::
     python bench/step_throughput.py                         # CIFAR-100 ResNet-34 -> ResNet-18 and digits
     python bench/step_throughput.py --shapes cifar100 --batch 32 --repeats 5
     python bench/step_throughput.py --shapes cifar100 --batch 256 --iters 20   # on a GPU
+    python bench/step_throughput.py --shapes imagenet --repeats 3              # ResNet-50 -> MobileNetV3 at 224 px
 
 The last line is ``ratio=<project default / straightforward, CIFAR-100 shapes>``.
 """
@@ -51,7 +52,7 @@ SHAPES = {
     # ImageNet-shaped (224 x 224, 1000 classes): Fast-Datafree's kind of pair, torchvision ResNet-50 -> MobileNetV3,
     # models named as a user names them; the task is a folder task made on the fly (one tiny image per class).
     "imagenet": dict(task="imagenet", teacher="torchvision:resnet50", student="torchvision:mobilenet_v3_small",
-                     latent_dim=256, generator_width=64, batch=8, iters=1),
+                     latent_dim=256, generator_width=64, batch=4, iters=1),
 }
 
 

@@ -147,3 +147,28 @@ def test_tinyimagenet_reads_its_official_layout(tmp_path):
     assert x.shape == (6, 3, 64, 64) and y.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(UserError, match="wnids.txt is missing"):
         load_eval_data("tinyimagenet", data_root=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.slow
+def test_one_run_with_a_torchvision_teacher_and_student_on_a_folder_and_one_on_tinyimagenet(tmp_path):
+    import torchvision
+
+    from trainable.models import build_classifier
+
+    root = write_folder(tmp_path / "imgs", size=32, n=4)
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pt")
+    fast = ["--set", "epochs=1", "--set", "iters_per_epoch=1", "--set", "batch_size=4", "--set", "precision=fp32",
+            "--set", "channels_last=false"]
+    folder_task.cache_clear()
+    r = run_main("trainable/run_akd.py", "--task", f"folder:{root}", "--teacher-model", "torchvision:resnet18",
+                 "--teacher", tmp_path / "r18.pt", "--set", "student=torchvision:mobilenet_v3_small", *fast,
+                 "--out", tmp_path / "tv")
+    assert r.returncode == 0, r.stderr
+    assert "normalising with ImageNet" in r.stdout and (tmp_path / "tv" / "student.pt2").is_file()
+    write_tiny_imagenet(tmp_path / "data")
+    torch.save(build_classifier("resnet34", 200, 3, 64).state_dict(), tmp_path / "r34.pt")
+    r = run_main("trainable/run_akd.py", "--task", "tinyimagenet", "--data-root", tmp_path / "data", "--teacher",
+                 tmp_path / "r34.pt", "--set", "student=resnet18_half", "--set", "student_width=0.125", *fast,
+                 "--out", tmp_path / "tiny")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "tiny" / "final.json").is_file()

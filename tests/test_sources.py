@@ -224,3 +224,24 @@ def test_timm_without_timm_installed_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now fails, as where it is not installed
     problem = check_spec("timm:resnet10t", "student")
     assert "needs timm, which is not installed; pip install timm" in problem
+
+
+def test_foreign_teachers_are_folded_where_fx_can_trace_them_and_said_where_not(digits_data):
+    tv = AKDRun(build_config(tiny_values(teacher="torchvision:resnet18", w_bn=0.0, task="cifar10", student="cnn",
+                                         student_width=0.25)),
+                build_classifier("torchvision:resnet18", 10, 3, 32), digits_data, torch.device("cpu"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in tv.teacher_fwd.modules()) and not tv.notes
+
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.Linear(4, 10)
+
+        def forward(self, x):
+            h = self.bn(self.conv(x))
+            h = h.relu() if h.sum() > 0 else h
+            return self.fc(h.mean((2, 3)))
+
+    run = AKDRun(build_config(tiny_values(w_bn=0.0)), Branchy(), digits_data, torch.device("cpu"))
+    assert run.teacher_fwd is run.teacher and "cannot be traced by torch.fx" in run.notes[0]
+    assert run.fit()[-1]["epoch"] == 2

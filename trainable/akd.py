@@ -208,6 +208,10 @@ class AKDRun:
         # or feature alignment its layers.
         keep = cfg.w_bn > 0 or self.align
         self.teacher_fwd = self.teacher if keep else fold_batchnorm(self.teacher).to(memory_format=fmt)
+        self.notes: list[str] = []  # what a user should know about this run (the CLI prints them)
+        if not keep and self.teacher_fwd is self.teacher and any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
+            self.notes.append(f"the teacher {cfg.teacher} cannot be traced by torch.fx, so its BatchNorm layers run "
+                              "unfolded (the same results, a little slower)")
         t = self.task
         self.student_width = student_width(cfg, self.teacher_params)
         self.student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size,

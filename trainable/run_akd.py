@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         speed = choose_speed(cfg, teacher, data, device, data_root=args.data_root)  # cached after the first time
         print(speed.describe(), flush=True)
         akd = AKDRun(cfg, teacher, data, device, data_root=args.data_root, speed=speed)
+        for note in akd.notes:
+            print(f"note: {note}")
         if args.resume:
             akd.load_state_dict(load_checkpoint(ckpt_path))
             print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
