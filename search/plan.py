@@ -178,7 +178,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
     path = experiment_path(args.storage, name)
     local = "://" not in path
     exists = local and Path(path, "tuner.pkl").exists()
-    if exists and not args.resume:
+    if exists and not args.resume and not getattr(args, "estimate", False):
         raise UserError(f"a search named {name!r} already exists in {args.storage}; pass --resume to finish it, "
                         "or --name NEW to start another")
     if args.resume and local and not exists:

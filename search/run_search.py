@@ -24,6 +24,7 @@ from search.tuner import (
     budget_check,
     build_tuner,
     choose_trial_speed,
+    gpus_per_trial,
     make_trainable,
     prepare_teacher_for,
     record_session,
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the space's budget.confirm_top_k, else 3; 0: off, the best is still finished)")
     p.add_argument("--confirm-seeds", type=int, help="seeds per candidate, its own included (default: the "
                    "space's budget.confirm_seeds, else 3)")
+    p.add_argument("--estimate", action="store_true", help="print what the search will cost on this machine (time, memory) "
+                   "from a few timed iterations of its smallest and largest student, and exit without searching")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--report-every", type=float, default=20.0, metavar="SECONDS",
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     """Setup (plan, teacher, Ray), the search's trials, then the end (confirmation, export, summaries, report)."""
     started = time.time()
+    if args.estimate and args.resume:
+        raise UserError("--estimate plans a new search; drop --resume (an interrupted search shows its ETA as it runs)")
     plan = resolve_plan(args, argv)  # every setting and every check that needs no Ray; nothing written yet
     if plan.finished:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
@@ -95,6 +100,11 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     check = None if plan.resume else budget_check(plan, teacher)
     speed = choose_trial_speed(plan, teacher)  # measured once here (or cached), used by every trial
     print(speed.describe(), flush=True)
+    if args.estimate:
+        from search.estimate import estimate
+
+        estimate(plan, teacher, speed, check, gpus_per_trial(plan))
+        return EXIT_OK
     start_ray(plan)
     record_session(plan, teacher, speed, started)
     trainable = make_trainable(plan, teacher, speed)

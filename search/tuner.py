@@ -176,9 +176,13 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
     if plan.resume:  # this session's time adds to the earlier sessions'
         record = {**plan.record, "session_started": started, "wall_before": float(plan.record.get("wall_s", 0.0))}
     else:
+        from search.estimate import from_speed
+
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
-                  "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record()}
+                  "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
+                  # the expected wall time from the speed measurement's timing, beside the real wall_s
+                  "estimate_s": from_speed(plan, speed, gpus_per_trial(plan))}
     write_json(plan.file(META_FILE), record)
 
 

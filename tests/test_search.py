@@ -67,7 +67,9 @@ def test_every_shipped_space_runs(tmp_path, space):
     assert set(M.EPOCH_METRICS) <= set(epochs.columns)
     assert not epochs.duplicated(["trial_id", "epoch"]).any()
     assert set(epochs[M.TRAIN_THREADS]) == {1}  # --cpus-per-trial 1: one torch thread per trial, no oversubscription
-    speed = json.loads((exp / "akdtune" / "search.json").read_text())["speed"]
+    record = json.loads((exp / "akdtune" / "search.json").read_text())
+    speed = record["speed"]
+    assert record["estimate_s"] > 0 and record["wall_s"] > 0  # the estimate beside the real wall time
     assert speed["precision"] in ("fp32", "bf16") and speed["source"] in ("measured", "cached")
     assert metrics[M.PRECISION] == speed["precision"] and metrics[M.CHANNELS_LAST] == speed["channels_last"]
     searched = [c for c in trials.columns if c.startswith("param.")]
