@@ -23,6 +23,7 @@ from search.plan import experiment_path, resolve_plan, resume_command, search_na
 from search.tuner import (
     budget_check,
     build_tuner,
+    check_trial_builds,
     choose_trial_speed,
     gpus_per_trial,
     make_trainable,
@@ -98,6 +99,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.
     check = None if plan.resume else budget_check(plan, teacher)
+    if not plan.resume:
+        check_trial_builds(plan, teacher)  # a setting that cannot make a run stops here, before Ray
     speed = choose_trial_speed(plan, teacher)  # measured once here (or cached), used by every trial
     print(speed.describe(), flush=True)
     if args.estimate:

@@ -73,6 +73,27 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
     return check
 
 
+def check_trial_builds(plan: SearchPlan, teacher: Teacher) -> None:
+    """One run of the space's fixed settings (and of a setting in the middle of its ranges) is built here, on the
+    CPU, before Ray starts: a setting that cannot make a run (an AVKD prior folder without images, feature widths
+    that need the projection switched off, ...) is refused in one line instead of erroring in every trial."""
+    import copy
+
+    import torch
+
+    from search.space import middle_setting
+    from trainable.akd import AKDRun
+    from trainable.config import ConfigError, build_config
+    from trainable.tasks import data_free
+
+    try:
+        cfg = build_config({**plan.trial_config, **middle_setting(plan.space.params)})
+    except ConfigError:  # the middle of every range need not be a valid combination; the fixed settings are
+        cfg = build_config(plan.trial_config)
+    with data_free():
+        AKDRun(cfg, copy.deepcopy(teacher.model), teacher.data, torch.device("cpu"), data_root=plan.data_root)
+
+
 def choose_trial_speed(plan: SearchPlan, teacher: Teacher):
     """The precision and layout every trial computes in (``trainable.speed``): measured once here, on the driver
     before Ray starts, with a trial's threads on a trial's device, for a setting in the middle of the space

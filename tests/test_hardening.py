@@ -160,3 +160,22 @@ def test_the_scripts_themselves_exit_2_with_one_line(tmp_path):
     one_line_exit_2(r, "--num-samples 0 is invalid")
     r = run_cli("trainable/run_akd.py", "--out", tmp_path / "run", "--set", "nope=1")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ------------------------------------------------------------------ settings that cannot make a run, refused before Ray
+@pytest.mark.parametrize("fixed, needle", [
+    ({"method": "avkd", "prior": "folder:{empty}"}, "holds no readable images"),
+    ({"w_feature": 1.0, "feature_projection": False, "student_fraction": 0.05}, "feature"),
+])
+def test_a_space_whose_fixed_settings_cannot_make_a_run_is_refused_before_ray(tmp_path, fixed, needle):
+    import yaml
+
+    (tmp_path / "empty").mkdir()
+    fixed = {k: (v.format(empty=tmp_path / "empty") if isinstance(v, str) else v) for k, v in fixed.items()}
+    space = {"budget": {"num_samples": 2, "max_epochs": 3, "grace_period": 1}, "fixed": fixed,
+             "params": {"lr_student": {"type": "float", "low": 0.01, "high": 0.2, "log": True}}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(space))
+    r = run_main("search/run_search.py", "--space", tmp_path / "bad.yaml", "--smoke", "--storage", tmp_path / "runs",
+                 "--no-report")
+    one_line_exit_2(r, needle)
+    assert files_under(tmp_path / "runs") == []  # no tuner.pkl: the corrected command is not refused as existing
