@@ -64,7 +64,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     from ray.tune.search.optuna import OptunaSearch
 
     from search.finish import evaluate_run, latest_checkpoint
-    from search.space import load_space, middle_setting
+    from search.space import load_space, typical_config
     from trainable import metrics as M
     from trainable.config import build_config
     from trainable.speed import choose_speed
@@ -82,7 +82,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     # The same precision and layout as the project's trials (measured with one thread, cached), so that the two
     # sides differ in how they search, not in how fast a trial runs.
     torch.set_num_threads(1)
-    speed = choose_speed(build_config({**base, **middle_setting(space.params)}), teacher, data, torch.device("cpu"))
+    speed = choose_speed(typical_config(base, space.params), teacher, data, torch.device("cpu"))
     param_space = dict(base)
     for p in space.params:  # the same distributions, written as a Tune user would
         param_space[p.name] = tune.loguniform(p.low, p.high) if p.log else tune.uniform(p.low, p.high)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from search.plan import SearchPlan
-from trainable.errors import UserError
+from trainable import metrics as M
 
 SIZE_KNOBS = ("student_fraction", "student_width")  # searched numbers that set the student's size
 STARTUP_S = 10.0  # Ray's start and the first trial's process, measured on the development machines (8-12 s)
@@ -53,12 +53,14 @@ def expected_epochs(max_epochs: int, rungs: list[int], reduction_factor: float, 
     return total / trials
 
 
-def concurrency(plan: SearchPlan, gpus_per_trial: float) -> int:
+def concurrency(plan: SearchPlan) -> int:
     """Trials at once on this machine: the CPUs (or GPUs) over a trial's share, capped by --max-concurrent."""
     import torch
 
-    if gpus_per_trial > 0 and torch.cuda.is_available():
-        n = int(torch.cuda.device_count() // gpus_per_trial)
+    from search.tuner import gpus_per_trial, trial_device
+
+    if trial_device(plan).type == "cuda":
+        n = int(torch.cuda.device_count() // gpus_per_trial(plan))
     else:
         n = int((plan.num_cpus or os.cpu_count() or 1) // plan.cpus_per_trial)
     n = max(1, n)
@@ -78,7 +80,7 @@ def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, fl
             "total_s": search + confirm + STARTUP_S}
 
 
-def from_speed(plan: SearchPlan, speed, gpus_per_trial: float) -> float | None:
+def from_speed(plan: SearchPlan, speed) -> float | None:
     """The whole search's expected seconds from the speed measurement's own timing of a typical trial (free: no
     extra measurement); None where nothing was measured (precision and layout both set)."""
     from trainable.config import build_config
@@ -87,7 +89,7 @@ def from_speed(plan: SearchPlan, speed, gpus_per_trial: float) -> float | None:
     if not seconds:
         return None
     cfg = build_config(plan.trial_config)
-    return wall_seconds(plan, seconds * cfg.iters_per_epoch, concurrency(plan, gpus_per_trial))["total_s"]
+    return wall_seconds(plan, seconds * cfg.iters_per_epoch, concurrency(plan))["total_s"]
 
 
 def _size_param(plan: SearchPlan):
@@ -107,7 +109,7 @@ def extremes(plan: SearchPlan, check) -> list[tuple[str, dict[str, Any]]]:
         for c in students.choices:
             costs = check.costs({**middle, "student": c}) if check is not None else None
             if costs is not None and (check is None or check.reason(costs) is None):
-                sized.append((costs.get("param_ratio", 0.0), c))
+                sized.append((costs.get(M.PARAM_RATIO, 0.0), c))
         if sized:
             sized.sort()
             return [("smallest", {**middle, "student": sized[0][1]}), ("largest", {**middle, "student": sized[-1][1]})]
@@ -123,37 +125,36 @@ def extremes(plan: SearchPlan, check) -> list[tuple[str, dict[str, Any]]]:
     return [("smallest", low), ("largest", high)]
 
 
-def measure(plan: SearchPlan, teacher, speed, check, device, threads: int) -> list[Student]:
-    """Time each extreme student's iterations (and one evaluation) at the search's precision and layout."""
+def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
+    """Time each extreme student's iterations (and one evaluation) at the search's precision and layout, with a
+    trial's threads on a trial's device."""
     import torch
 
-    from trainable.akd import AKDRun, evaluate
+    from search.tuner import trial_device, trial_threads
+    from trainable.akd import evaluate, student_costs, student_width
     from trainable.config import build_config
-    from trainable.speed import time_candidates
+    from trainable.models import build_classifier, count_params
+    from trainable.speed import time_candidates, torch_threads
+    from trainable.tasks import get_task
 
+    device, task, teacher_params = trial_device(plan), get_task(plan.task), count_params(teacher.model)
     out = []
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(trial_threads(plan)):
         for label, setting in extremes(plan, check):
             cfg = build_config({**plan.trial_config, **setting})
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             it = time_candidates(cfg, teacher.model, teacher.data, device, [(speed.precision, speed.channels_last)],
                                  rounds=2, data_root=plan.data_root)[speed.name]
-            import copy
-
-            run = AKDRun(cfg, copy.deepcopy(teacher.model), teacher.data, device, data_root=plan.data_root,
-                         speed=speed)
+            student = build_classifier(cfg.student, task.num_classes, task.channels, task.image_size,
+                                       student_width(cfg, teacher_params)).to(device)
             start = time.perf_counter()
-            evaluate(run.student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
+            evaluate(student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
             eval_s = time.perf_counter() - start
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
-            out.append(Student(label, setting, run.student_params / run.teacher_params, it,
+            out.append(Student(label, setting, student_costs(cfg, teacher_params)[M.PARAM_RATIO], it,
                                it * cfg.iters_per_epoch + eval_s, int(peak)))
-    finally:
-        torch.set_num_threads(before)
     return out
 
 
@@ -162,26 +163,22 @@ def _duration(s: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else (f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s")
 
 
-def estimate(plan: SearchPlan, teacher, speed, check, gpus_per_trial: float) -> dict[str, Any]:
-    """Measure and print the estimate; returns it as plain data."""
+def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
+    """Measure and print the estimate of a new search; returns it as plain data."""
     import torch
 
-    from trainable.speed import machine_description
+    from search.tuner import trial_device, trial_threads
+    from trainable.speed import machine_description, torch_threads
     from trainable.tasks import data_free
 
-    if plan.resume:
-        raise UserError("--estimate plans a new search; drop --resume (an interrupted search shows its ETA as it runs)")
-    device = torch.device("cuda") if gpus_per_trial > 0 and torch.cuda.is_available() else torch.device("cpu")
-    threads = max(1, int(round(plan.cpus_per_trial)))
+    device = trial_device(plan)
     with data_free():
-        students = measure(plan, teacher, speed, check, device, threads)
-    at_once = concurrency(plan, gpus_per_trial)
+        students = measure(plan, teacher, speed, check)
+    at_once = concurrency(plan)
     epoch_s = sum(s.epoch_s for s in students) / len(students)  # a trial's size is anywhere between the two
     w = wall_seconds(plan, epoch_s, at_once)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    machine = machine_description(device)
-    torch.set_num_threads(before)
+    with torch_threads(trial_threads(plan)):
+        machine = machine_description(device)
     print(f"estimate for {plan.space.path} on {machine}; {speed.name}; {at_once} trial(s) at once")
     for s in students:
         print(f"  {s.label} student ({s.param_ratio:.1%} of the teacher's parameters): {1000 * s.iteration_s:.0f} ms per "
@@ -193,8 +190,8 @@ def estimate(plan: SearchPlan, teacher, speed, check, gpus_per_trial: float) -> 
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         peak = max(s.peak_bytes for s in students)
+        fit = int(total // max(peak, 1))
         print(f"  GPU memory: the largest student's trial peaks at {peak / 2 ** 30:.2f} GiB of {total / 2 ** 30:.0f} GiB: "
-              f"{int(total // max(peak, 1))} such trials fit on one GPU at once (--gpus-per-trial "
-              f"{1 / max(1, int(total // max(peak, 1))):.2g})")
+              f"{fit} such trials fit on one GPU at once (--gpus-per-trial {1 / max(1, fit):.2g})")
     print(f"expected wall time of the whole search: about {_duration(w['total_s'])}")
     return {**w, "trials_at_once": at_once, "students": [s.__dict__ for s in students], "machine": machine}

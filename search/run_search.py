@@ -25,12 +25,12 @@ from search.tuner import (
     build_tuner,
     check_trial_builds,
     choose_trial_speed,
-    gpus_per_trial,
     make_trainable,
     prepare_teacher_for,
     record_session,
     restore_tuner,
     start_ray,
+    typical_trial_config,
 )
 from trainable.errors import UserError
 
@@ -99,14 +99,15 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.
     check = None if plan.resume else budget_check(plan, teacher)
+    typical = typical_trial_config(plan)
     if not plan.resume:
-        check_trial_builds(plan, teacher)  # a setting that cannot make a run stops here, before Ray
-    speed = choose_trial_speed(plan, teacher)  # measured once here (or cached), used by every trial
+        check_trial_builds(plan, teacher, typical)  # a setting that cannot make a run stops here, before Ray
+    speed = choose_trial_speed(plan, teacher, typical)  # measured once here (or cached), used by every trial
     print(speed.describe(), flush=True)
     if args.estimate:
         from search.estimate import estimate
 
-        estimate(plan, teacher, speed, check, gpus_per_trial(plan))
+        estimate(plan, teacher, speed, check)
         return EXIT_OK
     start_ray(plan)
     record_session(plan, teacher, speed, started)

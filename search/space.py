@@ -411,6 +411,15 @@ def middle_setting(params: tuple[Param, ...]) -> dict[str, Any]:
     return chosen
 
 
+def typical_config(base: dict[str, Any], params: tuple[Param, ...]):
+    """The config of a typical trial: ``base`` with the middle setting laid over it, or ``base`` alone where the
+    middles of the ranges are not a valid combination (the fixed settings are)."""
+    try:
+        return build_config({**base, **middle_setting(params)})
+    except ConfigError:
+        return build_config(base)
+
+
 def budget_limits(raw: dict[str, Any]) -> dict[str, float]:
     """The space's constraints as {metric: upper limit}: ``param_budget`` on ``param_ratio`` and ``budget.flops``
     on ``flops``. A trial is within the budget when every limit holds."""

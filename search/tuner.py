@@ -73,55 +73,51 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
     return check
 
 
-def check_trial_builds(plan: SearchPlan, teacher: Teacher) -> None:
-    """One run of the space's fixed settings (and of a setting in the middle of its ranges) is built here, on the
-    CPU, before Ray starts: a setting that cannot make a run (an AVKD prior folder without images, feature widths
-    that need the projection switched off, ...) is refused in one line instead of erroring in every trial."""
+def typical_trial_config(plan: SearchPlan):
+    """The config of a typical trial of the search (``search.space.typical_config``): the one the door check builds
+    and the speed measurement times."""
+    from search.space import typical_config
+
+    return typical_config(plan.trial_config, plan.space.params)
+
+
+def check_trial_builds(plan: SearchPlan, teacher: Teacher, cfg) -> None:
+    """One run of the typical trial's config ``cfg`` is built here, on the CPU, before Ray starts: a setting that
+    cannot make a run (an AVKD prior folder without images, feature widths that need the projection switched off,
+    ...) is refused in one line instead of erroring in every trial."""
     import copy
 
     import torch
 
-    from search.space import middle_setting
     from trainable.akd import AKDRun
-    from trainable.config import ConfigError, build_config
     from trainable.tasks import data_free
 
-    try:
-        cfg = build_config({**plan.trial_config, **middle_setting(plan.space.params)})
-    except ConfigError:  # the middle of every range need not be a valid combination; the fixed settings are
-        cfg = build_config(plan.trial_config)
     with data_free():
         AKDRun(cfg, copy.deepcopy(teacher.model), teacher.data, torch.device("cpu"), data_root=plan.data_root)
 
 
-def choose_trial_speed(plan: SearchPlan, teacher: Teacher):
+def choose_trial_speed(plan: SearchPlan, teacher: Teacher, cfg):
     """The precision and layout every trial computes in (``trainable.speed``): measured once here, on the driver
-    before Ray starts, with a trial's threads on a trial's device, for a setting in the middle of the space
-    (cached per machine and models). A resumed search keeps the choice it started with."""
-    import torch
-
-    from search.space import middle_setting
-    from trainable.config import ConfigError, build_config
-    from trainable.speed import Speed, choose_speed
+    before Ray starts, with a trial's threads on a trial's device, for the typical trial's config ``cfg`` (cached
+    per machine and models). A resumed search keeps the choice it started with."""
+    from trainable.speed import Speed, choose_speed, torch_threads
 
     if plan.record is not None and plan.record.get("speed"):
         return Speed.from_record({**plan.record["speed"], "source": "as the search started"})
-    try:
-        cfg = build_config({**plan.trial_config, **middle_setting(plan.space.params)})
-    except ConfigError:  # the middle of every range need not be a valid combination; the fixed settings are
-        cfg = build_config(plan.trial_config)
-    device = torch.device("cuda") if gpus_per_trial(plan) > 0 and torch.cuda.is_available() else torch.device("cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(trial_threads(plan))
-    try:
-        return choose_speed(cfg, teacher.model, teacher.data, device, data_root=plan.data_root)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(trial_threads(plan)):
+        return choose_speed(cfg, teacher.model, teacher.data, trial_device(plan), data_root=plan.data_root)
 
 
 def trial_threads(plan: SearchPlan) -> int:
     """torch's intra-op threads in a trial: its CPUs, so that trials side by side do not oversubscribe the cores."""
     return max(1, int(round(plan.cpus_per_trial)))
+
+
+def trial_device(plan: SearchPlan):
+    """Where a trial computes: CUDA where the trials get GPUs and CUDA is present, else the CPU."""
+    import torch
+
+    return torch.device("cuda") if gpus_per_trial(plan) > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def gpus_per_trial(plan: SearchPlan) -> float:
@@ -203,7 +199,7 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
-                  "estimate_s": from_speed(plan, speed, gpus_per_trial(plan))}
+                  "estimate_s": from_speed(plan, speed)}
     write_json(plan.file(META_FILE), record)
 
 

@@ -9,8 +9,9 @@ A folder task is a user's held-out labelled images, one sub-folder per class; ``
     image_size: 96              # square side the teacher takes (default: the first image's side)
     channels: 3                 # 1 or 3 (default: the first image's mode)
 
-Like the torchvision tasks, a data-free run reads these images only for evaluation: split by seed into
-validation (selection) and test (reported once). Every problem is one ``UserError`` line.
+Like the torchvision tasks, a data-free run reads these images only for evaluation (``trainable.tasks``
+normalises them and splits them by seed into validation and test). Every problem is one ``UserError``
+line. ``read_image`` is also how AVKD's ``folder:PATH`` priors are read.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from trainable.errors import UserError
 
 FOLDER = "folder:"
 TASK_FILE = "task.yaml"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folder tasks and folder priors read
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TASK_KEYS = ("classes", "mean", "std", "image_size", "channels")
 
@@ -163,8 +164,8 @@ FOLDER_DEFAULTS = dict(
 )
 
 
-def load_folder(task, seed: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All images of a folder task, normalised, split by seed into (val_x, val_y, test_x, test_y)."""
+def load_folder(task) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images of a folder task in [0, 1], (N, C, H, W), and their labels (N,)."""
     root = Path(task.name[len(FOLDER):])
     xs, ys = [], []
     for label, cls in enumerate(task.classes):
@@ -173,17 +174,7 @@ def load_folder(task, seed: int, val_fraction: float) -> tuple[torch.Tensor, tor
             ys.append(label)
     if len(ys) < 2:
         raise UserError(f"task {task.name} has {len(ys)} image(s); it needs at least 2 (validation and test)")
-    return split(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), task, seed, val_fraction)
-
-
-def split(x: torch.Tensor, y: torch.Tensor, task, seed: int, val_fraction: float):
-    """Normalise and split by seed into validation and test, each at least one image."""
-    mean = torch.tensor(task.mean).view(1, -1, 1, 1)
-    std = torch.tensor(task.std).view(1, -1, 1, 1)
-    x = (x - mean) / std
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = min(len(y) - 1, max(1, int(round(val_fraction * len(y)))))
-    return x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]]
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +199,8 @@ def tiny_classes(root: Path) -> list[str]:
     return sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
 
 
-def load_tiny_val(task, data_root: str | None, seed: int, val_fraction: float):
-    """Tiny-ImageNet's official ``val/`` split (val_annotations.txt), split by seed into validation and test."""
+def load_tiny_val(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiny-ImageNet's official ``val/`` split (val_annotations.txt): images in [0, 1] and labels."""
     root = _tiny_root(data_root)
     index = {w: i for i, w in enumerate(tiny_classes(root))}
     ann = root / "val" / "val_annotations.txt"
@@ -224,18 +215,16 @@ def load_tiny_val(task, data_root: str | None, seed: int, val_fraction: float):
         ys.append(index[parts[1]])
     if len(ys) < 2:
         raise UserError(f"tinyimagenet: {ann} names fewer than 2 readable images; unpack the official archive again")
-    return split(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64), task, seed, val_fraction)
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)
 
 
 def load_tiny_train(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiny-ImageNet's ``train/<wnid>/images/`` (the teacher's training data; never read by a data-free run)."""
+    """Tiny-ImageNet's ``train/<wnid>/images/`` in [0, 1] (the teacher's training data; never read by a data-free
+    run)."""
     root = _tiny_root(data_root)
     xs, ys = [], []
     for label, wnid in enumerate(tiny_classes(root)):
         for f in image_files(root / "train" / wnid):
             xs.append(read_image(f, task.channels, task.image_size))
             ys.append(label)
-    x = torch.from_numpy(np.stack(xs))
-    mean = torch.tensor(task.mean).view(1, -1, 1, 1)
-    std = torch.tensor(task.std).view(1, -1, 1, 1)
-    return (x - mean) / std, torch.tensor(ys, dtype=torch.int64)
+    return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from trainable.errors import UserError
+from trainable.images import IMAGE_SUFFIXES, image_files, read_image
 from trainable.tasks import Task, _normalise, get_task
 
 EMBEDDED = ("letters", "photos")
 CIFAR_PRIORS = ("cifar10", "cifar100", "cifar90")
 FOLDER = "folder:"
 PRIOR_SIZE = 4096  # images of an embedded prior
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_FOLDER_IMAGES = 50_000
 # CIFAR-100 fine classes of the superclasses vehicles 1 (bicycle, bus, motorcycle, pickup truck,
 # train) and vehicles 2 (lawn mower, rocket, streetcar, tank, tractor), left out of cifar90.
@@ -153,26 +153,18 @@ def _cifar(prior: str, data_root: str | None, download: bool) -> torch.Tensor:
 
 
 def _folder(path: Path, task: Task, data_root: str | None) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_dir():
         raise UserError(f"prior folder:{path} is not a folder; pass folder:PATH of a folder of images")
     own = TORCHVISION_FOLDERS.get(task.name)
     if own and data_root and path.resolve().is_relative_to((Path(data_root) / own).resolve()):
         raise UserError(f"prior folder:{path} lies inside the {task.name} teacher's own dataset; a data-free run "
                         "may not read it: pass a folder of other images")
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    files = files[:MAX_FOLDER_IMAGES]
-    mode, side = ("L" if task.channels == 1 else "RGB"), task.image_size
     out = []
-    for f in files:
+    for f in image_files(path)[:MAX_FOLDER_IMAGES]:
         try:
-            with Image.open(f) as im:
-                im = im.convert(mode).resize((side, side), Image.BILINEAR)
-                a = np.asarray(im, dtype=np.float32) / 255.0
-        except (OSError, UnidentifiedImageError, ValueError):
+            out.append(read_image(f, task.channels, task.image_size))
+        except UserError:
             continue  # not an image after all: skipped
-        out.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
     if not out:
         raise UserError(f"prior folder:{path} holds no readable images ({', '.join(IMAGE_SUFFIXES)}); pass a folder "
                         "of images")

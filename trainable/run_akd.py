@@ -25,7 +25,7 @@ from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoi
 from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
-from trainable.images import as_task_name
+from trainable.images import FOLDER, as_task_name, is_folder_task
 from trainable.outputs import finish_run, teacher_metrics
 from trainable.sources import as_spec, check_student
 from trainable.speed import choose_speed
@@ -82,9 +82,10 @@ def run(args: argparse.Namespace) -> int:
     shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
                                    ("teacher", as_spec(args.teacher_model))) if v is not None}
     cfg = build_config({"task": as_task_name(args.task), **shortcuts, **parse_sets(args.sets)})
-    for note in get_task(cfg.task).notes:
+    task = get_task(cfg.task)
+    for note in task.notes:
         print(f"note: {note}")
-    short = Path(cfg.task[len("folder:"):]).name if cfg.task.startswith("folder:") else cfg.task
+    short = Path(cfg.task[len(FOLDER):]).name if is_folder_task(cfg.task) else cfg.task
     out = Path(args.out or f"runs/{short}_{cfg.method}")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a folder for the run's outputs")
@@ -96,7 +97,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
-    task = get_task(cfg.task)
     check_student(cfg.student, task.num_classes, task.channels, task.image_size)  # a foreign one, at the door
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)

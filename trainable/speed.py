@@ -22,7 +22,9 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,6 +117,18 @@ def candidates(cfg, device: torch.device) -> list[tuple[str, bool]]:
     return [(p, cl) for p in precisions for cl in layouts]
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` inside the block (a trial's, for measurements on the driver) and put
+    back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cpu_name() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else the platform's word for it)."""
     try:
@@ -196,7 +210,7 @@ def time_candidates(cfg, teacher: torch.nn.Module, data, device: torch.device, p
 
     runs = {}
     for precision, cl in pairs:
-        fixed = _with(cfg, precision=precision, channels_last=cl)
+        fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl)
         runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
     iters = {}
     for name, run in runs.items():
@@ -218,12 +232,6 @@ def _timed(run, iters: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def _with(cfg, **changes):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **changes)
 
 
 def pick(seconds: dict[str, float]) -> tuple[str, bool]:

@@ -88,13 +88,14 @@ TASK_FORMS = "or folder:PATH (your own labelled images, one sub-folder per class
 
 def get_task(name: str) -> Task:
     """A registered task, or a folder of the user's images (``folder:PATH``). Raises UserError (one line)."""
-    from trainable.images import folder_task, is_folder_task
+    from trainable.images import FOLDER, folder_task, is_folder_task
 
     if is_folder_task(name):
-        return folder_task(name[len("folder:"):])
+        return folder_task(name[len(FOLDER):])
     if name not in TASKS:
         raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)} {TASK_FORMS}")
     return TASKS[name]
+
 
 
 def task_problem(name: Any) -> str | None:
@@ -210,13 +211,20 @@ def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, dat
         tx, ty = _digits_tensors(split["test"], task)
         return EvalData(vx, vy, tx, ty)
     if images.is_folder_task(task.name):
-        return EvalData(*images.load_folder(task, seed, val_fraction))
-    if task.name == "tinyimagenet":
-        return EvalData(*images.load_tiny_val(task, data_root, seed, val_fraction))
-    ds = _torchvision_split(task, data_root, train=False, download=download)
-    x, y = _dataset_tensors(ds, task)
+        x, y = images.load_folder(task)
+        x = _normalise(x, task)
+    elif task.name == "tinyimagenet":
+        x, y = images.load_tiny_val(task, data_root)
+        x = _normalise(x, task)
+    else:
+        x, y = _dataset_tensors(_torchvision_split(task, data_root, train=False, download=download), task)
+    return _split(x, y, seed, val_fraction)
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float) -> EvalData:
+    """Held-out data split by seed into validation (``val_fraction``) and test, each at least one image."""
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(val_fraction * len(y)))
+    n_val = min(len(y) - 1, max(1, int(round(val_fraction * len(y)))))
     return EvalData(x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]])
 
 
@@ -234,5 +242,6 @@ def load_teacher_train(task_name: str, seed: int = 0, data_root: str | None = No
         raise UserError(f"task {task.name} holds held-out images only, no teacher-training data; pass the trained "
                         "teacher's weights with --teacher PATH")
     if task.name == "tinyimagenet":
-        return images.load_tiny_train(task, data_root)
+        x, y = images.load_tiny_train(task, data_root)
+        return _normalise(x, task), y
     return _dataset_tensors(_torchvision_split(task, data_root, train=True, download=download), task)
