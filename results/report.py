@@ -136,15 +136,16 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
 
     epoch = _fidelity(e)
     study, n_in, n_out = at_fidelity(e, real, epoch)
-    note = f"val_acc at epoch {epoch}, the epoch every compared trial reached ({n_in} trials"
+    sel = e.selection
+    note = f"{sel} at epoch {epoch}, the epoch every compared trial reached ({n_in} trials"
     note += f"; {n_out} left out: they failed or were not run to epoch {epoch}" if n_out else ""
     note += f"; {refused} proposed settings over the budget were refused, not trained)" if refused else ")"
     out = []
     plots = [
-        ("Optimization history", lambda: ov.plot_optimization_history(study, target_name=f"val_acc @ epoch {epoch}")),
-        ("Parallel coordinates", lambda: ov.plot_parallel_coordinate(study, target_name=f"val_acc @ epoch {epoch}")),
-        ("Parameter importances", lambda: ov.plot_param_importances(study, target_name=f"val_acc @ epoch {epoch}")),
-        ("Slice", lambda: ov.plot_slice(study, target_name=f"val_acc @ epoch {epoch}")),
+        ("Optimization history", lambda: ov.plot_optimization_history(study, target_name=f"{sel} @ epoch {epoch}")),
+        ("Parallel coordinates", lambda: ov.plot_parallel_coordinate(study, target_name=f"{sel} @ epoch {epoch}")),
+        ("Parameter importances", lambda: ov.plot_param_importances(study, target_name=f"{sel} @ epoch {epoch}")),
+        ("Slice", lambda: ov.plot_slice(study, target_name=f"{sel} @ epoch {epoch}")),
     ]
     for i, (title, make) in enumerate(plots):
         try:
@@ -155,7 +156,7 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
             out.append((title, _fig_html(fig, f"optuna-{i}")))
         except Exception as exc:  # Optuna refuses some plots on thin studies
             out.append((title, f"<p class='note'>not drawn: {html.escape(str(exc))}</p>"))
-    title = "Learning curves of every trial (val_acc per epoch; x = stopped by the scheduler)"
+    title = f"Learning curves of every trial ({sel} per epoch; x = stopped by the scheduler)"
     try:
         out.append((title, _fig_html(_all_curves(e), "optuna-curves")))
     except Exception as exc:
@@ -170,16 +171,16 @@ def _all_curves(e: Experiment):
         raise ValueError("no trial has reported an epoch yet")
     fig = go.Figure()
     for tid, c in e.epochs.groupby("trial_id"):
-        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[M.VAL_ACC], mode="lines", name=tid, opacity=0.6,
+        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[e.selection], mode="lines", name=tid, opacity=0.6,
                                  line=dict(width=1), showlegend=False))
     stopped = e.trials[e.trials["outcome"] == STOPPED_EARLY]["trial_id"].tolist()
     last = e.epochs.groupby("trial_id").tail(1).set_index("trial_id")
     xs = [int(last.loc[t, M.EPOCH]) for t in stopped if t in last.index]
-    ys = [float(last.loc[t, M.VAL_ACC]) for t in stopped if t in last.index]
+    ys = [float(last.loc[t, e.selection]) for t in stopped if t in last.index]
     if xs:
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="stopped by the scheduler",
                                  marker=dict(symbol="x", size=11, color="crimson")))
-    fig.update_layout(showlegend=True, xaxis_title="epoch", yaxis_title="val_acc")
+    fig.update_layout(showlegend=True, xaxis_title="epoch", yaxis_title=e.selection)
     return fig
 
 
@@ -187,7 +188,8 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
     """Accuracy versus size: every trial at its last epoch (marked with its epochs); the front from full runs only."""
     import plotly.graph_objects as go
 
-    t = e.trials[e.trials["final_val_acc"].notna() & e.trials["student_params"].notna()]
+    sel, col = e.selection, e.selected
+    t = e.trials[e.trials[col].notna() & e.trials["student_params"].notna()]
     if t.empty:
         return "<p class='note'>no trial has a result yet</p>"
     max_epochs = int(e.meta.get("max_epochs") or t["epochs_run"].max())
@@ -196,30 +198,30 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
         s = t[t["outcome"] == outcome]
         if len(s):
             fig.add_trace(go.Scatter(
-                x=s["student_params"], y=s["final_val_acc"], mode="markers+text", name=f"{outcome} (label: epochs)",
+                x=s["student_params"], y=s[col], mode="markers+text", name=f"{outcome} (label: epochs)",
                 marker=dict(color=color, size=9), text=[str(int(v)) for v in s["epochs_run"]],
                 textposition="top center", textfont=dict(size=9, color=color), customdata=s["trial_id"],
-                hovertemplate="%{customdata}<br>params %{x:,}<br>val_acc %{y:.4f}<br>epochs %{text}<extra></extra>"))
-    conf = t[t["confirmed_val_acc_mean"].notna()] if "confirmed_val_acc_mean" in t else t.iloc[:0]
+                hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>{sel} %{{y:.4f}}<br>epochs %{{text}}<extra></extra>"))
+    conf = t[t[f"confirmed_{sel}_mean"].notna()] if f"confirmed_{sel}_mean" in t else t.iloc[:0]
     if len(conf):
         fig.add_trace(go.Scatter(
-            x=conf["student_params"], y=conf["confirmed_val_acc_mean"], mode="markers", name="confirmed: mean ± std over seeds",
-            error_y=dict(type="data", array=conf["confirmed_val_acc_std"].fillna(0).tolist(), visible=True),
+            x=conf["student_params"], y=conf[f"confirmed_{sel}_mean"], mode="markers", name="confirmed: mean ± std over seeds",
+            error_y=dict(type="data", array=conf[f"confirmed_{sel}_std"].fillna(0).tolist(), visible=True),
             marker=dict(symbol="square-open", size=12, color="#2ca02c"), customdata=conf["trial_id"],
-            hovertemplate="%{customdata}<br>params %{x:,}<br>mean val_acc %{y:.4f}<extra></extra>"))
+            hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>mean {sel} %{{y:.4f}}<extra></extra>"))
     full = t[t["epochs_run"] >= max_epochs]
     if len(full):
         from results.summary import pareto_mask
 
-        front = full[pareto_mask(full["final_val_acc"].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
-        fig.add_trace(go.Scatter(x=front["student_params"], y=front["final_val_acc"], mode="lines+markers",
+        front = full[pareto_mask(full[col].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
+        fig.add_trace(go.Scatter(x=front["student_params"], y=front[col], mode="lines+markers",
                                  name=f"Pareto front of full runs ({max_epochs} epochs)",
                                  line=dict(color="crimson", dash="dash"),
                                  marker=dict(symbol="diamond-open", size=13, color="crimson")))
     if best_id is not None and best_id in set(t["trial_id"]):
         b = t[t["trial_id"] == best_id].iloc[0]
-        y = b["confirmed_val_acc_mean"] if "confirmed_val_acc_mean" in b and not pd.isna(b["confirmed_val_acc_mean"]) \
-            else b["final_val_acc"]
+        mean = b.get(f"confirmed_{sel}_mean")
+        y = mean if mean is not None and not pd.isna(mean) else b[col]
         fig.add_trace(go.Scatter(x=[b["student_params"]], y=[y], mode="markers", name="best (confirmed)",
                                  marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1))))
     budget = e.param_budget
@@ -227,8 +229,9 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
     if budget and len(teacher):
         fig.add_vline(x=budget * float(teacher.iloc[0]), line_dash="dot", line_color="green",
                       annotation_text=f"budget {budget:.0%}")
-    fig.update_layout(title="Accuracy versus student size (each point at its last epoch; labels: epochs run)",
-                      xaxis_title="student parameters", yaxis_title="val_acc", xaxis_type="log")
+    what = "Accuracy" if sel == M.VAL_ACC else "Agreement with the teacher"
+    fig.update_layout(title=f"{what} versus student size (each point at its last epoch; labels: epochs run)",
+                      xaxis_title="student parameters", yaxis_title=sel, xaxis_type="log")
     return _fig_html(fig, "pareto")
 
 
@@ -245,7 +248,8 @@ def method_labels(trials: pd.DataFrame) -> pd.Series | None:
 
 
 def _method_plot(e: Experiment) -> str | None:
-    """val_acc by method: every trial at the first rung (one fidelity), full-length runs, confirmed test means."""
+    """The selection metric by method: every trial at the first rung (one fidelity), full-length runs, confirmed test
+    means."""
     import plotly.graph_objects as go
 
     t = e.trials.copy()
@@ -253,30 +257,32 @@ def _method_plot(e: Experiment) -> str | None:
     if labels is None:
         return None
     t["label"] = labels
-    at = _fidelity(e)
-    first = e.epochs[e.epochs[M.EPOCH] == at].set_index("trial_id")[M.VAL_ACC]
+    at, sel = _fidelity(e), e.selection
+    test = M.TEST_ACC if sel == M.VAL_ACC else M.TEST_AGREEMENT
+    first = e.epochs[e.epochs[M.EPOCH] == at].set_index("trial_id")[sel]
     t["acc_at"] = t["trial_id"].map(first)
     order = sorted(t["label"].dropna().unique())
     fig = go.Figure()
     s = t[t["acc_at"].notna()]
-    fig.add_trace(go.Box(x=s["label"], y=s["acc_at"], name=f"every trial, val_acc at epoch {at}", boxpoints="all",
+    fig.add_trace(go.Box(x=s["label"], y=s["acc_at"], name=f"every trial, {sel} at epoch {at}", boxpoints="all",
                          jitter=0.4, pointpos=0, marker=dict(color="#1f77b4", size=7), customdata=s["trial_id"],
-                         hovertemplate="%{customdata}<br>%{x}<br>val_acc %{y:.4f}<extra></extra>"))
+                         hovertemplate=f"%{{customdata}}<br>%{{x}}<br>{sel} %{{y:.4f}}<extra></extra>"))
     max_epochs = int(e.meta.get("max_epochs") or 0)
-    full = t[(t["epochs_run"] >= max_epochs) & t["final_val_acc"].notna()] if max_epochs else t.iloc[:0]
+    full = t[(t["epochs_run"] >= max_epochs) & t[e.selected].notna()] if max_epochs else t.iloc[:0]
     if len(full):
-        fig.add_trace(go.Scatter(x=full["label"], y=full["final_val_acc"], mode="markers",
-                                 name=f"val_acc after all {max_epochs} epochs",
+        fig.add_trace(go.Scatter(x=full["label"], y=full[e.selected], mode="markers",
+                                 name=f"{sel} after all {max_epochs} epochs",
                                  marker=dict(symbol="diamond", size=11, color="crimson"), customdata=full["trial_id"],
-                                 hovertemplate="%{customdata}<br>%{x}<br>val_acc %{y:.4f}<extra></extra>"))
-    conf = t[t["confirmed_test_acc_mean"].notna()] if "confirmed_test_acc_mean" in t else t.iloc[:0]
+                                 hovertemplate=f"%{{customdata}}<br>%{{x}}<br>{sel} %{{y:.4f}}<extra></extra>"))
+    conf = t[t[f"confirmed_{test}_mean"].notna()] if f"confirmed_{test}_mean" in t else t.iloc[:0]
     if len(conf):
         fig.add_trace(go.Scatter(
-            x=conf["label"], y=conf["confirmed_test_acc_mean"], mode="markers", name="confirmed held-out test_acc "
-            "(mean ± std over seeds)", error_y=dict(type="data", array=conf["confirmed_test_acc_std"].fillna(0).tolist()),
+            x=conf["label"], y=conf[f"confirmed_{test}_mean"], mode="markers", name=f"confirmed held-out {test} "
+            "(mean ± std over seeds)", error_y=dict(type="data", array=conf[f"confirmed_{test}_std"].fillna(0).tolist()),
             marker=dict(symbol="star", size=15, color="gold", line=dict(color="black", width=1)),
-            customdata=conf["trial_id"], hovertemplate="%{customdata}<br>%{x}<br>test_acc %{y:.4f}<extra></extra>"))
-    fig.update_layout(title="Accuracy by method", xaxis_title="method", yaxis_title="accuracy",
+            customdata=conf["trial_id"], hovertemplate=f"%{{customdata}}<br>%{{x}}<br>{test} %{{y:.4f}}<extra></extra>"))
+    what = "Accuracy" if sel == M.VAL_ACC else "Agreement with the teacher"
+    fig.update_layout(title=f"{what} by method", xaxis_title="method", yaxis_title=what.lower(),
                       xaxis=dict(categoryorder="array", categoryarray=order))
     return _fig_html(fig, "methods")
 
@@ -285,6 +291,8 @@ def _confirm_table(e: Experiment) -> str:
     cands = (e.confirmed or {}).get("candidates") or []
     if not cands:
         return "<p class='note'>no confirmation yet</p>"
+    val = e.selection
+    test = M.TEST_ACC if val == M.VAL_ACC else M.TEST_AGREEMENT
     rows = []
     for c in cands:
         if not c.get("runs"):
@@ -292,27 +300,28 @@ def _confirm_table(e: Experiment) -> str:
             continue
         rows.append((("★ " if c["trial_id"] == e.confirmed.get("winner") else "") + c["trial_id"],
                      f"{c['param_ratio']:.2%}",
-                     f"{c['val_acc_mean']:.4f} ± {c['val_acc_std']:.4f}",
-                     f"{c['test_acc_mean']:.4f} ± {c['test_acc_std']:.4f}",
-                     ", ".join(f"{r['seed']}: {r['test_acc']:.4f}" for r in c["runs"]) + f" ({c['epochs']} epochs each)"))
-    head = "".join(f"<th class='l'>{h}</th>" for h in ("candidate", "params", "val_acc mean ± std",
-                                                       "test_acc mean ± std", "test_acc by seed"))
+                     f"{c[f'{val}_mean']:.4f} ± {c[f'{val}_std']:.4f}",
+                     f"{c[f'{test}_mean']:.4f} ± {c[f'{test}_std']:.4f}",
+                     ", ".join(f"{r['seed']}: {r[test]:.4f}" for r in c["runs"]) + f" ({c['epochs']} epochs each)"))
+    head = "".join(f"<th class='l'>{h}</th>" for h in ("candidate", "params", f"{val} mean ± std",
+                                                       f"{test} mean ± std", f"{test} by seed"))
     body = "".join("<tr>" + "".join(f"<td class='l'>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
     return ("<p>The best trials within the budget, each run to max_epochs with several seeds; the winner has the "
-            f"highest mean val_acc.</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            f"highest mean {val}.</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
 
 
 def _curves_plot(e: Experiment) -> str:
     import plotly.graph_objects as go
 
-    t = e.trials[e.trials["final_val_acc"].notna()].sort_values("final_val_acc", ascending=False).head(TOP_CURVES)
+    t = e.trials[e.trials[e.selected].notna()].sort_values(e.selected, ascending=False).head(TOP_CURVES)
     if t.empty:
         return "<p class='note'>no trial has a result yet</p>"
     fig = go.Figure()
     for tid in t["trial_id"]:
         c = e.epochs[e.epochs["trial_id"] == tid]
-        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[M.VAL_ACC], mode="lines+markers", name=tid))
-    fig.update_layout(title=f"Learning curves of the {len(t)} best trials", xaxis_title="epoch", yaxis_title="val_acc")
+        fig.add_trace(go.Scatter(x=c[M.EPOCH], y=c[e.selection], mode="lines+markers", name=tid))
+    fig.update_layout(title=f"Learning curves of the {len(t)} best trials", xaxis_title="epoch",
+                      yaxis_title=e.selection)
     return _fig_html(fig, "curves")
 
 
@@ -321,7 +330,8 @@ def _confusion_plot(best_dir: Path) -> str:
 
     path = best_dir / "confusion_test.csv"
     if not path.exists():
-        return "<p class='note'>no best student yet</p>"
+        return ("<p class='note'>none: the task has no labels</p>" if (best_dir / "metrics.json").exists()
+                else "<p class='note'>no best student yet</p>")
     df = pd.read_csv(path, index_col=0)
     fig = px.imshow(df.values, x=[str(c) for c in df.columns], y=[str(i) for i in df.index], text_auto=True,
                     color_continuous_scale="Blues", labels=dict(x="predicted", y="true", color="count"))
@@ -339,14 +349,16 @@ def _image(best_dir: Path) -> str:
 
 def _trials_table(e: Experiment, best_id: str | None) -> str:
     cols = ["trial_id", "outcome"] + [c for c in e.trials.columns if c.startswith("param.")] + [
-        "final_val_acc", "best_val_acc", "final_val_loss", "epochs_run", "student_params", "param_ratio",
-        "within_budget", "pareto", "stopped_at", "confirmed_val_acc_mean", "confirmed_test_acc_mean",
-        "confirmed_test_acc_std", "confirmed_seeds", "wall_s", "error"]
-    cols = [c for c in cols if c in e.trials.columns]
+        "final_val_agreement", "best_val_agreement", "final_val_acc", "best_val_acc", "final_val_loss", "epochs_run",
+        "student_params", "param_ratio", "within_budget", "pareto", "stopped_at", "confirmed_val_agreement_mean",
+        "confirmed_test_agreement_mean", "confirmed_val_acc_mean", "confirmed_test_acc_mean", "confirmed_test_acc_std",
+        "confirmed_seeds", "wall_s", "error"]
+    unmeasured = "agreement" if e.selection == M.VAL_ACC else ("_acc" if not e.labelled else None)
+    cols = [c for c in cols if c in e.trials.columns and not (unmeasured and unmeasured in c)]
     head = "".join(f"<th class='{'l' if c in ('trial_id', 'outcome', 'error') else ''}' onclick='sortTable(this)'>"
                    f"{html.escape(c.removeprefix('param.'))}</th>" for c in cols)
     rows = []
-    for _, r in e.trials.sort_values("final_val_acc", ascending=False, na_position="last").iterrows():
+    for _, r in e.trials.sort_values(e.selected, ascending=False, na_position="last").iterrows():
         cells = []
         for c in cols:
             v = r[c]
@@ -376,6 +388,12 @@ def speed_line(speed: dict | None) -> str:
 
 def _best_line(best_id: str | None, m: dict) -> str:
     seeds = m.get("seeds") or []
+    if m.get(M.VAL_AGREEMENT) is not None:
+        acc = ("no accuracy measured (no labels)" if m.get(M.TEST_ACC) is None
+               else f"held-out test_acc {m['test_acc']:.4f} ± {m.get('test_acc_std', 0):.4f}")
+        return (f"trial {best_id}: test_agreement {m['test_agreement']:.4f} ± {m.get('test_agreement_std', 0):.4f}, "
+                f"val_agreement {m['val_agreement']:.4f} ± {m.get('val_agreement_std', 0):.4f} (agreement with the "
+                f"teacher, mean ± std over seeds {seeds}, {m.get('epochs')} epochs each); {acc}")
     if len(seeds) > 1:
         return (f"trial {best_id}: held-out test_acc {m['test_acc']:.4f} ± {m.get('test_acc_std', 0):.4f}, val_acc "
                 f"{m['val_acc']:.4f} ± {m.get('val_acc_std', 0):.4f} (mean ± std over seeds {seeds}, "
@@ -404,7 +422,11 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         ("task", str(meta.get("task", "?"))),
         ("space", str(meta.get("space_file", "?"))),
         ("teacher", f"{meta.get('teacher_arch', '?')}, val_acc {_fmt(meta.get('teacher_val_acc'))}, "
-                    f"test_acc {_fmt(meta.get('teacher_test_acc'))}"),
+                    f"test_acc {_fmt(meta.get('teacher_test_acc'))}" if e.labelled
+         else f"{meta.get('teacher_arch', '?')} (no labelled images: its accuracy was not measured)"),
+        ("selected on", "val_acc (validation accuracy)" if e.selection == M.VAL_ACC else
+         "val_agreement: the student's agreement with the teacher on held-out unlabelled images"
+         + ("" if e.labelled else "; NO ACCURACY WAS MEASURED (the task has no labels)")),
         ("speed", speed_line(meta.get("speed"))),
         ("best student", _best_line(best_id, best_metrics) if best_metrics else
          ("none: no trial succeeded" if counts[COMPLETED] + counts[STOPPED_EARLY] == 0 and not e.partial
@@ -431,10 +453,11 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
                      "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
     parts.append(_kv_table(header))
-    parts.append(_section("Accuracy versus student size", _pareto_plot(e, best_id)))
+    what = "Accuracy" if e.selection == M.VAL_ACC else "Agreement with the teacher"
+    parts.append(_section(f"{what} versus student size", _pareto_plot(e, best_id)))
     by_method = _method_plot(e)
     if by_method is not None:
-        parts.append(_section("Accuracy by method", by_method))
+        parts.append(_section(f"{what} by method", by_method))
     parts.append(_section("Confirmation over seeds", _confirm_table(e)))
     parts.append(_section("Learning curves", _curves_plot(e)))
     for title, body in _optuna_plots(e, real, refused):

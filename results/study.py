@@ -5,8 +5,8 @@ are PRUNED there with their intermediate values. Optuna's history, parallel-coor
 importance plots only draw COMPLETE trials, which after early stopping leaves most trials out, and
 mixes nothing up only when every value was measured after the same number of epochs. ``at_fidelity``
 therefore builds an in-memory study in which every trial that reached a given epoch is COMPLETE
-with its val_acc *at that epoch* (by default the first rung: the epoch every trial that did not fail
-reached), so these plots show every trial at one stated fidelity.
+with its selection metric (val_acc, or val_agreement without labels) *at that epoch* (by default the first
+rung: the epoch every trial that did not fail reached), so these plots show every trial at one stated fidelity.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def load_study(exp: str | Path) -> optuna.Study | None:
 
 
 def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:
-    """A single-objective (val_acc, max) study with one COMPLETE trial per trial that reached ``epoch``.
+    """A single-objective (the selection metric, max) study with one COMPLETE trial per trial that reached ``epoch``.
 
     Returns (study, trials included, trials left out because they never reached ``epoch``). Settings refused
     before training (over the budget) were never trials of the search: neither included nor left out.
@@ -49,7 +49,7 @@ def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[
     at = {}
     if len(e.epochs):
         sel = e.epochs[e.epochs[M.EPOCH] == epoch]
-        at = {tid: v for tid, v in zip(sel["trial_id"], sel[M.VAL_ACC]) if v is not None and not pd.isna(v)}
+        at = {tid: v for tid, v in zip(sel["trial_id"], sel[e.selection]) if v is not None and not pd.isna(v)}
     included, left_out = [], 0
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if OVER_BUDGET in t.user_attrs:  # never trained: not a trial of the search

@@ -31,8 +31,11 @@ TRIAL_COLUMNS = {
     "error": "the reason of a diverged or errored trial, else empty",
     "stopped_at": "the rung (epoch) where the scheduler stopped the trial, with its position (e.g. 5: 4 of 7)",
     "param.<name>": "one typed column per searched hyperparameter (null where a condition left it unset)",
-    "final_val_acc": "val_acc at the last reported epoch (the selection metric)",
+    "final_val_acc": "val_acc at the last reported epoch (the selection metric where the task has labels)",
     "best_val_acc": "highest val_acc over the trial's epochs",
+    "final_val_agreement": "val_agreement (agreement with the teacher on held-out unlabelled images) at the last "
+                           "reported epoch: the selection metric of a search without labels, else empty",
+    "best_val_agreement": "highest val_agreement over the trial's epochs",
     "final_val_loss": "val_loss at the last reported epoch",
     "epochs_run": "epochs reported",
     "student_params": "student parameter count",
@@ -44,13 +47,18 @@ TRIAL_COLUMNS = {
     "size_bytes": "the winner only: size of best/student.pt2",
     "cpu_threads": "the winner only: torch CPU threads during that timing",
     "within_budget": "param_ratio <= the space's param_budget and flops <= its budget.flops (true when it has none)",
-    "pareto": "on the accuracy-versus-size Pareto front (max final_val_acc, min param_ratio)",
+    "pareto": "on the selection-metric-versus-size Pareto front (max final_val_acc or final_val_agreement, min "
+              "param_ratio)",
     "wall_s": "seconds the trial ran (summed over resumes)",
     "confirmed_seeds": "confirmation candidates: the seeds each was run with to max_epochs (else empty)",
     "confirmed_val_acc_mean": "confirmation candidates: mean val_acc over those seeds",
     "confirmed_val_acc_std": "confirmation candidates: its standard deviation",
     "confirmed_test_acc_mean": "confirmation candidates: mean held-out test_acc over those seeds",
     "confirmed_test_acc_std": "confirmation candidates: its standard deviation",
+    "confirmed_val_agreement_mean": "confirmation candidates (selection on agreement): mean val_agreement",
+    "confirmed_val_agreement_std": "confirmation candidates: its standard deviation",
+    "confirmed_test_agreement_mean": "confirmation candidates (selection on agreement): mean test_agreement",
+    "confirmed_test_agreement_std": "confirmation candidates: its standard deviation",
     "winner": "the confirmed winner (the student in best/)",
 }
 
@@ -67,6 +75,21 @@ class Experiment:
     @property
     def param_budget(self) -> float | None:
         return (self.meta.get("space") or {}).get("param_budget")
+
+    @property
+    def selection(self) -> str:
+        """The metric the search selected on: ``val_acc`` or ``val_agreement`` (a search without labels)."""
+        return self.meta.get(M.SELECTED_ON) or M.VAL_ACC
+
+    @property
+    def selected(self) -> str:
+        """The trials table's column of the selection metric at each trial's last epoch."""
+        return f"final_{self.selection}"
+
+    @property
+    def labelled(self) -> bool:
+        """Whether accuracies were measured (the task has labels)."""
+        return self.meta.get(M.TEACHER_VAL_ACC) is not None or self.selection == M.VAL_ACC
 
     @property
     def partial(self) -> bool:
@@ -174,7 +197,9 @@ def load_experiment(path: str | Path) -> Experiment:
             "stopped_at": f"{stop['rung']}: {stop['position']} of {stop['of']}" if stop.get("rung") else "",
             **{f"param.{p}": config.get(p) for p in searched},
             "final_val_acc": last.get(M.VAL_ACC),
-            "best_val_acc": max((r[M.VAL_ACC] for r in ordered), default=None),
+            "best_val_acc": _highest(ordered, M.VAL_ACC),
+            "final_val_agreement": last.get(M.VAL_AGREEMENT),
+            "best_val_agreement": _highest(ordered, M.VAL_AGREEMENT),
             "final_val_loss": last.get(M.VAL_LOSS),
             "epochs_run": len(ordered),
             "student_params": last.get(M.STUDENT_PARAMS),
@@ -187,7 +212,7 @@ def load_experiment(path: str | Path) -> Experiment:
         }
         cand = by_candidate.get(trial_id)
         row["confirmed_seeds"] = ",".join(map(str, cand["seeds"])) if cand and cand.get("runs") else ""
-        for key in (M.VAL_ACC, M.TEST_ACC):
+        for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
             for stat in ("mean", "std"):
                 row[f"confirmed_{key}_{stat}"] = (cand or {}).get(f"{key}_{stat}")
         row["winner"] = trial_id == confirmed.get("winner")
@@ -197,39 +222,23 @@ def load_experiment(path: str | Path) -> Experiment:
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows)
     if trials.empty:
-        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "param_ratio", "epochs_run",
-                                       "within_budget", "winner", "_dir", "_config"])
-    has = trials["final_val_acc"].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
+        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "final_val_agreement",
+                                       "param_ratio", "epochs_run", "within_budget", "winner", "_dir", "_config"])
+    selected = f"final_{meta.get(M.SELECTED_ON) or M.VAL_ACC}"
+    has = trials[selected].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
     trials["pareto"] = False
     if len(trials) and has.any():
         sub = trials[has]
-        trials.loc[has, "pareto"] = pareto_mask(sub["final_val_acc"].tolist(), sub["param_ratio"].tolist())
+        trials.loc[has, "pareto"] = pareto_mask(sub[selected].tolist(), sub["param_ratio"].tolist())
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
     trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
     return Experiment(exp, meta, stopped, confirmed, trials, epochs)
 
 
-def best_trial(e: Experiment) -> dict[str, Any] | None:
-    """The confirmed winner when there is one; else the highest final val_acc among succeeded trials
-    within the parameter budget (ties: the smaller student).
-
-    When no succeeded trial is within the budget, the most accurate of all is returned (its
-    ``within_budget`` is False, for the caller to say so). None when no trial succeeded: errored
-    and diverged trials are never the best.
-    """
-    t = e.trials
-    if t.empty:
-        return None
-    if t["winner"].any():
-        return t[t["winner"]].iloc[0].to_dict()
-    has = t[t["outcome"].isin([COMPLETED, STOPPED_EARLY, UNFINISHED]) & t["final_val_acc"].notna()]
-    ok = has[has["within_budget"]]
-    pool = ok if not ok.empty else has
-    if pool.empty:
-        return None
-    pool = pool.sort_values(["final_val_acc", "param_ratio"], ascending=[False, True], kind="stable")
-    return pool.iloc[0].to_dict()
+def _highest(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return max(values) if values else None
 
 
 def write_summaries(e: Experiment) -> dict[str, Path]:

@@ -1,12 +1,14 @@
 """A fully trained, confirmed winner: finish the top candidates to max_epochs and re-run them with extra seeds.
 
-After the search, the ``top_k`` best trials within the budget (by their last val_acc) become
+After the search, the ``top_k`` best trials within the budget (by their last value of the selection metric,
+val_acc, or val_agreement in a search without labels) become
 candidates. Each is run with ``seeds`` seeds to the full ``max_epochs``: its own seed continues the
 search trial from its last checkpoint when the scheduler stopped it early (nothing is re-run when
 it already completed), and every extra seed is a fresh run. These runs are Ray trials of their own
 experiment (``<search>/confirm/``: same trainable and resources, resumable like the search,
-counted apart from its N trials). The winner is the candidate with the highest mean val_acc over
-its seeds; each candidate's held-out test accuracy is reported as mean and std over the seeds.
+counted apart from its N trials). The winner is the candidate with the highest mean of the selection metric
+over its seeds; each candidate's held-out test accuracy (test agreement without labels) is reported as mean and
+std over the seeds.
 
 With ``top_k = 0`` the confirmation is off, but the best trial is still finished to max_epochs.
 """
@@ -29,14 +31,13 @@ SEED_STRIDE = 1000  # extra seeds: seed + 1000, seed + 2000, ...
 
 def candidates(e: Experiment, top_k: int) -> list[dict[str, Any]]:
     """The ``top_k`` (at least 1) best succeeded trials within the budget, best first; [] if none."""
-    t = e.trials
-    ok = t[t["outcome"].isin([COMPLETED, STOPPED_EARLY]) & t["final_val_acc"].notna()]
-    acc = pd.to_numeric(ok["final_val_acc"], errors="coerce")
+    t, col = e.trials, e.selected
+    ok = t[t["outcome"].isin([COMPLETED, STOPPED_EARLY]) & t[col].notna()]
+    acc = pd.to_numeric(ok[col], errors="coerce")
     ok = ok[acc.notna() & acc.abs().ne(float("inf"))]
     feasible = ok[ok["within_budget"]]
     pool = feasible if len(feasible) else ok
-    pool = pool.sort_values(["final_val_acc", "epochs_run", "param_ratio"], ascending=[False, False, True],
-                            kind="stable")
+    pool = pool.sort_values([col, "epochs_run", "param_ratio"], ascending=[False, False, True], kind="stable")
     return [r.to_dict() for _, r in pool.head(max(1, top_k)).iterrows()]
 
 
@@ -56,7 +57,7 @@ def confirmation_plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds
         base_seed = int(config.get("seed", 0))
         cand_seeds = [base_seed + SEED_STRIDE * i for i in range(seeds)]
         out["candidates"].append({"trial_id": tid, "seeds": cand_seeds, "trial_dir": c["_dir"],
-                                  "epochs_run": int(c["epochs_run"]), "search_val_acc": float(c["final_val_acc"]),
+                                  "epochs_run": int(c["epochs_run"]), f"search_{e.selection}": float(c[e.selected]),
                                   "within_budget": bool(c["within_budget"])})
         for s in cand_seeds:
             if s == base_seed and int(c["epochs_run"]) >= max_epochs:
@@ -92,21 +93,21 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
     return mean, std
 
 
-def choose_winner(results: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The candidate with the highest mean val_acc over its seeds (ties: smaller student)."""
+def choose_winner(results: list[dict[str, Any]], selection: str = M.VAL_ACC) -> dict[str, Any] | None:
+    """The candidate with the highest mean of the ``selection`` metric over its seeds (ties: smaller student)."""
     done = [r for r in results if r["runs"]]
     if not done:
         return None
-    return sorted(done, key=lambda r: (-r["val_acc_mean"], r["param_ratio"]))[0]
+    return sorted(done, key=lambda r: (-r[f"{selection}_mean"], r["param_ratio"]))[0]
 
 
 def summarise_candidate(cand: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One candidate's confirmation: per-seed accuracies and their mean and std."""
+    """One candidate's confirmation: per-seed accuracies (agreements) and their mean and std, for each measured."""
     runs = sorted(runs, key=lambda r: r["seed"])
     out = {"trial_id": cand["trial_id"], "runs": runs, "seeds": [r["seed"] for r in runs],
            "epochs": min((r["epochs"] for r in runs), default=0), "param_ratio": runs[0][M.PARAM_RATIO] if runs else None,
            "student_params": runs[0][M.STUDENT_PARAMS] if runs else None, "within_budget": cand["within_budget"]}
-    for key in (M.VAL_ACC, M.TEST_ACC):
-        if runs:
+    for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
+        if runs and all(r.get(key) is not None for r in runs):
             out[f"{key}_mean"], out[f"{key}_std"] = mean_std([float(r[key]) for r in runs])
     return out

@@ -134,6 +134,7 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     from trainable.akd import evaluate, student_costs, student_width
     from trainable.config import build_config
     from trainable.models import build_classifier, count_params
+    from trainable.proxy import agreement_selected, classes_of, generator_images
     from trainable.speed import time_candidates, torch_threads
     from trainable.tasks import get_task
 
@@ -149,7 +150,10 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
             student = build_classifier(cfg.student, task.num_classes, task.channels, task.image_size,
                                        student_width(cfg, teacher_params)).to(device)
             start = time.perf_counter()
-            evaluate(student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
+            if teacher.data.labelled:
+                evaluate(student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
+            if agreement_selected(cfg.selection, task):  # a generator proxy's validation half
+                classes_of(student, generator_images(task.name, cfg.proxy_images), device, cfg.eval_batch_size)
             eval_s = time.perf_counter() - start
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))

@@ -30,7 +30,7 @@ from search.searcher import fail_abandoned
 from search.space import describe_limits
 from search.tuner import Teacher, confirm_tuner
 from trainable import metrics as M
-from trainable.akd import AKDRun, default_device, evaluate, load_checkpoint
+from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config
 from trainable.files import write_json
 from trainable.outputs import finish_run
@@ -60,31 +60,34 @@ def restore_run(ckpt_path: Path, teacher, data, data_root: str | None = None) ->
 
 
 def evaluate_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> dict[str, Any]:
-    """Validation and held-out test accuracy of the student in a checkpoint, with its epochs and size."""
+    """Validation and held-out test accuracy (agreement, where the run selects on it) of the student in a
+    checkpoint, with its epochs and size."""
     run = restore_run(ckpt_path, teacher, data, data_root)
-    bs = run.cfg.eval_batch_size
-    return {"seed": run.cfg.seed, "epochs": run.epoch, "checkpoint": str(ckpt_path),
-            M.VAL_ACC: evaluate(run.student, data.val_x, data.val_y, bs, run.device)["acc"],
-            M.TEST_ACC: evaluate(run.student, data.test_x, data.test_y, bs, run.device)["acc"],
+    val, test = run.measure("val"), run.measure("test")
+    val.pop(M.VAL_LOSS, None)
+    return {"seed": run.cfg.seed, "epochs": run.epoch, "checkpoint": str(ckpt_path), **val, **test,
             M.STUDENT_PARAMS: run.student_params, M.PARAM_RATIO: run.student_params / run.teacher_params}
 
 
 def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float,
-                data_root: str | None = None) -> dict[str, Any]:
-    """Write ``best/``: the winner's student (its seed with the highest val_acc) and the confirmed metrics.
+                data_root: str | None = None, selection: str = M.VAL_ACC) -> dict[str, Any]:
+    """Write ``best/``: the winner's student (its seed with the highest ``selection`` metric) and the confirmed
+    metrics.
 
-    ``metrics.json`` holds the keys of a run's ``final.json``; ``val_acc``/``test_acc`` are the means
-    over the winner's seeds, with ``*_std``, ``seeds``, ``epochs``, and the exported student's own
-    ``student_seed`` and ``student_test_acc``.
+    ``metrics.json`` holds the keys of a run's ``final.json``; ``val_acc``/``test_acc`` (and
+    ``val_agreement``/``test_agreement`` where the search selected on agreement) are the means over the winner's
+    seeds, with ``*_std``, ``seeds``, ``epochs``, and the exported student's own ``student_seed`` and
+    ``student_test_acc`` (``student_test_agreement``).
     """
-    chosen = max(winner["runs"], key=lambda r: (r[M.VAL_ACC], -r["seed"]))
+    chosen = max(winner["runs"], key=lambda r: (r[selection], -r["seed"]))
     run = restore_run(Path(chosen["checkpoint"]), teacher, data, data_root)
     out = exp / BEST_DIR
     final = finish_run(run, out, teacher_acc, wall_s)
-    final.update({M.VAL_ACC: winner["val_acc_mean"], "val_acc_std": winner["val_acc_std"],
-                  M.TEST_ACC: winner["test_acc_mean"], "test_acc_std": winner["test_acc_std"],
-                  "seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"],
-                  "student_test_acc": final[M.TEST_ACC]})
+    own = {f"student_{k}": final[k] for k in (M.TEST_ACC, M.TEST_AGREEMENT) if final.get(k) is not None}
+    for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
+        if f"{key}_mean" in winner:
+            final.update({key: winner[f"{key}_mean"], f"{key}_std": winner[f"{key}_std"]})
+    final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
     write_json(out / "metrics.json", final)
     write_json(out / "trial.json", {"trial_id": winner["trial_id"], "checkpoint": chosen["checkpoint"],
                                            "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
@@ -108,12 +111,8 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
     if limits:
         rows.append(("budget", describe_limits(limits)
                      + ("" if best["within_budget"] else "  (NO trial within it: best/ holds the most accurate)")))
-    n = len(final["seeds"])
+    rows += _selection_rows(final)
     rows += [
-        ("val_acc", f"{final['val_acc']:.4f} ± {final['val_acc_std']:.4f} (mean ± std over {n} seed{'s' * (n > 1)})"),
-        ("test_acc (held out)", f"{final['test_acc']:.4f} ± {final['test_acc_std']:.4f} "
-                                f"(seeds {', '.join(map(str, final['seeds']))}; {final['epochs']} epochs each)"),
-        ("teacher val/test acc", f"{final['teacher_val_acc']:.4f} / {final['teacher_test_acc']:.4f}"),
         ("student params", f"{final['student_params']:,} ({final['param_ratio']:.1%} of {final['teacher_params']:,})"),
         ("trials", trials_line),
         ("wall time", f"{wall_s:.0f} s"),
@@ -127,12 +126,33 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
             if not r["runs"]:
                 print(f" {mark} {r['trial_id']}  no confirmation run finished {final['epochs']} epochs")
                 continue
-            print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r['val_acc_mean']:.4f} ± "
-                  f"{r['val_acc_std']:.4f}  test {r['test_acc_mean']:.4f} ± {r['test_acc_std']:.4f}  seeds {r['seeds']}")
+            key = "acc" if "val_acc_mean" in r else "agreement"
+            print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r[f'val_{key}_mean']:.4f} ± "
+                  f"{r[f'val_{key}_std']:.4f}  test {r[f'test_{key}_mean']:.4f} ± {r[f'test_{key}_std']:.4f}  "
+                  f"seeds {r['seeds']}" + ("" if key == "acc" else "  (agreement with the teacher)"))
     print(f"best student: {exp / BEST_DIR}")
     print(f"summaries:    {exp / SUMMARY_DIR}")
     if report is not None:
         print(f"report:       {report}")
+
+
+def _selection_rows(final: dict[str, Any]) -> list[tuple[str, str]]:
+    """The summary's accuracy rows, or its agreement rows and a plain word that no accuracy was measured."""
+    n = len(final["seeds"])
+    over = f"(mean ± std over {n} seed{'s' * (n > 1)})"
+    each = f"(seeds {', '.join(map(str, final['seeds']))}; {final['epochs']} epochs each)"
+    rows = []
+    if final.get(M.VAL_AGREEMENT) is not None:
+        rows += [("selected on", f"val_agreement: agreement with the teacher on {final.get(M.PROXY)}"),
+                 ("val_agreement", f"{final['val_agreement']:.4f} ± {final['val_agreement_std']:.4f} {over}"),
+                 ("test_agreement", f"{final['test_agreement']:.4f} ± {final['test_agreement_std']:.4f} {each}")]
+    if final.get(M.VAL_ACC) is None:
+        return rows + [("accuracy", "not measured: the task has no labelled images")]
+    return rows + [
+        ("val_acc", f"{final['val_acc']:.4f} ± {final['val_acc_std']:.4f} {over}"),
+        ("test_acc (held out)", f"{final['test_acc']:.4f} ± {final['test_acc_std']:.4f} {each}"),
+        ("teacher val/test acc", f"{final['teacher_val_acc']:.4f} / {final['teacher_test_acc']:.4f}"),
+    ]
 
 
 def _trials_line(e) -> str:
@@ -207,7 +227,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
             if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
                 runs.append(r)
         results.append(summarise_candidate(cand, runs))
-    winner = choose_winner(results)
+    winner = choose_winner(results, e.selection)
     write_confirmed(exp, results, winner["trial_id"] if winner else None)
     if winner is None:
         print(f"trials: {line}")
@@ -216,7 +236,8 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
         return EXIT_ERROR
 
     wall_s = update_wall(str(exp / META_FILE)) or (time.time() - started)
-    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root)
+    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root,
+                        e.selection)
     e = load_experiment(exp)
     write_summaries(e)
     best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()

@@ -22,6 +22,7 @@ from typing import Any
 
 from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE
 from search.space import Space, load_space
+from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.sources import as_spec
 
@@ -49,6 +50,7 @@ class SearchPlan:
     confirm_seeds: int
     teacher_path: str | None
     teacher_model: str | None  # --teacher-model: the teacher's model spec over the space's and the task's
+    selection: str | None  # --selection: accuracy | agreement over the space's (None: the space's, else auto)
     data_root: str | None
     download: bool
     smoke: bool
@@ -81,14 +83,29 @@ class SearchPlan:
     @property
     def trial_config(self) -> dict[str, Any]:
         """The config every trial starts from; the searcher adds the sampled hyperparameters."""
-        return {"task": self.task, "seed": self.seed, "epochs": self.max_epochs, **self.space.fixed,
-                **({"teacher": self.teacher_model} if self.teacher_model else {}), **(SMOKE_CONFIG if self.smoke else {})}
+        implied = {"selection": "agreement"} if self.space.objectives[0][0] == M.VAL_AGREEMENT else {}
+        return {"task": self.task, "seed": self.seed, "epochs": self.max_epochs, **implied, **self.space.fixed,
+                **({"teacher": self.teacher_model} if self.teacher_model else {}),
+                **({"selection": self.selection} if self.selection else {}), **(SMOKE_CONFIG if self.smoke else {})}
+
+    @property
+    def selection_metric(self) -> str:
+        """What the search selects on: ``val_acc``, or ``val_agreement`` where it selects without labels."""
+        from trainable.proxy import selection_metric
+        from trainable.tasks import get_task
+
+        return selection_metric(self.trial_config.get("selection", "auto"), get_task(self.task))
+
+    @property
+    def objectives(self) -> tuple[tuple[str, str], ...]:
+        """The space's objectives with the selection metric first (the rungs, the sampler and the confirmation)."""
+        return ((self.selection_metric, "max"), *self.space.objectives[1:])
 
     def record_fields(self) -> dict[str, Any]:
         """The plan's part of the search record written when a search starts."""
         return {"space_file": self.space.path, "space": self.space.raw, "task": self.task, "seed": self.seed,
                 "num_samples": self.num_samples, "teacher": self.teacher_path,
-                "teacher_model": self.teacher_model, "data_root": self.data_root,
+                "teacher_model": self.teacher_model, "selection": self.selection, "data_root": self.data_root,
                 "smoke": self.smoke, "max_epochs": self.max_epochs, "grace_period": self.grace_period,
                 "reduction_factor": self.reduction_factor, "early_stopping": self.early_stopping,
                 "confirm_top_k": self.confirm_top_k, "confirm_seeds": self.confirm_seeds}
@@ -171,6 +188,17 @@ def _pick(key: str, cli, record: dict | None, smoke: bool, space_value):
     return space_value
 
 
+def _selection(args: argparse.Namespace, record: dict | None, name: str) -> str | None:
+    """--selection, which a resume may repeat but not change."""
+    chosen = getattr(args, "selection", None)
+    if record is not None:
+        if chosen not in (None, record.get("selection")):
+            raise UserError(f"search {name!r} was started with --selection {record.get('selection') or 'as its space says'}"
+                            "; resume it without --selection, or start a new search with --name")
+        return record.get("selection")
+    return chosen
+
+
 def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
     """Check the command line, the resume record and the space; decide every setting. Starts nothing."""
     check_options(args)
@@ -206,6 +234,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         confirm_seeds=pick("confirm_seeds", args.confirm_seeds),
         teacher_path=os.path.abspath(teacher) if teacher else None,
         teacher_model=as_spec(args.teacher_model or (record or {}).get("teacher_model")),
+        selection=_selection(args, record, name),
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,

@@ -72,6 +72,7 @@ class SearchProgress(Callback):
         report_every_s: at most one rewrite per this many seconds.
         confirm_runs: confirmation runs that will follow (counted in the ETA as full-length runs).
         label: what a unit is called in the lines ("trial", "confirmation run").
+        selection: the metric trials are ranked on (``val_acc``, or ``val_agreement`` without labels).
 
     Everything is plain data: Tune pickles its callbacks with the experiment, and a resumed search
     gets this object back.
@@ -80,8 +81,9 @@ class SearchProgress(Callback):
     def __init__(self, num_samples: int, max_epochs: int, milestones: list[int], reduction_factor: float,
                  limits: dict[str, float] | None, params: list[str], state_file: str | None = None,
                  report_dir: str | None = None, report_every_s: float = 20.0, confirm_runs: int = 0,
-                 label: str = "trial", study_file: str | None = None):
+                 label: str = "trial", study_file: str | None = None, selection: str = M.VAL_ACC):
         self.num_samples = num_samples
+        self.selection = selection
         self.max_epochs = max_epochs
         self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor)
         self.limits = dict(limits or {})
@@ -100,7 +102,7 @@ class SearchProgress(Callback):
         self.epochs: dict[str, int] = {}  # trial id -> epochs reported
         self.finished: dict[str, str] = {}  # trial id -> outcome word
         self.epoch_times: list[float] = []
-        self.best: tuple[float, float, str] | None = None  # (val_acc, param_ratio, trial id)
+        self.best: tuple[float, float, str] | None = None  # (selection metric, param_ratio, trial id)
         self.bar = None
         self._pending = threading.Event()
         self._worker: threading.Thread | None = None
@@ -111,11 +113,12 @@ class SearchProgress(Callback):
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
         keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "study_file",
-                "report_dir", "report_every_s", "confirm_runs", "label")
+                "report_dir", "report_every_s", "confirm_runs", "label", "selection")
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, d):
         d.setdefault("study_file", None)  # pickled before the status showed refused settings
+        d.setdefault("selection", M.VAL_ACC)  # pickled before searches without labels
         self.__dict__.update(d)
         self.stream = sys.stdout
         self._reset()
@@ -162,7 +165,7 @@ class SearchProgress(Callback):
     def status(self, running: int) -> str:
         c = self.counts()
         eta = self.eta_s(running)
-        best = (f"best so far val_acc {self.best[0]:.4f} at {self.best[1]:.1%} params ({self.best[2]})"
+        best = (f"best so far {self.selection} {self.best[0]:.4f} at {self.best[1]:.1%} params ({self.best[2]})"
                 if self.best else "no result yet")
         return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
                 f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
@@ -214,7 +217,7 @@ class SearchProgress(Callback):
         self.epochs[trial.trial_id] = int(result[M.EPOCH])
         if result.get("time_this_iter_s"):
             self.epoch_times.append(float(result["time_this_iter_s"]))
-        acc, ratio = result.get(M.VAL_ACC), result.get(M.PARAM_RATIO)
+        acc, ratio = result.get(self.selection), result.get(M.PARAM_RATIO)
         if acc is not None and within_limits(result, self.limits) and (self.best is None or acc > self.best[0]):
             self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
         self.peak_running = max(self.peak_running, self._running(trials))
@@ -245,9 +248,9 @@ class SearchProgress(Callback):
             return
         self.finished[trial.trial_id] = outcome
         last = trial.last_result or {}
-        acc = last.get(M.VAL_ACC)
+        acc = last.get(self.selection)
         ratio = last.get(M.PARAM_RATIO)
-        detail = (f"val_acc {acc:.4f}" if isinstance(acc, (int, float)) else "no val_acc") + (
+        detail = (f"{self.selection} {acc:.4f}" if isinstance(acc, (int, float)) else f"no {self.selection}") + (
             f" params {ratio:.1%}" if isinstance(ratio, (int, float)) else "")
         line = (f"[{len(self.finished):>{len(str(self.num_samples))}}/{self.num_samples}] {self.label} "
                 f"{trial.trial_id} {what}: {detail}  {short_params(trial.config, self.params)}").rstrip()

@@ -222,8 +222,9 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
                 errs.append(f"objectives[{i}].mode: expected max or min, got {_short(o['mode'])}")
             else:
                 objectives.append((o["metric"], o["mode"]))
-        if objectives and objectives[0] != (M.VAL_ACC, "max"):
-            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric)")
+        if objectives and objectives[0] not in ((M.VAL_ACC, "max"), (M.VAL_AGREEMENT, "max")):
+            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric; "
+                        "{metric: val_agreement, mode: max} to select without labels)")
     pb = raw.get("param_budget")
     if pb is not None and (not _num(pb) or not 0 < pb <= 1):
         errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {_short(pb)}")

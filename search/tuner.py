@@ -26,7 +26,7 @@ class Teacher:
     model: Any  # torch.nn.Module in eval mode on the CPU
     arch: str
     data: Any  # trainable.tasks.EvalData
-    accuracy: dict[str, float]  # teacher_val_acc, teacher_test_acc
+    accuracy: dict[str, float | None]  # teacher_val_acc, teacher_test_acc (None: the task has no labels)
     fingerprint: str
 
 
@@ -198,6 +198,7 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
+                  "selected_on": plan.selection_metric,
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
                   "estimate_s": from_speed(plan, speed)}
     write_json(plan.file(META_FILE), record)
@@ -241,7 +242,8 @@ def search_progress(plan: SearchPlan):
                           report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
                           report_every_s=plan.report_every_s,
                           # each candidate's own seed mostly exists already: the extra seeds are the work left
-                          confirm_runs=plan.confirm_top_k * max(1, plan.confirm_seeds - 1))
+                          confirm_runs=plan.confirm_top_k * max(1, plan.confirm_seeds - 1),
+                          selection=plan.selection_metric)
 
 
 def _restore(path: str, trainable):
@@ -260,11 +262,11 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     from search.scheduler import RungScheduler
     from search.searcher import OptunaSearcher
 
-    scheduler = RungScheduler(plan.space.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
+    scheduler = RungScheduler(plan.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, limits=plan.space.limits,
                               early_stopping=plan.early_stopping,
                               state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
-    searcher = OptunaSearcher(plan.space.params, plan.space.objectives, plan.seed, plan.num_samples,
+    searcher = OptunaSearcher(plan.space.params, plan.objectives, plan.seed, plan.num_samples,
                               study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
                               scheduler=scheduler, limits=plan.space.limits, budget_check=check)
     if plan.local:
@@ -294,7 +296,8 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
 
     if (folder / "tuner.pkl").exists():
         return _restore(str(folder), trainable)
-    progress = SearchProgress(len(runs), plan.max_epochs, [], 1.0, None, [], label="confirmation run")
+    progress = SearchProgress(len(runs), plan.max_epochs, [], 1.0, None, [], label="confirmation run",
+                              selection=plan.selection_metric)
     return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
                                                   trial_dirname_creator=trial_dirname),

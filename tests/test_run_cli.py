@@ -22,7 +22,7 @@ def test_run_writes_every_output(tmp_path):
     assert final["teacher_test_acc"] >= 0.98
     assert final["param_ratio"] <= 0.10
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2] and set(epochs[0]) == set(M.EPOCH_METRICS) - {M.LOSS_DISCRIMINATOR}
+    assert [e["epoch"] for e in epochs] == [1, 2] and set(epochs[0]) == set(M.EPOCH_METRICS) - {M.LOSS_DISCRIMINATOR, M.VAL_AGREEMENT}
     rows = (out / "confusion_test.csv").read_text().splitlines()
     assert len(rows) == 11 and sum(int(v) for row in rows[1:] for v in row.split(",")[1:]) == 360
     import torch

@@ -52,6 +52,7 @@ from trainable.models import (
     feature_layers,
     width_for_fraction,
 )
+from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free, get_task
@@ -168,7 +169,7 @@ def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: tor
         speed = speed or choose_speed(cfg, teacher, data, device, data_root=data_root)
         run = AKDRun(cfg, teacher, data, device, data_root=data_root, speed=speed)
         run.fit()
-    return evaluate(run.student, data.test_x, data.test_y, cfg.eval_batch_size, run.device)["acc"]
+    return run.measure("test")[M.TEST_ACC]
 
 
 class AKDRun:
@@ -251,8 +252,15 @@ class AKDRun:
         self.probe = TeacherProbe(self.teacher_fwd, self._teacher_head() if cfg.w_activation > 0 else None,
                                   want_bn=cfg.w_bn > 0, want_features=cfg.w_activation > 0)
         self.data = data
+        # What the run selects on (val_acc, or val_agreement on a proxy set: trainable/proxy.py).
+        self.selection = selection_metric(cfg.selection, t)
+        self.proxy = self.proxy_classes = None
+        if self.selection == M.VAL_AGREEMENT:
+            self.proxy = build_proxy(cfg, t, data, data_root)
+            self.proxy_classes = {split: classes_of(self.teacher, x, self.device, cfg.eval_batch_size)
+                                  for split, x in (("val", self.proxy.val_x), ("test", self.proxy.test_x))}
         self.epoch = 0  # epochs completed
-        self.best_val_acc = -1.0
+        self.best_selected = -math.inf  # the best value of the selection metric so far, and its epoch
         self.best_epoch = 0
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
@@ -454,14 +462,13 @@ class AKDRun:
             if sched is not None:
                 sched.step()
         self.epoch += 1
-        val = evaluate(self.student, self.data.val_x, self.data.val_y, cfg.eval_batch_size, self.device)
-        if val["acc"] > self.best_val_acc:
-            self.best_val_acc, self.best_epoch = val["acc"], self.epoch
+        val = self.measure("val")
+        if val[self.selection] > self.best_selected:
+            self.best_selected, self.best_epoch = val[self.selection], self.epoch
         images = cfg.batch_size * (cfg.n_student + cfg.n_generator + n_d) * cfg.iters_per_epoch
         metrics = {
             M.EPOCH: self.epoch,
-            M.VAL_ACC: val["acc"],
-            M.VAL_LOSS: val["loss"],
+            **val,
             M.LOSS_STUDENT: sum_s / (cfg.iters_per_epoch * cfg.n_student),
             M.LOSS_GENERATOR: sum_g / (cfg.iters_per_epoch * cfg.n_generator),
             M.STUDENT_PARAMS: self.student_params,
@@ -476,6 +483,22 @@ class AKDRun:
         if n_d:
             metrics[M.LOSS_DISCRIMINATOR] = sum_d / (cfg.iters_per_epoch * n_d)
         return metrics
+
+    def measure(self, split: str, confusion: bool = False) -> dict[str, Any]:
+        """The student on the ``val`` or ``test`` half: accuracy (and loss) where the task has labels, agreement with
+        the teacher where the run selects on it; the confusion matrix (``confusion`` key) when asked and labelled."""
+        d, bs, out = self.data, self.cfg.eval_batch_size, {}
+        if d.labelled:
+            x, y = (d.val_x, d.val_y) if split == "val" else (d.test_x, d.test_y)
+            r = evaluate(self.student, x, y, bs, self.device, num_classes=self.task.num_classes if confusion else None)
+            out = {M.VAL_ACC: r["acc"], M.VAL_LOSS: r["loss"]} if split == "val" else {M.TEST_ACC: r["acc"]}
+            if confusion:
+                out["confusion"] = r["confusion"]
+        if self.proxy is not None:
+            x = self.proxy.val_x if split == "val" else self.proxy.test_x
+            out[M.VAL_AGREEMENT if split == "val" else M.TEST_AGREEMENT] = agreement(
+                self.student, x, self.proxy_classes[split], self.device, bs)
+        return out
 
     def should_stop(self) -> bool:
         p = self.cfg.early_stop_patience
@@ -523,7 +546,7 @@ class AKDRun:
                 "sched_discriminator": sched(self.sched_discriminator)} if self.avkd else {}),
             **({"projector": self.projector.state_dict()} if self.projector is not None else {}),
             "epoch": self.epoch,
-            "best_val_acc": self.best_val_acc,
+            "best_selected": self.best_selected,
             "best_epoch": self.best_epoch,
             "history": list(self.history),
             "rng": {
@@ -563,7 +586,7 @@ class AKDRun:
         if self.projector is not None:
             self.projector.load_state_dict(ckpt["projector"])
         self.epoch = int(ckpt["epoch"])
-        self.best_val_acc = float(ckpt["best_val_acc"])
+        self.best_selected = float(ckpt.get("best_selected", ckpt.get("best_val_acc", -math.inf)))
         self.best_epoch = int(ckpt["best_epoch"])
         self.history = list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"]["torch"])

@@ -94,6 +94,10 @@ class AKDConfig:
     # --- evaluation and data
     val_fraction: float = 0.2  # torchvision tasks: share of the official test split used for validation
     eval_batch_size: int = 1024
+    # --- selection (trainable/proxy.py)
+    selection: str = "auto"  # accuracy | agreement (with the teacher, no labels needed) | auto: accuracy where labelled
+    proxy: str = "auto"  # agreement's held-out images: auto | generator | folder:PATH
+    proxy_images: int = 1000  # generator proxy: images per half (validation, test)
     # --- speed
     # auto: the fastest of the candidates, timed once per machine and models and cached
     # (trainable/speed.py); bf16 only where it is clearly faster than fp32 (a CPU that emulates bf16
@@ -232,6 +236,10 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         need(0 < c["student_fraction"] < 1, f"student_fraction: must be in (0, 1), got {c['student_fraction']}")
     need(all(0 < m < 1 for m in c["milestones"]), f"milestones: fractions of the epochs in (0, 1), got {list(c['milestones'])}")
     need(not (c["nesterov"] and c["momentum"] == 0), "nesterov: needs momentum > 0")
+    need(8 <= c["proxy_images"] <= 100_000, f"proxy_images: must be in [8, 100000], got {c['proxy_images']}")
+    from trainable.proxy import selection_problem
+
+    errs.extend(selection_problem(c["selection"], c["proxy"], None if problem else get_task(c["task"])))
     if not problem:
         errs.extend(_check_method(c, get_task(c["task"])))
     return errs

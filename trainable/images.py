@@ -3,11 +3,16 @@
 A folder task is a user's held-out labelled images, one sub-folder per class; ``PATH/task.yaml``
 (optional) says what the folder cannot::
 
-    classes: [cat, dog, ...]    # the teacher's output order (default: the sorted folder names)
+    classes: [cat, dog, ...]    # the teacher's output order (default: the sorted folder names); a count (classes: 10)
+                                # or names without sub-folders: a task WITHOUT labels (its images, if any, unlabelled)
     mean: [0.485, 0.456, 0.406] # per channel, of the teacher's input normalisation (default: ImageNet's)
     std: [0.229, 0.224, 0.225]
     image_size: 96              # square side the teacher takes (default: the first image's side)
     channels: 3                 # 1 or 3 (default: the first image's mode)
+    recipe: cifar100            # the config defaults of a shipped task (default: a ResNet-34 -> ResNet-18 DFAD recipe)
+
+A task without labels selects on the student's agreement with the teacher (``trainable.proxy``): on its unlabelled
+images when it has some, else on a frozen generator's.
 
 Like the torchvision tasks, a data-free run reads these images only for evaluation (``trainable.tasks``
 normalises them and splits them by seed into validation and test). Every problem is one ``UserError``
@@ -28,7 +33,7 @@ FOLDER = "folder:"
 TASK_FILE = "task.yaml"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folder tasks and folder priors read
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-TASK_KEYS = ("classes", "mean", "std", "image_size", "channels")
+TASK_KEYS = ("classes", "mean", "std", "image_size", "channels", "recipe")
 
 
 def is_folder_task(name: str) -> bool:
@@ -97,22 +102,72 @@ def _numbers(raw: dict, key: str, n: int, path: Path) -> tuple[float, ...] | Non
 
 @functools.lru_cache(maxsize=8)
 def folder_task(root_text: str):
-    """The ``Task`` of a folder of labelled images (see the module docstring). Raises UserError."""
+    """The ``Task`` of a folder of images (see the module docstring): labelled, one sub-folder per class, or without
+    labels (``classes`` in task.yaml and no class sub-folders). Raises UserError."""
     from trainable.tasks import Task
 
     root = Path(root_text)
     if not root.is_dir():
         raise UserError(f"task folder:{root} is not a folder; pass folder:PATH of held-out images in ImageFolder "
-                        "layout (one sub-folder per class)")
+                        "layout (one sub-folder per class), or a folder with a task.yaml naming the class count")
     raw = _task_yaml(root)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes, labelled = _folder_classes(root, raw, folders)
+    channels, side = raw.get("channels"), raw.get("image_size")
+    if channels is not None and channels not in (1, 3):
+        raise UserError(f"{root / TASK_FILE}: channels must be 1 or 3, got {channels!r}")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not 4 <= side <= 1024):
+        raise UserError(f"{root / TASK_FILE}: image_size must be a whole number of pixels in [4, 1024], got {side!r}")
+    if channels is None or side is None:  # read off the first image
+        channels, side = _first_image_shape(root, classes if labelled else None, channels, side)
+    mean = _numbers(raw, "mean", channels, root)
+    std = _numbers(raw, "std", channels, root)
+    notes = []
+    if mean is None or std is None:
+        mean = mean or (IMAGENET_MEAN if channels == 3 else (0.5,))
+        std = std or (IMAGENET_STD if channels == 3 else (0.5,))
+        notes.append(f"normalising with {'ImageNet' if channels == 3 else 'mean 0.5, std 0.5'}'s statistics (set mean "
+                     f"and std in {root / TASK_FILE} to the teacher's own)")
+    if not labelled:
+        n = len(image_files(root))
+        notes.append(f"{root} has no labels: runs select on agreement with the teacher (on "
+                     + (f"its {n} unlabelled images)" if n else "a frozen generator's images; the folder holds none)")
+                     + "; no accuracy is measured")
+    defaults = _recipe(root, raw.get("recipe"))
+    return Task(FOLDER + str(root), len(classes), channels, side, mean, std, defaults["teacher"], defaults,
+                f"your images in {root}", classes=tuple(classes), notes=tuple(notes), labelled=labelled)
+
+
+def _recipe(root: Path, name: Any) -> dict[str, Any]:
+    """The config defaults of a folder task: a shipped task's (``recipe: NAME``), else ``FOLDER_DEFAULTS``."""
+    from trainable.tasks import TASKS
+
+    if name is None:
+        return dict(FOLDER_DEFAULTS)
+    if name not in TASKS:
+        raise UserError(f"{root / TASK_FILE}: recipe must name a shipped task, one of {sorted(TASKS)}; got {name!r}")
+    return dict(TASKS[name].defaults)
+
+
+def _folder_classes(root: Path, raw: dict, folders: list[str]) -> tuple[list[str], bool]:
+    """The class names in the teacher's order, and whether the folder labels its images (one sub-folder per class).
+
+    ``classes: N`` (a count), or a list of names none of which is a sub-folder, makes a task without labels."""
     classes = raw.get("classes")
+    if isinstance(classes, int) and not isinstance(classes, bool):
+        if not 2 <= classes <= 100_000:
+            raise UserError(f"{root / TASK_FILE}: classes must be the teacher's class count (>= 2) or a list of names, "
+                            f"got {classes}")
+        return [str(i) for i in range(classes)], False
     if classes is not None:
         if not isinstance(classes, list) or not all(isinstance(c, (str, int)) for c in classes):
-            raise UserError(f"{root / TASK_FILE}: classes must be a list of the class folders' names")
+            raise UserError(f"{root / TASK_FILE}: classes must be a list of the class folders' names, or the class "
+                            "count of a task without labels")
         classes = [str(c) for c in classes]
         if len(set(classes)) != len(classes):
             raise UserError(f"{root / TASK_FILE}: classes lists a name twice")
+        if len(classes) >= 2 and not set(classes) & set(folders):
+            return classes, False  # no class has a folder: the images, if any, are unlabelled
         missing, extra = sorted(set(classes) - set(folders)), sorted(set(folders) - set(classes))
         if missing or extra:
             raise UserError(f"{root / TASK_FILE} lists {len(classes)} classes but the folder has {len(folders)} class "
@@ -122,37 +177,29 @@ def folder_task(root_text: str):
         classes = folders
     if len(classes) < 2:
         raise UserError(f"task folder:{root} has {len(classes)} class folder(s); it needs at least 2 (one sub-folder "
-                        "of images per class)")
+                        f"of images per class), or, without labels, classes: N (the teacher's class count) in "
+                        f"{root / TASK_FILE}")
     empty = [c for c in classes if not image_files(root / c)]
     if empty:
         raise UserError(f"task folder:{root}: class folder {empty[0]!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    channels, side = raw.get("channels"), raw.get("image_size")
-    if channels is not None and channels not in (1, 3):
-        raise UserError(f"{root / TASK_FILE}: channels must be 1 or 3, got {channels!r}")
-    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not 4 <= side <= 1024):
-        raise UserError(f"{root / TASK_FILE}: image_size must be a whole number of pixels in [4, 1024], got {side!r}")
-    if channels is None or side is None:  # read off the first image
-        from PIL import Image
+    return classes, True
 
-        first = image_files(root / classes[0])[0]
-        try:
-            with Image.open(first) as im:
-                mode, size = im.mode, im.size
-        except OSError:
-            raise UserError(f"cannot read image {first}; remove it or replace it with a readable image") from None
-        channels = channels or (1 if mode in ("L", "1", "I", "I;16", "F") else 3)
-        side = side or size[0]
-    mean = _numbers(raw, "mean", channels, root)
-    std = _numbers(raw, "std", channels, root)
-    notes = []
-    if mean is None or std is None:
-        mean = mean or (IMAGENET_MEAN if channels == 3 else (0.5,))
-        std = std or (IMAGENET_STD if channels == 3 else (0.5,))
-        notes.append(f"normalising with {'ImageNet' if channels == 3 else 'mean 0.5, std 0.5'}'s statistics (set mean "
-                     f"and std in {root / TASK_FILE} to the teacher's own)")
-    defaults = dict(FOLDER_DEFAULTS)
-    return Task(FOLDER + str(root), len(classes), channels, side, mean, std, defaults["teacher"], defaults,
-                f"your images in {root}", classes=tuple(classes), notes=tuple(notes))
+
+def _first_image_shape(root: Path, classes: list[str] | None, channels: int | None,
+                       side: int | None) -> tuple[int, int]:
+    """(channels, side) where task.yaml leaves them out: read off the task's first image."""
+    from PIL import Image
+
+    found = image_files(root / classes[0]) if classes else image_files(root)
+    if not found:
+        raise UserError(f"{root / TASK_FILE}: give channels and image_size (the folder has no image to read them "
+                        "off)")
+    try:
+        with Image.open(found[0]) as im:
+            mode, size = im.mode, im.size
+    except OSError:
+        raise UserError(f"cannot read image {found[0]}; remove it or replace it with a readable image") from None
+    return channels or (1 if mode in ("L", "1", "I", "I;16", "F") else 3), side or size[0]
 
 
 # A recipe for your own images: DFAD's loop at a batch a CPU or GPU of any size can take; name the teacher
@@ -162,6 +209,14 @@ FOLDER_DEFAULTS = dict(
     generator_width=64, epochs=200, iters_per_epoch=50, batch_size=64, n_student=5, n_generator=1,
     lr_student=0.1, lr_generator=1e-3, scheduler="cosine", prior="photos",
 )
+
+
+def load_unlabelled(task) -> torch.Tensor:
+    """Every image of a folder task without labels (any depth) in [0, 1], (N, C, H, W); N may be 0."""
+    files = image_files(Path(task.name[len(FOLDER):]))
+    if not files:
+        return torch.zeros(0, task.channels, task.image_size, task.image_size)
+    return torch.from_numpy(np.stack([read_image(f, task.channels, task.image_size) for f in files]))
 
 
 def load_folder(task) -> tuple[torch.Tensor, torch.Tensor]:

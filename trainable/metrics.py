@@ -1,7 +1,9 @@
 """Metric names: one flat schema, reported every epoch, read by the search, Parquet and the report."""
 
 EPOCH = "epoch"
-VAL_ACC = "val_acc"  # the selection metric
+VAL_ACC = "val_acc"  # the selection metric where the task has labels
+VAL_AGREEMENT = "val_agreement"  # share of the proxy set's validation half where student and teacher agree
+# (trainable/proxy.py): the selection metric without labels
 VAL_LOSS = "val_loss"  # cross-entropy on the validation split
 LOSS_STUDENT = "loss_student"  # mean imitation loss over the epoch's student steps
 LOSS_GENERATOR = "loss_generator"  # mean generator objective over the epoch's generator steps
@@ -15,7 +17,7 @@ LOSS_DISCRIMINATOR = "loss_discriminator"  # AVKD only: mean discriminator BCE o
 FLOPS = "flops"  # the student's floating-point operations per image (one forward), counted once per run
 TRAIN_THREADS = "threads"  # torch intra-op CPU threads the run trained with (a trial: its cpus_per_trial)
 
-EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
+EPOCH_METRICS = (EPOCH, VAL_ACC, VAL_AGREEMENT, VAL_LOSS, LOSS_STUDENT, LOSS_GENERATOR, STUDENT_PARAMS, TEACHER_PARAMS,
                  PARAM_RATIO, FLOPS, IMAGES_PER_S, LR_STUDENT, LR_GENERATOR, LOSS_DISCRIMINATOR, TRAIN_THREADS)
 
 # What the exported student costs to run, measured once on the CPU when a run finishes (final.json, best/).
@@ -27,6 +29,9 @@ COST_METRICS = (FLOPS, LATENCY_MS, THROUGHPUT, SIZE_BYTES, THREADS)
 
 # final.json of a run and best/metrics.json of a search share these keys.
 TEST_ACC = "test_acc"  # held-out, computed once
+TEST_AGREEMENT = "test_agreement"  # agreement on the proxy set's test half, computed once (selection: agreement)
+SELECTED_ON = "selected_on"  # the metric the run or search selected on: val_acc or val_agreement
+PROXY = "proxy"  # where the agreement's images came from (selection: agreement)
 TEACHER_VAL_ACC = "teacher_val_acc"
 TEACHER_TEST_ACC = "teacher_test_acc"
 WALL_S = "wall_s"
@@ -35,8 +40,8 @@ PRECISION = "precision"  # fp32 | bf16
 CHANNELS_LAST = "channels_last"  # true | false
 SPEEDUP = "speedup_vs_fp32"  # measured: the chosen variant's speed over fp32 with contiguous tensors; null if not
 SPEED_KEYS = (PRECISION, CHANNELS_LAST, SPEEDUP)
-FINAL_METRICS = (VAL_ACC, TEST_ACC, TEACHER_VAL_ACC, TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS,
-                 PARAM_RATIO, WALL_S, *COST_METRICS, *SPEED_KEYS)
+FINAL_METRICS = (VAL_ACC, TEST_ACC, VAL_AGREEMENT, TEST_AGREEMENT, SELECTED_ON, PROXY, TEACHER_VAL_ACC,
+                 TEACHER_TEST_ACC, STUDENT_PARAMS, TEACHER_PARAMS, PARAM_RATIO, WALL_S, *COST_METRICS, *SPEED_KEYS)
 
 # Reported once, instead of an epoch's metrics, by a run whose loss became NaN/Inf: divergence is a
 # result of its settings (the trial ends, recorded with the reason), not a crash to retry.

@@ -18,7 +18,9 @@ from trainable.tasks import EvalData
 
 
 def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, float]:
-    """The teacher's validation and test accuracy, under the keys of ``final.json``."""
+    """The teacher's validation and test accuracy, under the keys of ``final.json`` (None without labels)."""
+    if not data.labelled:
+        return {M.TEACHER_VAL_ACC: None, M.TEACHER_TEST_ACC: None}
     return {M.TEACHER_VAL_ACC: evaluate(teacher, data.val_x, data.val_y, device=device)["acc"],
             M.TEACHER_TEST_ACC: evaluate(teacher, data.test_x, data.test_y, device=device)["acc"]}
 
@@ -114,17 +116,18 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
 
     Writes ``final.json`` style metrics (returned, with the student's inference cost), ``student.pt``
     (state_dict), ``student.pt2`` (``torch.export`` program; ``student.onnx`` where the exporter is
-    installed), ``generated.png``, ``confusion_test.csv`` (rows: true class, columns: predicted) and
+    installed), ``generated.png``, ``confusion_test.csv`` (rows: true class, columns: predicted; labelled tasks) and
     ``config.json``.
     """
     out.mkdir(parents=True, exist_ok=True)
-    d = run.data
-    val = evaluate(run.student, d.val_x, d.val_y, run.cfg.eval_batch_size, run.device)
-    test = evaluate(run.student, d.test_x, d.test_y, run.cfg.eval_batch_size, run.device,
-                    num_classes=run.task.num_classes)
+    val, test = run.measure("val"), run.measure("test", confusion=True)
     final = {
-        M.VAL_ACC: val["acc"],
-        M.TEST_ACC: test["acc"],
+        M.VAL_ACC: val.get(M.VAL_ACC),  # None: the task has no labels
+        M.TEST_ACC: test.get(M.TEST_ACC),
+        M.VAL_AGREEMENT: val.get(M.VAL_AGREEMENT),  # None: selected on accuracy
+        M.TEST_AGREEMENT: test.get(M.TEST_AGREEMENT),
+        M.SELECTED_ON: run.selection,
+        M.PROXY: run.proxy.source if run.proxy is not None else None,
         **teacher_acc,
         M.STUDENT_PARAMS: run.student_params,
         M.TEACHER_PARAMS: run.teacher_params,
@@ -140,9 +143,10 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
     final.update(inference_cost(run.student, t.channels, t.image_size, run.student_flops,
                                 (out / "student.pt2").stat().st_size))
     save_image_grid(run, out / "generated.png")
-    conf = test["confusion"]
-    lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
-    lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
-    write_text(out / "confusion_test.csv", "\n".join(lines) + "\n")
+    if "confusion" in test:  # a task without labels has none
+        conf = test["confusion"]
+        lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
+        lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
+        write_text(out / "confusion_test.csv", "\n".join(lines) + "\n")
     write_json(out / "config.json", {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})
     return final

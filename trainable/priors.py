@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from trainable.errors import UserError
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
-from trainable.tasks import Task, _normalise, get_task
+from trainable.tasks import Task, get_task, normalise
 
 EMBEDDED = ("letters", "photos")
 CIFAR_PRIORS = ("cifar10", "cifar100", "cifar90")
@@ -82,7 +82,7 @@ def _load(prior: str, task_name: str, data_root: str | None, seed: int, download
         x = _cifar(prior, data_root, download)
     else:
         x = _folder(Path(prior[len(FOLDER):]).expanduser(), task, data_root)
-    return _normalise(_fit(x, task), task).contiguous()
+    return normalise(_fit(x, task), task).contiguous()
 
 
 def _fit(x: torch.Tensor, task: Task) -> torch.Tensor:

@@ -112,8 +112,12 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
         t_acc = teacher_metrics(akd.teacher, akd.data, akd.device)
+        t_val = "no labels" if t_acc["teacher_val_acc"] is None else f"val {t_acc['teacher_val_acc']:.4f}"
+        if akd.proxy is not None:
+            print(f"selecting on agreement with the teacher (val_agreement) on {akd.proxy.source}"
+                  + ("; no accuracy is measured (the task has no labels)" if not data.labelled else ""))
         print(f"task {cfg.task}: teacher {teacher_info['arch']} {akd.teacher_params:,} params "
-              f"(val {t_acc['teacher_val_acc']:.4f}); student {cfg.student} width {akd.student_width:g} "
+              f"({t_val}); student {cfg.student} width {akd.student_width:g} "
               f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
 
         bar = None
@@ -128,11 +132,12 @@ def run(args: argparse.Namespace) -> int:
             write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(val_acc=f"{m['val_acc']:.4f}", loss_S=f"{m['loss_student']:.4f}",
-                                loss_G=f"{m['loss_generator']:.4f}")
+                bar.set_postfix({k: f"{m[k]:.4f}" for k in ("val_acc", "val_agreement", "loss_student",
+                                                              "loss_generator") if k in m})
                 return
             loss_d = f"  loss_D {m['loss_discriminator']:.4f}" if "loss_discriminator" in m else ""
-            print(f"epoch {m['epoch']:>4}/{cfg.epochs}  val_acc {m['val_acc']:.4f}  val_loss {m['val_loss']:.4f}  "
+            val = "".join(f"  {k} {m[k]:.4f}" for k in ("val_acc", "val_agreement", "val_loss") if k in m)
+            print(f"epoch {m['epoch']:>4}/{cfg.epochs}{val}  "
                   f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
                   f"{m['images_per_s']:.0f} img/s", flush=True)
 

@@ -210,7 +210,7 @@ def time_candidates(cfg, teacher: torch.nn.Module, data, device: torch.device, p
 
     runs = {}
     for precision, cl in pairs:
-        fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl)
+        fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl, selection="accuracy")  # no proxy set to build
         runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
     iters = {}
     for name, run in runs.items():

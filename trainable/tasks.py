@@ -33,16 +33,22 @@ class Task:
     doc: str = ""
     classes: tuple[str, ...] = ()  # class names in the teacher's output order, where the task knows them
     notes: tuple[str, ...] = ()  # what the task assumed (a folder task's normalisation), said once by the CLIs
+    labelled: bool = True  # False: a folder task without labels (its runs select on agreement, trainable.proxy)
 
 
 @dataclass(frozen=True)
 class EvalData:
-    """Evaluation tensors of a task: images normalised, (N, C, H, W) float32; labels (N,) int64."""
+    """Evaluation tensors of a task: images normalised, (N, C, H, W) float32; labels (N,) int64, or None for a task
+    without labels (its images, possibly none, are unlabelled held-out images)."""
 
     val_x: torch.Tensor
-    val_y: torch.Tensor
+    val_y: torch.Tensor | None
     test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_y: torch.Tensor | None
+
+    @property
+    def labelled(self) -> bool:
+        return self.val_y is not None and self.test_y is not None
 
 
 # Digits recipe: DFAD's loop plus the BatchNorm-statistics term, which keeps the generator's
@@ -83,7 +89,8 @@ TASKS: dict[str, Task] = {
                          {**_CIFAR_DEFAULTS, "batch_size": 128, "prior": "photos"},
                          "Tiny-ImageNet (64 x 64, 200 classes), its official val/ split, --data-root"),
 }
-TASK_FORMS = "or folder:PATH (your own labelled images, one sub-folder per class)"
+TASK_FORMS = ("or folder:PATH (your own labelled images, one sub-folder per class; or a task.yaml with the class count "
+              "and no labels)")
 
 
 def get_task(name: str) -> Task:
@@ -137,7 +144,7 @@ def in_data_free_run() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def _normalise(x: torch.Tensor, task: Task) -> torch.Tensor:
+def normalise(x: torch.Tensor, task: Task) -> torch.Tensor:
     mean = torch.tensor(task.mean).view(1, -1, 1, 1)
     std = torch.tensor(task.std).view(1, -1, 1, 1)
     return (x - mean) / std
@@ -161,7 +168,7 @@ def _digits_tensors(indices: np.ndarray, task: Task) -> tuple[torch.Tensor, torc
     d = load_digits()
     x = torch.from_numpy(d.images[indices].astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
     y = torch.from_numpy(d.target[indices].astype(np.int64))
-    return _normalise(x, task), y
+    return normalise(x, task), y
 
 
 def _torchvision_split(task: Task, data_root: str | None, train: bool, download: bool):
@@ -187,7 +194,7 @@ def _dataset_tensors(ds, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         data = data.transpose(0, 3, 1, 2)
     x = torch.from_numpy(np.ascontiguousarray(data)).float().div_(255.0)
     y = torch.as_tensor(np.asarray(ds.targets), dtype=torch.int64)
-    return _normalise(x, task), y
+    return normalise(x, task), y
 
 
 def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, data_root: str | None = None,
@@ -210,12 +217,17 @@ def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, dat
         vx, vy = _digits_tensors(split["val"], task)
         tx, ty = _digits_tensors(split["test"], task)
         return EvalData(vx, vy, tx, ty)
+    if images.is_folder_task(task.name) and not task.labelled:
+        x = normalise(images.load_unlabelled(task), task)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+        half = len(x) // 2  # validation (selection) and test (reported once), like a labelled task's split
+        return EvalData(x[perm[:half]], None, x[perm[half:]], None)
     if images.is_folder_task(task.name):
         x, y = images.load_folder(task)
-        x = _normalise(x, task)
+        x = normalise(x, task)
     elif task.name == "tinyimagenet":
         x, y = images.load_tiny_val(task, data_root)
-        x = _normalise(x, task)
+        x = normalise(x, task)
     else:
         x, y = _dataset_tensors(_torchvision_split(task, data_root, train=False, download=download), task)
     return _split(x, y, seed, val_fraction)
@@ -243,5 +255,5 @@ def load_teacher_train(task_name: str, seed: int = 0, data_root: str | None = No
                         "teacher's weights with --teacher PATH")
     if task.name == "tinyimagenet":
         x, y = images.load_tiny_train(task, data_root)
-        return _normalise(x, task), y
+        return normalise(x, task), y
     return _dataset_tensors(_torchvision_split(task, data_root, train=True, download=download), task)

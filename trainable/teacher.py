@@ -219,5 +219,7 @@ def teacher_accuracy(teacher: nn.Module, task_name: str, seed: int = 0, data_roo
     from trainable.akd import evaluate
 
     data = load_eval_data(task_name, seed, data_root=data_root)
+    if not data.labelled:
+        return {"val_acc": None, "test_acc": None}
     return {"val_acc": evaluate(teacher, data.val_x, data.val_y)["acc"],
             "test_acc": evaluate(teacher, data.test_x, data.test_y)["acc"]}
