@@ -6,7 +6,9 @@ and test; ``export_best`` writes ``best/``; ``print_result`` the terminal summar
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from results.summary import (
 from search.algorithms import update_wall
 from search.budget import refused_over_budget
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
-from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
+from search.layout import BEST_DIR, BEST_PARTIAL, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
 from search.searcher import fail_abandoned
 from search.space import describe_limits
@@ -81,7 +83,9 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     """
     chosen = max(winner["runs"], key=lambda r: (r[selection], -r["seed"]))
     run = restore_run(Path(chosen["checkpoint"]), teacher, data, data_root)
-    out = exp / BEST_DIR
+    out = exp / BEST_PARTIAL  # written here, then renamed to best/ in one step once complete
+    if out.exists():
+        shutil.rmtree(out)  # left by a kill during an earlier export
     final = finish_run(run, out, teacher_acc, wall_s)
     own = {f"student_{k}": final[k] for k in (M.TEST_ACC, M.TEST_AGREEMENT) if final.get(k) is not None}
     for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
@@ -89,8 +93,12 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
             final.update({key: winner[f"{key}_mean"], f"{key}_std": winner[f"{key}_std"]})
     final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
     write_json(out / "metrics.json", final)
-    write_json(out / "trial.json", {"trial_id": winner["trial_id"], "checkpoint": chosen["checkpoint"],
-                                           "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
+    write_json(out / "trial.json", {"trial_id": winner["trial_id"],
+                                    "checkpoint": os.path.relpath(chosen["checkpoint"], exp),  # the folder may move
+                                    "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
+    if (exp / BEST_DIR).exists():
+        shutil.rmtree(exp / BEST_DIR)  # an incomplete best/ (a kill during an older version's export)
+    os.replace(out, exp / BEST_DIR)
     return final
 
 

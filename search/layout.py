@@ -18,4 +18,8 @@ LIVE_REPORT_FILE = "akdtune/live_report.json"  # how often and how long the live
 SUMMARY_DIR = "summary"  # trials.parquet, epochs.parquet (results.summary.write_summaries)
 REPORT_FILE = "report.html"  # results.report.build_report
 BEST_DIR = "best"  # the winner: a run's outputs (trainable.outputs.finish_run), metrics.json, trial.json
+BEST_METRICS = "best/metrics.json"  # the winner's confirmed metrics
+BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
+BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
+# killed during its export has no best/ and is not finished (the resume exports again)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE
+from search.layout import BEST_TRIAL, CONFIRM_RESULTS, META_FILE
 from search.space import Space, load_space
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -240,6 +240,6 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
         verbose=args.verbose, report_every_s=args.report_every,
         resume=args.resume, resume_command=resume_command(argv), record=record,
-        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_DIR).is_dir()),
+        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_TRIAL).is_file()),
     )
 

@@ -23,6 +23,7 @@ from search.plan import experiment_path, resolve_plan, resume_command, search_na
 from search.tuner import (
     budget_check,
     build_tuner,
+    check_local_resources,
     check_trial_builds,
     choose_trial_speed,
     make_trainable,
@@ -98,6 +99,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     if plan.finished:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
+    check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts
     teacher = prepare_teacher_for(plan)
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.

@@ -144,18 +144,32 @@ def check_address(address: str, timeout_s: float = 10.0) -> None:
                         "(ray start --head) or pass its address") from None
 
 
+def check_resources(plan: SearchPlan, cpus: float, gpus: float) -> None:
+    """A trial's CPUs and GPUs exist among ``cpus`` and ``gpus`` (else trials would wait forever). Raises UserError."""
+    if plan.cpus_per_trial > cpus:
+        raise UserError(f"--cpus-per-trial {plan.cpus_per_trial:g} but the Ray cluster has {cpus:g} CPUs; lower it")
+    if gpus_per_trial(plan) > gpus:
+        raise UserError(f"--gpus-per-trial {gpus_per_trial(plan):g} but the Ray cluster has {gpus:g} GPUs; pass "
+                        "--gpus-per-trial 0 to run on CPUs")
+
+
+def check_local_resources(plan: SearchPlan) -> None:
+    """Where the search starts its own Ray, the cluster is this machine: a trial that asks for more than it has is
+    refused at once, before the teacher, the speed measurement or Ray start."""
+    import ray
+    import torch
+
+    if plan.address or ray.is_initialized():
+        return
+    check_resources(plan, plan.num_cpus or os.cpu_count() or 1, torch.cuda.device_count())
+
+
 def check_cluster(plan: SearchPlan) -> None:
-    """The resources a trial asks for exist in the running Ray cluster (else trials would wait forever)."""
+    """The resources a trial asks for exist in the running Ray cluster."""
     import ray
 
     total = ray.cluster_resources()
-    if plan.cpus_per_trial > total.get("CPU", 0):
-        raise UserError(f"--cpus-per-trial {plan.cpus_per_trial:g} but the Ray cluster has "
-                        f"{total.get('CPU', 0):g} CPUs; lower it")
-    gpus = gpus_per_trial(plan)
-    if gpus > total.get("GPU", 0):
-        raise UserError(f"--gpus-per-trial {gpus:g} but the Ray cluster has {total.get('GPU', 0):g} "
-                        "GPUs; pass --gpus-per-trial 0 to run on CPUs")
+    check_resources(plan, total.get("CPU", 0), total.get("GPU", 0))
 
 
 def start_ray(plan: SearchPlan) -> None:

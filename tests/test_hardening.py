@@ -44,13 +44,20 @@ def test_bad_options_refused_before_anything_is_written(tmp_path, args, needle):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
-def test_resources_the_cluster_lacks_are_refused_before_anything_is_written(tmp_path):
-    if torch.cuda.is_available():
+@pytest.mark.parametrize("args, needle", [
+    (["--gpus-per-trial", "1", "--num-cpus", "1"], "--gpus-per-trial 1 but the Ray cluster has 0 GPUs"),
+    (["--cpus-per-trial", "3", "--num-cpus", "2"], "--cpus-per-trial 3 but the Ray cluster has 2 CPUs"),
+])
+def test_resources_this_machine_lacks_are_refused_before_ray_starts(tmp_path, args, needle):
+    if torch.cuda.is_available() and "--gpus-per-trial" in args:
         pytest.skip("this machine has a GPU")
-    r = run_cli("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--gpus-per-trial", "1",
-                "--num-cpus", "1", timeout=180)
-    one_line_exit_2(r, "--gpus-per-trial 1 but the Ray cluster has 0 GPUs")
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("a Ray of this test session is running in this process")
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, *args)
+    one_line_exit_2(r, needle)  # no Ray notice before it: Ray was never started
+    assert not ray.is_initialized()
     assert not (tmp_path / "ratios").exists()  # the corrected command is not refused as "already exists"
 
 
@@ -160,6 +167,20 @@ def test_the_scripts_themselves_exit_2_with_one_line(tmp_path):
     one_line_exit_2(r, "--num-samples 0 is invalid")
     r = run_cli("trainable/run_akd.py", "--out", tmp_path / "run", "--set", "nope=1")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ------------------------------------------------------------------ settings of a switched-off feature
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "feature_layers=nosuchlayer"], "'nosuchlayer' is not a layer of the teacher cnn"),
+    (["--prior", "folder:{empty}"], "holds no readable images"),
+    (["--prior", "folder:{missing}"], "is not a folder"),
+])
+def test_settings_of_a_feature_that_is_off_are_still_checked(tmp_path, args, needle):
+    (tmp_path / "empty").mkdir()
+    args = [a.format(empty=tmp_path / "empty", missing=tmp_path / "missing") for a in args]
+    r = run_main("trainable/run_akd.py", "--out", tmp_path / "run", *args)  # dfad: no alignment, no prior read
+    one_line_exit_2(r, needle)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ settings that cannot make a run, refused before Ray

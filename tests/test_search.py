@@ -381,6 +381,32 @@ def test_a_finished_search_resumed_says_so_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("kill_state", ["partial export", "empty best of an older version"])
+def test_a_kill_during_the_winners_export_resumes_to_a_complete_best(tmp_path, kill_state):
+    args = ["--space", ROOT / "spaces" / "ratios.yaml", "--smoke", "--num-samples", 2, "--storage", tmp_path,
+            "--no-report"]
+    assert search(*args) == 0
+    exp = tmp_path / "ratios"
+    complete = sorted(p.name for p in (exp / "best").iterdir())
+    winner = json.loads((exp / "best" / "trial.json").read_text())
+    assert not Path(winner["checkpoint"]).is_absolute() and (exp / winner["checkpoint"]).is_file()
+    # The states a kill at some moment of the export leaves: best/ still being written (it is written under
+    # akdtune/ and renamed when complete), or, from an older version, a best/ folder made before its files.
+    if kill_state == "partial export":
+        (exp / "best").rename(exp / "akdtune" / "best.partial")
+        (exp / "akdtune" / "best.partial" / "metrics.json").unlink()
+    else:
+        import shutil
+
+        shutil.rmtree(exp / "best")
+        (exp / "best").mkdir()
+    assert search(*args, "--resume") == 0
+    assert sorted(p.name for p in (exp / "best").iterdir()) == complete
+    assert json.loads((exp / "best" / "trial.json").read_text())["trial_id"] == winner["trial_id"]
+    assert not (exp / "akdtune" / "best.partial").exists()
+    assert trials_table(exp)["winner"].sum() == 1
+
+
 USER_TEACHER = '''
 import torch.nn as nn
 

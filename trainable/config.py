@@ -260,18 +260,19 @@ def _check_model(role: str, spec: str) -> list[str]:
 
 def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
-    from trainable.priors import check_prior
+    from trainable.priors import check_prior, folder_prior_problem
     from trainable.sources import is_program
 
     errs = []
-    problem = check_prior(c["prior"], task.name)
+    problem = check_prior(c["prior"], task.name) or folder_prior_problem(c["prior"])
     if problem:
         errs.append(problem)
     cp = c["class_prior"]
     if cp and (len(cp) != task.num_classes or min(cp) < 0 or sum(cp) <= 0):
         errs.append(f"class_prior: expected {task.num_classes} weights >= 0 with a positive sum (one per class of "
                     f"{task.name}), or [] for uniform; got {len(cp)} values")
-    if ((c["w_feature"] > 0 or c["w_feature_adv"] > 0) and not is_program(c["teacher"])
+    # Layers named by hand are checked whether or not alignment is on (a typo is found before it is switched on).
+    if ((c["w_feature"] > 0 or c["w_feature_adv"] > 0 or c["feature_layers"] != "auto") and not is_program(c["teacher"])
             and not _check_model("teacher", c["teacher"]) and not _check_model("student", c["student"])):
         errs.extend(_check_feature_layers(c, task))
     return errs

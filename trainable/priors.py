@@ -62,6 +62,19 @@ def check_prior(prior: str, task_name: str) -> str | None:
     return None
 
 
+def folder_prior_problem(prior: str) -> str | None:
+    """Why a ``folder:PATH`` prior cannot be read (not a folder, no image files), in one line; None otherwise. Checked
+    with every config, AVKD or not, so that a wrong folder is found before the method that reads it is chosen."""
+    if not (isinstance(prior, str) and prior.startswith(FOLDER) and len(prior) > len(FOLDER)):
+        return None
+    path = Path(prior[len(FOLDER):]).expanduser()
+    if not path.is_dir():
+        return f"prior: folder:{path} is not a folder; pass folder:PATH of a folder of images"
+    if not image_files(path):
+        return f"prior: folder:{path} holds no readable images ({', '.join(IMAGE_SUFFIXES)}); pass a folder of images"
+    return None
+
+
 def load_prior(prior: str, task_name: str, data_root: str | None = None, seed: int = 0,
                download: bool = False) -> torch.Tensor:
     """The prior images for a task: (N, C, H, W) float32, normalised like the teacher's inputs, on the CPU."""
