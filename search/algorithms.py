@@ -11,6 +11,8 @@ import json
 
 from ray.tune import Callback
 
+from search.layout import here
+
 
 class SearchStateCallback(Callback):
     """Saves the scheduler's state with Tune's experiment checkpoints and gives it back on restore."""
@@ -45,6 +47,10 @@ class WallClock(Callback):
 
     def __getstate__(self):
         return {"meta_file": self.meta_file, "every_s": self.every_s, "_last": 0.0}
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.meta_file = here(self.meta_file)  # a copied or moved search writes into its new folder
 
     def tick(self, force: bool = False) -> None:
         import time

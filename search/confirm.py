@@ -15,6 +15,7 @@ With ``top_k = 0`` the confirmation is off, but the best trial is still finished
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ def confirmation_plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds
     Args:
         configs: trial id -> its full Tune config.
         checkpoint_of: trial folder -> path of its latest checkpoint (or None).
+
+    Paths in the plan (``trial_dir``, ``continue_from``) are relative to the search folder.
     """
     seeds = max(1, seeds) if top_k > 0 else 1
     out = {"top_k": top_k, "seeds": seeds, "max_epochs": max_epochs, "candidates": [], "runs": []}
@@ -56,7 +59,7 @@ def confirmation_plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds
         config = dict(configs[tid])
         base_seed = int(config.get("seed", 0))
         cand_seeds = [base_seed + SEED_STRIDE * i for i in range(seeds)]
-        out["candidates"].append({"trial_id": tid, "seeds": cand_seeds, "trial_dir": c["_dir"],
+        out["candidates"].append({"trial_id": tid, "seeds": cand_seeds, "trial_dir": _inside(c["_dir"], e.path),
                                   "epochs_run": int(c["epochs_run"]), f"search_{e.selection}": float(c[e.selected]),
                                   "within_budget": bool(c["within_budget"])})
         for s in cand_seeds:
@@ -66,9 +69,14 @@ def confirmation_plan(e: Experiment, configs: dict[str, dict], top_k: int, seeds
             if s == base_seed:
                 ckpt = checkpoint_of(c["_dir"])
                 if ckpt is not None:
-                    run[CONTINUE_FROM] = str(ckpt)
+                    run[CONTINUE_FROM] = _inside(ckpt, e.path)
             out["runs"].append(run)
     return out
+
+
+def _inside(path, folder) -> str:
+    """A path of the search folder as the records hold it: relative to the folder, which may be copied or moved."""
+    return os.path.relpath(path, folder)
 
 
 def load_or_write_plan(exp: Path, make) -> dict[str, Any]:

@@ -82,7 +82,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     ``student_test_acc`` (``student_test_agreement``).
     """
     chosen = max(winner["runs"], key=lambda r: (r[selection], -r["seed"]))
-    run = restore_run(Path(chosen["checkpoint"]), teacher, data, data_root)
+    run = restore_run(exp / chosen["checkpoint"], teacher, data, data_root)
     out = exp / BEST_PARTIAL  # written here, then renamed to best/ in one step once complete
     if out.exists():
         shutil.rmtree(out)  # left by a kill during an earlier export
@@ -94,7 +94,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
     write_json(out / "metrics.json", final)
     write_json(out / "trial.json", {"trial_id": winner["trial_id"],
-                                    "checkpoint": os.path.relpath(chosen["checkpoint"], exp),  # the folder may move
+                                    "checkpoint": chosen["checkpoint"],
                                     "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
     if (exp / BEST_DIR).exists():
         shutil.rmtree(exp / BEST_DIR)  # an incomplete best/ (a kill during an older version's export)
@@ -225,13 +225,14 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
         runs = []
         for s in cand["seeds"]:
             if s == cand["seeds"][0] and cand["epochs_run"] >= max_epochs:
-                ckpt = latest_checkpoint(cand["trial_dir"])
+                ckpt = latest_checkpoint(exp / cand["trial_dir"])  # relative (an older plan's: absolute)
             else:
                 match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
                 ckpt = latest_checkpoint(match[0]["dir"]) if match else None
             if ckpt is None:
                 continue
             r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
+            r["checkpoint"] = os.path.relpath(ckpt, exp)  # the records hold paths inside the search folder
             if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
                 runs.append(r)
         results.append(summarise_candidate(cand, runs))

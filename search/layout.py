@@ -7,6 +7,8 @@ through ``trainable.files`` (atomically: a kill never leaves a half-written one)
 """
 from __future__ import annotations
 
+import os
+
 META_FILE = "akdtune/search.json"  # how the search was started (space, task, teacher, seed, ...)
 SCHEDULER_FILE = "akdtune/scheduler.json"  # rung records, stop decisions, finished trials (search.scheduler)
 STUDY_FILE = "akdtune/study.journal"  # the Optuna study (Optuna's journal storage); optuna.load_study reads it
@@ -23,3 +25,27 @@ BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
 BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
 # killed during its export has no best/ and is not finished (the resume exports again)
 
+
+
+# A search folder may be copied or moved and resumed from its new place. The folder a search recorded as its own
+# (search.json's ``folder``) -> where it is now; set by the driver before Tune restores the objects it pickled.
+_moved: dict[str, str] = {}
+
+
+def relocate(recorded: str | None, now: str) -> None:
+    """The search recorded at ``recorded`` is now at ``now``: every path into it that an object restored from Tune's
+    pickles holds is re-pointed (:func:`here`), so a resume never writes into the folder it was copied from."""
+    _moved.clear()
+    if recorded and os.path.normpath(recorded) != os.path.normpath(now):
+        _moved[os.path.normpath(recorded)] = os.path.normpath(now)
+
+
+def here(path: str | None) -> str | None:
+    """``path`` re-pointed into the search's current folder where the search was copied or moved; else as it is."""
+    if path is None:
+        return None
+    p = os.path.normpath(str(path))
+    for old, new in _moved.items():
+        if p == old or p.startswith(old + os.sep):
+            return new + p[len(old):]
+    return str(path)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from search.layout import here
 from search.space import within_limits
 from trainable import metrics as M
 
@@ -120,6 +121,8 @@ class SearchProgress(Callback):
         d.setdefault("study_file", None)  # pickled before the status showed refused settings
         d.setdefault("selection", M.VAL_ACC)  # pickled before searches without labels
         self.__dict__.update(d)
+        for key in ("state_file", "study_file", "report_dir"):  # a copied or moved search writes into its new folder
+            setattr(self, key, here(getattr(self, key)))
         self.stream = sys.stdout
         self._reset()
 

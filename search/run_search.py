@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
+from search.layout import relocate
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
 from search.tuner import (
     budget_check,
@@ -100,6 +101,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
     check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts
+    if plan.resume:  # a copied or moved search: what Tune restores writes here, never where it was copied from
+        relocate((plan.record or {}).get("folder"), plan.path)
     teacher = prepare_teacher_for(plan)
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.

@@ -33,6 +33,7 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from search.layout import here
 from trainable import metrics as M
 from trainable.files import write_json
 
@@ -166,6 +167,7 @@ class RungScheduler(FIFOScheduler):
             d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
             d.setdefault("max_epochs", d.pop("max_t", None))
         self.__dict__.update(d)
+        self.state_file = here(self.state_file)  # a copied or moved search writes into its new folder
 
     # -- state
     @property

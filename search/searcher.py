@@ -32,7 +32,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from search.budget import MAX_REFUSALS, OVER_BUDGET
-from search.layout import STUDY_NAME
+from search.layout import STUDY_NAME, here
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 
@@ -99,6 +99,7 @@ class OptunaSearcher(Searcher):
             d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
         d.setdefault("budget_check", None)  # pickled before settings were checked against the budget
         self.__dict__.update(d)
+        self.study_path = here(self.study_path)  # a copied or moved search writes into its new folder
 
     # -- the study
     @property

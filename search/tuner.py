@@ -205,14 +205,15 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
     if not plan.local:
         return
     if plan.resume:  # this session's time adds to the earlier sessions'
-        record = {**plan.record, "session_started": started, "wall_before": float(plan.record.get("wall_s", 0.0))}
+        record = {**plan.record, "session_started": started, "wall_before": float(plan.record.get("wall_s", 0.0)),
+                  "folder": plan.path}  # where it is now (a copy or a move resumes in its own folder)
     else:
         from search.estimate import from_speed
 
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
-                  "selected_on": plan.selection_metric,
+                  "selected_on": plan.selection_metric, "folder": plan.path,
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
                   "estimate_s": from_speed(plan, speed)}
     write_json(plan.file(META_FILE), record)
@@ -227,7 +228,8 @@ def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
 
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
-                             threads=trial_threads(plan), data_root=plan.data_root, speed=speed.record()),
+                             threads=trial_threads(plan), data_root=plan.data_root, speed=speed.record(),
+                             search_dir=plan.path),
         resources={"cpu": plan.cpus_per_trial, "gpu": gpus_per_trial(plan)})
 
 

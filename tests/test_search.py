@@ -243,6 +243,55 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
     assert len(study) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.values())
 
 
+@pytest.mark.parametrize("how", ["copy", "move"])
+def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_address, how):
+    """cp -a or mv of an interrupted search folder, then --resume of the new folder: nothing is written outside it;
+    a copy's original is untouched and resumes to the end on its own."""
+    import shutil
+
+    def args(storage):
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 5, "--storage", storage,
+                "--name", "s", "--no-report"]
+
+    src, dst = tmp_path / "a" / "s", tmp_path / "b" / "s"
+    proc = _start(args(tmp_path / "a"), ray_address)
+    try:
+        assert _wait_for(lambda: len(_finished_trials(src)) >= 2), "no trial finished in time"
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    dst.parent.mkdir()
+    if how == "copy":
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.move(src, dst)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} if how == "copy" else {}
+
+    def resume(storage):
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args(storage)),
+                            "--resume", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+
+    def finished_with_five_trials(exp):
+        trials = trials_table(exp)
+        trials = trials[trials["outcome"] != "abandoned"]  # a folder made just before the kill, unknown to Tune
+        assert len(trials) == 5 and set(trials["outcome"]) <= {"completed", "stopped_early"}
+        assert trials["winner"].sum() == 1 and (exp / "best" / "trial.json").is_file()
+
+    resume(tmp_path / "b")
+    finished_with_five_trials(dst)
+    assert json.loads((dst / "akdtune" / "search.json").read_text())["folder"] == str(dst)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study_trials(dst).values()) == 5
+    if how == "move":
+        assert not src.exists()  # no stray file recreated where it was
+        return
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the original: untouched
+    resume(tmp_path / "a")  # and it finishes on its own, every one of its trials trained
+    finished_with_five_trials(src)
+
+
 def test_ctrl_c_exits_3_and_the_printed_command_resumes(tmp_path, ray_address):
     args = ["--space", ROOT / "spaces" / "capacity.yaml", "--smoke", "--num-samples", 5, "--storage", tmp_path,
             "--name", "interrupted"]

@@ -38,16 +38,17 @@ def rebuild_teacher(payload: dict[str, Any], task_name: str) -> torch.nn.Module:
 
 
 # Keys of a trial's config that are not AKDConfig fields: where a confirmation trial starts from.
-CONTINUE_FROM = "continue_from"  # path of a checkpoint.pt to continue (same config), or absent
+CONTINUE_FROM = "continue_from"  # a checkpoint.pt to continue (same config), relative to the search folder; or absent
 CANDIDATE = "candidate"  # the search trial a confirmation trial belongs to
 RUN = "run"  # a confirmation trial's config is {RUN: {AKDConfig keys, CONTINUE_FROM, CANDIDATE}}
 
 
 def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1,
-              data_root: str | None = None, speed: dict[str, Any] | None = None) -> None:
+              data_root: str | None = None, speed: dict[str, Any] | None = None, search_dir: str = ".") -> None:
     """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys; ``threads`` is the
     trial's CPUs (torch's intra-op threads, so trials side by side do not oversubscribe the cores);
-    ``speed`` the precision and layout the search measured once on the driver (``Speed.record()``).
+    ``speed`` the precision and layout the search measured once on the driver (``Speed.record()``);
+    ``search_dir`` the search folder where it is now (a confirmation trial's ``continue_from`` is relative to it).
 
     A run whose loss becomes NaN/Inf reports ``{diverged: 1, error: reason}`` once and ends: the
     divergence is a result of its settings, which a retry from its checkpoint would only repeat.
@@ -66,7 +67,7 @@ def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, t
             with checkpoint.as_directory() as d:
                 run.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
         elif continue_from:
-            run.load_state_dict(load_checkpoint(continue_from))
+            run.load_state_dict(load_checkpoint(Path(search_dir) / continue_from))
 
         def on_epoch(metrics: dict[str, float], r: AKDRun) -> None:
             with tempfile.TemporaryDirectory() as d:
