@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 
+from results.record import BEST_DIR, REPORT_FILE
 from results.study import load_study
 from results.summary import (
     COMPLETED,
@@ -32,7 +33,6 @@ from results.summary import (
     write_summaries,
 )
 from search.budget import count_refused
-from search.layout import BEST_DIR, REPORT_FILE
 from search.space import budget_limits, describe_limits
 from trainable import metrics as M
 from trainable.errors import UserError

@@ -16,25 +16,18 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from results.record import STUDY_FILE, open_study
 from results.summary import Experiment
 from search.budget import OVER_BUDGET
-from search.layout import STUDY_FILE, STUDY_NAME
 from trainable import metrics as M
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def load_study(exp: str | Path) -> optuna.Study | None:
-    """The search's study from its journal file (read-only use), or None when there is none."""
-    path = Path(exp) / STUDY_FILE
-    if not path.is_file():
-        return None
-    from search.searcher import journal_storage
-
-    try:
-        return optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(path))
-    except (KeyError, ValueError, RuntimeError):
-        return None
+    """The search's study from its journal file (checked: a damaged one raises DamagedRecord), or None when there is
+    none."""
+    return open_study(Path(exp) / STUDY_FILE)
 
 
 def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:

@@ -13,8 +13,16 @@ from typing import Any
 
 import pandas as pd
 
-from search.layout import BEST_DIR, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, SUMMARY_DIR
-from search.scheduler import stop_decisions
+from results.record import (
+    BEST_DIR,
+    CONFIRM_RESULTS,
+    META_FILE,
+    SCHEDULER_FILE,
+    SUMMARY_DIR,
+    check_records,
+    read_record,
+    stop_decisions,
+)
 from search.space import budget_limits, within_limits
 from trainable import metrics as M
 from trainable.files import atomic_path, read_json
@@ -67,7 +75,7 @@ TRIAL_COLUMNS = {
 class Experiment:
     path: Path
     meta: dict[str, Any]
-    stopped: dict[str, dict[str, Any]]  # the scheduler's stop decisions by trial id (search.scheduler.stop_decisions)
+    stopped: dict[str, dict[str, Any]]  # the scheduler's stop decisions by trial id (results.record.stop_decisions)
     confirmed: dict[str, Any]
     trials: pd.DataFrame
     epochs: pd.DataFrame
@@ -148,9 +156,17 @@ def load_experiment(path: str | Path) -> Experiment:
         from trainable.errors import UserError
 
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
-    meta = read_json(exp / META_FILE, {})
+    damaged = check_records(exp)  # before anything is read or written: a damaged record is refused in one line
+    if damaged:
+        raise damaged[0]
+    meta = read_record(exp / META_FILE)
+    if meta is None:
+        from trainable.errors import UserError
+
+        raise UserError(f"{exp / META_FILE} is missing: {exp} is not a search folder of this tool, or its record "
+                        "was deleted; nothing was changed: restore it from a copy of the search folder")
     stopped = stop_decisions(exp / SCHEDULER_FILE)
-    confirmed = read_json(exp / CONFIRM_RESULTS, {})
+    confirmed = read_record(exp / CONFIRM_RESULTS) or {}
     best_cost = read_json(exp / BEST_DIR / "metrics.json", {})
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     space = meta.get("space") or {}

@@ -11,7 +11,7 @@ import json
 
 from ray.tune import Callback
 
-from search.layout import here
+from results.record import here
 
 
 class SearchStateCallback(Callback):
@@ -72,11 +72,14 @@ def update_wall(meta_file: str) -> float:
     """Set ``wall_s`` of the search record to the time before this session plus this session's time."""
     import time
 
-    from trainable.files import read_json, write_json
+    from results.record import DamagedRecord, read_record, write_record
 
-    meta = read_json(meta_file)
+    try:
+        meta = read_record(meta_file)
+    except DamagedRecord:  # changed behind the search's back: left as it is (a resume or the report says so)
+        return 0.0
     if not meta or "session_started" not in meta:
         return 0.0
     meta["wall_s"] = float(meta.get("wall_before", 0.0)) + (time.time() - float(meta["session_started"]))
-    write_json(meta_file, meta)
+    write_record(meta_file, meta)
     return meta["wall_s"]

@@ -110,13 +110,6 @@ def count_refused(study) -> int:
 
 def refused_over_budget(study_path: str) -> int:
     """``count_refused`` of the study in this journal file (0 when there is none yet)."""
-    import os
+    from results.record import open_study
 
-    import optuna
-
-    from search.layout import STUDY_NAME
-    from search.searcher import journal_storage
-
-    if not os.path.isfile(study_path):
-        return 0
-    return count_refused(optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path)))
+    return count_refused(open_study(study_path))

@@ -21,10 +21,9 @@ from typing import Any
 
 import pandas as pd
 
+from results.record import CONFIRM_DIR, CONFIRM_PLAN, read_record, write_record
 from results.summary import COMPLETED, STOPPED_EARLY, Experiment
-from search.layout import CONFIRM_DIR, CONFIRM_PLAN
 from trainable import metrics as M
-from trainable.files import read_json, write_json
 from trainable.tune_trainable import CANDIDATE, CONTINUE_FROM
 
 SEED_STRIDE = 1000  # extra seeds: seed + 1000, seed + 2000, ...
@@ -81,11 +80,11 @@ def _inside(path, folder) -> str:
 
 def load_or_write_plan(exp: Path, make) -> dict[str, Any]:
     """The plan of this search's confirmation, made once and kept (a resumed search reuses it)."""
-    existing = read_json(exp / CONFIRM_PLAN)
+    existing = read_record(exp / CONFIRM_PLAN)
     if existing is not None:
         return existing
     p = make()
-    write_json(exp / CONFIRM_PLAN, p)
+    write_record(exp / CONFIRM_PLAN, p)
     return p
 
 

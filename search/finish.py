@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results.record import (
+    BEST_DIR,
+    BEST_PARTIAL,
+    CONFIRM_RESULTS,
+    META_FILE,
+    STUDY_FILE,
+    SUMMARY_DIR,
+    write_record,
+)
 from results.summary import (
     ABANDONED,
     COMPLETED,
@@ -26,7 +35,6 @@ from results.summary import (
 from search.algorithms import update_wall
 from search.budget import refused_over_budget
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
-from search.layout import BEST_DIR, BEST_PARTIAL, CONFIRM_RESULTS, META_FILE, STUDY_FILE, SUMMARY_DIR
 from search.plan import SearchPlan
 from search.searcher import fail_abandoned
 from search.space import describe_limits
@@ -103,7 +111,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
 
 
 def write_confirmed(exp: Path, results: list[dict[str, Any]], winner_id: str | None) -> None:
-    write_json(exp / CONFIRM_RESULTS, {"winner": winner_id, "candidates": results})
+    write_record(exp / CONFIRM_RESULTS, {"winner": winner_id, "candidates": results})
 
 
 def _fmt(v: Any) -> str:

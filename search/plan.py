@@ -12,7 +12,6 @@ setting keeps the name it has in the space file (``max_epochs``, ``grace_period`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.layout import BEST_TRIAL, CONFIRM_RESULTS, META_FILE
+from results.record import BEST_TRIAL, CONFIRM_RESULTS, META_FILE, check_records, read_record, repair_records
 from search.space import Space, load_space
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -137,6 +136,8 @@ def check_options(args: argparse.Namespace) -> None:
         bad("--gpus-per-trial", args.gpus_per_trial, "must be >= 0; a fraction only below 1 (e.g. 0.25)")
     if args.max_concurrent < 0:
         bad("--max-concurrent", args.max_concurrent, "must be >= 0 (0: as resources allow)")
+    if getattr(args, "repair", False) and not args.resume:
+        raise UserError("--repair mends the records of a search being resumed; add --resume")
     if args.max_failures < 0:
         bad("--max-failures", args.max_failures, "must be >= 0")
     if args.num_cpus is not None and args.num_cpus < 1:
@@ -169,12 +170,21 @@ def search_name(args: argparse.Namespace) -> str:
     return args.name or Path(args.space).stem
 
 
-def _read_record(path: Path, name: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"cannot resume {name!r}: {path} is missing or unreadable (was the search started "
-                        "by this tool?); start a new search with --name") from None
+def _read_record(path: Path, name: str, repair: bool) -> dict:
+    """The resumed search's record, after every record of its folder is checked (``--repair``: mended first where
+    that loses nothing). Raises UserError (DamagedRecord) before anything is written."""
+    folder = path.parent.parent
+    if repair:
+        for line in repair_records(folder):
+            print(f"repaired {line}")
+    damaged = check_records(folder)
+    if damaged:
+        raise damaged[0]
+    found = read_record(path)
+    if found is None:
+        raise UserError(f"cannot resume {name!r}: {path} is missing (was the search started by this tool?); restore it "
+                        "from a copy of the search folder, or start a new search with --name")
+    return found
 
 
 def _pick(key: str, cli, record: dict | None, smoke: bool, space_value):
@@ -211,7 +221,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
                         "or --name NEW to start another")
     if args.resume and local and not exists:
         raise UserError(f"nothing to resume: no search named {name!r} in {args.storage}; drop --resume to start it")
-    record = _read_record(Path(path, META_FILE), name) if args.resume and local else None
+    record = _read_record(Path(path, META_FILE), name, getattr(args, "repair", False)) if args.resume and local else None
     space = load_space(args.space, args.task or (record or {}).get("task"))  # validated before Ray starts
     if record is not None and record["space"] != space.raw:
         raise UserError(f"{args.space} has changed since the search {name!r} started; restore the original "

@@ -21,7 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from search.layout import here
+from results.record import here
 from search.space import within_limits
 from trainable import metrics as M
 
@@ -129,7 +129,7 @@ class SearchProgress(Callback):
     def stopped(self) -> dict[str, dict]:
         if not self.state_file:
             return {}
-        from search.scheduler import stop_decisions
+        from results.record import stop_decisions
 
         return stop_decisions(self.state_file)
 
@@ -192,9 +192,9 @@ class SearchProgress(Callback):
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         self._reset()
         if self.state_file:  # a resumed search: the trials its earlier sessions finished count as done
-            from search.scheduler import RungScheduler
+            from results.record import scheduler_record
 
-            state = RungScheduler.read_state(self.state_file)
+            state = scheduler_record(self.state_file)
             for tid, decision in state["stopped"].items():
                 self.finished[tid] = "failed" if decision.get("reason") == "diverged" else "stopped"
             for tid, final in state["finished"].items():
@@ -276,7 +276,7 @@ class SearchProgress(Callback):
         if self.report_dir is not None:  # what the live report cost (bench/report_overhead.py reads it)
             from pathlib import Path
 
-            from search.layout import LIVE_REPORT_FILE
+            from results.record import LIVE_REPORT_FILE
             from trainable.files import write_json
 
             write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,

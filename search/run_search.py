@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from results.record import relocate
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
-from search.layout import relocate
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
 from search.tuner import (
     budget_check,
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "space's budget.confirm_seeds, else 3)")
     p.add_argument("--estimate", action="store_true", help="print what the search will cost on this machine (time, memory) "
                    "from a few timed iterations of its smallest and largest student, and exit without searching")
+    p.add_argument("--repair", action="store_true", help="with --resume: mend the damage to the search's records that "
+                   "loses nothing (a study journal whose last record a kill cut short; the confirmation's records, made "
+                   "again) and say what was done; other damage is refused in one line")
     p.add_argument("--smoke", action="store_true", help="tiny budgets, for tests")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
     p.add_argument("--report-every", type=float, default=20.0, metavar="SECONDS",

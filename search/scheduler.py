@@ -24,20 +24,15 @@ Ray's ASHA internals.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from search.layout import here
+from results.record import here, scheduler_record, write_record
 from trainable import metrics as M
-from trainable.files import write_json
-
-STATE_VERSION = 1
 
 
 # --------------------------------------------------------------------------- ranking (pure functions)
@@ -125,10 +120,6 @@ def milestones(grace_period: int, reduction_factor: float, max_epochs: int) -> l
 
 
 # --------------------------------------------------------------------------- the scheduler
-def empty_state() -> dict[str, Any]:
-    return {"version": STATE_VERSION, "rungs": {}, "stopped": {}, "finished": {}}
-
-
 class RungScheduler(FIFOScheduler):
     """Multi-objective, budget-aware ASHA (see the module docstring).
 
@@ -173,16 +164,8 @@ class RungScheduler(FIFOScheduler):
     @property
     def state(self) -> dict[str, Any]:
         if self._state is None:
-            self._state = self.read_state(self.state_file) if self.state_file else empty_state()
+            self._state = scheduler_record(self.state_file)
         return self._state
-
-    @staticmethod
-    def read_state(path: str | None) -> dict[str, Any]:
-        if not path or not os.path.exists(path):
-            return empty_state()
-        with open(path) as f:
-            state = json.load(f)
-        return {**empty_state(), **state}
 
 
     def merge_state(self, other: dict[str, Any]) -> None:
@@ -197,7 +180,7 @@ class RungScheduler(FIFOScheduler):
 
     def _write(self) -> None:
         if self.state_file:
-            write_json(self.state_file, self.state)
+            write_record(self.state_file, self.state)
 
     @property
     def stopped(self) -> dict[str, dict[str, Any]]:
@@ -279,11 +262,3 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
-
-
-def stop_decisions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The trials the scheduler of a search cut short, by trial id: ``{reason, rung, epoch, position, of}``.
-
-    How results/ reads the scheduler's record; it never parses the state file itself.
-    """
-    return dict(RungScheduler.read_state(str(path))["stopped"])

@@ -25,31 +25,19 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from ray.tune.search import Searcher
 
+from results.record import here, journal_storage, open_study
 from search.budget import MAX_REFUSALS, OVER_BUDGET
-from search.layout import STUDY_NAME, here
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 
 log = logging.getLogger(__name__)
 RAY_ID = "ray_trial_id"
 CONSTRAINT = "param_budget"
-
-
-def journal_storage(path: str | None):
-    """Optuna's journal storage on the file at ``path`` (in memory when None)."""
-    import optuna
-
-    if path is None:
-        return optuna.storages.InMemoryStorage()
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 class OptunaSearcher(Searcher):
@@ -234,9 +222,9 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
     Returns how many."""
     import optuna
 
-    if not os.path.isfile(study_path):
+    study = open_study(study_path)
+    if study is None:
         return 0
-    study = optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(study_path))
     n = 0
     for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if ft.user_attrs.get(RAY_ID) not in known_trial_ids:

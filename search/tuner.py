@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.layout import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME
+from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, write_record
 from search.plan import SearchPlan
 from trainable.errors import UserError
-from trainable.files import write_json
 
 
 @dataclass(frozen=True)
@@ -216,7 +215,7 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
                   "selected_on": plan.selection_metric, "folder": plan.path,
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
                   "estimate_s": from_speed(plan, speed)}
-    write_json(plan.file(META_FILE), record)
+    write_record(plan.file(META_FILE), record)
 
 
 def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
@@ -310,8 +309,12 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     from search.progress import SearchProgress
     from trainable.tune_trainable import RUN
 
-    if (folder / "tuner.pkl").exists():
+    if (folder / "tuner.pkl").exists() and any(folder.glob("experiment_state-*.json")):
         return _restore(str(folder), trainable)
+    if folder.exists():  # killed before Tune saved any state of it: nothing there can be resumed, so it starts again
+        import shutil
+
+        shutil.rmtree(folder)
     progress = SearchProgress(len(runs), plan.max_epochs, [], 1.0, None, [], label="confirmation run",
                               selection=plan.selection_metric)
     return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},

@@ -56,8 +56,9 @@ def test_over_says_which_limit_and_by_how_much(teacher_params):
 
 
 def test_the_searcher_never_hands_tune_a_setting_over_the_budget(tmp_path, teacher_params):
+    from results.record import journal_storage
     from search.budget import refused_over_budget
-    from search.searcher import OptunaSearcher, journal_storage
+    from search.searcher import OptunaSearcher
 
     space = parse_space({"params": FRACTION})
     check = BudgetCheck({"task": "digits"}, teacher_params, {M.PARAM_RATIO: 0.1})

@@ -1,11 +1,12 @@
 """SearchPlan: one precedence (command line > resumed record > --smoke > space) and every resume check, no Ray."""
 import json
+import re
 
 import pytest
 import yaml
 
 from conftest import ROOT
-from search.layout import CONFIRM_RESULTS, META_FILE
+from results.record import CONFIRM_PLAN, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE, write_record
 from search.plan import SMOKE_BUDGET, SMOKE_CONFIG, resolve_plan
 from search.run_search import build_parser
 from trainable.errors import UserError
@@ -88,7 +89,7 @@ def test_a_changed_space_or_a_missing_record_cannot_be_resumed(tmp_path):
         plan_for(tmp_path, "--resume")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(SPACE))
     (exp / META_FILE).unlink()
-    with pytest.raises(UserError, match="missing or unreadable"):
+    with pytest.raises(UserError, match="search.json is missing"):
         plan_for(tmp_path, "--resume")
 
 
@@ -97,6 +98,8 @@ def test_a_finished_search_is_recognised(tmp_path):
     assert not plan_for(tmp_path, "--resume").finished
     (exp / CONFIRM_RESULTS).write_text("{}")
     (exp / "best").mkdir()
+    assert not plan_for(tmp_path, "--resume").finished  # best/ without its files: a kill during the export
+    (exp / "best" / "trial.json").write_text("{}")
     assert plan_for(tmp_path, "--resume").finished
 
 
@@ -120,3 +123,49 @@ def test_shipped_spaces_resolve(tmp_path):
         argv = ["--space", str(f), "--storage", str(tmp_path)]
         p = resolve_plan(build_parser().parse_args(argv), argv)
         assert p.max_epochs >= p.grace_period >= 1 and p.trial_config["epochs"] == p.max_epochs
+
+
+# ------------------------------------------------------------------ damaged records: one line, nothing changed
+JOURNAL = b'{"op_code": 0, "worker_id": "w", "study_name": "akdtune", "directions": [1]}\n'
+
+
+def files_of(exp):
+    return {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda e: (e / SCHEDULER_FILE).write_text("{"), "scheduler.json is damaged (not valid JSON"),
+    (lambda e: write_record(e / SCHEDULER_FILE, {"stopped": {}}) or (e / SCHEDULER_FILE).write_text(
+        (e / SCHEDULER_FILE).read_text().replace('"stopped": {}', '"stopped": {"x": {}}')), "checksum does not match"),
+    (lambda e: (e / STUDY_FILE).write_bytes(JOURNAL + b'{"op_code": 5, "wor'), "last record is cut short"),
+    (lambda e: (e / STUDY_FILE).write_bytes(JOURNAL + b'{"op_code": 5\n' + JOURNAL), "record 2 of 3 is not valid JSON"),
+    (lambda e: (e / CONFIRM_PLAN).write_text("[]"), "confirm.json is damaged (holds a list"),
+], ids=["scheduler cut", "scheduler changed", "journal cut", "journal middle", "confirm plan"])
+def test_a_damaged_record_is_refused_on_resume_and_nothing_changes(tmp_path, damage, needle):
+    exp = started_search(tmp_path)
+    damage(exp)
+    before = files_of(exp)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        plan_for(tmp_path, "--resume")
+    assert files_of(exp) == before
+
+
+def test_repair_mends_what_loses_nothing_and_refuses_the_rest(tmp_path, capsys):
+    exp = started_search(tmp_path)
+    (exp / STUDY_FILE).write_bytes(JOURNAL + b'{"op_code": 5, "wor')
+    write_record(exp / CONFIRM_RESULTS, {"winner": None, "candidates": []})
+    (exp / CONFIRM_RESULTS).write_text((exp / CONFIRM_RESULTS).read_text()[:-20])
+    with pytest.raises(UserError, match="resume the search with --repair"):
+        plan_for(tmp_path, "--resume")
+    plan = plan_for(tmp_path, "--resume", "--repair")
+    assert plan.resume and (exp / STUDY_FILE).read_bytes() == JOURNAL and not (exp / CONFIRM_RESULTS).exists()
+    out = capsys.readouterr().out
+    assert "study.journal: dropped a cut last record (19 bytes)" in out and "confirmed.json: removed" in out
+    assert plan_for(tmp_path, "--resume").resume  # mended: a plain resume goes on
+    (exp / SCHEDULER_FILE).write_text("{")  # what --repair cannot mend without loss: refused, nothing changed
+    before = files_of(exp)
+    with pytest.raises(UserError, match="scheduler.json is damaged .* restore it from a copy"):
+        plan_for(tmp_path, "--resume", "--repair")
+    assert files_of(exp) == before
+    with pytest.raises(UserError, match="--repair mends the records of a search being resumed"):
+        plan_for(tmp_path, "--repair")

@@ -136,8 +136,8 @@ def test_the_report_thread_stops_at_once_when_the_search_ends(tmp_path, monkeypa
 def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
     import optuna
 
+    from results.record import journal_storage
     from search.budget import OVER_BUDGET
-    from search.searcher import journal_storage
 
     journal = tmp_path / "study.journal"
     study = optuna.create_study(study_name="akdtune", storage=journal_storage(journal))

@@ -153,7 +153,7 @@ def make_searcher(tmp_path, objectives=MO, budget=0.1):
 
 
 def load(tmp_path):
-    from search.searcher import journal_storage
+    from results.record import journal_storage
 
     return optuna.load_study(study_name="akdtune", storage=journal_storage(tmp_path / "study.journal"))
 

@@ -80,7 +80,7 @@ def study_trials(exp: Path) -> dict:
     """Optuna's trials of a search, by Ray id, read from the study's journal file like any user would."""
     import optuna
 
-    from search.searcher import journal_storage
+    from results.record import journal_storage
 
     try:
         study = optuna.load_study(study_name="akdtune", storage=journal_storage(exp / "akdtune" / "study.journal"))
@@ -292,6 +292,53 @@ def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_addres
     finished_with_five_trials(src)
 
 
+def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut_journal(tmp_path, ray_address):
+    """An interrupted search whose records are damaged afterwards: --resume and results/report.py refuse in one line
+    and change nothing; --repair mends a journal cut by a kill, and the search then resumes to the end."""
+    import shutil
+
+    from conftest import run_main
+
+    def args(name):
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 5, "--storage", tmp_path,
+                "--name", name, "--no-report"]
+
+    src = tmp_path / "s"
+    proc = _start(args("s"), ray_address)
+    try:
+        assert _wait_for(lambda: len(_finished_trials(src)) >= 2), "no trial finished in time"
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    damages = {
+        "journal": lambda e: (e / "akdtune" / "study.journal").write_bytes(
+            (e / "akdtune" / "study.journal").read_bytes()[:-7]),  # its last record cut short, as by a kill
+        "scheduler": lambda e: (e / "akdtune" / "scheduler.json").write_text("{"),
+        "record": lambda e: (e / "akdtune" / "search.json").unlink(),
+    }
+    needles = {"journal": "study.journal is damaged (its last record is cut short",
+               "scheduler": "scheduler.json is damaged (not valid JSON", "record": "search.json is missing"}
+    for name, damage in damages.items():
+        exp = tmp_path / name
+        shutil.copytree(src, exp, symlinks=True)
+        damage(exp)
+        before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+        for script, argv in (("results/report.py", [exp]), ("search/run_search.py", [*args(name), "--resume"])):
+            r = run_main(script, *argv)
+            assert r.returncode == 2 and needles[name] in r.stderr, (script, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr + r.stdout
+            assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before, script
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args("journal")), "--resume",
+                        "--repair", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "repaired akdtune/study.journal: dropped a cut last record (" in r.stdout
+    trials = trials_table(tmp_path / "journal")
+    trials = trials[trials["outcome"] != "abandoned"]
+    assert len(trials) == 5 and set(trials["outcome"]) <= {"completed", "stopped_early"} and trials["winner"].sum() == 1
+    assert run_main("results/report.py", tmp_path / "journal").returncode == 0
+
+
 def test_ctrl_c_exits_3_and_the_printed_command_resumes(tmp_path, ray_address):
     args = ["--space", ROOT / "spaces" / "capacity.yaml", "--smoke", "--num-samples", 5, "--storage", tmp_path,
             "--name", "interrupted"]
@@ -430,8 +477,8 @@ def test_a_finished_search_resumed_says_so_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("kill_state", ["partial export", "empty best of an older version"])
-def test_a_kill_during_the_winners_export_resumes_to_a_complete_best(tmp_path, kill_state):
+@pytest.mark.parametrize("kill_state", ["partial export", "empty best of an older version", "confirmation starting"])
+def test_a_kill_during_the_winners_export_or_the_confirmation_resumes_to_a_complete_best(tmp_path, kill_state):
     args = ["--space", ROOT / "spaces" / "ratios.yaml", "--smoke", "--num-samples", 2, "--storage", tmp_path,
             "--no-report"]
     assert search(*args) == 0
@@ -444,6 +491,12 @@ def test_a_kill_during_the_winners_export_resumes_to_a_complete_best(tmp_path, k
     if kill_state == "partial export":
         (exp / "best").rename(exp / "akdtune" / "best.partial")
         (exp / "akdtune" / "best.partial" / "metrics.json").unlink()
+    elif kill_state == "confirmation starting":  # Tune had written the confirmation's tuner.pkl, no state yet
+        import shutil
+
+        for p in [*exp.glob("confirm/*state*"), exp / "akdtune" / "confirmed.json"]:
+            p.unlink()
+        shutil.rmtree(exp / "best")
     else:
         import shutil
 

@@ -42,7 +42,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     """JSON, indented and with sorted keys; numpy/torch scalars, tuples and sets become plain values."""
-    write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_jsonable) + "\n")
+    write_text(path, json.dumps(data, indent=1, sort_keys=True, default=jsonable) + "\n")
 
 
 def read_json(path: str | Path, default: Any = None) -> Any:
@@ -60,7 +60,7 @@ def torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, (set, tuple)):
         return list(v)
     if hasattr(v, "item"):  # numpy / torch scalars

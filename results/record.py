@@ -1,0 +1,260 @@
+"""The record of a search folder ``<storage>/<name>/``: the name of every file this tool keeps there, and the one
+way each is written, checked and read.
+
+``search/`` writes through this module and ``results/`` reads through it; it imports neither of them, nor Ray, so
+a finished search can be summarised where Ray is not installed.
+
+Our own files live under ``akdtune/``: Tune re-uploads stale copies of top-level .json/.pkl files of the
+experiment folder after a restore, which would overwrite them. Tune's own files (``experiment_state-*.json``,
+``tuner.pkl``, trial folders) are Tune's.
+
+**Damage.** Every JSON record is written atomically (``trainable.files``: a kill leaves the old file or the new
+one) and carries ``_record: {format, sha256}``, the checksum of the rest of it, so a file changed or cut by
+anything else is told from a whole one: :func:`read_record` raises :class:`DamagedRecord`, one line naming the
+file and what to do, and changes nothing. Optuna's study journal is checked line by line before anything
+appends to it (:func:`check_journal`); a record cut by a kill at its end is the one damage ``--repair`` mends
+without loss of anything complete (:func:`repair_journal`). Records written before checksums existed are read
+as they are.
+
+**Moves.** A search folder may be copied, moved or archived and resumed from its new place: the records hold
+paths relative to the folder, and the objects Tune pickles with absolute paths are re-pointed on restore
+(:func:`relocate`, :func:`here`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from trainable.errors import UserError
+from trainable.files import jsonable, write_json
+
+# ---------------------------------------------------------------------------------------------
+# The files
+# ---------------------------------------------------------------------------------------------
+META_FILE = "akdtune/search.json"  # how the search was started (space, task, teacher, seed, ...)
+SCHEDULER_FILE = "akdtune/scheduler.json"  # rung records, stop decisions, finished trials (search.scheduler)
+STUDY_FILE = "akdtune/study.journal"  # the Optuna study (Optuna's journal storage); optuna.load_study reads it
+STUDY_NAME = "akdtune"  # the study's name inside STUDY_FILE
+CONFIRM_DIR = "confirm"  # the confirmation phase: a Ray experiment of its own, inside the search folder
+CONFIRM_PLAN = "akdtune/confirm.json"  # candidates and seeds of the confirmation phase
+CONFIRM_RESULTS = "akdtune/confirmed.json"  # per candidate: seeds, val/test accuracy per seed, mean and std
+LIVE_REPORT_FILE = "akdtune/live_report.json"  # how often and how long the live report was rewritten
+SUMMARY_DIR = "summary"  # trials.parquet, epochs.parquet (results.summary.write_summaries)
+REPORT_FILE = "report.html"  # results.report.build_report
+BEST_DIR = "best"  # the winner: a run's outputs (trainable.outputs.finish_run), metrics.json, trial.json
+BEST_METRICS = "best/metrics.json"  # the winner's confirmed metrics
+BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
+BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
+# killed during its export has no best/ and is not finished (the resume exports again)
+
+# The records a search keeps (JSON, with a checksum), and what --repair does about damage to those it can mend
+# without loss; any other damaged record is restored from a copy of the folder.
+RECORDS = (META_FILE, SCHEDULER_FILE, CONFIRM_PLAN, CONFIRM_RESULTS)
+REPAIRS = {
+    CONFIRM_PLAN: "it is made again from the trials, the same plan",
+    CONFIRM_RESULTS: "it is made again from the confirmation runs' checkpoints",
+    STUDY_FILE: "the cut record is dropped: never complete, Optuna never read it",
+}
+RECORD_FORMAT = "akdtune.record/1"
+RECORD_KEY = "_record"
+
+
+class DamagedRecord(UserError):
+    """A record of a search folder that is not what this tool wrote: one line naming it and what to do."""
+
+    def __init__(self, path: str | Path, why: str):
+        self.path = Path(path)
+        self.repair = next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)), None)
+        what = (f"resume the search with --repair ({self.repair})" if self.repair
+                else "restore it from a copy of the search folder")
+        super().__init__(f"{path} is damaged ({why}); nothing was changed: {what}")
+
+    @property
+    def repairable(self) -> bool:
+        return self.repair is not None
+
+
+def _digest(data: dict[str, Any]) -> str:
+    body = json.dumps(data, sort_keys=True, default=jsonable, separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def write_record(path: str | Path, data: dict[str, Any]) -> None:
+    """Write a record of a search folder (``<folder>/akdtune/....json``) atomically, with its checksum."""
+    body = {k: v for k, v in data.items() if k != RECORD_KEY}
+    write_json(path, {**body, RECORD_KEY: {"format": RECORD_FORMAT, "sha256": _digest(body)}})
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """A record of a search folder without its checksum; None when the file does not exist.
+
+    Raises:
+        DamagedRecord: not JSON, not a mapping, an unknown format or a checksum that does not match.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedRecord(path, f"unreadable: {type(e).__name__}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise DamagedRecord(path, "not valid JSON: cut short or overwritten") from None
+    if not isinstance(data, dict):
+        raise DamagedRecord(path, f"holds a {type(data).__name__}, not a record")
+    check = data.pop(RECORD_KEY, None)
+    if check is None:
+        return data  # written before records carried a checksum
+    if not isinstance(check, dict) or check.get("format") != RECORD_FORMAT:
+        raise DamagedRecord(path, f"unknown record format {check!r}")
+    if check.get("sha256") != _digest(data):
+        raise DamagedRecord(path, "its checksum does not match its contents: changed after it was written")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler's record, as plain data
+# ---------------------------------------------------------------------------------------------
+SCHEDULER_VERSION = 1
+
+
+def empty_scheduler_record() -> dict[str, Any]:
+    """``rungs``: rung -> trial id -> its objective values there; ``stopped``: trial id -> the decision that cut it
+    short (``reason``, ``rung``, ``epoch``, ``position``, ``of``); ``finished``: trial id -> its last result."""
+    return {"version": SCHEDULER_VERSION, "rungs": {}, "stopped": {}, "finished": {}}
+
+
+def scheduler_record(path: str | Path | None) -> dict[str, Any]:
+    """The scheduler's record at ``path`` (empty where there is none yet). Raises DamagedRecord."""
+    record = read_record(path) if path else None
+    return {**empty_scheduler_record(), **(record or {})}
+
+
+def stop_decisions(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The trials the scheduler of a search cut short, by trial id (see :func:`empty_scheduler_record`)."""
+    return dict(scheduler_record(path)["stopped"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The Optuna study's journal
+# ---------------------------------------------------------------------------------------------
+def journal_storage(path: str | None):
+    """Optuna's journal storage on the file at ``path`` (in memory when None): the one way the study is opened."""
+    import optuna
+
+    if path is None:
+        return optuna.storages.InMemoryStorage()
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(path: str | Path):
+    """The search's Optuna study, read from its journal file ``path`` (checked first; for reading: a search's sampler
+    opens it with ``optuna.create_study(..., load_if_exists=True)`` on :func:`journal_storage`); None when there
+    is none yet."""
+    import optuna
+
+    if not Path(path).is_file():
+        return None
+    check_journal(path)
+    try:
+        return optuna.load_study(study_name=STUDY_NAME, storage=journal_storage(str(path)))
+    except KeyError:  # no study of that name in it yet
+        return None
+
+
+def _journal_lines(path: str | Path) -> tuple[bytes, list[bytes]]:
+    data = Path(path).read_bytes()
+    return data, data.split(b"\n")
+
+
+def check_journal(path: str | Path) -> None:
+    """The study journal at ``path`` is whole: every line a complete JSON record (Optuna skips a cut last line, and a
+    record appended after it would make the file unreadable for good). Raises DamagedRecord."""
+    if not Path(path).is_file():
+        return
+    data, lines = _journal_lines(path)
+    for i, line in enumerate(lines[:-1]):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise DamagedRecord(path, f"record {i + 1} of {len(lines) - 1} is not valid JSON") from None
+    if lines[-1]:  # bytes after the last newline: a record cut short
+        raise DamagedRecord(path, f"its last record is cut short ({len(lines[-1])} bytes)")
+
+
+def repair_journal(path: str | Path) -> int:
+    """Drop a cut last record of the study journal at ``path`` (see :func:`check_journal`); the bytes dropped."""
+    if not Path(path).is_file():
+        return 0
+    data, lines = _journal_lines(path)
+    if not lines[-1]:
+        return 0
+    keep = len(data) - len(lines[-1])
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return len(data) - keep
+
+
+def check_records(folder: str | Path) -> list[DamagedRecord]:
+    """Every record of the search at ``folder`` that is damaged (each with what to do), the journal included."""
+    found = []
+    for name in RECORDS:
+        try:
+            read_record(Path(folder) / name)
+        except DamagedRecord as e:
+            found.append(e)
+    try:
+        check_journal(Path(folder) / STUDY_FILE)
+    except DamagedRecord as e:
+        found.append(e)
+    return found
+
+
+def repair_records(folder: str | Path) -> list[str]:
+    """Mend what can be mended without loss (``--repair``); what was done, one line each. Raises the first
+    DamagedRecord that cannot be mended (nothing is changed then)."""
+    damaged = check_records(folder)
+    fatal = [d for d in damaged if not d.repairable]
+    if fatal:
+        raise fatal[0]
+    done = []
+    for d in damaged:
+        if d.path == Path(folder) / STUDY_FILE:
+            done.append(f"{STUDY_FILE}: dropped a cut last record ({repair_journal(d.path)} bytes)")
+        else:
+            os.remove(d.path)
+            done.append(f"{d.path.relative_to(folder).as_posix()}: removed; {d.repair}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# Moves: a copied or moved search writes into its own folder
+# ---------------------------------------------------------------------------------------------
+_moved: dict[str, str] = {}  # the folder a search recorded as its own (search.json's ``folder``) -> where it is now
+
+
+def relocate(recorded: str | None, now: str) -> None:
+    """The search recorded at ``recorded`` is now at ``now``: every path into it that an object restored from Tune's
+    pickles holds is re-pointed (:func:`here`), so a resume never writes into the folder it was copied from."""
+    _moved.clear()
+    if recorded and os.path.normpath(recorded) != os.path.normpath(now):
+        _moved[os.path.normpath(recorded)] = os.path.normpath(now)
+
+
+def here(path: str | None) -> str | None:
+    """``path`` re-pointed into the search's current folder where the search was copied or moved; else as it is."""
+    if path is None:
+        return None
+    p = os.path.normpath(str(path))
+    for old, new in _moved.items():
+        if p == old or p.startswith(old + os.sep):
+            return new + p[len(old):]
+    return str(path)
