@@ -109,11 +109,6 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
     """(trial_id, status, config, trial folder) of every trial, from Tune's latest experiment state."""
     from ray.tune import ExperimentAnalysis
 
-    if not list(exp.glob("experiment_state-*.json")):
-        from trainable.errors import UserError
-
-        raise UserError(f"{exp} is not a Ray experiment folder (no experiment_state-*.json); "
-                        "pass <storage>/<name> of a search")
     analysis = ExperimentAnalysis(str(exp))
     return [{"trial_id": t.trial_id, "status": t.status, "config": dict(t.config), "dir": Path(t.path)}
             for t in analysis.trials]
@@ -156,6 +151,11 @@ def load_experiment(path: str | Path) -> Experiment:
         from trainable.errors import UserError
 
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
+    if not list(exp.glob("experiment_state-*.json")):
+        from trainable.errors import UserError
+
+        raise UserError(f"{exp} is not a Ray experiment folder (no experiment_state-*.json); "
+                        "pass <storage>/<name> of a search")
     damaged = check_records(exp)  # before anything is read or written: a damaged record is refused in one line
     if damaged:
         raise damaged[0]

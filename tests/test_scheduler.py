@@ -6,6 +6,7 @@ import pickle
 import optuna
 import pytest
 
+from results.record import read_record
 from search.scheduler import RungScheduler, crowding_distances, keeps, milestones, nondominated_fronts, rank_records
 from trainable import metrics as M
 
@@ -103,7 +104,7 @@ def test_state_survives_pickling_by_reading_its_file(tmp_path):
     s.decide("t2", result(4, 0.5, 0.5))
     s.decide("t3", result(4, 0.4, 0.6))
     copy = pickle.loads(pickle.dumps(s))  # what Tune's tuner.pkl gives back on restore
-    assert copy.state == json.loads(state.read_text()) == s.state
+    assert copy.state == read_record(state) == s.state
     assert set(copy.state["rungs"]["4"]) == {"t1", "t2", "t3"} and "t3" in copy.stopped
 
 
@@ -208,17 +209,17 @@ def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
     """A search's wall time is the sum of its sessions; WallClock keeps it current while trials run."""
     import time
 
+    from results.record import read_record, write_record
     from search.algorithms import WallClock, update_wall
-    from trainable.files import read_json, write_json
 
     meta = tmp_path / "search.json"
-    write_json(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})
+    write_record(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})
     clock = pickle.loads(pickle.dumps(WallClock(str(meta), every_s=0.0)))  # as Tune restores it
     clock.on_trial_complete(0, [], None)
-    first = read_json(meta)["wall_s"]
+    first = read_record(meta)["wall_s"]
     assert 29 < first < 60  # kept current: a kill -9 now loses at most every_s of it
     # A resumed session marks its start; its time adds to what the killed one had recorded.
-    write_json(meta, {**read_json(meta), "wall_before": first, "session_started": time.time() - 10})
+    write_record(meta, {**read_record(meta), "wall_before": first, "session_started": time.time() - 10})
     assert first + 9 < update_wall(str(meta)) < first + 40
 
 
