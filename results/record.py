@@ -124,7 +124,8 @@ SCHEDULER_VERSION = 1
 
 def empty_scheduler_record() -> dict[str, Any]:
     """``rungs``: rung -> trial id -> its objective values there; ``stopped``: trial id -> the decision that cut it
-    short (``reason``, ``rung``, ``epoch``, ``position``, ``of``); ``finished``: trial id -> its last result."""
+    short (``reason``, ``rung``, ``epoch``, ``position``, ``of``, and ``result``: the epoch's metrics it judged);
+    ``finished``: trial id -> its last result."""
     return {"version": SCHEDULER_VERSION, "rungs": {}, "stopped": {}, "finished": {}}
 
 

@@ -21,7 +21,7 @@ from results.record import (
     SUMMARY_DIR,
     check_records,
     read_record,
-    stop_decisions,
+    scheduler_record,
 )
 from search.space import budget_limits, within_limits
 from trainable import metrics as M
@@ -165,7 +165,8 @@ def load_experiment(path: str | Path) -> Experiment:
 
         raise UserError(f"{exp / META_FILE} is missing: {exp} is not a search folder of this tool, or its record "
                         "was deleted; nothing was changed: restore it from a copy of the search folder")
-    stopped = stop_decisions(exp / SCHEDULER_FILE)
+    scheduler = scheduler_record(exp / SCHEDULER_FILE)
+    stopped, finished = dict(scheduler["stopped"]), dict(scheduler["finished"])
     confirmed = read_record(exp / CONFIRM_RESULTS) or {}
     best_cost = read_json(exp / BEST_DIR / "metrics.json", {})
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
@@ -192,6 +193,9 @@ def load_experiment(path: str | Path) -> Experiment:
                 if M.EPOCH in r:
                     results[int(r[M.EPOCH])] = r  # dedupe: a resumed epoch replaces the earlier one
                 tail = r
+        for kept in (stopped.get(trial_id, {}).get("result"), finished.get(trial_id)):  # the scheduler's copies
+            if kept and M.EPOCH in kept and int(kept[M.EPOCH]) not in results:  # Tune's lost to a kill
+                results[int(kept[M.EPOCH])] = kept
         ordered = [results[e] for e in sorted(results)]
         for r in ordered:
             epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},

@@ -224,7 +224,9 @@ class RungScheduler(FIFOScheduler):
             position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
             if position >= keep:
                 st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": epoch, "position": position + 1,
-                                           "of": len(order), "kept": keep}
+                                           "of": len(order), "kept": keep,
+                                           # the result judged: the trials table's, should Tune's copy die in a kill
+                                           "result": {k: result[k] for k in M.EPOCH_METRICS if k in result}}
                 action = TrialScheduler.STOP
                 break
         if changed:

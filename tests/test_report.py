@@ -69,6 +69,32 @@ def test_rebuilding_twice_gives_the_same_parquet(finished_search):
         pd.testing.assert_frame_equal(df, pd.read_parquet(finished_search / "summary" / f"{name}.parquet"))
 
 
+def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(finished_search, tmp_path):
+    """Killed right after the scheduler stopped a trial at a rung: Tune's result.json may lack the epoch judged there;
+    the trials table shows the result the rung judged (the scheduler records it before acting), not an older one."""
+    from results.record import scheduler_record
+    from results.summary import load_experiment
+
+    exp = tmp_path / "rep"
+    shutil.copytree(finished_search, exp, symlinks=True)
+    record = scheduler_record(exp / "akdtune" / "scheduler.json")
+    cut = [t for t, d in record["stopped"].items() if d.get("reason") == "rung" and d["epoch"] > 1]
+    done = list(record["finished"])
+    assert cut or done
+    for tid in cut + done:
+        f = exp / f"trial_{tid}" / "result.json"
+        lines = f.read_text().splitlines()
+        f.write_text("\n".join(lines[:-1]) + "\n")  # its last result lost
+    t = load_experiment(exp).trials.set_index("trial_id")
+    for tid in cut:
+        judged = record["stopped"][tid]
+        assert t.loc[tid, "epochs_run"] == judged["epoch"] and t.loc[tid, "outcome"] == "stopped_early"
+        assert t.loc[tid, "final_val_acc"] == judged["result"][M.VAL_ACC]
+        assert t.loc[tid, "stopped_at"] == f"{judged['rung']}: {judged['position']} of {judged['of']}"
+    for tid in done:
+        assert t.loc[tid, "final_val_acc"] == record["finished"][tid][M.VAL_ACC]
+
+
 def test_report_cli_bad_path(tmp_path):
     r = run_main("results/report.py", tmp_path / "nope")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr
