@@ -125,8 +125,9 @@ SCHEDULER_VERSION = 1
 def empty_scheduler_record() -> dict[str, Any]:
     """``rungs``: rung -> trial id -> its objective values there; ``stopped``: trial id -> the decision that cut it
     short (``reason``, ``rung``, ``epoch``, ``position``, ``of``, and ``result``: the epoch's metrics it judged);
-    ``finished``: trial id -> its last result."""
-    return {"version": SCHEDULER_VERSION, "rungs": {}, "stopped": {}, "finished": {}}
+    ``finished``: trial id -> its last result; ``errored``: trial id -> the epoch it had reached when it failed for good
+    (no retry left)."""
+    return {"version": SCHEDULER_VERSION, "rungs": {}, "stopped": {}, "finished": {}, "errored": {}}
 
 
 def scheduler_record(path: str | Path | None) -> dict[str, Any]:

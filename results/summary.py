@@ -114,10 +114,10 @@ def _trial_records(exp: Path) -> list[dict[str, Any]]:
             for t in analysis.trials]
 
 
-def _outcome(status: str, stopped: dict | None, last: dict) -> str:
+def _outcome(status: str, stopped: dict | None, last: dict, errored: bool = False) -> str:
     if status == "ABANDONED":
         return ABANDONED
-    if status == "ERROR":
+    if status == "ERROR" or (errored and status != "TERMINATED"):  # errored: the scheduler saw it fail for good
         return ERRORED
     if last.get(M.DIVERGED) or (stopped or {}).get("reason") == "diverged":
         return DIVERGED
@@ -129,9 +129,13 @@ def _outcome(status: str, stopped: dict | None, last: dict) -> str:
 
 
 def _error_line(trial_dir: Path) -> str:
-    """The last line of the trial's traceback: the exception and its message."""
+    """The reason a trial errored, in one line: the last line of its traceback (the exception and its message)."""
     path = trial_dir / "error.txt"
-    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()] if path.exists() else []
+    text = path.read_text(errors="replace") if path.exists() else ""
+    if "ActorDiedError" in text or "worker process has died" in text:
+        return ("the worker died (killed, out of memory, or crashed outside Python); its traceback is in "
+                f"{path.name}")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:500] if lines else "error"
 
 
@@ -166,7 +170,7 @@ def load_experiment(path: str | Path) -> Experiment:
         raise UserError(f"{exp / META_FILE} is missing: {exp} is not a search folder of this tool, or its record "
                         "was deleted; nothing was changed: restore it from a copy of the search folder")
     scheduler = scheduler_record(exp / SCHEDULER_FILE)
-    stopped, finished = dict(scheduler["stopped"]), dict(scheduler["finished"])
+    stopped, finished, errored = dict(scheduler["stopped"]), dict(scheduler["finished"]), dict(scheduler["errored"])
     confirmed = read_record(exp / CONFIRM_RESULTS) or {}
     best_cost = read_json(exp / BEST_DIR / "metrics.json", {})
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
@@ -201,7 +205,7 @@ def load_experiment(path: str | Path) -> Experiment:
             epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
                                "time_total_s": r.get("time_total_s")})
         status = t.get("status", "PENDING")
-        outcome = _outcome(status, stopped.get(trial_id), tail)
+        outcome = _outcome(status, stopped.get(trial_id), tail, trial_id in errored)
         last = ordered[-1] if ordered else {}
         config = t.get("config") or {}
         stop = stopped.get(trial_id) or {}

@@ -103,7 +103,7 @@ class SearchProgress(Callback):
         self.epochs: dict[str, int] = {}  # trial id -> epochs reported
         self.finished: dict[str, str] = {}  # trial id -> outcome word
         self.epoch_times: list[float] = []
-        self.best: tuple[float, float, str] | None = None  # (selection metric, param_ratio, trial id)
+        self.bests: dict[str, tuple[float, float]] = {}  # trial id -> its best (selection metric, param_ratio)
         self.bar = None
         self._pending = threading.Event()
         self._worker: threading.Thread | None = None
@@ -168,8 +168,9 @@ class SearchProgress(Callback):
     def status(self, running: int) -> str:
         c = self.counts()
         eta = self.eta_s(running)
-        best = (f"best so far {self.selection} {self.best[0]:.4f} at {self.best[1]:.1%} params ({self.best[2]})"
-                if self.best else "no result yet")
+        best = self.best
+        best = (f"best so far {self.selection} {best[0]:.4f} at {best[1]:.1%} params ({best[2]})"
+                if best else "no result yet")
         return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
                 f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
                 f"elapsed {fmt_duration(time.time() - self.start)}"
@@ -221,8 +222,9 @@ class SearchProgress(Callback):
         if result.get("time_this_iter_s"):
             self.epoch_times.append(float(result["time_this_iter_s"]))
         acc, ratio = result.get(self.selection), result.get(M.PARAM_RATIO)
-        if acc is not None and within_limits(result, self.limits) and (self.best is None or acc > self.best[0]):
-            self.best = (float(acc), float(ratio or 0.0), trial.trial_id)
+        mine = self.bests.get(trial.trial_id)
+        if acc is not None and within_limits(result, self.limits) and (mine is None or acc > mine[0]):
+            self.bests[trial.trial_id] = (float(acc), float(ratio or 0.0))
         self.peak_running = max(self.peak_running, self._running(trials))
         if self.bar is not None:
             self.bar.set_postfix_str(self.status(self._running(trials)), refresh=True)
@@ -242,6 +244,13 @@ class SearchProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trials, trial, "failed", "ERRORED (see its error.txt; summary/trials.parquet has the reason)")
+
+    @property
+    def best(self) -> tuple[float, float, str] | None:
+        """(selection metric, param_ratio, trial id) of the best result so far within the limits, failed trials left
+        out (a trial that errored or diverged is never the best)."""
+        ok = [(v[0], v[1], tid) for tid, v in self.bests.items() if self.finished.get(tid) != "failed"]
+        return max(ok, key=lambda b: b[0]) if ok else None
 
     def _running(self, trials) -> int:
         return sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in self.finished)

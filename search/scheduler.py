@@ -243,12 +243,18 @@ class RungScheduler(FIFOScheduler):
             self.finished.setdefault(tid, {k: result[k] for k in M.EPOCH_METRICS if k in result})
             self._write()
 
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        """A trial that failed for good (no retry left): recorded, so that it counts as errored even where Tune's
+        experiment state still lists it as running (a worker that died) and a resume never trains it again."""
+        self.state.setdefault("errored", {})[trial.trial_id] = {"epoch": int((trial.last_result or {}).get(M.EPOCH, 0))}
+        self._write()
+
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
-        # After a restore Tune may still list as unfinished a trial this scheduler had stopped or
-        # seen finish (a kill between our write and Tune's own checkpoint): stop it, do not train it.
+        # After a restore Tune may still list as unfinished a trial this scheduler had stopped, seen finish or
+        # seen fail (a kill between our write and Tune's own checkpoint): stop it, do not train it.
+        done = {**self.stopped, **self.finished, **self.state.get("errored", {})}
         for trial in tune_controller.get_trials():
-            if trial.status in (Trial.PENDING, Trial.PAUSED) and (
-                    trial.trial_id in self.stopped or trial.trial_id in self.finished):
+            if trial.status in (Trial.PENDING, Trial.PAUSED) and trial.trial_id in done:
                 tune_controller.stop_trial(trial)
         return super().choose_trial_to_run(tune_controller)
 

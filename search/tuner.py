@@ -181,7 +181,9 @@ def start_ray(plan: SearchPlan) -> None:
         import logging
 
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output engine: silent at verbose=0
-        logging.getLogger("ray.tune").setLevel(logging.ERROR)
+        # Tune's own error lines too: a failed trial is reported once by the progress view, in one line, and its
+        # traceback is in its error.txt (--verbose shows Tune's logging).
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     if not ray.is_initialized():
         # A teacher or student given as package.module:callable is imported by every trial: the folder the
         # search runs from is importable there as it is here (a local Ray's workers inherit this environment).

@@ -339,6 +339,38 @@ def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut
     assert run_main("results/report.py", tmp_path / "journal").returncode == 0
 
 
+def test_a_trial_whose_worker_dies_is_errored_and_the_search_finishes_with_the_others(tmp_path, ray_address):
+    """kill -9 of a trial's worker with --max-failures 0: that trial is errored (never "best so far"), the others
+    finish, the best of them is confirmed and exported, exit 0, one line about the crash and no Ray traceback."""
+    space = {"budget": {"num_samples": 3, "max_epochs": 40, "grace_period": 40, "confirm_top_k": 1, "confirm_seeds": 1},
+             "fixed": {"iters_per_epoch": 4, "batch_size": 32, "eval_batch_size": 512},
+             "params": {"lr_student": {"type": "float", "low": 0.05, "high": 0.2, "log": True}}}
+    (tmp_path / "slowish.yaml").write_text(yaml.safe_dump(space))
+    exp = tmp_path / "slowish"
+    proc = _start(["--space", tmp_path / "slowish.yaml", "--storage", tmp_path, "--max-failures", 0, "--no-report",
+                   "--max-concurrent", 2], ray_address)
+
+    def a_running_trials_pid():
+        for f in exp.glob("trial_*/result.json"):
+            lines = f.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("epoch", 0) >= 2:
+                return f.parent.name.removeprefix("trial_"), json.loads(lines[-1])["pid"]
+        return None
+
+    assert _wait_for(a_running_trials_pid), "no trial reported in time"
+    victim, pid = a_running_trials_pid()
+    os.kill(pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "Trial task failed" not in out
+    assert f"trial {victim} ERRORED" in out and "1 errored" in out
+    assert f"({victim})" not in out.split(f"trial {victim} ERRORED")[1]  # never "best so far" after it died
+    trials = trials_table(exp).set_index("trial_id")
+    assert trials.loc[victim, "outcome"] == "errored" and "the worker died" in trials.loc[victim, "error"]
+    assert (trials["outcome"] == "completed").sum() == 2 and not trials.loc[victim, "winner"]
+    assert json.loads((exp / "best" / "trial.json").read_text())["trial_id"] != victim
+
+
 def test_ctrl_c_exits_3_and_the_printed_command_resumes(tmp_path, ray_address):
     args = ["--space", ROOT / "spaces" / "capacity.yaml", "--smoke", "--num-samples", 5, "--storage", tmp_path,
             "--name", "interrupted"]
