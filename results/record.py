@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.files import jsonable, write_json
 
@@ -114,6 +115,109 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
     if check.get("sha256") != _digest(data):
         raise DamagedRecord(path, "its checksum does not match its contents: changed after it was written")
     return data
+
+
+# ---------------------------------------------------------------------------------------------
+# Trials: how each ended, and the words for it
+# ---------------------------------------------------------------------------------------------
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (
+    "completed", "stopped_early", "diverged", "errored", "unfinished", "abandoned")
+FINISHED = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)  # a trial that will not run again
+SUCCEEDED = (COMPLETED, STOPPED_EARLY)  # a trial with a result that may be the best
+
+
+def count_outcomes(outcomes) -> dict[str, int]:
+    """How many trials ended each way (every outcome named, 0 where none)."""
+    outcomes = list(outcomes)
+    return {k: outcomes.count(k) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED)}
+
+
+def outcomes_line(counts: dict[str, int], refused: int = 0) -> str:
+    """The trials in one line, e.g. "12 completed, 3 stopped early, 0 diverged, 1 errored; 9 proposed setting(s) over
+    the budget refused before training"."""
+    return (f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early, {counts[DIVERGED]} diverged, "
+            f"{counts[ERRORED]} errored" + (f", {counts[UNFINISHED]} unfinished" if counts[UNFINISHED] else "")
+            + (f"; {refused} proposed setting(s) over the budget refused before training" if refused else ""))
+
+
+def tune_trials(folder: str | Path) -> list[dict[str, Any]]:
+    """(trial_id, status, config, dir) of every trial Tune recorded in the experiment at ``folder``, read from its
+    files without Ray: the status from the newest ``experiment_state-*.json`` (JSON), the config from each trial
+    folder's ``params.json`` (Tune's copy of it), the folder named by the search's ``trial_dirname``."""
+    states = sorted(Path(folder).glob("experiment_state-*.json"))
+    if not states:
+        raise UserError(f"{folder} is not a Ray experiment folder (no experiment_state-*.json); pass <storage>/<name> "
+                        "of a search")
+    try:
+        data = json.loads(states[-1].read_text(encoding="utf-8"))
+        entries = [json.loads(t[0] if isinstance(t, list) else t) for t in data.get("trial_data", [])]
+    except (OSError, ValueError, TypeError) as e:
+        raise DamagedRecord(states[-1], f"Tune's experiment state is unreadable: {type(e).__name__}") from None
+    out = []
+    for t in entries:
+        tid = str(t.get("trial_id"))
+        trial_dir = Path(folder) / f"trial_{tid}"
+        params = trial_dir / "params.json"
+        try:
+            config = json.loads(params.read_text(encoding="utf-8")) if params.is_file() else {}
+        except (OSError, ValueError):
+            config = {}
+        if not config and isinstance(t.get("config"), dict):
+            config = t["config"]
+        out.append({"trial_id": tid, "status": str(t.get("status", "PENDING")), "config": config, "dir": trial_dir})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits (the space's budget on the student) and the settings refused over them
+# ---------------------------------------------------------------------------------------------
+OVER_BUDGET = "over_budget"  # Optuna user attribute of a setting refused before training: why, in words
+
+
+def space_limits(raw: dict[str, Any]) -> dict[str, float]:
+    """A space's limits as ``{metric: upper limit}``: ``param_budget`` on ``param_ratio`` and ``budget.flops`` on
+    ``flops``. A trial is within the budget when every limit holds."""
+    limits = {}
+    if raw.get("param_budget") is not None:
+        limits[M.PARAM_RATIO] = float(raw["param_budget"])
+    if isinstance(raw.get("budget"), dict) and raw["budget"].get("flops") is not None:
+        limits[M.FLOPS] = float(raw["budget"]["flops"])
+    return limits
+
+
+def describe_limits(limits: dict[str, float]) -> str:
+    """The budget in words, e.g. "params <= 10% of the teacher, flops <= 400,000"; "" for none."""
+    return ", ".join(f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
+                     for m, v in limits.items())
+
+
+def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
+    """Every limit holds (a metric the result lacks counts as over)."""
+    return all(result.get(m) is not None and result[m] <= lim for m, lim in limits.items())
+
+
+def count_refused(study) -> int:
+    """How many proposed settings an Optuna study's search refused before training, over its budget."""
+    return 0 if study is None else sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
+def refused_over_budget(path: str | Path) -> int:
+    """``count_refused`` of the study in the journal at ``path`` (0 when there is none yet)."""
+    return count_refused(open_study(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dominance (objective vectors, all minimised)
+# ---------------------------------------------------------------------------------------------
+def dominates(a, b) -> bool:
+    """``a`` dominates ``b`` (all objectives minimised): no worse everywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def pareto_mask(acc: list[float], ratio: list[float]) -> list[bool]:
+    """True where no other point has higher-or-equal accuracy and lower-or-equal size, one strictly."""
+    points = [(-a, r) for a, r in zip(acc, ratio)]
+    return [not any(dominates(q, p) for j, q in enumerate(points) if j != i) for i, p in enumerate(points)]
 
 
 # ---------------------------------------------------------------------------------------------

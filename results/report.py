@@ -20,20 +20,23 @@ from typing import Any
 
 import pandas as pd
 
-from results.record import BEST_DIR, REPORT_FILE
-from results.study import load_study
-from results.summary import (
+from results.record import (
+    BEST_DIR,
     COMPLETED,
     DIVERGED,
     ERRORED,
+    FINISHED,
+    REPORT_FILE,
     STOPPED_EARLY,
+    SUCCEEDED,
     UNFINISHED,
-    Experiment,
-    load_experiment,
-    write_summaries,
+    count_outcomes,
+    count_refused,
+    describe_limits,
+    space_limits,
 )
-from search.budget import count_refused
-from search.space import budget_limits, describe_limits
+from results.study import load_study
+from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.files import write_text
@@ -211,7 +214,7 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
             hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>mean {sel} %{{y:.4f}}<extra></extra>"))
     full = t[t["epochs_run"] >= max_epochs]
     if len(full):
-        from results.summary import pareto_mask
+        from results.record import pareto_mask
 
         front = full[pareto_mask(full[col].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
         fig.add_trace(go.Scatter(x=front["student_params"], y=front[col], mode="lines+markers",
@@ -410,8 +413,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
     best_metrics = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
     best_info = json.loads((best_dir / "trial.json").read_text()) if (best_dir / "trial.json").exists() else {}
     best_id = best_info.get("trial_id")  # only a confirmed, exported winner is called the best
-    counts = {k: int((e.trials["outcome"] == k).sum())
-              for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
+    counts = count_outcomes(e.trials["outcome"])
     num_samples = meta.get("num_samples", len(e.trials))
     max_epochs = int(meta.get("max_epochs") or 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
@@ -429,11 +431,11 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
          + ("" if e.labelled else "; NO ACCURACY WAS MEASURED (the task has no labels)")),
         ("speed", speed_line(meta.get("speed"))),
         ("best student", _best_line(best_id, best_metrics) if best_metrics else
-         ("none: no trial succeeded" if counts[COMPLETED] + counts[STOPPED_EARLY] == 0 and not e.partial
+         ("none: no trial succeeded" if sum(counts[k] for k in SUCCEEDED) == 0 and not e.partial
           else "not evaluated yet")),
         ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
                             f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
-        ("budget", (describe_limits(budget_limits(meta.get("space") or {})) or "none")
+        ("budget", (describe_limits(space_limits(meta.get("space") or {})) or "none")
          + (f"; {refused} proposed settings over it were refused before training" if refused else "")),
         ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
                    f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
@@ -449,7 +451,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         parts.append(f"<div class='partial' id='in-progress'>In progress: {html.escape(in_progress)}. This page is "
                      "rewritten as trials finish and reloads itself every 30 s.</div>")
     elif e.partial:
-        done = counts[COMPLETED] + counts[STOPPED_EARLY] + counts[DIVERGED] + counts[ERRORED]
+        done = sum(counts[k] for k in FINISHED)
         parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
                      "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
     parts.append(_kv_table(header))

@@ -16,9 +16,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from results.record import STUDY_FILE, open_study
+from results.record import OVER_BUDGET, STUDY_FILE, open_study
 from results.summary import Experiment
-from search.budget import OVER_BUDGET
 from trainable import metrics as M
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -13,23 +13,29 @@ from typing import Any
 
 import pandas as pd
 
-from results.record import (
-    BEST_DIR,
+from results.record import (  # noqa: F401 (the outcome names, re-exported for readers of the tables)
+    ABANDONED,
+    BEST_METRICS,
+    COMPLETED,
     CONFIRM_RESULTS,
+    DIVERGED,
+    ERRORED,
     META_FILE,
     SCHEDULER_FILE,
+    STOPPED_EARLY,
     SUMMARY_DIR,
+    UNFINISHED,
     check_records,
+    pareto_mask,
     read_record,
     scheduler_record,
+    space_limits,
+    tune_trials,
+    within_limits,
 )
-from search.space import budget_limits, within_limits
 from trainable import metrics as M
+from trainable.errors import UserError
 from trainable.files import atomic_path, read_json
-
-# Outcomes of a trial.
-COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (
-    "completed", "stopped_early", "diverged", "errored", "unfinished", "abandoned")
 
 TRIAL_COLUMNS = {
     "trial_id": "Ray's trial id",
@@ -105,23 +111,14 @@ class Experiment:
         return bool((self.trials["outcome"] == UNFINISHED).any()) or counted < self.meta.get("num_samples", 0)
 
 
-def _trial_records(exp: Path) -> list[dict[str, Any]]:
-    """(trial_id, status, config, trial folder) of every trial, from Tune's latest experiment state."""
-    from ray.tune import ExperimentAnalysis
-
-    analysis = ExperimentAnalysis(str(exp))
-    return [{"trial_id": t.trial_id, "status": t.status, "config": dict(t.config), "dir": Path(t.path)}
-            for t in analysis.trials]
-
-
-def _outcome(status: str, stopped: dict | None, last: dict, errored: bool = False) -> str:
+def _outcome(status: str, decision: dict | None, last: dict, errored: bool = False) -> str:
     if status == "ABANDONED":
         return ABANDONED
     if status == "ERROR" or (errored and status != "TERMINATED"):  # errored: the scheduler saw it fail for good
         return ERRORED
-    if last.get(M.DIVERGED) or (stopped or {}).get("reason") == "diverged":
+    if last.get(M.DIVERGED) or (decision or {}).get("reason") == "diverged":
         return DIVERGED
-    if stopped:
+    if decision:
         return STOPPED_EARLY
     if status != "TERMINATED":
         return UNFINISHED
@@ -139,25 +136,11 @@ def _error_line(trial_dir: Path) -> str:
     return lines[-1][:500] if lines else "error"
 
 
-def pareto_mask(acc: list[float], ratio: list[float]) -> list[bool]:
-    """True where no other point has higher-or-equal accuracy and lower-or-equal size, one strictly."""
-    out = []
-    for i, (a, r) in enumerate(zip(acc, ratio)):
-        dominated = any((a2 >= a and r2 <= r) and (a2 > a or r2 < r) for j, (a2, r2) in enumerate(zip(acc, ratio)) if j != i)
-        out.append(not dominated)
-    return out
-
-
-def load_experiment(path: str | Path) -> Experiment:
-    """Read an experiment folder into an ``Experiment`` (tables built in memory, nothing written)."""
-    exp = Path(path)
+def _open_folder(exp: Path) -> dict[str, Any]:
+    """The search record of the folder, after every check (a folder, Tune's, every record whole). Raises UserError."""
     if not exp.is_dir():
-        from trainable.errors import UserError
-
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
     if not list(exp.glob("experiment_state-*.json")):
-        from trainable.errors import UserError
-
         raise UserError(f"{exp} is not a Ray experiment folder (no experiment_state-*.json); "
                         "pass <storage>/<name> of a search")
     damaged = check_records(exp)  # before anything is read or written: a damaged record is refused in one line
@@ -165,99 +148,111 @@ def load_experiment(path: str | Path) -> Experiment:
         raise damaged[0]
     meta = read_record(exp / META_FILE)
     if meta is None:
-        from trainable.errors import UserError
-
         raise UserError(f"{exp / META_FILE} is missing: {exp} is not a search folder of this tool, or its record "
                         "was deleted; nothing was changed: restore it from a copy of the search folder")
-    scheduler = scheduler_record(exp / SCHEDULER_FILE)
-    stopped, finished, errored = dict(scheduler["stopped"]), dict(scheduler["finished"]), dict(scheduler["errored"])
-    confirmed = read_record(exp / CONFIRM_RESULTS) or {}
-    best_cost = read_json(exp / BEST_DIR / "metrics.json", {})
-    by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
-    space = meta.get("space") or {}
-    searched = list((space.get("params") or {}).keys())
-    limits = budget_limits(space)
-    trial_rows, epoch_rows = [], []
-    records = _trial_records(exp)
+    return meta
+
+
+def _all_trials(exp: Path) -> list[dict[str, Any]]:
+    """Tune's trials, and the trial folders it never recorded (the driver was killed first) as abandoned."""
+    records = tune_trials(exp)
     known = {Path(t["dir"]).name for t in records}
-    for d in sorted(exp.glob("trial_*")):  # folders Tune never recorded (the driver was killed first)
+    for d in sorted(exp.glob("trial_*")):
         if d.is_dir() and d.name not in known:
             records.append({"trial_id": d.name.removeprefix("trial_"), "status": "ABANDONED", "config": {}, "dir": d})
-    for t in records:
-        trial_id, trial_dir = t["trial_id"], t["dir"]
-        results: dict[int, dict] = {}
-        tail: dict = {}
-        result_file = trial_dir / "result.json"
-        if result_file.exists():
-            for line in result_file.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if M.EPOCH in r:
-                    results[int(r[M.EPOCH])] = r  # dedupe: a resumed epoch replaces the earlier one
-                tail = r
-        for kept in (stopped.get(trial_id, {}).get("result"), finished.get(trial_id)):  # the scheduler's copies
-            if kept and M.EPOCH in kept and int(kept[M.EPOCH]) not in results:  # Tune's lost to a kill
-                results[int(kept[M.EPOCH])] = kept
-        ordered = [results[e] for e in sorted(results)]
-        for r in ordered:
-            epoch_rows.append({"trial_id": trial_id, **{k: r.get(k) for k in M.EPOCH_METRICS},
-                               "time_total_s": r.get("time_total_s")})
-        status = t.get("status", "PENDING")
-        outcome = _outcome(status, stopped.get(trial_id), tail, trial_id in errored)
-        last = ordered[-1] if ordered else {}
-        config = t.get("config") or {}
-        stop = stopped.get(trial_id) or {}
-        error = ""
-        if outcome == ERRORED:
-            error = _error_line(trial_dir)
-        elif outcome == DIVERGED:
-            error = str(tail.get(M.ERROR) or stop.get("error") or "diverged")
-        row = {
-            "trial_id": trial_id,
-            "outcome": outcome,
-            "error": error,
-            "stopped_at": f"{stop['rung']}: {stop['position']} of {stop['of']}" if stop.get("rung") else "",
-            **{f"param.{p}": config.get(p) for p in searched},
-            "final_val_acc": last.get(M.VAL_ACC),
-            "best_val_acc": _highest(ordered, M.VAL_ACC),
-            "final_val_agreement": last.get(M.VAL_AGREEMENT),
-            "best_val_agreement": _highest(ordered, M.VAL_AGREEMENT),
-            "final_val_loss": last.get(M.VAL_LOSS),
-            "epochs_run": len(ordered),
-            "student_params": last.get(M.STUDENT_PARAMS),
-            "teacher_params": last.get(M.TEACHER_PARAMS),
-            "param_ratio": last.get(M.PARAM_RATIO),
-            M.FLOPS: last.get(M.FLOPS),
-            "wall_s": last.get("time_total_s"),
-            "_dir": str(trial_dir),
-            "_config": config,
-        }
-        cand = by_candidate.get(trial_id)
-        row["confirmed_seeds"] = ",".join(map(str, cand["seeds"])) if cand and cand.get("runs") else ""
-        for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
-            for stat in ("mean", "std"):
-                row[f"confirmed_{key}_{stat}"] = (cand or {}).get(f"{key}_{stat}")
-        row["winner"] = trial_id == confirmed.get("winner")
-        for key in (M.LATENCY_MS, M.THROUGHPUT, M.SIZE_BYTES, M.THREADS):  # the exported winner's inference cost
-            row[key] = best_cost.get(key) if row["winner"] else None
-        row["within_budget"] = within_limits(row, limits)
-        trial_rows.append(row)
-    trials = pd.DataFrame(trial_rows)
-    if trials.empty:
-        trials = pd.DataFrame(columns=["trial_id", "outcome", "error", "final_val_acc", "final_val_agreement",
-                                       "param_ratio", "epochs_run", "within_budget", "winner", "_dir", "_config"])
-    selected = f"final_{meta.get(M.SELECTED_ON) or M.VAL_ACC}"
+    return records
+
+
+def _results(trial_dir: Path, kept: list[dict | None]) -> tuple[list[dict], dict]:
+    """A trial's results by epoch (a resumed epoch replaces the earlier one), and its last line (e.g. a divergence
+    report). ``kept``: the scheduler's copies of results, used where Tune's was lost to a kill."""
+    results: dict[int, dict] = {}
+    tail: dict = {}
+    result_file = trial_dir / "result.json"
+    for line in result_file.read_text().splitlines() if result_file.exists() else []:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if M.EPOCH in r:
+            results[int(r[M.EPOCH])] = r
+        tail = r
+    for r in kept:
+        if r and M.EPOCH in r and int(r[M.EPOCH]) not in results:
+            results[int(r[M.EPOCH])] = r
+    return [results[e] for e in sorted(results)], tail
+
+
+def _trial_row(t: dict, ordered: list[dict], tail: dict, scheduler: dict, searched: list[str]) -> dict[str, Any]:
+    """One row of the trials table, before the confirmation's and the export's columns."""
+    trial_id, trial_dir = t["trial_id"], t["dir"]
+    stop = scheduler["stopped"].get(trial_id) or {}
+    outcome = _outcome(t.get("status", "PENDING"), stop, tail, trial_id in scheduler["errored"])
+    last, config = (ordered[-1] if ordered else {}), (t.get("config") or {})
+    error = _error_line(trial_dir) if outcome == ERRORED else (
+        str(tail.get(M.ERROR) or stop.get("error") or "diverged") if outcome == DIVERGED else "")
+    return {
+        "trial_id": trial_id, "outcome": outcome, "error": error,
+        "stopped_at": f"{stop['rung']}: {stop['position']} of {stop['of']}" if stop.get("rung") else "",
+        **{f"param.{p}": config.get(p) for p in searched},
+        "final_val_acc": last.get(M.VAL_ACC), "best_val_acc": _highest(ordered, M.VAL_ACC),
+        "final_val_agreement": last.get(M.VAL_AGREEMENT), "best_val_agreement": _highest(ordered, M.VAL_AGREEMENT),
+        "final_val_loss": last.get(M.VAL_LOSS), "epochs_run": len(ordered),
+        "student_params": last.get(M.STUDENT_PARAMS), "teacher_params": last.get(M.TEACHER_PARAMS),
+        "param_ratio": last.get(M.PARAM_RATIO), M.FLOPS: last.get(M.FLOPS), "wall_s": last.get("time_total_s"),
+        "_dir": str(trial_dir), "_config": config,
+    }
+
+
+def _add_confirmation(row: dict[str, Any], confirmed: dict, best_cost: dict, limits: dict[str, float]) -> None:
+    """The confirmation's columns, the exported winner's inference cost, and whether the trial is within the budget."""
+    cand = {c["trial_id"]: c for c in confirmed.get("candidates", [])}.get(row["trial_id"])
+    row["confirmed_seeds"] = ",".join(map(str, cand["seeds"])) if cand and cand.get("runs") else ""
+    for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
+        for stat in ("mean", "std"):
+            row[f"confirmed_{key}_{stat}"] = (cand or {}).get(f"{key}_{stat}")
+    row["winner"] = row["trial_id"] == confirmed.get("winner")
+    for key in (M.LATENCY_MS, M.THROUGHPUT, M.SIZE_BYTES, M.THREADS):
+        row[key] = best_cost.get(key) if row["winner"] else None
+    row["within_budget"] = within_limits(row, limits)
+
+
+def _mark_pareto(trials: pd.DataFrame, selected: str) -> None:
     has = trials[selected].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
     trials["pareto"] = False
     if len(trials) and has.any():
         sub = trials[has]
         trials.loc[has, "pareto"] = pareto_mask(sub[selected].tolist(), sub["param_ratio"].tolist())
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read an experiment folder into an ``Experiment`` (tables built in memory, nothing written). Reads files only:
+    no Ray, no ``search/``."""
+    exp = Path(path)
+    meta = _open_folder(exp)
+    scheduler = scheduler_record(exp / SCHEDULER_FILE)
+    confirmed = read_record(exp / CONFIRM_RESULTS) or {}
+    best_cost = read_json(exp / BEST_METRICS, {})
+    space = meta.get("space") or {}
+    searched, limits = list((space.get("params") or {}).keys()), space_limits(space)
+    trial_rows, epoch_rows = [], []
+    for t in _all_trials(exp):
+        tid = t["trial_id"]
+        ordered, tail = _results(t["dir"], [(scheduler["stopped"].get(tid) or {}).get("result"),
+                                            scheduler["finished"].get(tid)])
+        epoch_rows += [{"trial_id": tid, **{k: r.get(k) for k in M.EPOCH_METRICS}, "time_total_s": r.get("time_total_s")}
+                       for r in ordered]
+        row = _trial_row(t, ordered, tail, scheduler, searched)
+        _add_confirmation(row, confirmed, best_cost, limits)
+        trial_rows.append(row)
+    trials = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=[
+        "trial_id", "outcome", "error", "final_val_acc", "final_val_agreement", "param_ratio", "epochs_run",
+        "within_budget", "winner", "_dir", "_config"])
+    _mark_pareto(trials, f"final_{meta.get(M.SELECTED_ON) or M.VAL_ACC}")
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
     trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
-    return Experiment(exp, meta, stopped, confirmed, trials, epochs)
+    return Experiment(exp, meta, dict(scheduler["stopped"]), confirmed, trials, epochs)
 
 
 def _highest(rows: list[dict], key: str) -> float | None:

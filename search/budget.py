@@ -20,11 +20,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.space import DefineByRun, Param, describe_limits, within_limits
+from results.record import describe_limits, within_limits
+from search.space import DefineByRun, Param
 from trainable import metrics as M
 from trainable.errors import UserError
 
-OVER_BUDGET = "over_budget"  # Optuna user attribute of a refused setting: why, in words
 CHECKED = (M.PARAM_RATIO, M.FLOPS)  # the limits a configuration decides before training
 MAX_REFUSALS = 100  # refusals in a row after which a setting is trained anyway (ranked after those within)
 
@@ -101,15 +101,3 @@ def check_reachable(params: Sequence[Param], check: BudgetCheck, seed: int, draw
             smallest = (size, reason)
     raise UserError(f"none of {draws} settings drawn from the space fits its budget (the smallest drawn: {smallest[1]}); "
                     "lower the size range (e.g. student_fraction's low) or raise the budget")
-
-
-def count_refused(study) -> int:
-    """How many proposed settings an Optuna study's search refused before training, over its budget."""
-    return 0 if study is None else sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
-
-
-def refused_over_budget(study_path: str) -> int:
-    """``count_refused`` of the study in this journal file (0 when there is none yet)."""
-    from results.record import open_study
-
-    return count_refused(open_study(study_path))

@@ -21,8 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from results.record import CONFIRM_DIR, CONFIRM_PLAN, read_record, write_record
-from results.summary import COMPLETED, STOPPED_EARLY, Experiment
+from results.record import CONFIRM_DIR, CONFIRM_PLAN, SUCCEEDED, read_record, write_record
+from results.summary import Experiment
 from trainable import metrics as M
 from trainable.tune_trainable import CANDIDATE, CONTINUE_FROM
 
@@ -32,7 +32,7 @@ SEED_STRIDE = 1000  # extra seeds: seed + 1000, seed + 2000, ...
 def candidates(e: Experiment, top_k: int) -> list[dict[str, Any]]:
     """The ``top_k`` (at least 1) best succeeded trials within the budget, best first; [] if none."""
     t, col = e.trials, e.selected
-    ok = t[t["outcome"].isin([COMPLETED, STOPPED_EARLY]) & t[col].notna()]
+    ok = t[t["outcome"].isin(SUCCEEDED) & t[col].notna()]
     acc = pd.to_numeric(ok[col], errors="coerce")
     ok = ok[acc.notna() & acc.abs().ne(float("inf"))]
     feasible = ok[ok["within_budget"]]

@@ -57,7 +57,7 @@ def concurrency(plan: SearchPlan) -> int:
     """Trials at once on this machine: the CPUs (or GPUs) over a trial's share, capped by --max-concurrent."""
     import torch
 
-    from search.tuner import gpus_per_trial, trial_device
+    from search.cluster import gpus_per_trial, trial_device
 
     if trial_device(plan).type == "cuda":
         n = int(torch.cuda.device_count() // gpus_per_trial(plan))
@@ -130,7 +130,7 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     trial's threads on a trial's device."""
     import torch
 
-    from search.tuner import trial_device, trial_threads
+    from search.cluster import trial_device, trial_threads
     from trainable.akd import evaluate, student_costs, student_width
     from trainable.config import build_config
     from trainable.models import build_classifier, count_params
@@ -171,7 +171,7 @@ def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
     """Measure and print the estimate of a new search; returns it as plain data."""
     import torch
 
-    from search.tuner import trial_device, trial_threads
+    from search.cluster import trial_device, trial_threads
     from trainable.speed import machine_description, torch_threads
     from trainable.tasks import data_free
 

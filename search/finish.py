@@ -14,31 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from results.record import (
+    ABANDONED,
     BEST_DIR,
     BEST_PARTIAL,
     CONFIRM_RESULTS,
+    FINISHED,
     META_FILE,
     STUDY_FILE,
     SUMMARY_DIR,
+    count_outcomes,
+    describe_limits,
+    outcomes_line,
+    refused_over_budget,
     write_record,
 )
-from results.summary import (
-    ABANDONED,
-    COMPLETED,
-    DIVERGED,
-    ERRORED,
-    STOPPED_EARLY,
-    UNFINISHED,
-    load_experiment,
-    write_summaries,
-)
-from search.algorithms import update_wall
-from search.budget import refused_over_budget
+from results.summary import load_experiment, write_summaries
+from search.callbacks import update_wall
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
 from search.plan import SearchPlan
+from search.prepare import Teacher
 from search.searcher import fail_abandoned
-from search.space import describe_limits
-from search.tuner import Teacher, confirm_tuner
+from search.tuner import confirm_tuner
 from trainable import metrics as M
 from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config
@@ -172,11 +168,7 @@ def _selection_rows(final: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _trials_line(e) -> str:
-    c = {k: int((e.trials["outcome"] == k).sum()) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
-    refused = refused_over_budget(str(Path(e.path) / STUDY_FILE))
-    return (f"{c[COMPLETED]} completed, {c[STOPPED_EARLY]} stopped early, {c[DIVERGED]} diverged, {c[ERRORED]} errored"
-            + (f", {c[UNFINISHED]} unfinished" if c[UNFINISHED] else "")
-            + (f"; {refused} proposed setting(s) over the budget refused before training" if refused else ""))
+    return outcomes_line(count_outcomes(e.trials["outcome"]), refused_over_budget(Path(e.path) / STUDY_FILE))
 
 
 def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:
@@ -198,7 +190,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
     e = load_experiment(exp)
     write_summaries(e)
     line = _trials_line(e)
-    done = int(e.trials["outcome"].isin([COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED]).sum())
+    done = int(e.trials["outcome"].isin(FINISHED).sum())
     if done < plan.num_samples:
         print(f"trials: {line}")
         _report(exp, plan.report)

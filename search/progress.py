@@ -21,8 +21,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from results.record import here
-from search.space import within_limits
+from results.record import here, within_limits
 from trainable import metrics as M
 
 
@@ -182,7 +181,7 @@ class SearchProgress(Callback):
         a trial starts (and at setup, for a resumed search), not on every result."""
         if not self.study_file:
             return
-        from search.budget import refused_over_budget
+        from results.record import refused_over_budget
 
         try:
             self.refused = refused_over_budget(self.study_file)

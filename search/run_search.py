@@ -19,21 +19,18 @@ import time
 from pathlib import Path
 
 from results.record import relocate
+from search.cluster import check_local_resources, start_ray
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
-from search.tuner import (
+from search.prepare import (
     budget_check,
-    build_tuner,
-    check_local_resources,
     check_trial_builds,
     choose_trial_speed,
-    make_trainable,
     prepare_teacher_for,
-    record_session,
-    restore_tuner,
-    start_ray,
     typical_trial_config,
 )
+from search.session import record_session
+from search.tuner import build_tuner, make_trainable, restore_tuner
 from trainable.errors import UserError
 
 

@@ -31,16 +31,11 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from results.record import here, scheduler_record, write_record
+from results.record import dominates, here, scheduler_record, write_record
 from trainable import metrics as M
 
 
 # --------------------------------------------------------------------------- ranking (pure functions)
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """``a`` dominates ``b`` (all objectives minimised): no worse everywhere, better somewhere."""
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
 def nondominated_fronts(points: list[Sequence[float]]) -> list[int]:
     """Front index of each point (0 = not dominated by any point), all objectives minimised."""
     n = len(points)

@@ -30,8 +30,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from results.record import here, journal_storage, open_study
-from search.budget import MAX_REFUSALS, OVER_BUDGET
+from results.record import OVER_BUDGET, here, journal_storage, open_study
+from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from results.record import space_limits
 from trainable import metrics as M
 from trainable.config import FIELDS, build_config
 from trainable.errors import ConfigError, UserError
@@ -94,7 +95,7 @@ class Space:
 
     @property
     def limits(self) -> dict[str, float]:
-        return budget_limits(self.raw)
+        return space_limits(self.raw)
 
     @property
     def multi_objective(self) -> bool:
@@ -419,28 +420,6 @@ def typical_config(base: dict[str, Any], params: tuple[Param, ...]):
         return build_config({**base, **middle_setting(params)})
     except ConfigError:
         return build_config(base)
-
-
-def budget_limits(raw: dict[str, Any]) -> dict[str, float]:
-    """The space's constraints as {metric: upper limit}: ``param_budget`` on ``param_ratio`` and ``budget.flops``
-    on ``flops``. A trial is within the budget when every limit holds."""
-    limits = {}
-    if raw.get("param_budget") is not None:
-        limits[M.PARAM_RATIO] = float(raw["param_budget"])
-    if isinstance(raw.get("budget"), dict) and raw["budget"].get("flops") is not None:
-        limits[M.FLOPS] = float(raw["budget"]["flops"])
-    return limits
-
-
-def describe_limits(limits: dict[str, float]) -> str:
-    """The budget in words, e.g. "params <= 10% of the teacher, flops <= 400,000"; "" for none."""
-    return ", ".join(f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
-                     for m, v in limits.items())
-
-
-def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
-    """Every limit holds (a metric the result lacks counts as over)."""
-    return all(result.get(m) is not None and result[m] <= lim for m, lim in limits.items())
 
 
 def limit_violation(result: dict[str, Any], limits: dict[str, float]) -> float:

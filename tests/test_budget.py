@@ -6,7 +6,8 @@ import pickle
 import optuna
 import pytest
 
-from search.budget import OVER_BUDGET, BudgetCheck, check_reachable
+from results.record import OVER_BUDGET
+from search.budget import BudgetCheck, check_reachable
 from search.space import parse_space
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -56,8 +57,7 @@ def test_over_says_which_limit_and_by_how_much(teacher_params):
 
 
 def test_the_searcher_never_hands_tune_a_setting_over_the_budget(tmp_path, teacher_params):
-    from results.record import journal_storage
-    from search.budget import refused_over_budget
+    from results.record import journal_storage, refused_over_budget
     from search.searcher import OptunaSearcher
 
     space = parse_space({"params": FRACTION})

@@ -3,6 +3,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -93,6 +94,29 @@ def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(fi
         assert t.loc[tid, "stopped_at"] == f"{judged['rung']}: {judged['position']} of {judged['of']}"
     for tid in done:
         assert t.loc[tid, "final_val_acc"] == record["finished"][tid][M.VAL_ACC]
+
+
+def test_the_summaries_and_the_report_build_where_ray_and_search_cannot_be_imported(finished_search, tmp_path):
+    """A finished search folder is read from its files: results/ needs neither Ray nor search/ (e.g. on a laptop that
+    has only pandas, Optuna and Plotly)."""
+    exp = tmp_path / "rep"
+    shutil.copytree(finished_search, exp, symlinks=True)
+    (exp / "report.html").unlink()
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.modules['search'] = None; "
+            f"sys.argv = ['report.py', {str(exp)!r}]; runpy.run_path('results/report.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (exp / "report.html").is_file()
+    mine = pd.read_parquet(exp / "summary" / "trials.parquet").drop(columns=["wall_s"])
+    theirs = pd.read_parquet(finished_search / "summary" / "trials.parquet").drop(columns=["wall_s"])
+    pd.testing.assert_frame_equal(mine, theirs)  # the same table as read in the search's own process
+    import ast
+
+    for f in (ROOT / "results").glob("*.py"):  # and no import of search/ or Ray anywhere in results/
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] in ("search", "ray") for n in names), (f.name, names)
 
 
 def test_report_cli_bad_path(tmp_path):

@@ -210,7 +210,7 @@ def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
     import time
 
     from results.record import read_record, write_record
-    from search.algorithms import WallClock, update_wall
+    from search.callbacks import WallClock, update_wall
 
     meta = tmp_path / "search.json"
     write_record(meta, {"wall_s": 0.0, "wall_before": 0.0, "session_started": time.time() - 30})

@@ -120,7 +120,9 @@ def test_every_problem_reported_together():
 
 
 def test_a_flops_budget_is_a_limit_like_the_parameter_budget():
-    from search.space import budget_limits, limit_violation, within_limits
+    from results.record import space_limits as budget_limits
+    from results.record import within_limits
+    from search.space import limit_violation
     from trainable import metrics as M
 
     raw = {**VALID, "param_budget": 0.1, "budget": {**VALID["budget"], "flops": 1000}}
