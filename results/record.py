@@ -175,14 +175,13 @@ OVER_BUDGET = "over_budget"  # Optuna user attribute of a setting refused before
 
 
 def space_limits(raw: dict[str, Any]) -> dict[str, float]:
-    """A space's limits as ``{metric: upper limit}``: ``param_budget`` on ``param_ratio`` and ``budget.flops`` on
-    ``flops``. A trial is within the budget when every limit holds."""
-    limits = {}
-    if raw.get("param_budget") is not None:
-        limits[M.PARAM_RATIO] = float(raw["param_budget"])
-    if isinstance(raw.get("budget"), dict) and raw["budget"].get("flops") is not None:
-        limits[M.FLOPS] = float(raw["budget"]["flops"])
-    return limits
+    """A space's limits on the student as ``{metric: upper limit}``, from its ``limits: {param_ratio, flops}`` (or the
+    older ``param_budget`` and ``budget.flops``). A trial is within the budget when every limit holds."""
+    block = raw.get("limits") if isinstance(raw.get("limits"), dict) else {}
+    old = raw.get("budget") if isinstance(raw.get("budget"), dict) else {}
+    ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
+    flops = old.get("flops", block.get(M.FLOPS))
+    return {m: float(v) for m, v in ((M.PARAM_RATIO, ratio), (M.FLOPS, flops)) if v is not None}
 
 
 def describe_limits(limits: dict[str, float]) -> str:

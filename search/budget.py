@@ -1,7 +1,7 @@
 """A space's budget checked before training: a setting over it is refused, never trained.
 
-A budget limits the student's size (``param_budget``: parameters as a share of the teacher's) and
-its compute (``budget.flops``: FLOPs per image). Both follow from the configuration alone, so
+A space's limits bound the student's size (``limits.param_ratio``: parameters as a share of the teacher's)
+and its compute (``limits.flops``: FLOPs per image). Both follow from the configuration alone, so
 ``BudgetCheck`` works them out on the meta device in milliseconds, exactly as the run would report
 them (``trainable.akd.student_costs``). The searcher asks it about every setting Optuna proposes:
 one over the budget is pruned before its first step, with its constraint values (so TPE learns

@@ -186,64 +186,28 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
 
     Returns the exit code: 0 done, 3 interrupted (resumable), 1 when no trial succeeded.
     """
-    exp, max_epochs = Path(plan.path), plan.max_epochs
+    exp = Path(plan.path)
     e = load_experiment(exp)
     write_summaries(e)
     line = _trials_line(e)
     done = int(e.trials["outcome"].isin(FINISHED).sum())
     if done < plan.num_samples:
-        print(f"trials: {line}")
-        _report(exp, plan.report)
-        print(f"search interrupted: {done} of {plan.num_samples} trials finished. Resume with:\n  {plan.resume_command}")
-        return EXIT_INTERRUPTED
-
-    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != ABANDONED, "trial_id"]))
-    configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
-    p = load_or_write_plan(exp, lambda: confirmation_plan(e, configs, plan.confirm_top_k, plan.confirm_seeds,
-                                                          max_epochs, latest_checkpoint))
+        return _stop(plan, line, EXIT_INTERRUPTED, f"search interrupted: {done} of {plan.num_samples} trials "
+                                                   f"finished. Resume with:\n  {plan.resume_command}")
+    p = _confirmation_plan(plan, e)
     if not p["candidates"]:
-        print(f"trials: {line}")
-        print("no trial succeeded: every trial errored or diverged; see the error column of summary/trials.parquet")
-        _report(exp, plan.report)
-        return EXIT_ERROR
-
-    cdir = confirm_dir(exp)
-    if p["runs"]:
-        n_runs = len(p["runs"])
-        print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
-              f"{n_runs} run(s) to {max_epochs} epochs")
-        confirm_tuner(plan, trainable, p["runs"], cdir).fit()
-        ctrials = _confirm_trials(cdir)
-        if len(ctrials) < n_runs or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):
-            print(f"search interrupted during confirmation. Resume with:\n  {plan.resume_command}")
-            return EXIT_INTERRUPTED
-    else:
-        ctrials = []
-
-    results = []
-    for cand in p["candidates"]:
-        runs = []
-        for s in cand["seeds"]:
-            if s == cand["seeds"][0] and cand["epochs_run"] >= max_epochs:
-                ckpt = latest_checkpoint(exp / cand["trial_dir"])  # relative (an older plan's: absolute)
-            else:
-                match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
-                ckpt = latest_checkpoint(match[0]["dir"]) if match else None
-            if ckpt is None:
-                continue
-            r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
-            r["checkpoint"] = os.path.relpath(ckpt, exp)  # the records hold paths inside the search folder
-            if r["epochs"] >= max_epochs:  # a confirmation run that diverged or failed does not count
-                runs.append(r)
-        results.append(summarise_candidate(cand, runs))
+        return _stop(plan, line, EXIT_ERROR, "no trial succeeded: every trial errored or diverged; see the error "
+                                             "column of summary/trials.parquet")
+    ctrials = _run_confirmation(plan, trainable, p)
+    if ctrials is None:
+        print(f"search interrupted during confirmation. Resume with:\n  {plan.resume_command}")
+        return EXIT_INTERRUPTED
+    results = [summarise_candidate(c, _confirmed_runs(plan, teacher, c, ctrials)) for c in p["candidates"]]
     winner = choose_winner(results, e.selection)
     write_confirmed(exp, results, winner["trial_id"] if winner else None)
     if winner is None:
-        print(f"trials: {line}")
-        print("no trial succeeded: no candidate finished max_epochs in confirmation; see summary/trials.parquet")
-        _report(exp, plan.report)
-        return EXIT_ERROR
-
+        return _stop(plan, line, EXIT_ERROR, "no trial succeeded: no candidate finished max_epochs in confirmation; "
+                                             "see summary/trials.parquet")
     wall_s = update_wall(str(exp / META_FILE)) or (time.time() - started)
     final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root,
                         e.selection)
@@ -253,6 +217,57 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
     params = {c.removeprefix("param."): best[c] for c in best if c.startswith("param.")}
     print_result(best, params, final, results, line, plan.space.limits, wall_s, exp, _report(exp, plan.report))
     return EXIT_OK
+
+
+def _stop(plan: SearchPlan, trials_line: str, code: int, why: str) -> int:
+    """End the search early: the trials line, the report of what exists, why, and the exit code."""
+    print(f"trials: {trials_line}")
+    _report(Path(plan.path), plan.report)
+    print(why)
+    return code
+
+
+def _confirmation_plan(plan: SearchPlan, e) -> dict[str, Any]:
+    """The confirmation's plan, made once from the finished trials and kept (abandoned Optuna trials failed first)."""
+    exp = Path(plan.path)
+    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != ABANDONED, "trial_id"]))
+    configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
+    return load_or_write_plan(exp, lambda: confirmation_plan(e, configs, plan.confirm_top_k, plan.confirm_seeds,
+                                                             plan.max_epochs, latest_checkpoint))
+
+
+def _run_confirmation(plan: SearchPlan, trainable, p: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Run (or resume) the confirmation runs; their trials, or None when they were interrupted."""
+    if not p["runs"]:
+        return []
+    cdir = confirm_dir(Path(plan.path))
+    print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
+          f"{len(p['runs'])} run(s) to {plan.max_epochs} epochs")
+    confirm_tuner(plan, trainable, p["runs"], cdir).fit()
+    ctrials = _confirm_trials(cdir)
+    if len(ctrials) < len(p["runs"]) or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):
+        return None
+    return ctrials
+
+
+def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
+                    ctrials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each of a candidate's seeds that ran to max_epochs, evaluated from its last checkpoint (a run that diverged or
+    failed does not count)."""
+    exp, runs = Path(plan.path), []
+    for s in cand["seeds"]:
+        if s == cand["seeds"][0] and cand["epochs_run"] >= plan.max_epochs:
+            ckpt = latest_checkpoint(exp / cand["trial_dir"])  # the search trial itself (an older plan: absolute)
+        else:
+            match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
+            ckpt = latest_checkpoint(match[0]["dir"]) if match else None
+        if ckpt is None:
+            continue
+        r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
+        r["checkpoint"] = os.path.relpath(ckpt, exp)  # the records hold paths inside the search folder
+        if r["epochs"] >= plan.max_epochs:
+            runs.append(r)
+    return runs
 
 
 def _report(exp: Path, report: bool) -> Path | None:

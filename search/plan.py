@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from results.record import BEST_TRIAL, CONFIRM_RESULTS, META_FILE, check_records, read_record, repair_records
-from search.space import Space, load_space
+from search.space import CONFIRM_BOUNDS, Space, load_space
 from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.sources import as_spec
@@ -146,9 +146,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise UserError("--num-cpus sets up a local Ray; it cannot be combined with --address")
     if not math.isfinite(args.report_every) or args.report_every < 0:
         bad("--report-every", args.report_every, "must be >= 0 seconds (0: the report is written at the end only)")
-    for flag, v, low in (("--confirm-top-k", args.confirm_top_k, 0), ("--confirm-seeds", args.confirm_seeds, 1)):
-        if v is not None and not low <= v <= 20:
-            bad(flag, v, f"must be in [{low}, 20]")
+    for key, (low, high) in CONFIRM_BOUNDS.items():
+        v = getattr(args, key)
+        if v is not None and not low <= v <= high:
+            bad("--" + key.replace("_", "-"), v, f"must be in [{low}, {high}]")
     name = search_name(args)
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
         raise UserError(f"--name {name!r} is invalid: a search name is one folder name inside --storage "

@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--no-early-stopping", action="store_true", help="no early stopping: every trial runs max_epochs")
     p.add_argument("--confirm-top-k", type=int, help="candidates re-run to max_epochs with extra seeds "
-                   "(default: the space's budget.confirm_top_k, else 3; 0: off, the best is still finished)")
+                   "(default: the space's search.confirm_top_k, else 3; 0: off, the best is still finished)")
     p.add_argument("--confirm-seeds", type=int, help="seeds per candidate, its own included (default: the "
-                   "space's budget.confirm_seeds, else 3)")
+                   "space's search.confirm_seeds, else 3)")
     p.add_argument("--estimate", action="store_true", help="print what the search will cost on this machine (time, memory) "
                    "from a few timed iterations of its smallest and largest student, and exit without searching")
     p.add_argument("--repair", action="store_true", help="with --resume: mend the damage to the search's records that "
@@ -97,6 +97,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     if args.estimate and args.resume:
         raise UserError("--estimate plans a new search; drop --resume (an interrupted search shows its ETA as it runs)")
     plan = resolve_plan(args, argv)  # every setting and every check that needs no Ray; nothing written yet
+    for note in plan.space.notes:
+        print(f"note: {note}")
     if plan.finished:
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK

@@ -120,7 +120,7 @@ class RungScheduler(FIFOScheduler):
 
     Args:
         objectives: ``[(metric, "max"|"min"), ...]``; the first is the selection metric.
-        max_epochs: epochs of a full run (``budget.max_epochs``).
+        max_epochs: epochs of a full run (``search.max_epochs``).
         grace_period: first rung.
         reduction_factor: eta; the top 1/eta of a rung goes on.
         param_budget: shorthand for ``limits={"param_ratio": param_budget}``.

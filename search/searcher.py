@@ -12,7 +12,7 @@
 - A space's budget is told to the sampler as constraints (``param_ratio - budget <= 0``, via
   ``Trial.set_constraint``) as soon as a setting's size is known, so TPE spends trials where the
   answer lies.
-- A setting over the budget (``param_budget``, ``budget.flops``) is refused before it is trained:
+- A setting over the space's limits (``limits: {param_ratio, flops}``) is refused before it is trained:
   ``search.budget.BudgetCheck`` works out its size and FLOPs on the meta device when Optuna proposes
   it. It is told PRUNED before its first step, with its constraint values (TPE ranks it infeasible
   and learns where the budget ends) and the user attribute ``over_budget`` (why, in words); then

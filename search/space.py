@@ -7,9 +7,9 @@ A space file::
     objectives:                   # one or two objectives (TPE); early stopping ranks by them
       - {metric: val_acc, mode: max}
       - {metric: param_ratio, mode: min}
-    param_budget: 0.10            # optional: the best trial must have param_ratio <= this
-    # budget.flops: 400000        # optional: ... and at most this many FLOPs per image (student forward)
-    budget: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3,
+    limits: {param_ratio: 0.10}   # optional: the best trial must have param_ratio <= this
+                                  # (flops: 400000: ... and at most this many FLOPs per image, student forward)
+    search: {num_samples: 16, max_epochs: 20, grace_period: 4, reduction_factor: 3,
              confirm_top_k: 3, confirm_seeds: 3}   # top 3 re-run to max_epochs with 3 seeds each (0: off)
     fixed: {n_generator: 1}       # config values for every trial
     params:
@@ -18,7 +18,8 @@ A space file::
       temperature: {type: float, low: 1, high: 8, when: {student_loss: kl}}   # conditional
 
 Anything not searched or fixed takes the task's default. Every problem is reported in one
-``SpaceError`` naming each key.
+``SpaceError`` naming each key. Older spaces name ``search`` ``budget`` and the limits ``param_budget`` and
+``budget.flops``; they are read as they meant, with a one-line note.
 """
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ from trainable.errors import ConfigError, UserError
 from trainable.images import as_task_name
 from trainable.tasks import task_problem
 
-TOP_KEYS = {"description", "task", "objective", "objectives", "param_budget", "budget", "fixed", "params", "seed"}
-BUDGET_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds",
-               "flops"}
+TOP_KEYS = {"description", "task", "objective", "objectives", "search", "limits", "fixed", "params", "seed"}
+OLD_KEYS = {"param_budget", "budget"}  # the older names of limits.param_ratio and search (budget.flops: limits.flops)
+SETTING_KEYS = {"num_samples", "max_epochs", "grace_period", "reduction_factor", "confirm_top_k", "confirm_seeds"}
+LIMIT_KEYS = {M.PARAM_RATIO, M.FLOPS}
+# The confirmation's settings (the space's search block, and --confirm-top-k / --confirm-seeds): [low, high].
+CONFIRM_BOUNDS = {"confirm_top_k": (0, 20), "confirm_seeds": (1, 20)}
 PARAM_KEYS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -81,7 +85,7 @@ class Space:
     description: str
     task: str | None
     objectives: tuple[tuple[str, str], ...]  # ((metric, mode), ...)
-    param_budget: float | None
+    limits: dict[str, float]  # the student's limits: {param_ratio, flops: upper limit} (see results.record.space_limits)
     num_samples: int
     max_epochs: int
     grace_period: int
@@ -92,10 +96,12 @@ class Space:
     params: tuple[Param, ...]
     seed: int = 0
     raw: dict = field(default_factory=dict, compare=False)
+    notes: tuple[str, ...] = ()  # what a user should know about the file (older key names), said once
 
     @property
-    def limits(self) -> dict[str, float]:
-        return space_limits(self.raw)
+    def param_budget(self) -> float | None:
+        """The limit on ``param_ratio``, if any."""
+        return self.limits.get(M.PARAM_RATIO)
 
     @property
     def multi_objective(self) -> bool:
@@ -118,7 +124,7 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
         errs.append(f"{where}: unknown hyperparameter; choose from {sorted(set(FIELDS) - NOT_SEARCHABLE)}")
         return None
     if name in NOT_SEARCHABLE:
-        errs.append(f"{where}: cannot be searched (use --task for the task, budget.max_epochs for epochs)")
+        errs.append(f"{where}: cannot be searched (use --task for the task, search.max_epochs for epochs)")
         return None
     if not isinstance(spec, dict):
         errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {_short(spec)}")
@@ -127,7 +133,6 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
     if kind not in PARAM_KEYS:
         errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {_short(kind)}")
         return None
-    n_before = len(errs)
     for key in sorted(set(spec) - PARAM_KEYS[kind]):
         errs.append(f"{where}.{key}: unknown key for type {kind}; valid: {sorted(PARAM_KEYS[kind])}")
     when = spec.get("when") or {}
@@ -136,45 +141,55 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
         when = {}
     when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
     if kind in ("float", "int"):
-        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
-        for key, v in (("low", low), ("high", high)):
-            if not _num(v):
-                errs.append(f"{where}.{key}: expected a number, got {_short(v)}")
-            elif kind == "int" and not float(v).is_integer():
-                errs.append(f"{where}.{key}: expected an integer for type int, got {_short(v)}")
-        if not isinstance(log, bool):
-            errs.append(f"{where}.log: expected true/false, got {_short(log)}")
-        if step is not None and (not _num(step) or step <= 0):
-            errs.append(f"{where}.step: expected a positive number, got {_short(step)}")
-        if log and step is not None:
-            errs.append(f"{where}: log and step cannot be combined; drop one")
-        if len(errs) == n_before:
-            if low >= high:
-                errs.append(f"{where}: low ({low}) must be < high ({high}); use type: fixed for a single value")
-            elif log and low <= 0:
-                errs.append(f"{where}: log scale needs low > 0, got {low}")
-        if len(errs) > n_before:
-            return None
-        if kind == "int":
-            low, high = int(low), int(high)
-        return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+        return _parse_range(name, kind, spec, when, errs)
     if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            errs.append(f"{where}.choices: expected a non-empty list, got {_short(choices)}")
-            return None
-        if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
-            errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {_short(choices)}")
-            return None
-        if len(set(map(repr, choices))) != len(choices):
-            errs.append(f"{where}.choices: has repeated values {_short(choices)}")
-            return None
-        return Param(name, kind, choices=tuple(choices), when=when)
+        return _parse_choices(name, spec, when, errs)
     if "value" not in spec:
         errs.append(f"{where}.value: missing; type fixed needs a value")
         return None
     v = spec["value"]
     return Param(name, kind, value=tuple(v) if isinstance(v, list) else v, when=when)
+
+
+def _parse_range(name: str, kind: str, spec: dict, when: dict, errs: list[str]) -> Param | None:
+    """A float or int parameter: low < high, log (low > 0) or step, not both."""
+    where, n_before = f"params.{name}", len(errs)
+    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    for key, v in (("low", low), ("high", high)):
+        if not _num(v):
+            errs.append(f"{where}.{key}: expected a number, got {_short(v)}")
+        elif kind == "int" and not float(v).is_integer():
+            errs.append(f"{where}.{key}: expected an integer for type int, got {_short(v)}")
+    if not isinstance(log, bool):
+        errs.append(f"{where}.log: expected true/false, got {_short(log)}")
+    if step is not None and (not _num(step) or step <= 0):
+        errs.append(f"{where}.step: expected a positive number, got {_short(step)}")
+    if log and step is not None:
+        errs.append(f"{where}: log and step cannot be combined; drop one")
+    if len(errs) == n_before:
+        if low >= high:
+            errs.append(f"{where}: low ({low}) must be < high ({high}); use type: fixed for a single value")
+        elif log and low <= 0:
+            errs.append(f"{where}: log scale needs low > 0, got {low}")
+    if len(errs) > n_before:
+        return None
+    if kind == "int":
+        low, high = int(low), int(high)
+    return Param(name, kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _parse_choices(name: str, spec: dict, when: dict, errs: list[str]) -> Param | None:
+    where, choices = f"params.{name}", spec.get("choices")
+    if not isinstance(choices, list) or not choices:
+        errs.append(f"{where}.choices: expected a non-empty list, got {_short(choices)}")
+        return None
+    if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
+        errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {_short(choices)}")
+        return None
+    if len(set(map(repr, choices))) != len(choices):
+        errs.append(f"{where}.choices: has repeated values {_short(choices)}")
+        return None
+    return Param(name, "categorical", choices=tuple(choices), when=when)
 
 
 def _check_against_config(task: str, fixed: dict, params: list[Param], errs: list[str]) -> None:
@@ -196,97 +211,137 @@ def _check_against_config(task: str, fixed: dict, params: list[Param], errs: lis
 
 def parse_space(raw: Any, path: str = "<space>", task_override: str | None = None) -> Space:
     """Validate a loaded YAML document. Raises SpaceError naming every problem."""
-    errs: list[str] = []
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
-    for key in sorted(set(raw) - TOP_KEYS):
-        errs.append(f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}")
-    task = as_task_name(task_override or raw.get("task") or "digits")
-    problem = task_problem(task)
-    if problem:
-        errs.append(problem if len(problem) < 400 else _short(problem, 400))
-        task = "digits"
-    # objectives
-    if "objective" in raw and "objectives" in raw:
-        errs.append("objective: give either objective or objectives, not both")
-    objs = raw.get("objectives", [raw["objective"]] if "objective" in raw else [{"metric": M.VAL_ACC, "mode": "max"}])
-    objectives = []
-    if not isinstance(objs, list) or not 1 <= len(objs) <= 2:
-        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {_short(objs)}")
-    else:
-        for i, o in enumerate(objs):
-            if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
-                errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {_short(o)}")
-            elif o["metric"] not in M.EPOCH_METRICS:
-                errs.append(f"objectives[{i}].metric: unknown {_short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
-            elif o["mode"] not in METRIC_MODES:
-                errs.append(f"objectives[{i}].mode: expected max or min, got {_short(o['mode'])}")
-            else:
-                objectives.append((o["metric"], o["mode"]))
-        if objectives and objectives[0] not in ((M.VAL_ACC, "max"), (M.VAL_AGREEMENT, "max")):
-            errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric; "
-                        "{metric: val_agreement, mode: max} to select without labels)")
-    pb = raw.get("param_budget")
-    if pb is not None and (not _num(pb) or not 0 < pb <= 1):
-        errs.append(f"param_budget: expected a parameter ratio in (0, 1], got {_short(pb)}")
+    errs = [f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}" for key in sorted(set(raw) - TOP_KEYS - OLD_KEYS)]
+    task = _parse_task(raw, task_override, errs)
+    objectives = _parse_objectives(raw, errs)
+    section, settings = _parse_settings(raw, errs)
+    limits = _parse_limits(raw, section, errs)
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         errs.append(f"seed: expected an integer, got {_short(seed)}")
         seed = 0
-    # budget
-    budget = raw.get("budget", {})
-    if not isinstance(budget, dict):
-        errs.append(f"budget: expected a mapping with {sorted(BUDGET_KEYS)}, got {_short(budget)}")
-        budget = {}
-    for key in sorted(set(budget) - BUDGET_KEYS):
-        errs.append(f"budget.{key}: unknown key; valid: {sorted(BUDGET_KEYS)}")
-    ints = {}
-    for key, default in (("num_samples", 10), ("max_epochs", 20), ("grace_period", 3)):
-        v = budget.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            errs.append(f"budget.{key}: expected an integer >= 1, got {_short(v)}")
+    fixed = _parse_fixed(raw, errs)
+    params = _parse_params(raw, fixed, errs)
+    if not errs:
+        _check_against_config(task, {**fixed, "epochs": settings["max_epochs"]}, params, errs)
+    if errs:
+        raise SpaceError(f"{path}: " + "; ".join(errs))
+    notes = (f"{path} uses the older keys {sorted(set(raw) & OLD_KEYS)}: read as search: (the search's settings) and "
+             "limits: (the student's); rename them to keep this note away",) if set(raw) & OLD_KEYS else ()
+    return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
+                 limits=limits, fixed=fixed, params=tuple(params), seed=seed, raw=raw, notes=notes, **settings)
+
+
+def _parse_task(raw: dict, task_override: str | None, errs: list[str]) -> str:
+    task = as_task_name(task_override or raw.get("task") or "digits")
+    problem = task_problem(task)
+    if problem:
+        errs.append(problem if len(problem) < 400 else _short(problem, 400))
+        return "digits"
+    return task
+
+
+def _parse_objectives(raw: dict, errs: list[str]) -> list[tuple[str, str]]:
+    """One or two {metric, mode}; the first is the selection metric (val_acc, or val_agreement without labels)."""
+    if "objective" in raw and "objectives" in raw:
+        errs.append("objective: give either objective or objectives, not both")
+    objs = raw.get("objectives", [raw["objective"]] if "objective" in raw else [{"metric": M.VAL_ACC, "mode": "max"}])
+    if not isinstance(objs, list) or not 1 <= len(objs) <= 2:
+        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {_short(objs)}")
+        return []
+    objectives = []
+    for i, o in enumerate(objs):
+        if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
+            errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {_short(o)}")
+        elif o["metric"] not in M.EPOCH_METRICS:
+            errs.append(f"objectives[{i}].metric: unknown {_short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
+        elif o["mode"] not in METRIC_MODES:
+            errs.append(f"objectives[{i}].mode: expected max or min, got {_short(o['mode'])}")
+        else:
+            objectives.append((o["metric"], o["mode"]))
+    if objectives and objectives[0] not in ((M.VAL_ACC, "max"), (M.VAL_AGREEMENT, "max")):
+        errs.append("objectives[0]: must be {metric: val_acc, mode: max} (the selection metric; "
+                    "{metric: val_agreement, mode: max} to select without labels)")
+    return objectives
+
+
+def _parse_settings(raw: dict, errs: list[str]) -> tuple[str, dict[str, Any]]:
+    """The search's settings (``search:``, or the older ``budget:``), each checked: (the key used, the settings)."""
+    if "search" in raw and "budget" in raw:
+        errs.append("search: give either search (the older name: budget) or budget, not both")
+    section = "budget" if "budget" in raw and "search" not in raw else "search"
+    block = raw.get(section, {})
+    valid = SETTING_KEYS | ({"flops"} if section == "budget" else set())
+    if not isinstance(block, dict):
+        errs.append(f"{section}: expected a mapping with {sorted(valid)}, got {_short(block)}")
+        block = {}
+    errs.extend(f"{section}.{key}: unknown key; valid: {sorted(valid)}" for key in sorted(set(block) - valid))
+    out: dict[str, Any] = {}
+    for key, default, low, high in (("num_samples", 10, 1, None), ("max_epochs", 20, 1, None),
+                                    ("grace_period", 3, 1, None), *((k, 3, lo, hi) for k, (lo, hi) in CONFIRM_BOUNDS.items())):
+        v = block.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+            errs.append(f"{section}.{key}: expected an integer " + (f">= {low}" if high is None else f"in [{low}, {high}]")
+                        + f", got {_short(v)}")
             v = default
-        ints[key] = v
-    if ints["grace_period"] > ints["max_epochs"]:
-        errs.append(f"budget.grace_period: ({ints['grace_period']}) must be <= budget.max_epochs ({ints['max_epochs']})")
-    flops = budget.get("flops")
+        out[key] = v
+    if out["grace_period"] > out["max_epochs"]:
+        errs.append(f"{section}.grace_period: ({out['grace_period']}) must be <= {section}.max_epochs "
+                    f"({out['max_epochs']})")
+    rf = block.get("reduction_factor", 3)
+    if not _num(rf) or rf <= 1:
+        errs.append(f"{section}.reduction_factor: expected a number > 1, got {_short(rf)}")
+        rf = 3
+    out["reduction_factor"] = float(rf)
+    return section, out
+
+
+def _parse_limits(raw: dict, section: str, errs: list[str]) -> dict[str, float]:
+    """The student's limits: ``limits: {param_ratio, flops}`` (or the older ``param_budget`` and ``budget.flops``)."""
+    block = raw.get("limits", {})
+    if not isinstance(block, dict):
+        errs.append(f"limits: expected a mapping with {sorted(LIMIT_KEYS)}, got {_short(block)}")
+        block = {}
+    errs.extend(f"limits.{key}: unknown key; valid: {sorted(LIMIT_KEYS)}" for key in sorted(set(block) - LIMIT_KEYS))
+    if "limits" in raw and ("param_budget" in raw or section == "budget" and "flops" in (raw.get("budget") or {})):
+        errs.append("limits: give the limits either in limits or in the older param_budget and budget.flops, not both")
+    ratio_key = "param_budget" if "param_budget" in raw else "limits.param_ratio"
+    ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
+    if ratio is not None and (not _num(ratio) or not 0 < ratio <= 1):
+        errs.append(f"{ratio_key}: expected a parameter ratio in (0, 1], got {_short(ratio)}")
+    old_flops = (raw.get("budget") or {}).get("flops") if isinstance(raw.get("budget"), dict) else None
+    flops_key = "budget.flops" if old_flops is not None else "limits.flops"
+    flops = old_flops if old_flops is not None else block.get(M.FLOPS)
     if flops is not None and (not _num(flops) or flops <= 0):
-        errs.append(f"budget.flops: expected a positive number of FLOPs per image, got {_short(flops)}")
-    for key, default, low in (("confirm_top_k", 3, 0), ("confirm_seeds", 3, 1)):
-        v = budget.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= 20:
-            errs.append(f"budget.{key}: expected an integer in [{low}, 20], got {_short(v)}")
-            v = default
-        ints[key] = v
-    reduction_factor = budget.get("reduction_factor", 3)
-    if not _num(reduction_factor) or reduction_factor <= 1:
-        errs.append(f"budget.reduction_factor: expected a number > 1, got {_short(reduction_factor)}")
-        reduction_factor = 3
-    # fixed and params
+        errs.append(f"{flops_key}: expected a positive number of FLOPs per image, got {_short(flops)}")
+    if any(e.startswith(("limits", "param_budget", "budget.flops")) for e in errs):
+        return {}
+    return space_limits(raw)
+
+
+def _parse_fixed(raw: dict, errs: list[str]) -> dict[str, Any]:
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
         errs.append(f"fixed: expected a mapping of config values, got {_short(fixed)}")
-        fixed = {}
-    for key in fixed:
-        if key in NOT_SEARCHABLE:
-            errs.append(f"fixed.{key}: cannot be fixed here (use --task, budget.max_epochs)")
-    fixed = {k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items() if k not in NOT_SEARCHABLE}
+        return {}
+    errs.extend(f"fixed.{key}: cannot be fixed here (use --task, search.max_epochs)" for key in fixed
+                if key in NOT_SEARCHABLE)
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in fixed.items() if k not in NOT_SEARCHABLE}
+
+
+def _parse_params(raw: dict, fixed: dict, errs: list[str]) -> list[Param]:
+    """The searched parameters, each checked, and their conditions (``when``) against the ones before them."""
     params_raw = raw.get("params")
-    params: list[Param] = []
     if not isinstance(params_raw, dict) or not params_raw:
         errs.append("params: expected a non-empty mapping of hyperparameters to search")
-    else:
-        for name, spec in params_raw.items():
-            p = _parse_param(str(name), spec, errs)
-            if p is not None:
-                params.append(p)
-    names = {p.name: p for p in params}
-    for key in fixed:
-        if key in names:
-            errs.append(f"fixed.{key}: also searched in params; keep one")
+        return []
+    params = [p for p in (_parse_param(str(name), spec, errs) for name, spec in params_raw.items()) if p is not None]
+    errs.extend(f"fixed.{key}: also searched in params; keep one" for key in fixed if key in {p.name for p in params})
     for i, p in enumerate(params):
+        earlier = {q.name: q for q in params[:i]}
         for parent, values in p.when.items():
-            earlier = {q.name: q for q in params[:i]}
             if parent not in earlier or earlier[parent].type not in ("categorical", "fixed"):
                 errs.append(f"params.{p.name}.when: {_short(parent)} must be a categorical parameter listed before it")
                 continue
@@ -294,15 +349,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
             bad = [v for v in values if v not in allowed]
             if bad:
                 errs.append(f"params.{p.name}.when.{parent}: {_short(bad)} not among its choices {list(allowed)}")
-    if not errs:
-        _check_against_config(task, {**fixed, "epochs": ints["max_epochs"]}, params, errs)
-    if errs:
-        raise SpaceError(f"{path}: " + "; ".join(errs))
-    return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
-                 param_budget=pb, num_samples=ints["num_samples"], max_epochs=ints["max_epochs"],
-                 grace_period=ints["grace_period"], reduction_factor=float(reduction_factor),
-                 confirm_top_k=ints["confirm_top_k"], confirm_seeds=ints["confirm_seeds"], fixed=fixed, params=tuple(params),
-                 seed=seed, raw=raw)
+    return params
 
 
 MAX_SPACE_BYTES = 256 * 1024  # a space is a few hundred bytes; anything near this is not a space file

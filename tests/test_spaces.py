@@ -133,3 +133,43 @@ def test_a_flops_budget_is_a_limit_like_the_parameter_budget():
     assert limit_violation({M.PARAM_RATIO: 0.15, M.FLOPS: 1500}, space.limits) == pytest.approx(0.05 + 0.5)
     with pytest.raises(SpaceError, match="budget.flops: expected a positive number"):
         parse_space({**VALID, "budget": {**VALID["budget"], "flops": -1}}, "f.yaml")
+
+
+NEW = {"search": {"num_samples": 2, "max_epochs": 3, "grace_period": 1}, "limits": {"param_ratio": 0.1, "flops": 1000},
+       "params": VALID["params"]}
+
+
+def test_search_settings_and_student_limits_have_their_own_keys_and_older_spaces_still_read():
+    from results.record import space_limits
+    from trainable import metrics as M
+
+    new = parse_space(NEW, "new.yaml")
+    old = parse_space({**VALID, "param_budget": 0.1, "budget": {**VALID["budget"], "flops": 1000}}, "old.yaml")
+    for s in (new, old):
+        assert s.limits == {M.PARAM_RATIO: 0.1, M.FLOPS: 1000.0} and (s.num_samples, s.max_epochs) == (2, 3)
+    assert space_limits(NEW) == space_limits(old.raw) == new.limits
+    assert new.notes == () and "older keys ['budget', 'param_budget']" in old.notes[0]
+    assert all(not {"budget", "param_budget"} & set(yaml.safe_load(p.read_text())) for p in SPACES)  # shipped: new
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({**NEW, "budget": {"num_samples": 2}}, "search: give either search (the older name: budget) or budget, not both"),
+    ({**NEW, "param_budget": 0.1}, "limits: give the limits either in limits or in the older param_budget"),
+    ({**NEW, "limits": {"params": 0.1}}, "limits.params: unknown key; valid: ['flops', 'param_ratio']"),
+    ({**NEW, "limits": {"param_ratio": 2}}, "limits.param_ratio: expected a parameter ratio in (0, 1]"),
+    ({**NEW, "limits": {"flops": 0}}, "limits.flops: expected a positive number"),
+    ({**NEW, "search": {"flops": 10}}, "search.flops: unknown key"),
+    ({**NEW, "search": {"confirm_seeds": 21}}, "search.confirm_seeds: expected an integer in [1, 20]"),
+])
+def test_bad_search_settings_and_limits_name_their_key(raw, needle):
+    import re
+
+    with pytest.raises(SpaceError, match=re.escape(needle)):
+        parse_space(raw, "s.yaml")
+
+
+def test_the_space_notes_its_older_keys_when_a_search_starts(tmp_path):
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**VALID, "param_budget": 0.1}))
+    r = run_main("search/run_search.py", "--space", tmp_path / "old.yaml", "--storage", tmp_path / "runs", "--smoke",
+                 "--gpus-per-trial", "9")  # refused before anything starts, after the note
+    assert "note: " in r.stdout and "older keys ['budget', 'param_budget']" in r.stdout and r.returncode == 2
