@@ -51,6 +51,13 @@ BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
 BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
 # killed during its export has no best/ and is not finished (the resume exports again)
 
+def best_files(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The exported winner's ``best/metrics.json`` and ``best/trial.json`` ({} each where there is none yet)."""
+    from trainable.files import read_json
+
+    return read_json(Path(folder) / BEST_METRICS, {}), read_json(Path(folder) / BEST_TRIAL, {})
+
+
 # The records a search keeps (JSON, with a checksum), and what --repair does about damage to those it can mend
 # without loss; any other damaged record is restored from a copy of the folder.
 RECORDS = (META_FILE, SCHEDULER_FILE, CONFIRM_PLAN, CONFIRM_RESULTS)

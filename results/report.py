@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pandas as pd
 
 from results.record import (
     BEST_DIR,
+    BEST_METRICS,
     COMPLETED,
     DIVERGED,
     ERRORED,
@@ -30,6 +30,7 @@ from results.record import (
     STOPPED_EARLY,
     SUCCEEDED,
     UNFINISHED,
+    best_files,
     count_outcomes,
     count_refused,
     describe_limits,
@@ -333,7 +334,7 @@ def _confusion_plot(best_dir: Path) -> str:
 
     path = best_dir / "confusion_test.csv"
     if not path.exists():
-        return ("<p class='note'>none: the task has no labels</p>" if (best_dir / "metrics.json").exists()
+        return ("<p class='note'>none: the task has no labels</p>" if (best_dir / Path(BEST_METRICS).name).exists()
                 else "<p class='note'>no best student yet</p>")
     df = pd.read_csv(path, index_col=0)
     fig = px.imshow(df.values, x=[str(c) for c in df.columns], y=[str(i) for i in df.index], text_auto=True,
@@ -405,22 +406,13 @@ def _best_line(best_id: str | None, m: dict) -> str:
             + (f" ({m['epochs']} epochs)" if m.get("epochs") else ""))
 
 
-def render(e: Experiment, in_progress: str | None = None) -> str:
-    from plotly.offline import get_plotlyjs
-
+def _header(e: Experiment, counts: dict[str, int], refused: int, best_id: str | None, best: dict) -> list[tuple[str, str]]:
+    """The report's first table: what was searched, how, and what came of it."""
     meta = e.meta
-    best_dir = e.path / BEST_DIR
-    best_metrics = json.loads((best_dir / "metrics.json").read_text()) if (best_dir / "metrics.json").exists() else {}
-    best_info = json.loads((best_dir / "trial.json").read_text()) if (best_dir / "trial.json").exists() else {}
-    best_id = best_info.get("trial_id")  # only a confirmed, exported winner is called the best
-    counts = count_outcomes(e.trials["outcome"])
     num_samples = meta.get("num_samples", len(e.trials))
-    max_epochs = int(meta.get("max_epochs") or 0)
     spent = int(e.trials["epochs_run"].sum()) if len(e.trials) else 0
-    full = num_samples * max_epochs
-    real = load_study(e.path)  # read once: the header's count and Optuna's plots
-    refused = count_refused(real)
-    header = [
+    full = num_samples * int(meta.get("max_epochs") or 0)
+    return [
         ("task", str(meta.get("task", "?"))),
         ("space", str(meta.get("space_file", "?"))),
         ("teacher", f"{meta.get('teacher_arch', '?')}, val_acc {_fmt(meta.get('teacher_val_acc'))}, "
@@ -430,31 +422,67 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
          "val_agreement: the student's agreement with the teacher on held-out unlabelled images"
          + ("" if e.labelled else "; NO ACCURACY WAS MEASURED (the task has no labels)")),
         ("speed", speed_line(meta.get("speed"))),
-        ("best student", _best_line(best_id, best_metrics) if best_metrics else
+        ("best student", _best_line(best_id, best) if best else
          ("none: no trial succeeded" if sum(counts[k] for k in SUCCEEDED) == 0 and not e.partial
           else "not evaluated yet")),
-        ("parameter ratio", f"{best_metrics['param_ratio']:.2%} ({best_metrics['student_params']:,} of "
-                            f"{best_metrics['teacher_params']:,})" if best_metrics else ""),
+        ("parameter ratio", f"{best['param_ratio']:.2%} ({best['student_params']:,} of "
+                            f"{best['teacher_params']:,})" if best else ""),
         ("budget", (describe_limits(space_limits(meta.get("space") or {})) or "none")
          + (f"; {refused} proposed settings over it were refused before training" if refused else "")),
         ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
                    f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
                    f"(of {num_samples})"),
         ("epochs spent", f"{spent} of {full} for a full-budget search ({spent / full:.0%})" if full else str(spent)),
-        ("wall time", f"{best_metrics['wall_s']:.0f} s" if best_metrics else ""),
+        ("wall time", f"{best['wall_s']:.0f} s" if best else ""),
     ]
-    parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
-             f"<p>{html.escape(str((meta.get('space') or {}).get('description', '')))}</p>"]
-    refresh = ""
+
+
+def _sizes(e: Experiment, best: dict) -> list[tuple[str, str]]:
+    """Teacher and student sizes, and the exported student's measured inference cost."""
+    teacher_params = best.get("teacher_params") or (
+        int(e.trials["teacher_params"].dropna().iloc[0]) if e.trials["teacher_params"].notna().any() else None)
+    sizes = [("teacher", _fmt(teacher_params))]
+    if best:
+        sizes.append(("best student", f"{best['student_params']:,} ({best['param_ratio']:.2%})"))
+    sp = e.trials["student_params"].dropna()
+    if len(sp):
+        sizes.append(("smallest / largest student tried", f"{int(sp.min()):,} / {int(sp.max()):,}"))
+    if best.get(M.LATENCY_MS) is not None:
+        sizes += [
+            ("best student: FLOPs per image", f"{best[M.FLOPS]:,}"),
+            ("best student: CPU latency, batch 1", f"{best[M.LATENCY_MS]:.3f} ms per image (median; "
+                                                   f"{best.get(M.THREADS)} threads)"),
+            ("best student: CPU throughput, batch 256", f"{best[M.THROUGHPUT]:,.0f} images/s (median)"),
+            ("best student: best/student.pt2 on disk", f"{best[M.SIZE_BYTES]:,} bytes (torch.export; "
+                                                       "torch.export.load(path).module() runs it)"),
+        ]
+    return sizes
+
+
+def _banner(e: Experiment, counts: dict[str, int], in_progress: str | None) -> str:
+    """A search still running, or one that was interrupted, says so at the top; "" otherwise."""
     if in_progress:
-        refresh = "<meta http-equiv='refresh' content='30'>"
-        parts.append(f"<div class='partial' id='in-progress'>In progress: {html.escape(in_progress)}. This page is "
-                     "rewritten as trials finish and reloads itself every 30 s.</div>")
-    elif e.partial:
-        done = sum(counts[k] for k in FINISHED)
-        parts.append(f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
-                     "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
-    parts.append(_kv_table(header))
+        return (f"<div class='partial' id='in-progress'>In progress: {html.escape(in_progress)}. This page is "
+                "rewritten as trials finish and reloads itself every 30 s.</div>")
+    if e.partial:
+        done, num_samples = sum(counts[k] for k in FINISHED), e.meta.get("num_samples", len(e.trials))
+        return (f"<div class='partial'>Partial: this search was interrupted ({done} of {num_samples} trials "
+                "finished). Finish it with run_search.py ... --resume; this report shows what exists so far.</div>")
+    return ""
+
+
+def render(e: Experiment, in_progress: str | None = None) -> str:
+    from plotly.offline import get_plotlyjs
+
+    best_dir = e.path / BEST_DIR
+    best, best_info = best_files(e.path)
+    best_id = best_info.get("trial_id")  # only a confirmed, exported winner is called the best
+    counts = count_outcomes(e.trials["outcome"])
+    real = load_study(e.path)  # read once: the header's count and Optuna's plots
+    refused = count_refused(real)
+    parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
+             f"<p>{html.escape(str((e.meta.get('space') or {}).get('description', '')))}</p>",
+             _banner(e, counts, in_progress), _kv_table(_header(e, counts, refused, best_id, best))]
     what = "Accuracy" if e.selection == M.VAL_ACC else "Agreement with the teacher"
     parts.append(_section(f"{what} versus student size", _pareto_plot(e, best_id)))
     by_method = _method_plot(e)
@@ -462,33 +490,16 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
         parts.append(_section(f"{what} by method", by_method))
     parts.append(_section("Confirmation over seeds", _confirm_table(e)))
     parts.append(_section("Learning curves", _curves_plot(e)))
-    for title, body in _optuna_plots(e, real, refused):
-        parts.append(_section(title, body))
+    parts += [_section(title, body) for title, body in _optuna_plots(e, real, refused)]
     parts.append(_section("Best student", "<div class='grid'><div><h3>Generated images</h3>" + _image(best_dir)
                           + "</div><div><h3>Confusion matrix</h3>" + _confusion_plot(best_dir) + "</div></div>"))
-    teacher_params = best_metrics.get("teacher_params") or (
-        int(e.trials["teacher_params"].dropna().iloc[0]) if e.trials["teacher_params"].notna().any() else None)
-    sizes = [("teacher", _fmt(teacher_params))]
-    if best_metrics:
-        sizes.append(("best student", f"{best_metrics['student_params']:,} ({best_metrics['param_ratio']:.2%})"))
-    sp = e.trials["student_params"].dropna()
-    if len(sp):
-        sizes.append(("smallest / largest student tried", f"{int(sp.min()):,} / {int(sp.max()):,}"))
-    if best_metrics.get(M.LATENCY_MS) is not None:
-        sizes += [
-            ("best student: FLOPs per image", f"{best_metrics[M.FLOPS]:,}"),
-            ("best student: CPU latency, batch 1", f"{best_metrics[M.LATENCY_MS]:.3f} ms per image (median; "
-                                                   f"{best_metrics.get(M.THREADS)} threads)"),
-            ("best student: CPU throughput, batch 256", f"{best_metrics[M.THROUGHPUT]:,.0f} images/s (median)"),
-            ("best student: best/student.pt2 on disk", f"{best_metrics[M.SIZE_BYTES]:,} bytes (torch.export; "
-                                                       "torch.export.load(path).module() runs it)"),
-        ]
-    parts.append(_section("Size and inference cost", _kv_table(sizes)))
+    parts.append(_section("Size and inference cost", _kv_table(_sizes(e, best))))
     parts.append(_section("All trials (click a column to sort)", _trials_table(e, best_id)))
+    refresh = "<meta http-equiv='refresh' content='30'>" if in_progress else ""
     return ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
             f"<title>AKD search report: {html.escape(e.path.name)}</title>{refresh}{_CSS}{_PAGE_CHECK}"
             f"<script type='text/javascript'>{get_plotlyjs()}</script>{_SORT_JS}</head>\n<body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+            + "\n".join(p for p in parts if p) + "\n</body></html>\n")
 
 
 def build_report(path: str | Path, in_progress: str | None = None) -> Path:

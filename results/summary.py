@@ -25,6 +25,7 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
     STOPPED_EARLY,
     SUMMARY_DIR,
     UNFINISHED,
+    best_files,
     check_records,
     pareto_mask,
     read_record,
@@ -35,7 +36,7 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
 )
 from trainable import metrics as M
 from trainable.errors import UserError
-from trainable.files import atomic_path, read_json
+from trainable.files import atomic_path
 
 TRIAL_COLUMNS = {
     "trial_id": "Ray's trial id",
@@ -232,7 +233,7 @@ def load_experiment(path: str | Path) -> Experiment:
     meta = _open_folder(exp)
     scheduler = scheduler_record(exp / SCHEDULER_FILE)
     confirmed = read_record(exp / CONFIRM_RESULTS) or {}
-    best_cost = read_json(exp / BEST_METRICS, {})
+    best_cost = best_files(exp)[0]
     space = meta.get("space") or {}
     searched, limits = list((space.get("params") or {}).keys()), space_limits(space)
     trial_rows, epoch_rows = [], []

@@ -16,7 +16,9 @@ from typing import Any
 from results.record import (
     ABANDONED,
     BEST_DIR,
+    BEST_METRICS,
     BEST_PARTIAL,
+    BEST_TRIAL,
     CONFIRM_RESULTS,
     FINISHED,
     META_FILE,
@@ -36,12 +38,12 @@ from search.prepare import Teacher
 from search.searcher import fail_abandoned
 from search.tuner import confirm_tuner
 from trainable import metrics as M
-from trainable.akd import AKDRun, default_device, load_checkpoint
+from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint
 from trainable.config import build_config
 from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.speed import Speed
-from trainable.tune_trainable import CANDIDATE, CHECKPOINT_FILE, RUN
+from trainable.tune_trainable import CANDIDATE, RUN
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
@@ -96,8 +98,8 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
         if f"{key}_mean" in winner:
             final.update({key: winner[f"{key}_mean"], f"{key}_std": winner[f"{key}_std"]})
     final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
-    write_json(out / "metrics.json", final)
-    write_json(out / "trial.json", {"trial_id": winner["trial_id"],
+    write_json(out / Path(BEST_METRICS).name, final)
+    write_json(out / Path(BEST_TRIAL).name, {"trial_id": winner["trial_id"],
                                     "checkpoint": chosen["checkpoint"],
                                     "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
     if (exp / BEST_DIR).exists():

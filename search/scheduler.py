@@ -16,9 +16,9 @@ the space's objective vector, as in multi-objective ASHA (MOASHA, Schmucker et a
   rule.
 - A trial whose run diverged (a non-finite loss) is stopped at once, with that reason.
 
-Its state is plain data (``SchedulerState``), the single record of its decisions: it is written
-atomically to ``state_file`` *before* a decision takes effect and read back on restore, and a
-trial it stopped or saw finish is never trained again (a resumed search stops such a trial
+Its state is plain data (``results.record.empty_scheduler_record``), the single record of its decisions: it
+is written atomically, with a checksum, to ``state_file`` *before* a decision takes effect and read back on
+restore, and a trial it stopped, saw finish or saw fail for good is never trained again (a resumed search stops such a trial
 before Tune starts it). The scheduler builds on Tune's public ``FIFOScheduler``; nothing reads
 Ray's ASHA internals.
 """

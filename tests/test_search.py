@@ -192,6 +192,17 @@ def _wait_for(cond, timeout=180):
     return False
 
 
+def _killed_after_two_trials(args, address, exp: Path) -> None:
+    """A search started in its own process and killed (SIGKILL) once two of its trials have finished."""
+    proc = _start(args, address)
+    try:
+        assert _wait_for(lambda: len(_finished_trials(exp)) >= 2), "no trial finished in time"
+        time.sleep(1.0)  # let Tune write an experiment checkpoint that includes them
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+
+
 def _results(exp: Path, trial_id: str) -> list[dict]:
     lines = (exp / f"trial_{trial_id}" / "result.json").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k in M.EPOCH_METRICS and k != M.IMAGES_PER_S}
@@ -254,13 +265,7 @@ def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_addres
                 "--name", "s", "--no-report"]
 
     src, dst = tmp_path / "a" / "s", tmp_path / "b" / "s"
-    proc = _start(args(tmp_path / "a"), ray_address)
-    try:
-        assert _wait_for(lambda: len(_finished_trials(src)) >= 2), "no trial finished in time"
-        time.sleep(1.0)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    _killed_after_two_trials(args(tmp_path / "a"), ray_address, src)
     dst.parent.mkdir()
     if how == "copy":
         shutil.copytree(src, dst, symlinks=True)
@@ -304,13 +309,7 @@ def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut
                 "--name", name, "--no-report"]
 
     src = tmp_path / "s"
-    proc = _start(args("s"), ray_address)
-    try:
-        assert _wait_for(lambda: len(_finished_trials(src)) >= 2), "no trial finished in time"
-        time.sleep(1.0)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+    _killed_after_two_trials(args("s"), ray_address, src)
     damages = {
         "journal": lambda e: (e / "akdtune" / "study.journal").write_bytes(
             (e / "akdtune" / "study.journal").read_bytes()[:-7]),  # its last record cut short, as by a kill

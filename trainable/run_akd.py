@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file; pass a folder for the run's outputs")
     if not os.access(out if out.exists() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
         raise UserError(f"--out {out} is not writable; pass a folder you can write to")
-    ckpt_path = out / "checkpoint.pt"
+    ckpt_path = out / CHECKPOINT_FILE
     if args.resume and not ckpt_path.exists():
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):

@@ -214,12 +214,9 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
     return model.eval(), {"arch": arch, "source": str(path)}
 
 
-def teacher_accuracy(teacher: nn.Module, task_name: str, seed: int = 0, data_root: str | None = None) -> dict[str, float]:
-    """Validation and test accuracy of a teacher (evaluation data only)."""
-    from trainable.akd import evaluate
+def teacher_accuracy(teacher: nn.Module, task_name: str, seed: int = 0,
+                     data_root: str | None = None) -> dict[str, float | None]:
+    """``teacher_val_acc`` and ``teacher_test_acc`` of a teacher on the task's evaluation data (None without labels)."""
+    from trainable.outputs import teacher_metrics
 
-    data = load_eval_data(task_name, seed, data_root=data_root)
-    if not data.labelled:
-        return {"val_acc": None, "test_acc": None}
-    return {"val_acc": evaluate(teacher, data.val_x, data.val_y)["acc"],
-            "test_acc": evaluate(teacher, data.test_x, data.test_y)["acc"]}
+    return teacher_metrics(teacher, load_eval_data(task_name, seed, data_root=data_root))

@@ -16,6 +16,7 @@ import argparse
 import os
 import sys
 
+from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.files import torch_save
 from trainable.models import CLASSIFIERS
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.cpu()
         torch_save(model.state_dict(), args.out)
         acc = teacher_accuracy(model, task.name, args.seed, args.data_root)
-        print(f"teacher {arch} on {task.name}: val_acc {acc['val_acc']:.4f} test_acc {acc['test_acc']:.4f}; "
+        print(f"teacher {arch} on {task.name}: val_acc {acc[M.TEACHER_VAL_ACC]:.4f} test_acc {acc[M.TEACHER_TEST_ACC]:.4f}; "
               f"saved {args.out}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,14 +15,12 @@ import torch
 from ray import tune
 
 from trainable import metrics as M
-from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.errors import NonFiniteLossError
 from trainable.models import build_classifier
 from trainable.speed import Speed
 from trainable.tasks import EvalData, data_free, get_task
-
-CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def teacher_payload(teacher: torch.nn.Module, arch: str) -> dict[str, Any]:
