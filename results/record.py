@@ -236,7 +236,8 @@ def empty_scheduler_record() -> dict[str, Any]:
     """``rungs``: rung -> trial id -> its objective values there; ``stopped``: trial id -> the decision that cut it
     short (``reason``, ``rung``, ``epoch``, ``position``, ``of``, and ``result``: the epoch's metrics it judged);
     ``finished``: trial id -> its last result; ``errored``: trial id -> the epoch it had reached when it failed for good
-    (no retry left)."""
+    (no retry left); ``order``: the trial ids in the order their settings were proposed (repeatable searches);
+    ``waiting``: trial id -> the rung whose decision waits on earlier trials."""
     return {"version": SCHEDULER_VERSION, "rungs": {}, "stopped": {}, "finished": {}, "errored": {}}
 
 

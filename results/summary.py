@@ -39,6 +39,8 @@ from trainable.errors import UserError
 from trainable.files import atomic_path
 
 TRIAL_COLUMNS = {
+    "trial": "the trial's place in the order its setting was proposed (0, 1, ...; the table's order); empty for a "
+             "search run with --asynchronous",
     "trial_id": "Ray's trial id",
     "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by the scheduler) | {DIVERGED} (NaN/Inf loss) | {ERRORED} | "
                f"{UNFINISHED} (interrupted, resumable) | {ABANDONED} (a folder the driver created just before it "
@@ -251,7 +253,9 @@ def load_experiment(path: str | Path) -> Experiment:
         "within_budget", "winner", "_dir", "_config"])
     _mark_pareto(trials, f"final_{meta.get(M.SELECTED_ON) or M.VAL_ACC}")
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])
-    trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
+    place = {t: i for i, t in enumerate(scheduler.get("order") or [])}
+    trials.insert(0, "trial", pd.array([place.get(t) for t in trials["trial_id"]], dtype="Int64"))
+    trials = trials.sort_values(["trial", "trial_id"], kind="stable", na_position="last").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
     return Experiment(exp, meta, dict(scheduler["stopped"]), confirmed, trials, epochs)
 

@@ -99,3 +99,21 @@ def start_ray(plan: SearchPlan) -> None:
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
     check_cluster(plan)
+
+
+def trials_at_once(plan: SearchPlan) -> int:
+    """Trials side by side: the CPUs (or GPUs) of the running Ray cluster, or of this machine before Ray starts,
+    over a trial's share, capped by --max-concurrent."""
+    import ray
+    import torch
+
+    gpus = gpus_per_trial(plan)
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        n = int(total.get("GPU", 0) // gpus) if gpus > 0 else int(total.get("CPU", 1) // plan.cpus_per_trial)
+    elif trial_device(plan).type == "cuda":
+        n = int(torch.cuda.device_count() // gpus)
+    else:
+        n = int((plan.num_cpus or os.cpu_count() or 1) // plan.cpus_per_trial)
+    n = max(1, n)
+    return min(n, plan.max_concurrent) if plan.max_concurrent else n

@@ -15,13 +15,13 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from search.cluster import trials_at_once
 from search.plan import SearchPlan
 from trainable import metrics as M
 
@@ -53,20 +53,6 @@ def expected_epochs(max_epochs: int, rungs: list[int], reduction_factor: float, 
     return total / trials
 
 
-def concurrency(plan: SearchPlan) -> int:
-    """Trials at once on this machine: the CPUs (or GPUs) over a trial's share, capped by --max-concurrent."""
-    import torch
-
-    from search.cluster import gpus_per_trial, trial_device
-
-    if trial_device(plan).type == "cuda":
-        n = int(torch.cuda.device_count() // gpus_per_trial(plan))
-    else:
-        n = int((plan.num_cpus or os.cpu_count() or 1) // plan.cpus_per_trial)
-    n = max(1, n)
-    return min(n, plan.max_concurrent) if plan.max_concurrent else n
-
-
 def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, float]:
     """The search's phases in seconds for a trial epoch of ``epoch_s``: search, confirmation, start-up, total."""
     from search.scheduler import milestones
@@ -89,7 +75,7 @@ def from_speed(plan: SearchPlan, speed) -> float | None:
     if not seconds:
         return None
     cfg = build_config(plan.trial_config)
-    return wall_seconds(plan, seconds * cfg.iters_per_epoch, concurrency(plan))["total_s"]
+    return wall_seconds(plan, seconds * cfg.iters_per_epoch, trials_at_once(plan))["total_s"]
 
 
 def _size_param(plan: SearchPlan):
@@ -178,7 +164,7 @@ def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
     device = trial_device(plan)
     with data_free():
         students = measure(plan, teacher, speed, check)
-    at_once = concurrency(plan)
+    at_once = trials_at_once(plan)
     epoch_s = sum(s.epoch_s for s in students) / len(students)  # a trial's size is anywhere between the two
     w = wall_seconds(plan, epoch_s, at_once)
     with torch_threads(trial_threads(plan)):

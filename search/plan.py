@@ -45,6 +45,7 @@ class SearchPlan:
     grace_period: int
     reduction_factor: float
     early_stopping: bool
+    asynchronous: bool  # --asynchronous: decisions in the order results arrive (not repeatable)
     confirm_top_k: int
     confirm_seeds: int
     teacher_path: str | None
@@ -107,6 +108,7 @@ class SearchPlan:
                 "teacher_model": self.teacher_model, "selection": self.selection, "data_root": self.data_root,
                 "smoke": self.smoke, "max_epochs": self.max_epochs, "grace_period": self.grace_period,
                 "reduction_factor": self.reduction_factor, "early_stopping": self.early_stopping,
+                "asynchronous": self.asynchronous,
                 "confirm_top_k": self.confirm_top_k, "confirm_seeds": self.confirm_seeds}
 
 
@@ -242,6 +244,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         num_samples=pick("num_samples", args.num_samples), max_epochs=max_epochs,
         grace_period=min(pick("grace_period"), max_epochs), reduction_factor=pick("reduction_factor"),
         early_stopping=early_stopping, confirm_top_k=pick("confirm_top_k", args.confirm_top_k),
+        asynchronous=bool(getattr(args, "asynchronous", False)) if record is None else bool(record.get("asynchronous", True)),
         confirm_seeds=pick("confirm_seeds", args.confirm_seeds),
         teacher_path=os.path.abspath(teacher) if teacher else None,
         teacher_model=as_spec(args.teacher_model or (record or {}).get("teacher_model")),

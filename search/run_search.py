@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://host:10001)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--no-early-stopping", action="store_true", help="no early stopping: every trial runs max_epochs")
+    p.add_argument("--asynchronous", action="store_true", help="take each decision as soon as its results arrive "
+                   "(faster where stragglers are common, e.g. a large cluster) instead of in the trials' order; the "
+                   "same command may then give a different search")
     p.add_argument("--confirm-top-k", type=int, help="candidates re-run to max_epochs with extra seeds "
                    "(default: the space's search.confirm_top_k, else 3; 0: off, the best is still finished)")
     p.add_argument("--confirm-seeds", type=int, help="seeds per candidate, its own included (default: the "

@@ -68,14 +68,16 @@ def crowding_distances(points: list[Sequence[float]]) -> list[float]:
     return dist
 
 
-def rank_records(records: dict[str, dict[str, Any]], modes: Sequence[str]) -> list[str]:
+def rank_records(records: dict[str, dict[str, Any]], modes: Sequence[str], ordered: bool = False) -> list[str]:
     """Trial ids of one rung, best first.
 
     Each record is ``{"values": [objective values], "violation": how far over the budget (0 if within)}``.
     Order: feasible first (infeasible by violation), then non-dominated front, then crowding
-    distance (largest first), then the first objective (the selection metric), then trial id.
+    distance (largest first), then the first objective (the selection metric), then the trial id, or with
+    ``ordered`` the records' own order (the trials' order in a repeatable search: Ray's ids are random).
     """
-    ids = sorted(records)
+    ids = list(records) if ordered else sorted(records)
+    place = {t: i for i, t in enumerate(ids)}
     signs = [-1.0 if m == "max" else 1.0 for m in modes]
 
     def minimised(tid: str) -> tuple[float, ...]:
@@ -95,7 +97,7 @@ def rank_records(records: dict[str, dict[str, Any]], modes: Sequence[str]) -> li
             for i, d in zip(idx, crowding_distances([pts[i] for i in idx])):
                 crowd[i] = d
         for i, tid in enumerate(members):
-            key[tid] = (violation > 0, violation, fronts[i], -crowd[i], pts[i][0], tid)
+            key[tid] = (violation > 0, violation, fronts[i], -crowd[i], pts[i][0], place[tid])
     return sorted(ids, key=lambda t: key[t])
 
 
@@ -128,11 +130,16 @@ class RungScheduler(FIFOScheduler):
             after every trial within it, by how far over.
         state_file: where the state is written (JSON); None keeps it in memory only.
         early_stopping: False records rungs but never stops (every trial runs ``max_epochs``).
+        repeatable: decisions follow the trials' order, not the order their results arrive in: trial k's
+            decision at a rung ranks it among trials 0..k only, and is taken once each of trials 0..k-1 has
+            reached that rung or ended before it (until then trial k is paused, its checkpoint kept). The same
+            command then gives the same decisions however the trials interleave (``search.searcher`` proposes
+            settings the same way). The order is the searcher's (``set_order``), kept in the record.
     """
 
     def __init__(self, objectives: Sequence[tuple[str, str]], max_epochs: int, grace_period: int,
                  reduction_factor: float, param_budget: float | None = None, state_file: str | None = None,
-                 early_stopping: bool = True, limits: dict[str, float] | None = None):
+                 early_stopping: bool = True, limits: dict[str, float] | None = None, repeatable: bool = False):
         super().__init__()
         self.objectives = [(str(m), str(d)) for m, d in objectives]
         self.max_epochs = int(max_epochs)
@@ -140,6 +147,7 @@ class RungScheduler(FIFOScheduler):
         self.reduction_factor = float(reduction_factor)
         self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.state_file = state_file
+        self.repeatable = repeatable
         self._state: dict[str, Any] | None = None  # loaded lazily, so an unpickled copy reads the file
 
     def __getstate__(self):
@@ -152,6 +160,7 @@ class RungScheduler(FIFOScheduler):
             budget = d.pop("param_budget", None)
             d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
             d.setdefault("max_epochs", d.pop("max_t", None))
+        d.setdefault("repeatable", False)  # pickled before searches were repeatable
         self.__dict__.update(d)
         self.state_file = here(self.state_file)  # a copied or moved search writes into its new folder
 
@@ -192,9 +201,56 @@ class RungScheduler(FIFOScheduler):
 
         return limit_violation(result, self.limits)
 
+    # -- the trials' order (repeatable decisions)
+    def set_order(self, trial_ids: list[str]) -> None:
+        """The trials in the order the searcher proposed them (written with the record)."""
+        if list(trial_ids) != self.state.get("order"):
+            self.state["order"] = list(trial_ids)
+            self._write()
+
+    def _resolved_at(self, trial_id: str, rung: int) -> bool:
+        """Whether ``trial_id`` has a record at ``rung`` or ended before reaching it."""
+        st = self.state
+        if trial_id in st["rungs"].get(str(rung), {}):
+            return True
+        stop = st["stopped"].get(trial_id)
+        return bool(stop and (stop.get("reason") != "rung" or int(stop.get("rung", 0)) < rung)) or \
+            trial_id in st.get("errored", {})
+
+    def _earlier(self, trial_id: str) -> list[str] | None:
+        """The trials proposed before ``trial_id``, or None where its place is unknown."""
+        order = self.state.get("order") or []
+        return order[:order.index(trial_id)] if trial_id in order else None
+
+    def _judge(self, trial_id: str, m: int) -> str:
+        """The decision at rung ``m`` (recorded when it is STOP): ``trial_id`` ranked among the records there of the
+        trials it may be compared with (repeatable: those proposed before it; else every one so far)."""
+        st = self.state
+        rung = st["rungs"][str(m)]
+        earlier = self._earlier(trial_id) if self.repeatable else None
+        if earlier is None:
+            pool = dict(rung)
+        else:  # in the trials' order, so that ties fall the same way whatever order the results came in
+            pool = {t: rung[t] for t in [*earlier, trial_id] if t in rung}
+        order = rank_records(pool, [d for _, d in self.objectives], ordered=earlier is not None)
+        if pool[trial_id]["violation"] <= 0:  # within the budget: competes with the others within it
+            order = [t for t in order if pool[t]["violation"] <= 0]
+        position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
+        if position < keep:
+            return TrialScheduler.CONTINUE
+        st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": pool[trial_id].get("epoch", m),
+                                   "position": position + 1, "of": len(order), "kept": keep,
+                                   "result": pool[trial_id].get("result")}
+        return TrialScheduler.STOP
+
+    def _decidable(self, trial_id: str, m: int) -> bool:
+        earlier = self._earlier(trial_id)
+        return earlier is None or all(self._resolved_at(t, m) for t in earlier)
+
     # -- decisions
     def decide(self, trial_id: str, result: dict[str, Any]) -> str:
-        """Record the trial at every rung it has reached and return CONTINUE or STOP (state written first)."""
+        """Record the trial at every rung it has reached and return CONTINUE, STOP or (repeatable, its decision
+        waiting on earlier trials) PAUSE; the state is written first."""
         st = self.state
         if trial_id in st["stopped"]:
             return TrialScheduler.STOP
@@ -211,18 +267,16 @@ class RungScheduler(FIFOScheduler):
             if epoch < m or trial_id in rung:
                 continue
             rung[trial_id] = {"values": [_num(result.get(k)) for k, _ in self.objectives],
-                              "violation": self.violation(result)}
+                              "violation": self.violation(result), "epoch": epoch,
+                              # the result judged: the trials table's, should Tune's copy die in a kill
+                              "result": {k: result[k] for k in M.EPOCH_METRICS if k in result}}
             changed = True
-            order = rank_records(rung, [d for _, d in self.objectives])
-            if rung[trial_id]["violation"] <= 0:  # within the budget: competes with the others within it
-                order = [t for t in order if rung[t]["violation"] <= 0]
-            position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
-            if position >= keep:
-                st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": epoch, "position": position + 1,
-                                           "of": len(order), "kept": keep,
-                                           # the result judged: the trials table's, should Tune's copy die in a kill
-                                           "result": {k: result[k] for k in M.EPOCH_METRICS if k in result}}
-                action = TrialScheduler.STOP
+            if self.repeatable and not self._decidable(trial_id, m):
+                st.setdefault("waiting", {})[trial_id] = m  # decided when the trials before it reach the rung
+                action = TrialScheduler.PAUSE
+                break
+            action = self._judge(trial_id, m)
+            if action == TrialScheduler.STOP:
                 break
         if changed:
             self._write()  # before Tune acts on the decision
@@ -251,7 +305,29 @@ class RungScheduler(FIFOScheduler):
         for trial in tune_controller.get_trials():
             if trial.status in (Trial.PENDING, Trial.PAUSED) and trial.trial_id in done:
                 tune_controller.stop_trial(trial)
-        return super().choose_trial_to_run(tune_controller)
+        if not self.repeatable:
+            return super().choose_trial_to_run(tune_controller)
+        return self._next_repeatable(tune_controller)
+
+    def _next_repeatable(self, tune_controller) -> Trial | None:
+        """Decide the waiting trials whose earlier trials have all reached their rung (a stop is carried out), then
+        run the earliest trial that may go on: a decided paused one, else the first pending one."""
+        waiting = self.state.setdefault("waiting", {})
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            m = waiting.get(trial.trial_id)
+            if m is None or not self._decidable(trial.trial_id, m):
+                continue
+            del waiting[trial.trial_id]
+            action = self._judge(trial.trial_id, m)
+            self._write()
+            if action == TrialScheduler.STOP and trial.status in (Trial.PENDING, Trial.PAUSED):
+                tune_controller.stop_trial(trial)
+        for status in (Trial.PAUSED, Trial.PENDING):
+            for trial in trials:
+                if trial.status == status and trial.trial_id not in waiting and trial.trial_id not in self.stopped:
+                    return trial
+        return None
 
     def debug_string(self) -> str:
         st = self.state

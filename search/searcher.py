@@ -38,6 +38,8 @@ from trainable import metrics as M
 log = logging.getLogger(__name__)
 RAY_ID = "ray_trial_id"
 CONSTRAINT = "param_budget"
+INDEX = "index"  # repeatable: a trial's place in the order of proposals (0, 1, ...)
+PROPOSAL, ATTEMPT = "proposal", "attempt"  # repeatable: the proposal a refused setting was drawn for, and its try
 
 
 class OptunaSearcher(Searcher):
@@ -57,11 +59,17 @@ class OptunaSearcher(Searcher):
         budget_check: a ``search.budget.BudgetCheck``; a proposed setting over the budget is refused before it
             is trained (told PRUNED before its first step, with the user attribute ``over_budget``) and another
             one asked for.
+        repeatable: trial k's setting is proposed from the study as it stood when trials 0..k-c-1 had finished
+            (c = ``concurrency``) and trials k-c..k-1 were running, by a sampler seeded with (seed, k): the same
+            settings whatever order results arrive in (``suggest`` waits, returning None, until those trials
+            have finished). The study itself is written as results arrive; each proposal reads a view of it.
+        concurrency: trials run at once (repeatable proposals lag this many trials behind).
     """
 
     def __init__(self, params: Sequence[Param], objectives: Sequence[tuple[str, str]], seed: int, num_samples: int,
                  study_path: str | None, study_name: str, param_budget: float | None = None, scheduler=None,
-                 limits: dict[str, float] | None = None, budget_check=None):
+                 limits: dict[str, float] | None = None, budget_check=None, repeatable: bool = False,
+                 concurrency: int = 1):
         super().__init__(metric=objectives[0][0], mode=objectives[0][1])
         self.params = tuple(params)
         self.objectives = [(str(m), str(d)) for m, d in objectives]
@@ -72,6 +80,9 @@ class OptunaSearcher(Searcher):
         self.limits = {**(limits or {}), **({M.PARAM_RATIO: float(param_budget)} if param_budget is not None else {})}
         self.scheduler = scheduler
         self.budget_check = budget_check
+        self.repeatable = repeatable
+        self.concurrency = max(1, int(concurrency))
+        self.asked: list[str] = []  # Ray trial ids in the order they were proposed: trial k is asked[k]
         self._study = self._storage = None
         self._live: dict[str, Any] = {}  # ray trial id -> optuna.Trial of this process
         self._steps: dict[str, set[int]] = {}  # ray trial id -> epochs reported to Optuna
@@ -86,6 +97,9 @@ class OptunaSearcher(Searcher):
             budget = d.pop("param_budget", None)
             d["limits"] = {M.PARAM_RATIO: float(budget)} if budget is not None else {}
         d.setdefault("budget_check", None)  # pickled before settings were checked against the budget
+        d.setdefault("repeatable", False)  # pickled before searches were repeatable
+        d.setdefault("concurrency", 1)
+        d.setdefault("asked", [])
         self.__dict__.update(d)
         self.study_path = here(self.study_path)  # a copied or moved search writes into its new folder
 
@@ -95,15 +109,20 @@ class OptunaSearcher(Searcher):
         if self._study is None:
             import optuna
 
-            n_startup = max(2, min(10, self.num_samples // 3))
-            sampler = optuna.samplers.TPESampler(seed=self.seed, n_startup_trials=n_startup, multivariate=True,
-                                                 constant_liar=True)
+            # Repeatable: settings come from views of the study (see suggest); its own sampler picks nothing.
+            sampler = optuna.samplers.RandomSampler(seed=self.seed) if self.repeatable else self._sampler(self.seed)
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self._storage = journal_storage(self.study_path)
             self._study = optuna.create_study(
                 study_name=self.study_name, storage=self._storage, sampler=sampler, load_if_exists=True,
                 directions=["maximize" if d == "max" else "minimize" for _, d in self.objectives])
         return self._study
+
+    def _sampler(self, seed: int):
+        import optuna
+
+        n_startup = max(2, min(10, self.num_samples // 3))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True)
 
     def _trial(self, trial_id: str):
         """The running Optuna trial of a Ray trial (rebuilt from storage after a restore), or None."""
@@ -123,11 +142,22 @@ class OptunaSearcher(Searcher):
 
     # -- Tune hooks
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.repeatable:
+            return self._suggest_in_order(trial_id)
+        trial, setting, _ = self._propose(self.study, lambda attempt: None)
+        trial.set_user_attr(RAY_ID, trial_id)
+        self._live[trial_id], self._steps[trial_id] = trial, set()
+        return setting
+
+    def _propose(self, study, on_refused) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+        """Ask ``study`` for settings until one is within the budget; each refused one is told PRUNED (with its
+        constraint values and ``over_budget``) and passed to ``on_refused(attempt)``. (trial, its setting, its
+        costs where the budget check knows them)."""
         import optuna
 
         check = self.budget_check if self.budget_check is not None and self.budget_check.active else None
         for attempt in range(MAX_REFUSALS + 1):
-            trial = self.study.ask()
+            trial = study.ask()
             fixed = DefineByRun(self.params)(trial)
             setting = {**trial.params, **fixed}
             costs = check.costs(setting) if check is not None else None
@@ -139,12 +169,40 @@ class OptunaSearcher(Searcher):
             # Over the budget: never trained. Pruned before its first step, with its constraint values, so
             # that TPE learns where the budget ends; the next ask draws again.
             trial.set_user_attr(OVER_BUDGET, reason)
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            on_refused(attempt)
         if attempt == MAX_REFUSALS:
             log.warning("%d settings in a row were over the budget; training the next one (it ranks after those "
                         "within the budget)", MAX_REFUSALS)
+        return trial, setting, costs
+
+    def _suggest_in_order(self, trial_id: str) -> dict[str, Any] | None:
+        """Repeatable: trial k's setting from the view of the study at k (None until trials 0..k-c-1 finished)."""
+        import optuna
+
+        k = len(self.asked)
+        view = self._view(k)
+        if view is None:
+            return None
+        mirror = self.study
+
+        def on_refused(attempt: int) -> None:  # the refused setting goes into the study too, in its place
+            ft = view.trials[-1]
+            mirror.add_trial(optuna.trial.create_trial(
+                state=ft.state, params=ft.params, distributions=ft.distributions,
+                user_attrs={**ft.user_attrs, PROPOSAL: k, ATTEMPT: attempt}, system_attrs=ft.system_attrs))
+
+        chosen, setting, costs = self._propose(view, on_refused)
+        self.study.enqueue_trial(chosen.params, user_attrs={INDEX: k})
+        trial = self.study.ask()
+        DefineByRun(self.params)(trial)  # the enqueued values, with their distributions
+        if costs is not None:
+            self._constrain(trial, costs)
         trial.set_user_attr(RAY_ID, trial_id)
         self._live[trial_id], self._steps[trial_id] = trial, set()
+        self.asked.append(trial_id)
+        if self.scheduler is not None:
+            self.scheduler.set_order(self.asked)
         return setting
 
     def _constrain(self, trial, values: dict[str, Any]) -> None:
@@ -192,7 +250,7 @@ class OptunaSearcher(Searcher):
             elif stopped:
                 # Tune does not pass the result that made the scheduler stop a trial to on_trial_result:
                 # record the value the rung judged, so the pruned trial keeps its intermediate values.
-                self.on_trial_result(trial_id, result)
+                self.on_trial_result(trial_id, stopped.get("result") or result)
                 trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
                 self.study.tell(trial, state=TS.PRUNED)
             else:
@@ -207,13 +265,59 @@ class OptunaSearcher(Searcher):
         self._live.pop(trial_id, None)
         self._steps.pop(trial_id, None)
 
+    def _view(self, k: int):
+        """The study as repeatable proposal ``k`` sees it (an in-memory copy): every setting refused for proposals
+        0..k-1, trials 0..k-c-1 as they finished, trials k-c..k-1 running; None while one of trials 0..k-c-1 is
+        still running."""
+        import optuna
+
+        TS = optuna.trial.TrialState
+        mine = {t: i for i, t in enumerate(self.asked)}
+        by_index, refused = {}, {}
+        for ft in self.study.get_trials(deepcopy=False):
+            if ft.user_attrs.get(RAY_ID) in mine:
+                by_index[mine[ft.user_attrs[RAY_ID]]] = ft
+            elif PROPOSAL in ft.user_attrs and ft.user_attrs[PROPOSAL] < k:  # a kill may repeat one: kept once
+                refused.setdefault((ft.user_attrs[PROPOSAL], ft.user_attrs.get(ATTEMPT, 0)), ft)
+        done = k - self.concurrency
+        if any(j not in by_index or not by_index[j].state.is_finished() for j in range(max(0, done))):
+            return None
+        view = optuna.create_study(directions=["maximize" if d == "max" else "minimize" for _, d in self.objectives],
+                                   sampler=self._sampler(self.seed * 100_003 + k))
+        system = lambda ft: {a: v for a, v in ft.system_attrs.items() if a != "fixed_params"}  # noqa: E731
+        for j in range(k):
+            for key in sorted(r for r in refused if r[0] == j):
+                ft = refused[key]
+                view.add_trial(optuna.trial.create_trial(state=ft.state, params=ft.params, distributions=ft.distributions,
+                                                         user_attrs=ft.user_attrs, system_attrs=system(ft)))
+            ft = by_index[j]
+            finished = j < done
+            view.add_trial(optuna.trial.create_trial(
+                state=ft.state if finished else TS.RUNNING, params=ft.params, distributions=ft.distributions,
+                values=ft.values if finished and ft.state == TS.COMPLETE else None,
+                intermediate_values=ft.intermediate_values if finished else None,
+                user_attrs=ft.user_attrs, system_attrs=system(ft)))
+        return view
+
     def save(self, checkpoint_path: str) -> None:
-        # Tune asks for a searcher checkpoint; the study's record is its journal file, so this is a marker.
+        # Tune saves this with its experiment state: the trials proposed so far, in order (the study's record is
+        # its journal file).
+        import json
+
         with open(checkpoint_path, "w") as f:
-            f.write('{"study": "akdtune/study.journal"}\n')
+            json.dump({"study": "akdtune/study.journal", "asked": self.asked}, f)
 
     def restore(self, checkpoint_path: str) -> None:
+        import json
+
         self._study, self._live = None, {}
+        try:
+            with open(checkpoint_path) as f:
+                self.asked = list(json.load(f).get("asked", self.asked))
+        except (OSError, ValueError):
+            pass  # a marker written before searches were repeatable
+        if self.scheduler is not None and self.repeatable:
+            self.scheduler.set_order(self.asked)
 
 
 def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:

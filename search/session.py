@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from results.record import META_FILE, write_record
+from search.cluster import trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
 
@@ -23,6 +24,7 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
                   "selected_on": plan.selection_metric, "folder": plan.path,
+                  "trials_at_once": trials_at_once(plan),
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
                   "estimate_s": from_speed(plan, speed)}
     write_record(plan.file(META_FILE), record)

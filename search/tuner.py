@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME
-from search.cluster import gpus_per_trial, trial_threads
+from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
 
@@ -74,20 +74,22 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     from search.scheduler import RungScheduler
     from search.searcher import OptunaSearcher
 
+    repeatable, at_once = not plan.asynchronous, trials_at_once(plan)
     scheduler = RungScheduler(plan.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, limits=plan.space.limits,
                               early_stopping=plan.early_stopping,
-                              state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None)
+                              state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None, repeatable=repeatable)
     searcher = OptunaSearcher(plan.space.params, plan.objectives, plan.seed, plan.num_samples,
                               study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
-                              scheduler=scheduler, limits=plan.space.limits, budget_check=check)
+                              scheduler=scheduler, limits=plan.space.limits, budget_check=check,
+                              repeatable=repeatable, concurrency=at_once)
     if plan.local:
         plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)
     return tune.Tuner(
         trainable, param_space=plan.trial_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
-                                    max_concurrent_trials=plan.max_concurrent or None,
+                                    max_concurrent_trials=at_once if repeatable else (plan.max_concurrent or None),
                                     trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan)]))
 

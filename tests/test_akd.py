@@ -167,3 +167,15 @@ def test_a_checkpoint_from_before_the_methods_resumes(tmp_path, digits_data):
     assert again.epoch == 1
     with pytest.raises(CheckpointError, match="different config"):
         make_run(teacher, digits_data, epochs=2, w_feature=1.0).load_state_dict(ckpt)
+
+
+def test_deterministic_asks_pytorch_for_deterministic_algorithms(digits_data):
+    """``deterministic: true``: PyTorch's deterministic algorithms and cuDNN's benchmarking off; two runs agree."""
+    try:
+        runs = [make_run(random_teacher(), digits_data, deterministic=True, epochs=1).fit() for _ in range(2)]
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+        strip = [[{k: v for k, v in m.items() if k != M.IMAGES_PER_S} for m in h] for h in runs]
+        assert strip[0] == strip[1]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

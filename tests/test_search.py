@@ -605,3 +605,35 @@ def test_a_search_with_an_exported_program_as_its_teacher(tmp_path, digits_teach
     metrics = json.loads((tmp_path / "lr" / "best" / "metrics.json").read_text())
     assert metrics["teacher_params"] == sum(p.numel() for p in digits_teacher.parameters())
     assert metrics["teacher_test_acc"] > 0.9  # the program is the trained teacher
+
+
+# ------------------------------------------------------------------ the same command, the same search
+REPEAT_ARGS = ["--space", ROOT / "spaces" / "capacity.yaml", "--smoke", "--num-samples", 8, "--max-concurrent", 2,
+               "--seed", 3, "--no-report"]
+# What may differ between two runs of one command: Ray's random ids, times, and the CPU timing of the export.
+VARYING = ["trial_id", "wall_s", "latency_ms_b1", "throughput_b256", "cpu_threads", "size_bytes"]
+
+
+def _same_search(a: Path, b: Path) -> None:
+    ta, tb = trials_table(a).drop(columns=VARYING), trials_table(b).drop(columns=VARYING)
+    ta, tb = ta[ta["outcome"] != "abandoned"].reset_index(drop=True), tb[tb["outcome"] != "abandoned"].reset_index(drop=True)
+    pd.testing.assert_frame_equal(ta, tb)
+    ma, mb = (json.loads((e / "best" / "metrics.json").read_text()) for e in (a, b))
+    for key in ("val_acc", "val_acc_std", "test_acc", "test_acc_std", "student_test_acc", "param_ratio", "seeds"):
+        assert ma[key] == mb[key], key
+
+
+def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path, ray_address):
+    """Two trials at a time: the settings, every rung decision, every trial's metrics and the winner are the same
+    from run to run; and a run killed (kill -9) mid-search and resumed ends with the same table and winner."""
+    assert search(*REPEAT_ARGS, "--storage", tmp_path, "--name", "a") == 0
+    assert search(*REPEAT_ARGS, "--storage", tmp_path, "--name", "b") == 0
+    table = trials_table(tmp_path / "a")
+    assert list(table["trial"]) == list(range(8))  # the table's order: the order settings were proposed
+    _same_search(tmp_path / "a", tmp_path / "b")
+    _killed_after_two_trials([*REPEAT_ARGS, "--storage", tmp_path, "--name", "c"], ray_address, tmp_path / "c")
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, REPEAT_ARGS), "--storage",
+                        str(tmp_path), "--name", "c", "--resume", "--address", ray_address],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    _same_search(tmp_path / "a", tmp_path / "c")

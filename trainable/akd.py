@@ -61,11 +61,22 @@ CHECKPOINT_FORMAT = "akdtune.run/1"
 CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint: in a run's --out folder, in each of Tune's checkpoint folders
 # Config keys that may differ between a checkpoint and the run resuming it: budgets, and the speed
 # settings (a run moved to another machine resumes at that machine's fastest).
-RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last")
+RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last", "deterministic")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_deterministic_algorithms() -> None:
+    """PyTorch's deterministic algorithms where an operation has one (a warning names any that has not), cuDNN's
+    benchmarking off, and cuBLAS's fixed workspace (read when CUDA starts)."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -192,6 +203,8 @@ class AKDRun:
         self.cfg = cfg
         self.device = device or default_device()
         self.task = get_task(cfg.task)
+        if cfg.deterministic:
+            use_deterministic_algorithms()
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.precision, self.channels_last = resolve_speed(cfg, speed)

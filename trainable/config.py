@@ -104,6 +104,9 @@ class AKDConfig:
     # runs it at half fp32's speed).
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     channels_last: bool | str = "auto"  # auto | true | false: NHWC activations for teacher and student
+    # PyTorch's deterministic algorithms where they exist, cuDNN benchmarking off (a GPU's runs repeat bit for bit,
+    # a little slower; a CPU's do already)
+    deterministic: bool = False
 
     @property
     def lr_milestone_epochs(self) -> list[int]:
