@@ -31,11 +31,12 @@ def one_search(space: str, seed: int, storage: Path, asynchronous: bool) -> dict
 
     name = f"{'async' if asynchronous else 'repeatable'}_seed{seed}"
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", space, "--seed", str(seed),
-                        "--storage", str(storage), "--name", name, "--no-report",
+                        "--storage", str(storage), "--name", name,
                         *(["--asynchronous"] if asynchronous else [])], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"{name} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
     exp = storage / name
+    (storage / f"{name}.log").write_text(r.stdout)
     trials = pd.read_parquet(exp / "summary" / "trials.parquet")
     return {"wall_s": json.loads((exp / "akdtune" / "search.json").read_text())["wall_s"],
             "stopped": int((trials["outcome"] == "stopped_early").sum()), "epochs": int(trials["epochs_run"].sum()),
@@ -46,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--space", default=str(ROOT / "spaces" / "capacity.yaml"))
+    p.add_argument("--storage", help="keep the searches and what each printed here (default: a temporary folder)")
     args = p.parse_args(argv)
     ratios = []
     with tempfile.TemporaryDirectory() as tmp:
+        storage = Path(args.storage or tmp)
+        storage.mkdir(parents=True, exist_ok=True)
         for i, seed in enumerate(args.seeds):
             modes = (False, True) if i % 2 == 0 else (True, False)  # alternate which mode runs first
-            res = {mode: one_search(args.space, seed, Path(tmp), mode) for mode in modes}
+            res = {mode: one_search(args.space, seed, storage, mode) for mode in modes}
             rep, asy = res[False], res[True]
             ratios.append(rep["wall_s"] / asy["wall_s"])
             for label, r in (("repeatable  ", rep), ("asynchronous", asy)):

@@ -113,7 +113,8 @@ def test_verbose_brings_back_rays_output(tmp_path, ray_address):
     proc = _search(tmp_path, "--address", ray_address, "--verbose", "--no-report", "--confirm-top-k", "0")
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert "Trial status" in out or "│" in out
+    # Tune's tables (printed on its own clock: a search this short may end between two) or the trials' own logs
+    assert any(s in out for s in ("Trial status", "│", "Trial akd_trial_", "pid=")), out[-3000:]
 
 
 def test_the_report_thread_stops_at_once_when_the_search_ends(tmp_path, monkeypatch):
