@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{100 * (mean['project']['test_acc'] - like):+.2f} points mean over the same seeds against mean"
           + spread([p["test_acc"] - statistics.mean(s["seed_runs"]) for p, s in zip(out["project"], out["stock"])]))
     print(f"project winner fully trained on every seed: {full}")
+    print("repeatable: the project's rows are the same on a second run of this command (its searches decide in the "
+          "trials' order; tests/test_search.py checks it); stock's decide as results arrive, so with trials in "
+          "parallel its rows, and the difference, may change from run to run")
     print(f"ratio={diff:.2f}")
     return 0
 

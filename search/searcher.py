@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from results.record import OVER_BUDGET, here, journal_storage, open_study
+from results.record import OVER_BUDGET, STUDY_FILE, here, journal_storage, open_study
 from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
 from trainable import metrics as M
@@ -305,7 +305,7 @@ class OptunaSearcher(Searcher):
         import json
 
         with open(checkpoint_path, "w") as f:
-            json.dump({"study": "akdtune/study.journal", "asked": self.asked}, f)
+            json.dump({"study": STUDY_FILE if self.study_path else None, "asked": self.asked}, f)
 
     def restore(self, checkpoint_path: str) -> None:
         import json
