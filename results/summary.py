@@ -241,8 +241,10 @@ def load_experiment(path: str | Path) -> Experiment:
     trial_rows, epoch_rows = [], []
     for t in _all_trials(exp):
         tid = t["trial_id"]
-        ordered, tail = _results(t["dir"], [(scheduler["stopped"].get(tid) or {}).get("result"),
-                                            scheduler["finished"].get(tid)])
+        stop = scheduler["stopped"].get(tid) or {}
+        ordered, tail = _results(t["dir"], [stop.get("result"), scheduler["finished"].get(tid)])
+        if stop.get("reason") == "rung" and stop.get("epoch"):  # epochs run after the rung's decision do not count
+            ordered = [r for r in ordered if int(r[M.EPOCH]) <= int(stop["epoch"])]
         epoch_rows += [{"trial_id": tid, **{k: r.get(k) for k in M.EPOCH_METRICS}, "time_total_s": r.get("time_total_s")}
                        for r in ordered]
         row = _trial_row(t, ordered, tail, scheduler, searched)

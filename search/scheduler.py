@@ -254,6 +254,10 @@ class RungScheduler(FIFOScheduler):
         st = self.state
         if trial_id in st["stopped"]:
             return TrialScheduler.STOP
+        if self.repeatable and trial_id in st.get("waiting", {}):
+            # Its decision waits on earlier trials; a result that arrives before the pause takes effect changes
+            # nothing (the trials table reads no further than a stop's epoch).
+            return TrialScheduler.PAUSE
         if result.get(M.DIVERGED):
             st["stopped"][trial_id] = {"reason": "diverged", "epoch": int(result.get(M.EPOCH) or 0),
                                        "error": str(result.get(M.ERROR, ""))[:500]}

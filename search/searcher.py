@@ -252,6 +252,7 @@ class OptunaSearcher(Searcher):
                 # record the value the rung judged, so the pruned trial keeps its intermediate values.
                 self.on_trial_result(trial_id, stopped.get("result") or result)
                 trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
+                trial.set_user_attr("stopped_epoch", stopped.get("epoch"))
                 self.study.tell(trial, state=TS.PRUNED)
             else:
                 values = [result.get(m) for m, _ in self.objectives]
@@ -292,10 +293,11 @@ class OptunaSearcher(Searcher):
                                                          user_attrs=ft.user_attrs, system_attrs=system(ft)))
             ft = by_index[j]
             finished = j < done
+            last = ft.user_attrs.get("stopped_epoch") or math.inf  # a pruned trial: no further than its rung
             view.add_trial(optuna.trial.create_trial(
                 state=ft.state if finished else TS.RUNNING, params=ft.params, distributions=ft.distributions,
                 values=ft.values if finished and ft.state == TS.COMPLETE else None,
-                intermediate_values=ft.intermediate_values if finished else None,
+                intermediate_values={s: v for s, v in ft.intermediate_values.items() if s <= last} if finished else None,
                 user_attrs=ft.user_attrs, system_attrs=system(ft)))
         return view
 
