@@ -207,9 +207,10 @@ def _trial_row(t: dict, ordered: list[dict], tail: dict, scheduler: dict, search
     }
 
 
-def _add_confirmation(row: dict[str, Any], confirmed: dict, best_cost: dict, limits: dict[str, float]) -> None:
+def _add_confirmation(row: dict[str, Any], confirmed: dict, by_candidate: dict[str, dict], best_cost: dict,
+                      limits: dict[str, float]) -> None:
     """The confirmation's columns, the exported winner's inference cost, and whether the trial is within the budget."""
-    cand = {c["trial_id"]: c for c in confirmed.get("candidates", [])}.get(row["trial_id"])
+    cand = by_candidate.get(row["trial_id"])
     row["confirmed_seeds"] = ",".join(map(str, cand["seeds"])) if cand and cand.get("runs") else ""
     for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
         for stat in ("mean", "std"):
@@ -238,6 +239,7 @@ def load_experiment(path: str | Path) -> Experiment:
     best_cost = best_files(exp)[0]
     space = meta.get("space") or {}
     searched, limits = list((space.get("params") or {}).keys()), space_limits(space)
+    by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     trial_rows, epoch_rows = [], []
     for t in _all_trials(exp):
         tid = t["trial_id"]
@@ -248,7 +250,7 @@ def load_experiment(path: str | Path) -> Experiment:
         epoch_rows += [{"trial_id": tid, **{k: r.get(k) for k in M.EPOCH_METRICS}, "time_total_s": r.get("time_total_s")}
                        for r in ordered]
         row = _trial_row(t, ordered, tail, scheduler, searched)
-        _add_confirmation(row, confirmed, best_cost, limits)
+        _add_confirmation(row, confirmed, by_candidate, best_cost, limits)
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=[
         "trial_id", "outcome", "error", "final_val_acc", "final_val_agreement", "param_ratio", "epochs_run",
