@@ -42,6 +42,7 @@ STUDY_NAME = "akdtune"  # the study's name inside STUDY_FILE
 CONFIRM_DIR = "confirm"  # the confirmation phase: a Ray experiment of its own, inside the search folder
 CONFIRM_PLAN = "akdtune/confirm.json"  # candidates and seeds of the confirmation phase
 CONFIRM_RESULTS = "akdtune/confirmed.json"  # per candidate: seeds, val/test accuracy per seed, mean and std
+RESULTS_DIR = "akdtune/results"  # every result each search trial reported: <trial id>.jsonl (append_result)
 LIVE_REPORT_FILE = "akdtune/live_report.json"  # how often and how long the live report was rewritten
 SUMMARY_DIR = "summary"  # trials.parquet, epochs.parquet (results.summary.write_summaries)
 REPORT_FILE = "report.html"  # results.report.build_report
@@ -172,6 +173,48 @@ def tune_trials(folder: str | Path) -> list[dict[str, Any]]:
         if not config and isinstance(t.get("config"), dict):
             config = t["config"]
         out.append({"trial_id": tid, "status": str(t.get("status", "PENDING")), "config": config, "dir": trial_dir})
+    return out
+
+
+def result_log(folder: str | Path, trial_id: str) -> Path:
+    """The file of a search trial's results, one JSON line per report, in the order they arrived."""
+    return Path(folder) / RESULTS_DIR / f"{trial_id}.jsonl"
+
+
+def append_result(folder: str | Path, trial_id: str, result: dict[str, Any]) -> None:
+    """Add one reported result (without its config) to the trial's log; a kill can cut only the line being written.
+
+    Tune's own ``result.json`` is a copy its driver uploads now and then, and the upload is copied back over the
+    driver's newer lines when a paused trial resumes, so the lines reported since the last upload are lost (a
+    repeatable search pauses trials whose rung decision waits). This log is written straight into the folder."""
+    path = result_log(folder, trial_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({k: v for k, v in result.items() if k != "config"}, default=_loggable)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def _loggable(v: Any) -> Any:
+    try:
+        return jsonable(v)
+    except TypeError:
+        return str(v)
+
+
+def read_result_lines(path: str | Path) -> list[dict[str, Any]]:
+    """The results in a JSON-lines file (a trial's log or Tune's ``result.json``), a line cut by a kill skipped."""
+    out = []
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(r, dict):
+            out.append(r)
     return out
 
 

@@ -6,7 +6,6 @@ reports twice (an epoch re-run from a checkpoint) are deduplicated, keeping the 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
     check_records,
     pareto_mask,
     read_record,
+    read_result_lines,
+    result_log,
     scheduler_record,
     space_limits,
     tune_trials,
@@ -166,17 +167,14 @@ def _all_trials(exp: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _results(trial_dir: Path, kept: list[dict | None]) -> tuple[list[dict], dict]:
+def _results(trial_dir: Path, logged: list[dict], kept: list[dict | None]) -> tuple[list[dict], dict]:
     """A trial's results by epoch (a resumed epoch replaces the earlier one), and its last line (e.g. a divergence
-    report). ``kept``: the scheduler's copies of results, used where Tune's was lost to a kill."""
+    report). ``logged``: the search's own log of the trial's results, which has every line Tune's ``result.json``
+    lost when the trial was paused (read after it, so its newer lines win). ``kept``: the scheduler's copies of
+    results, used where both lost one (a search started before the log existed, or a kill)."""
     results: dict[int, dict] = {}
     tail: dict = {}
-    result_file = trial_dir / "result.json"
-    for line in result_file.read_text().splitlines() if result_file.exists() else []:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
+    for r in [*read_result_lines(trial_dir / "result.json"), *logged]:
         if M.EPOCH in r:
             results[int(r[M.EPOCH])] = r
         tail = r
@@ -244,7 +242,9 @@ def load_experiment(path: str | Path) -> Experiment:
     for t in _all_trials(exp):
         tid = t["trial_id"]
         stop = scheduler["stopped"].get(tid) or {}
-        ordered, tail = _results(t["dir"], [stop.get("result"), scheduler["finished"].get(tid)])
+        rungs = [recs[tid].get("result") for recs in scheduler["rungs"].values() if tid in recs]
+        ordered, tail = _results(t["dir"], read_result_lines(result_log(exp, tid)),
+                                 [stop.get("result"), scheduler["finished"].get(tid), *rungs])
         if stop.get("reason") == "rung" and stop.get("epoch"):  # epochs run after the rung's decision do not count
             ordered = [r for r in ordered if int(r[M.EPOCH]) <= int(stop["epoch"])]
         epoch_rows += [{"trial_id": tid, **{k: r.get(k) for k in M.EPOCH_METRICS}, "time_total_s": r.get("time_total_s")}

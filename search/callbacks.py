@@ -1,5 +1,6 @@
 """The search's Tune callbacks and folder names (importable: Ray pickles them for restore): the scheduler's state
-carried through Tune's checkpoints, the search's wall time kept current, short trial folder names.
+carried through Tune's checkpoints, every trial result logged into the search folder, the search's wall time kept
+current, short trial folder names.
 
 The searcher (``search.searcher.OptunaSearcher``) and the scheduler (``search.scheduler.RungScheduler``)
 keep their records in files of the run folder. Where the storage is not a local folder (a URI), the
@@ -12,7 +13,7 @@ import json
 
 from ray.tune import Callback
 
-from results.record import here
+from results.record import append_result, here
 
 
 class SearchStateCallback(Callback):
@@ -32,6 +33,21 @@ class SearchStateCallback(Callback):
 def trial_dirname(trial) -> str:
     """Short trial folder names (Ray's default embeds every hyperparameter)."""
     return f"trial_{trial.trial_id}"
+
+
+class ResultLog(Callback):
+    """Appends every result a search trial reports to ``akdtune/results/<trial id>.jsonl``, as it arrives
+    (``results.record.append_result``: Tune's ``result.json`` loses the lines reported just before a pause)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self.folder = here(self.folder)  # a copied or moved search writes into its new folder
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        append_result(self.folder, trial.trial_id, result)
 
 
 class WallClock(Callback):

@@ -263,6 +263,8 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
         else:
             match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
             ckpt = latest_checkpoint(match[0]["dir"]) if match else None
+            if ckpt is None and s == cand["seeds"][0]:  # its continuation had nothing left to train: the trial is full
+                ckpt = latest_checkpoint(exp / cand["trial_dir"])
         if ckpt is None:
             continue
         r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)

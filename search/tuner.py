@@ -70,7 +70,7 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     ``BudgetCheck``) and rung scheduler, ``num_samples`` trials."""
     from ray import tune
 
-    from search.callbacks import SearchStateCallback, trial_dirname
+    from search.callbacks import ResultLog, SearchStateCallback, trial_dirname
     from search.scheduler import RungScheduler
     from search.searcher import OptunaSearcher
 
@@ -91,7 +91,8 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                                     max_concurrent_trials=at_once if repeatable else (plan.max_concurrent or None),
                                     trial_dirname_creator=trial_dirname, reuse_actors=True),
-        run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan)]))
+        run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan),
+                                                          *([ResultLog(plan.path)] if plan.local else [])]))
 
 
 def restore_tuner(plan: SearchPlan, trainable):

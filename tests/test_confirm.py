@@ -90,3 +90,22 @@ def test_the_summary_names_a_candidate_whose_confirmation_runs_all_failed(capsys
                  "2 completed", {M.PARAM_RATIO: 0.1}, 12.0, Path("/x"), None)
     out = capsys.readouterr().out
     assert "* good" in out and "failed  no confirmation run finished 20 epochs" in out
+
+
+def test_a_continuation_with_nothing_left_to_train_counts_the_trials_own_full_run(tmp_path, monkeypatch):
+    """A candidate whose table row shows fewer epochs than its checkpoint holds (a result Tune lost) is continued from
+    a full checkpoint: the continuation trains nothing and saves nothing, and the trial's own run is its seed's."""
+    from types import SimpleNamespace
+
+    import search.finish as finish
+
+    own = tmp_path / "trial_a" / "checkpoint_000019" / "checkpoint.pt"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"")
+    (tmp_path / "confirm" / "trial_c0").mkdir(parents=True)  # the continuation: no epoch, no checkpoint
+    monkeypatch.setattr(finish, "evaluate_run", lambda ckpt, *a: {"seed": 0, "epochs": 20, "checkpoint": str(ckpt)})
+    cand = {"trial_id": "a", "seeds": [0, 1000], "trial_dir": "trial_a", "epochs_run": 19}
+    ctrials = [{"status": "TERMINATED", "run": {"candidate": "a", "seed": 0}, "dir": tmp_path / "confirm" / "trial_c0"}]
+    plan = SimpleNamespace(path=str(tmp_path), max_epochs=20, data_root=None)
+    runs = finish._confirmed_runs(plan, SimpleNamespace(model=None, data=None), cand, ctrials)
+    assert [r["checkpoint"] for r in runs] == ["trial_a/checkpoint_000019/checkpoint.pt"]

@@ -39,6 +39,8 @@ def test_parquet_schemas(finished_search):
     assert set(M.EPOCH_METRICS) <= set(epochs.columns)
     assert not epochs.duplicated(["trial_id", M.EPOCH]).any()
     assert epochs.groupby("trial_id").size().to_dict() == trials.set_index("trial_id")["epochs_run"].to_dict()
+    for _, e in epochs.groupby("trial_id"):  # every epoch of every trial, none missing
+        assert list(e[M.EPOCH]) == list(range(1, len(e) + 1))
 
 
 def test_report_is_self_contained(finished_search):
@@ -73,7 +75,7 @@ def test_rebuilding_twice_gives_the_same_parquet(finished_search):
 def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(finished_search, tmp_path):
     """Killed right after the scheduler stopped a trial at a rung: Tune's result.json may lack the epoch judged there;
     the trials table shows the result the rung judged (the scheduler records it before acting), not an older one."""
-    from results.record import scheduler_record
+    from results.record import result_log, scheduler_record
     from results.summary import load_experiment
 
     exp = tmp_path / "rep"
@@ -83,9 +85,9 @@ def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(fi
     done = list(record["finished"])
     assert cut or done
     for tid in cut + done:
-        f = exp / f"trial_{tid}" / "result.json"
-        lines = f.read_text().splitlines()
-        f.write_text("\n".join(lines[:-1]) + "\n")  # its last result lost
+        for f in (exp / f"trial_{tid}" / "result.json", result_log(exp, tid)):  # the kill came before the log's line
+            lines = f.read_text().splitlines()
+            f.write_text("\n".join(lines[:-1]) + "\n")  # its last result lost
     t = load_experiment(exp).trials.set_index("trial_id")
     for tid in cut:
         judged = record["stopped"][tid]
@@ -94,6 +96,25 @@ def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(fi
         assert t.loc[tid, "stopped_at"] == f"{judged['rung']}: {judged['position']} of {judged['of']}"
     for tid in done:
         assert t.loc[tid, "final_val_acc"] == record["finished"][tid][M.VAL_ACC]
+
+
+def test_results_that_tune_lost_to_a_pause_are_read_from_the_searchs_own_log(finished_search, tmp_path):
+    """Tune's result.json in the search folder is a copy its driver uploads now and then, copied back over newer lines
+    when a paused trial resumes: lines go missing in the middle. The tables are the same without them."""
+    from results.record import read_result_lines, result_log
+    from results.summary import load_experiment
+
+    exp = tmp_path / "rep"
+    shutil.copytree(finished_search, exp, symlinks=True)
+    before = load_experiment(exp)
+    for f in exp.glob("trial_*/result.json"):
+        lines = f.read_text().splitlines()
+        f.write_text("".join(line + "\n" for i, line in enumerate(lines) if i % 2 == 0))  # every other line lost
+    after = load_experiment(exp)
+    pd.testing.assert_frame_equal(before.epochs, after.epochs)
+    pd.testing.assert_frame_equal(before.trials.drop(columns=["_config"]), after.trials.drop(columns=["_config"]))
+    for tid, n in before.trials.set_index("trial_id")["epochs_run"].items():
+        assert [r[M.EPOCH] for r in read_result_lines(result_log(exp, tid))] == list(range(1, n + 1))
 
 
 def test_the_summaries_and_the_report_build_where_ray_and_search_cannot_be_imported(finished_search, tmp_path):

@@ -138,6 +138,38 @@ def test_restore_never_trains_a_stopped_or_finished_trial_again(tmp_path):
     assert sorted(tc.stopped) == ["a", "c"] and chosen.trial_id == "b"
 
 
+PAUSE = RungScheduler.PAUSE
+
+
+def repeatable(tmp_path, order):
+    s = RungScheduler([("val_acc", "max")], max_epochs=12, grace_period=4, reduction_factor=2,
+                      state_file=str(tmp_path / "scheduler.json"), repeatable=True)
+    s.set_order(order)
+    return s
+
+
+@pytest.mark.parametrize("b_acc, b_goes_on", [(0.9, True), (0.5, False)])
+def test_a_repeatable_decision_waits_for_the_earlier_trials_at_its_rung(tmp_path, b_acc, b_goes_on):
+    """Trial b reaches the rung before trial a (proposed first): b is paused until a is there, then ranked among a
+    and itself only, whatever arrives meanwhile; the decision is the one taken had a arrived first."""
+    s = repeatable(tmp_path, ["a", "b", "c"])
+    assert s.decide("b", result(4, b_acc)) == PAUSE
+    assert s.decide("b", result(5, 0.99)) == PAUSE  # reported before the pause took effect: changes nothing
+    assert s.state["rungs"]["4"]["b"]["values"] == [b_acc] and s.state["waiting"] == {"b": 4}
+    tc = FakeController([FakeTrial("a", "RUNNING"), FakeTrial("b", "PAUSED"), FakeTrial("c", "PENDING")])
+    assert s.choose_trial_to_run(tc).trial_id == "c" and tc.stopped == []  # b still waits on a
+    assert s.decide("c", result(4, 0.1)) == PAUSE  # c waits on a too (b has its record)
+    assert s.decide("a", result(4, 0.7)) == CONTINUE  # a is first: ranked alone
+    chosen = s.choose_trial_to_run(tc)
+    assert s.state["waiting"] == {}
+    assert "c" in s.stopped  # c is ranked among a, b, c: last
+    if b_goes_on:
+        assert chosen.trial_id == "b" and "b" not in s.stopped
+    else:
+        assert "b" in s.stopped and tc.stopped == ["b", "c"] and chosen is None
+    assert read_record(tmp_path / "scheduler.json") == s.state  # written before Tune acts on it
+
+
 # ----------------------------------------------------------------------------- searcher
 class FakeScheduler:
     def __init__(self):

@@ -621,6 +621,9 @@ def _same_search(a: Path, b: Path) -> None:
     ma, mb = (json.loads((e / "best" / "metrics.json").read_text()) for e in (a, b))
     for key in ("val_acc", "val_acc_std", "test_acc", "test_acc_std", "student_test_acc", "param_ratio", "seeds"):
         assert ma[key] == mb[key], key
+    for e in (a, b):  # every epoch of every trial is in the tables, none lost to a pause
+        for _, g in pd.read_parquet(e / "summary" / "epochs.parquet").groupby("trial_id"):
+            assert list(g[M.EPOCH]) == list(range(1, len(g) + 1))
 
 
 def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path, ray_address):
@@ -637,3 +640,54 @@ def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _same_search(tmp_path / "a", tmp_path / "c")
+
+
+def _waiting_trial(config):
+    """Reports epochs 1..6 with a checkpoint each, resuming from its checkpoint; ``resumed_at``: where it started."""
+    import tempfile
+
+    from ray import tune
+
+    start, ckpt = 0, tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads((Path(d) / "epoch.json").read_text())["epoch"]
+    for epoch in range(start + 1, 7):
+        time.sleep(config["p"]["sleep"])
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "epoch.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report({M.EPOCH: epoch, M.VAL_ACC: config["p"]["acc"] + epoch / 100, "resumed_at": start},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def test_a_trial_paused_at_its_rung_resumes_from_its_checkpoint_and_every_result_is_logged(tmp_path):
+    """Tune for real: the faster of two trials reaches the rung first, is paused until the earlier one is there, ranked,
+    and resumed from its checkpoint; the search's own log holds every result of both (Tune's result.json can lose
+    the lines reported just before a pause, which the trials table then never sees)."""
+    from ray import cloudpickle, tune
+
+    from results.record import read_result_lines, result_log
+    from search.callbacks import ResultLog
+    from search.scheduler import RungScheduler
+
+    class InOrder(RungScheduler):  # the searcher sets the order in a search; here the trials' order of creation
+        def on_trial_add(self, tune_controller, trial):
+            super().on_trial_add(tune_controller, trial)
+            self.set_order([*(self.state.get("order") or []), trial.trial_id])
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    exp = tmp_path / "x"
+    scheduler = InOrder([(M.VAL_ACC, "max")], max_epochs=6, grace_period=3, reduction_factor=2,
+                        state_file=str(exp / "akdtune" / "scheduler.json"), repeatable=True)
+    slow, fast = {"sleep": 0.6, "acc": 0.5}, {"sleep": 0.05, "acc": 0.9}
+    tune.Tuner(tune.with_resources(_waiting_trial, {"cpu": 1}), param_space={"p": tune.grid_search([slow, fast])},
+               tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=2),
+               run_config=tune.RunConfig(name="x", storage_path=str(tmp_path), verbose=0,
+                                         callbacks=[ResultLog(str(exp))])).fit()
+    first, second = scheduler.state["order"]
+    logged = {t: read_result_lines(result_log(exp, t)) for t in (first, second)}
+    assert [r[M.EPOCH] for r in logged[first]] == [1, 2, 3, 4, 5, 6]
+    assert [r[M.EPOCH] for r in logged[second]] == [1, 2, 3, 4, 5, 6]
+    assert [r["resumed_at"] for r in logged[first]] == [0] * 6  # never waited
+    assert [r["resumed_at"] for r in logged[second]] == [0, 0, 0, 3, 3, 3]  # paused at its rung, went on from there
+    assert scheduler.stopped == {} and scheduler.state["waiting"] == {}
