@@ -42,16 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def trial_epochs(exp: Path) -> dict[str, int]:
     """Epochs reported by each trial folder of an experiment."""
-    out = {}
-    for d in exp.glob("trial_*"):
-        n = 0
-        for line in (d / "result.json").read_text().splitlines() if (d / "result.json").exists() else []:
-            try:
-                n = max(n, int(json.loads(line).get("epoch", 0)))
-            except ValueError:
-                pass
-        out[d.name.removeprefix("trial_")] = n
-    return out
+    from results.record import read_result_lines
+
+    return {d.name.removeprefix("trial_"): max((int(r.get("epoch", 0)) for r in read_result_lines(d / "result.json")),
+                                               default=0)
+            for d in exp.glob("trial_*")}
 
 
 def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:

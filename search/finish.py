@@ -258,13 +258,12 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
     failed does not count)."""
     exp, runs = Path(plan.path), []
     for s in cand["seeds"]:
-        if s == cand["seeds"][0] and cand["epochs_run"] >= plan.max_epochs:
-            ckpt = latest_checkpoint(exp / cand["trial_dir"])  # the search trial itself (an older plan: absolute)
-        else:
-            match = [t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
-            ckpt = latest_checkpoint(match[0]["dir"]) if match else None
-            if ckpt is None and s == cand["seeds"][0]:  # its continuation had nothing left to train: the trial is full
-                ckpt = latest_checkpoint(exp / cand["trial_dir"])
+        own = s == cand["seeds"][0]
+        match = [] if own and cand["epochs_run"] >= plan.max_epochs else [
+            t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
+        ckpt = latest_checkpoint(match[0]["dir"]) if match else None
+        if ckpt is None and own:  # the search trial itself: it ran max_epochs, or its continuation had nothing left to
+            ckpt = latest_checkpoint(exp / cand["trial_dir"])  # train (an older plan holds an absolute trial_dir)
         if ckpt is None:
             continue
         r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
