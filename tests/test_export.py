@@ -11,6 +11,7 @@ from trainable import metrics as M
 from trainable.akd import AKDRun
 from trainable.config import build_config
 from trainable.outputs import finish_run
+from trainable.programs import read_program
 from trainable.tasks import data_free
 
 FRESH = """
@@ -33,6 +34,7 @@ def test_student_pt2_loads_in_a_fresh_python_and_reproduces_test_acc(tmp_path, d
         run.fit()
         final = finish_run(run, tmp_path / "out", {M.TEACHER_VAL_ACC: 1.0, M.TEACHER_TEST_ACC: 1.0}, 1.0)
     assert (tmp_path / "out" / "student.pt2").is_file()
+    read_program(tmp_path / "out" / "student.pt2")  # what is passed around passes the checks a .pt2 teacher passes
     torch.save((digits_data.test_x, digits_data.test_y), tmp_path / "test.pt")
     script = tmp_path / "fresh.py"
     script.write_text(FRESH)

@@ -14,6 +14,7 @@ from trainable import metrics as M
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
 from trainable.files import atomic_path, torch_save, write_json, write_text
+from trainable.programs import read_program
 from trainable.tasks import EvalData
 
 
@@ -73,6 +74,7 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     with atomic_path(out / "student.pt2") as tmp:
         torch.export.save(program, str(tmp))
+        read_program(tmp)  # read back as any user of it will: passes the checks a .pt2 teacher passes
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
         try:  # one self-contained file (weights inside, not beside it), and no exporter chatter on stdout
             with contextlib.redirect_stdout(io.StringIO()), atomic_path(out / "student.onnx") as tmp:

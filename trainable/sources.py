@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from trainable.errors import UserError
+from trainable.programs import ProgramError, load_module
 
 TORCHVISION, TIMM = "torchvision:", "timm:"
 PROGRAM_SUFFIX = ".pt2"
@@ -176,15 +177,14 @@ class ExportedTeacher(nn.Module):
 
 
 def load_program(path: str) -> nn.Module:
-    """A ``torch.export`` program file as a module (its weights inside). Raises ModelSourceError."""
+    """A ``torch.export`` program file as a module (its weights inside), read as data by ``trainable.programs``:
+    nothing in the file is unpickled or run. Raises ModelSourceError."""
     if not os.path.isfile(path):
         raise ModelSourceError(f"program file {path} not found; pass the path of a .pt2 file")
     try:
-        program = torch.export.load(path)
-    except Exception as e:
-        raise ModelSourceError(f"{path} is not a torch.export program ({type(e).__name__}); write one with "
-                               "torch.export.save(torch.export.export(model, (x,)), PATH)") from None
-    return ExportedTeacher(program.module())
+        return ExportedTeacher(load_module(path))
+    except ProgramError as e:
+        raise ModelSourceError(str(e)) from None
 
 
 def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, image_size: int,
