@@ -225,7 +225,9 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
     if args.resume and local and not exists:
         raise UserError(f"nothing to resume: no search named {name!r} in {args.storage}; drop --resume to start it")
     record = _read_record(Path(path, META_FILE), name, getattr(args, "repair", False)) if args.resume and local else None
-    space = load_space(args.space, args.task or (record or {}).get("task"))  # validated before Ray starts
+    teacher_model = as_spec(args.teacher_model or (record or {}).get("teacher_model"))
+    space = load_space(args.space, args.task or (record or {}).get("task"),  # validated before Ray starts
+                       trust_code=bool(getattr(args, "trust_space", False)), trusted_specs=frozenset({teacher_model}))
     if record is not None and record["space"] != space.raw:
         raise UserError(f"{args.space} has changed since the search {name!r} started; restore the original "
                         "space to resume, or start a new search with --name")
@@ -247,7 +249,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         asynchronous=bool(getattr(args, "asynchronous", False)) if record is None else bool(record.get("asynchronous", True)),
         confirm_seeds=pick("confirm_seeds", args.confirm_seeds),
         teacher_path=os.path.abspath(teacher) if teacher else None,
-        teacher_model=as_spec(args.teacher_model or (record or {}).get("teacher_model")),
+        teacher_model=teacher_model,
         selection=_selection(args, record, name),
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (required except for digits and .pt2 programs)")
     p.add_argument("--teacher-model", metavar="SPEC", help="the teacher's model: a registered name, torchvision:NAME, "
                    "timm:NAME, package.module:callable, or a torch.export program file (.pt2)")
+    p.add_argument("--trust-space", action="store_true", help="let the space file name code to import (a model "
+                   "package.module:callable in fixed or params); without it such a space is refused before anything "
+                   "is imported")
     p.add_argument("--selection", choices=("accuracy", "agreement"), help="what trials are ranked on: validation "
                    "accuracy (needs labels), or agreement with the teacher on held-out images nobody labelled "
                    "(default: accuracy where the task has labels, else agreement)")

@@ -32,6 +32,7 @@ import yaml
 
 from results.record import space_limits
 from trainable import metrics as M
+from trainable import sources
 from trainable.config import FIELDS, build_config
 from trainable.errors import ConfigError, UserError
 from trainable.images import as_task_name
@@ -52,6 +53,7 @@ PARAM_KEYS = {
 # Keys a space may not search: the task is chosen per search, epochs by budget.max_epochs.
 NOT_SEARCHABLE = {"task", "epochs"}
 METRIC_MODES = ("min", "max")
+MODEL_KEYS = ("teacher", "student")  # config keys that name a model, which may be code (package.module:callable)
 
 
 class SpaceError(UserError):
@@ -209,8 +211,13 @@ def _check_against_config(task: str, fixed: dict, params: list[Param], errs: lis
                 break
 
 
-def parse_space(raw: Any, path: str = "<space>", task_override: str | None = None) -> Space:
-    """Validate a loaded YAML document. Raises SpaceError naming every problem."""
+def parse_space(raw: Any, path: str = "<space>", task_override: str | None = None, trust_code: bool = False,
+                trusted_specs: frozenset[str] = frozenset()) -> Space:
+    """Validate a loaded YAML document. Raises SpaceError naming every problem.
+
+    A model named ``package.module:callable`` is code: a space may name one only with ``trust_code``
+    (``--trust-space``) or where the same spec is in ``trusted_specs`` (named on the command line); otherwise it is
+    refused before anything is imported."""
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
     errs = [f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}" for key in sorted(set(raw) - TOP_KEYS - OLD_KEYS)]
@@ -224,6 +231,8 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         seed = 0
     fixed = _parse_fixed(raw, errs)
     params = _parse_params(raw, fixed, errs)
+    if not trust_code:
+        _refuse_untrusted_code(path, fixed, params, trusted_specs)
     if not errs:
         _check_against_config(task, {**fixed, "epochs": settings["max_epochs"]}, params, errs)
     if errs:
@@ -232,6 +241,20 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
              "limits: (the student's); rename them to keep this note away",) if set(raw) & OLD_KEYS else ()
     return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
                  limits=limits, fixed=fixed, params=tuple(params), seed=seed, raw=raw, notes=notes, **settings)
+
+
+def _refuse_untrusted_code(path: str, fixed: dict, params: list[Param], trusted_specs: frozenset[str]) -> None:
+    """A space that names code to import (``package.module:callable``) not named on the command line: refused,
+    before building any config (which would import it)."""
+    named = [(f"fixed.{key}", fixed[key]) for key in MODEL_KEYS if key in fixed]
+    named += [(f"params.{p.name}", v) for p in params if p.name in MODEL_KEYS for v in (*p.choices, p.value)]
+    code = [(where, v) for where, v in named if isinstance(v, str) and sources.kind(v) == "callable"
+            and v not in trusted_specs]
+    if code:
+        where, spec = code[0]
+        raise SpaceError(f"{path}: {where} names code to import ({spec!r}); a space file is read as data, so the "
+                         "modules it names are imported only when you say so: add --trust-space if you trust this "
+                         f"file's author like your own code{f', or pass --teacher-model {spec}' if 'teacher' in where else ''}")
 
 
 def _parse_task(raw: dict, task_override: str | None, errs: list[str]) -> str:
@@ -383,9 +406,10 @@ def _check_yaml_tree(root, path: Path) -> None:
             stack.extend((v, depth + 1) for v in node.value)
 
 
-def load_space(path: str | Path, task_override: str | None = None) -> Space:
+def load_space(path: str | Path, task_override: str | None = None, trust_code: bool = False,
+               trusted_specs: frozenset[str] = frozenset()) -> Space:
     """Read and validate a space file: data only (``yaml.safe_load``), UTF-8, bounded in size, depth and
-    alias expansion, no duplicate keys."""
+    alias expansion, no duplicate keys; code it names refused unless trusted (``parse_space``)."""
     p = Path(path)
     if not p.is_file():
         raise SpaceError(f"space file not found: {p}; pass --space spaces/NAME.yaml (see spaces/)")
@@ -415,7 +439,7 @@ def load_space(path: str | Path, task_override: str | None = None) -> Space:
         raise SpaceError(f"{p}: not valid YAML{where} ({_short(problem, 120)}); fix the syntax") from None
     except RecursionError:
         raise SpaceError(f"{p}: nested too deeply; a space has 3 or 4 levels") from None
-    return parse_space(raw, str(p), task_override)
+    return parse_space(raw, str(p), task_override, trust_code, trusted_specs)
 
 
 class DefineByRun:

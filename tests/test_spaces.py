@@ -173,3 +173,52 @@ def test_the_space_notes_its_older_keys_when_a_search_starts(tmp_path):
     r = run_main("search/run_search.py", "--space", tmp_path / "old.yaml", "--storage", tmp_path / "runs", "--smoke",
                  "--gpus-per-trial", "9")  # refused before anything starts, after the note
     assert "note: " in r.stdout and "older keys ['budget', 'param_budget']" in r.stdout and r.returncode == 2
+
+
+MODULE = """
+import pathlib
+pathlib.Path(__file__).with_name("imported").write_text("ran")  # import-time code
+import torch.nn as nn
+def Net(num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+"""
+
+
+@pytest.mark.parametrize("section", [
+    {"fixed": {"student": "spacecode:Net"}},
+    {"fixed": {"teacher": "spacecode:Net"}},
+    {"params": {"student": {"type": "categorical", "choices": ["cnn", "spacecode:Net"]},
+                "lr_student": {"type": "float", "low": 0.01, "high": 0.2}}},
+    {"params": {"student": {"type": "fixed", "value": "spacecode:Net"}}},
+], ids=["fixed student", "fixed teacher", "a student choice", "a fixed param"])
+def test_a_space_that_names_code_imports_nothing_unless_trusted(tmp_path, monkeypatch, section):
+    """A space file is data: a module it names is imported only with --trust-space (or, for the teacher, the same
+    spec on the command line); refused in one line before any import otherwise."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)  # the module sits in the folder the command runs from, which is importable
+    monkeypatch.delitem(sys.modules, "spacecode", raising=False)
+    (tmp_path / "spacecode.py").write_text(MODULE)
+    raw = {"search": {"num_samples": 2, "max_epochs": 3, "grace_period": 1},
+           "params": {"lr_student": {"type": "float", "low": 0.01, "high": 0.2}}, **section}
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpaceError, match="names code to import .'spacecode:Net'.*add --trust-space") as e:
+        load_space(path)
+    assert "\n" not in str(e.value) and not (tmp_path / "imported").exists() and "spacecode" not in sys.modules
+    r = run_main("search/run_search.py", "--space", path, "--storage", tmp_path / "runs")
+    assert r.returncode == 2 and "names code to import" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "imported").exists() and not (tmp_path / "runs").exists()
+    if "teacher" in str(section):
+        load_space(path, trusted_specs=frozenset({"spacecode:Net"}))  # named on the command line too
+    else:
+        load_space(path, trust_code=True)
+    assert (tmp_path / "imported").exists()  # trusted: imported like any module the user names
+
+
+def test_the_zen_of_python_is_not_printed_by_a_space(tmp_path, capfd):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**VALID, "fixed": {"student": "this:nosuch"}}))
+    with pytest.raises(SpaceError, match="names code to import"):
+        load_space(path)
+    assert "Beautiful is better than ugly" not in capfd.readouterr().out
