@@ -121,7 +121,7 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     from trainable.config import build_config
     from trainable.models import build_classifier, count_params
     from trainable.proxy import agreement_selected, classes_of, generator_images
-    from trainable.speed import time_candidates, torch_threads
+    from trainable.speed import one_line_failure, time_candidates, torch_threads
     from trainable.tasks import get_task
 
     device, task, teacher_params = trial_device(plan), get_task(plan.task), count_params(teacher.model)
@@ -133,14 +133,15 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
                 torch.cuda.reset_peak_memory_stats(device)
             it = time_candidates(cfg, teacher.model, teacher.data, device, [(speed.precision, speed.channels_last)],
                                  rounds=2, data_root=plan.data_root)[speed.name]
-            student = build_classifier(cfg.student, task.num_classes, task.channels, task.image_size,
-                                       student_width(cfg, teacher_params)).to(device)
-            start = time.perf_counter()
-            if teacher.data.labelled:
-                evaluate(student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
-            if agreement_selected(cfg.selection, task):  # a generator proxy's validation half
-                classes_of(student, generator_images(task.name, cfg.proxy_images), device, cfg.eval_batch_size)
-            eval_s = time.perf_counter() - start
+            with one_line_failure(cfg, f"while the estimate times its evaluation ({label} student)"):
+                student = build_classifier(cfg.student, task.num_classes, task.channels, task.image_size,
+                                           student_width(cfg, teacher_params)).to(device)
+                start = time.perf_counter()
+                if teacher.data.labelled:
+                    evaluate(student, teacher.data.val_x, teacher.data.val_y, cfg.eval_batch_size, device)
+                if agreement_selected(cfg.selection, task):  # a generator proxy's validation half
+                    classes_of(student, generator_images(task.name, cfg.proxy_images), device, cfg.eval_batch_size)
+                eval_s = time.perf_counter() - start
             peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                     else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
             out.append(Student(label, setting, student_costs(cfg, teacher_params)[M.PARAM_RATIO], it,

@@ -33,8 +33,9 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     from trainable.teacher import prepare_teacher
 
     cfg = build_config(plan.trial_config)
-    model, info = prepare_teacher(plan.task, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root)
-    check_students(plan, cfg.student)
+    batch = largest_batch(plan, cfg.batch_size)
+    model, info = prepare_teacher(plan.task, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root, batch_size=batch)
+    check_students(plan, cfg.student, batch)
     with data_free():
         data = load_eval_data(plan.task, plan.seed, cfg.val_fraction, plan.data_root, plan.download)
     teacher = Teacher(model, info["arch"], data, teacher_metrics(model, data), fingerprint(model))
@@ -44,16 +45,26 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     return teacher
 
 
-def check_students(plan: SearchPlan, fixed: str) -> None:
-    """Every foreign student the search can train (the config's, or each choice of a searched ``student``) builds
-    and gives class scores at the task's shape: refused here, in one line, before Ray starts."""
+def largest_batch(plan: SearchPlan, fixed: int) -> int:
+    """The largest batch a trial of the search trains on: the config's, or the top of a searched ``batch_size``."""
+    searched = [p for p in plan.space.params if p.name == "batch_size"]
+    if not searched:
+        return fixed
+    p = searched[0]
+    values = [v for v in (*p.choices, p.value, p.high) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return int(max(values, default=fixed))
+
+
+def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
+    """Every foreign student the search can train (the config's, or each choice of a searched ``student``) runs as
+    a trial runs it (``trainable.sources.check_student``): refused here, in one line, before Ray starts."""
     from trainable.sources import check_student
     from trainable.tasks import get_task
 
     task = get_task(plan.task)
     specs = {fixed} | {c for p in plan.space.params if p.name == "student" for c in p.choices}
     for spec in sorted(s for s in specs if isinstance(s, str)):
-        check_student(spec, task.num_classes, task.channels, task.image_size)
+        check_student(spec, task.num_classes, task.channels, task.image_size, batch_size)
 
 
 def budget_check(plan: SearchPlan, teacher: Teacher):

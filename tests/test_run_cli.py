@@ -53,3 +53,67 @@ def test_bad_input_is_exit_2_one_line(tmp_path, args, needle):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_ctrl_c_in_a_run_is_one_line_and_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    from trainable.akd import AKDRun
+
+    fit = AKDRun.fit
+
+    def interrupted_after_one_epoch(self, on_epoch=None):
+        def then_ctrl_c(m, run):
+            on_epoch(m, run)
+            raise KeyboardInterrupt
+
+        return fit(self, then_ctrl_c)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(AKDRun, "fit", interrupted_after_one_epoch)
+    r = run_main("trainable/run_akd.py", "--task", "digits", "--out", out, *SMALL)
+    assert r.returncode == 3, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Resume with:" in lines[0] and lines[0].endswith("--resume") and "Traceback" not in r.stderr
+    command = lines[0].split("Resume with:", 1)[1].split()
+    assert command[:2] == ["python", "trainable/run_akd.py"]
+    monkeypatch.setattr(AKDRun, "fit", fit)
+    r = run_main(*command[1:])  # the printed command, as it is
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_ctrl_c_before_the_first_epoch_and_in_teacher_training_is_one_line(tmp_path, monkeypatch):
+    from trainable import train_teacher
+    from trainable.akd import AKDRun
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AKDRun, "fit", ctrl_c)
+    r = run_main("trainable/run_akd.py", "--task", "digits", "--out", tmp_path / "run", *SMALL)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "run the same command again" in r.stderr
+    monkeypatch.setattr(train_teacher, "train_teacher", ctrl_c)
+    r = run_main("trainable/train_teacher.py", "--task", "digits", "--out", tmp_path / "t.pt")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no teacher was saved" in r.stderr
+    assert not (tmp_path / "t.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_real_sigint_in_a_run_is_exit_3_without_a_traceback(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, str(ROOT / "trainable" / "run_akd.py"), "--task", "digits", "--out", str(out),
+                          "--set", "epochs=500", "--set", "iters_per_epoch=2", "--set", "batch_size=16"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 300
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 3 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith("--resume")

@@ -44,6 +44,19 @@ def user_module(tmp_path, monkeypatch):
         def wrong_classes(num_classes):
             return Net(num_classes + 1)
 
+        class Aux(Net):  # GoogLeNet-like: main and aux logits in train mode
+            def forward(self, x):
+                out = super().forward(x)
+                return (out, out) if self.training else out
+
+        class Flaky(Net):  # passes the door check, then fails inside the distillation step once FAIL is set
+            FAIL = False
+
+            def forward(self, x):
+                if Flaky.FAIL:
+                    raise RuntimeError("cuDNN lost its way")
+                return super().forward(x)
+
         NOT_CALLABLE = 3
     """))
     (tmp_path / "broken_module.py").write_text("import nonexistent_package_xyz\n")
@@ -103,9 +116,9 @@ def test_a_factory_that_fails_is_one_line(user_module, spec, message):
 
 
 def test_the_door_check_refuses_wrong_outputs_and_shapes(user_module):
-    with pytest.raises(ModelSourceError, match=r"outputs \(3, 11\) for 3 images; the task needs \(3, 10\)"):
+    with pytest.raises(ModelSourceError, match=r"outputs \(2, 11\) for 2 images in train mode; the task needs \(2, 10\)"):
         check_forward(build_classifier("usernets:wrong_classes", 10, 3, 32), "usernets:wrong_classes", 10, 3, 32)
-    with pytest.raises(ModelSourceError, match=r"fails on a batch of the task's shape \(N, 1, 8, 8\)"):
+    with pytest.raises(ModelSourceError, match=r"fails in train mode on a batch of the task's shape \(2, 1, 8, 8\)"):
         check_forward(build_classifier("torchvision:resnet18", 10, 3, 32), "torchvision:resnet18", 10, 1, 8)
 
     class NaNs(nn.Module):
@@ -125,6 +138,75 @@ def test_the_door_check_refuses_wrong_outputs_and_shapes(user_module):
 
     with pytest.raises(ModelSourceError, match="no gradient flows through"):
         check_forward(Detached(), "x:y", 10, 3, 32, need_grad=True)
+
+
+class Linear(nn.Module):
+    """A digits classifier whose forward misbehaves in one mode or at one batch size."""
+
+    def __init__(self, fault=None):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, 10)
+        self.fault = fault
+
+    def forward(self, x):
+        out = self.fc(self.bn(x.flatten(1)))  # (N, 10)
+        if self.fault == "aux heads" and self.training:
+            return out, out  # like GoogLeNet's and Inception's aux outputs in train mode
+        if self.fault == "nan in train mode" and self.training:
+            return out * float("nan")
+        if self.fault == "batch 3 only":
+            return out.view(3, -1)[:, :10].expand(x.shape[0], 10) if x.shape[0] != 3 else out
+        return out
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("aux heads", "returns a tuple in train mode, not one tensor of class scores .aux heads"),
+    ("nan in train mode", "outputs NaN/Inf in train mode"),
+    ("batch 3 only", "fails in train mode on a batch of the task's shape .2, 1, 8, 8."),
+])
+def test_the_door_check_runs_what_a_trial_runs(fault, message):
+    with pytest.raises(ModelSourceError, match=message) as e:
+        check_forward(Linear(fault), "mine:Net", 10, 1, 8, need_grad=True, batch_size=64)
+    assert "\n" not in str(e.value)
+
+
+def test_a_teacher_that_fails_at_the_runs_batch_size_is_refused_at_the_door():
+    class Batch3(Linear):
+        def forward(self, x):
+            return super().forward(x) if x.shape[0] <= 3 else x.view(3, -1)
+
+    Batch3().eval()(torch.randn(3, 1, 8, 8))  # the old door check's one forward passes
+    with pytest.raises(ModelSourceError, match="at any batch size"):
+        check_forward(Batch3().eval(), "mine:Teacher", 10, 1, 8, need_grad=True, batch_size=64)
+
+
+def test_the_door_check_leaves_the_model_as_it_was():
+    model = Linear().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_forward(model, "mine:Net", 10, 1, 8, need_grad=True, batch_size=32)
+    assert not model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_slow_forward_says_what_is_being_checked(monkeypatch):
+    import time
+
+    from trainable import sources
+
+    class Slow(Linear):
+        def forward(self, x):
+            time.sleep(0.3)
+            return super().forward(x)
+
+    monkeypatch.setattr(sources, "SLOW_FORWARD_S", 0.05)
+    lines = []
+    check_forward(Slow(), "mine:Slow", 10, 1, 8, batch_size=4, log=lines.append)
+    assert lines and all(line.startswith("checking mine:Slow: a forward in") for line in lines)
+    assert "train mode on 2 random images (2, 1, 8, 8)" in lines[0]
+    lines.clear()
+    check_forward(Linear(), "mine:Fast", 10, 1, 8, batch_size=4, log=lines.append)
+    assert lines == []
 
 
 def test_weights_load_into_a_torchvision_teacher_and_must_fit_it(tmp_path):
@@ -170,7 +252,7 @@ def test_an_exported_program_is_a_teacher_with_no_code_and_no_weights_file(tmp_p
 
 def test_a_program_that_fixes_its_batch_or_is_no_program_is_refused(tmp_path):
     export(build_classifier("cnn", 10, 1, 8), tmp_path / "fixed.pt2", dynamic=False, channels=1, size=8)
-    with pytest.raises(ModelSourceError, match="a program also any batch size"):
+    with pytest.raises(ModelSourceError, match="a program: export it with dynamic_shapes"):
         prepare_teacher("digits", str(tmp_path / "fixed.pt2"), None, log=None)
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelSourceError, match="is not a torch.export program"):
@@ -245,3 +327,47 @@ def test_foreign_teachers_are_folded_where_fx_can_trace_them_and_said_where_not(
     run = AKDRun(build_config(tiny_values(w_bn=0.0)), Branchy(), digits_data, torch.device("cpu"))
     assert run.teacher_fwd is run.teacher and "cannot be traced by torch.fx" in run.notes[0]
     assert run.fit()[-1]["epoch"] == 2
+
+
+def test_a_student_with_aux_heads_is_one_line_on_the_command_line(user_module):
+    torch.save(build_classifier("usernets:Net", 2, 3, 32).state_dict(), user_module / "t.pt")  # the task's 2 classes
+    r = run_main("trainable/run_akd.py", "--task", "folder:" + str(make_folder_task(user_module)), "--teacher-model",
+                 "usernets:Net", "--teacher", user_module / "t.pt", "--set", "student=usernets:Aux", "--out",
+                 user_module / "run")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "usernets:Aux returns a tuple in train mode" in r.stderr and "aux_logits=False" in r.stderr
+    assert not (user_module / "run").exists()
+
+
+def make_folder_task(root):
+    """Two classes of four 32 x 32 RGB PNGs: a folder task the user's 3-channel nets fit."""
+    from PIL import Image
+
+    folder = root / "imgs"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.new("RGB", (32, 32), (60 * i, 100 if c == "a" else 0, 0)).save(folder / c / f"{i}.png")
+    return folder
+
+
+def test_a_failure_inside_the_speed_measurement_is_one_line(user_module):
+    import usernets
+
+    from trainable.speed import time_candidates
+    from trainable.tasks import EvalData
+
+    check_student("usernets:Flaky", 10, 3, 32)  # passes its door check
+    values = {k: v for k, v in tiny_values().items() if k != "student_width"}  # a foreign student has no width
+    cfg = build_config({**values, "task": "cifar10", "teacher": "usernets:Net", "student": "usernets:Flaky",
+                        "student_fraction": None, "w_bn": 0.0})
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    usernets.Flaky.FAIL = True
+    try:
+        with pytest.raises(UserError, match="a run of teacher usernets:Net and student usernets:Flaky fails while its "
+                                            "speed is measured .RuntimeError: cuDNN lost its way.") as e:
+            time_candidates(cfg, build_classifier("usernets:Net", 10, 3, 32).eval(), EvalData(x, y, x, y),
+                            torch.device("cpu"), [("fp32", False)])
+        assert "\n" not in str(e.value)
+    finally:
+        usernets.Flaky.FAIL = False

@@ -8,13 +8,15 @@ Example::
     python trainable/run_akd.py --task digits --out runs/one --resume   # continue from checkpoint.pt
 
 Writes into ``--out``: config.json, metrics.jsonl (one line per epoch), checkpoint.pt (every epoch),
-final.json, student.pt, generated.png, confusion_test.csv. Exit codes: 0 done, 2 bad input, 1 other.
+final.json, student.pt, generated.png, confusion_test.csv. Exit codes: 0 done, 2 bad input, 3 interrupted (Ctrl-C;
+prints the --resume command), 1 other.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -66,16 +68,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_INTERRUPTED = 3  # Ctrl-C with a checkpoint to continue from
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the output folder was chosen
+        print("interrupted before the run started; run the same command again", file=sys.stderr)
+        return 1
 
 
-def run(args: argparse.Namespace) -> int:
+def interrupted(out: Path, argv: list[str]) -> int:
+    """Ctrl-C: one line, with the command that continues the run where its last checkpoint left it."""
+    if not (out / CHECKPOINT_FILE).exists():
+        print(f"interrupted before the first epoch was saved; nothing to resume in {out}: run the same command again",
+              file=sys.stderr)
+        return 1
+    command = "python trainable/run_akd.py " + " ".join(shlex.quote(a) for a in argv if a != "--resume") + " --resume"
+    print(f"interrupted; the run is saved at its last epoch. Resume with:  {command}", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,8 +116,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
     if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root)
-    check_student(cfg.student, task.num_classes, task.channels, task.image_size)  # a foreign one, at the door
+    try:
+        return _run(args, cfg, task, out, start)
+    except KeyboardInterrupt:
+        return interrupted(out, argv)
+
+
+def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
+    """The run itself, once its settings and output folder are checked: the door checks, then the epochs."""
+    ckpt_path = out / CHECKPOINT_FILE
+    teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root,
+                                            batch_size=cfg.batch_size)
+    check_student(cfg.student, task.num_classes, task.channels, task.image_size, cfg.batch_size)  # a foreign one
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
         device = default_device()

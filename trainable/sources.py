@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -187,45 +188,86 @@ def load_program(path: str) -> nn.Module:
         raise ModelSourceError(str(e)) from None
 
 
+SMALL_BATCH = 2  # the small batch of the door check (train-mode BatchNorm needs two images)
+SLOW_FORWARD_S = 3.0  # a check's forward slower than this says what is being checked
+
+
 def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, image_size: int,
-                  need_grad: bool = False) -> None:
-    """One forward at the task's shape: output (N, num_classes), finite; with ``need_grad`` the input must get a
-    gradient through the model (a teacher: the generator learns through it). Raises ModelSourceError."""
-    x = torch.randn(3, channels, image_size, image_size, requires_grad=need_grad)  # 3: no size a program is fixed at
+                  need_grad: bool = False, batch_size: int = 64, log=print) -> None:
+    """What a trial runs, once, on a batch of random images of the task's shape: a forward in train and eval mode
+    (a program: eval, its mode is fixed) at ``batch_size`` (the run's) and at a small batch (1 for a program: it must
+    take any batch size). Each output must be one tensor (not a tuple: aux heads), of shape (N, num_classes), finite;
+    with ``need_grad`` the input must get a finite, non-zero gradient through the model (the generator learns
+    through it). BatchNorm statistics and gradients are left as they were. A forward slower than
+    ``SLOW_FORWARD_S`` logs a line saying what is being checked. Raises ModelSourceError."""
+    program = isinstance(model, ExportedTeacher)
+    modes = ("eval",) if program else ("train", "eval")
+    sizes = sorted({1 if program else SMALL_BATCH, max(1 if program else SMALL_BATCH, int(batch_size))})
     was_training = model.training
-    model.eval()
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     try:
-        if isinstance(model, ExportedTeacher):
-            with torch.no_grad():
-                model(x[:1].detach())  # a program must take any batch size, one image included
+        for mode in modes:
+            model.train(mode == "train")
+            for n in sizes:
+                _check_one_forward(model, spec, num_classes, channels, image_size, need_grad, mode, n, log)
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers:
+                    v.copy_(buffers[k])
+        for p in model.parameters():
+            p.grad = None
+        model.train(was_training)
+
+
+def _check_one_forward(model: nn.Module, spec: str, num_classes: int, channels: int, image_size: int,
+                       need_grad: bool, mode: str, n: int, log) -> None:
+    x = torch.randn(n, channels, image_size, image_size, requires_grad=need_grad)  # (N, C, H, W)
+    shape = f"({n}, {channels}, {image_size}, {image_size})"
+    slow = threading.Timer(SLOW_FORWARD_S, lambda: log and log(f"checking {spec}: a forward in {mode} mode on {n} "
+                                                                f"random images {shape} (slow; still running)"))
+    slow.daemon = True
+    slow.start()
+    try:
         with torch.set_grad_enabled(need_grad):
             out = model(x)
+        if isinstance(out, torch.Tensor) and need_grad and out.requires_grad:
+            out.float().sum().backward()
     except Exception as e:
-        shape = f"(N, {channels}, {image_size}, {image_size})"
-        raise ModelSourceError(f"{spec} fails on a batch of the task's shape {shape} ({type(e).__name__}: "
-                               f"{(str(e).splitlines() or [''])[0][:160]}); the model must take the task's channels and image "
-                               "size (a program also any batch size: export it with dynamic_shapes)") from None
+        raise ModelSourceError(f"{spec} fails in {mode} mode on a batch of the task's shape {shape} "
+                               f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); the model must take "
+                               "the task's channels and image size at any batch size (a program: export it with "
+                               "dynamic_shapes)") from None
     finally:
-        model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (3, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelSourceError(f"{spec} outputs {got} for 3 images; the task needs (3, {num_classes}) class scores")
+        slow.cancel()
+    if isinstance(out, (tuple, list)) or (not isinstance(out, torch.Tensor) and hasattr(out, "_fields")):
+        raise ModelSourceError(f"{spec} returns a {type(out).__name__} in {mode} mode, not one tensor of class scores "
+                               "(aux heads, like GoogLeNet's and Inception's in train mode); build it without them "
+                               "(torchvision: aux_logits=False) or wrap it in a module whose forward returns the main "
+                               "logits")
+    if not isinstance(out, torch.Tensor):
+        raise ModelSourceError(f"{spec} returns {type(out).__name__} in {mode} mode; its forward must return a tensor "
+                               f"of class scores ({n}, {num_classes})")
+    if tuple(out.shape) != (n, num_classes):
+        raise ModelSourceError(f"{spec} outputs {tuple(out.shape)} for {n} images in {mode} mode; the task needs "
+                               f"({n}, {num_classes}) class scores")
     if not bool(torch.isfinite(out).all()):
-        raise ModelSourceError(f"{spec} outputs NaN/Inf on a batch of random images; check its weights")
-    if need_grad:
-        out.float().sum().backward()
-        if x.grad is None or not bool(torch.isfinite(x.grad).all()) or not bool(x.grad.abs().sum() > 0):
-            raise ModelSourceError(f"no gradient flows through {spec} to its input; the generator learns through the "
-                                   "teacher, so pass a differentiable model (not one exported for inference only)")
+        raise ModelSourceError(f"{spec} outputs NaN/Inf in {mode} mode on a batch of {n} random images; check its "
+                               "weights and its forward")
+    if need_grad and (x.grad is None or not bool(torch.isfinite(x.grad).all()) or not bool(x.grad.abs().sum() > 0)):
+        raise ModelSourceError(f"no gradient flows through {spec} to its input in {mode} mode; the generator learns "
+                               "through it, so pass a differentiable model (not one exported for inference only)")
 
 
-def check_student(spec: str, num_classes: int, channels: int, image_size: int) -> None:
-    """A foreign student builds and gives (N, num_classes) at the task's shape (the project's own are tested).
-    Raises ModelSourceError."""
+def check_student(spec: str, num_classes: int, channels: int, image_size: int, batch_size: int = 64,
+                  log=print) -> None:
+    """A foreign student builds and runs as a trial runs it (``check_forward``: train and eval mode, the run's batch
+    and a small one, a gradient to the input); the project's own are tested. Raises ModelSourceError."""
     if is_foreign(spec):
         if is_program(spec):
             raise ModelSourceError(f"student: {spec} is an exported program; a student is trained, so name its model")
-        check_forward(build_foreign(spec, num_classes, channels, image_size), spec, num_classes, channels, image_size)
+        check_forward(build_foreign(spec, num_classes, channels, image_size), spec, num_classes, channels, image_size,
+                      need_grad=True, batch_size=batch_size, log=log)
 
 
 def as_spec(spec: str | None) -> str | None:

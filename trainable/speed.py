@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from trainable.errors import UserError
+
 AUTO = "auto"
 BF16_MARGIN = 1.10  # bf16 must beat the best fp32 candidate by this factor to be chosen
 CACHE_FILE = "speed.json"
@@ -208,19 +210,34 @@ def time_candidates(cfg, teacher: torch.nn.Module, data, device: torch.device, p
     """
     from trainable.akd import AKDRun
 
-    runs = {}
-    for precision, cl in pairs:
-        fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl, selection="accuracy")  # no proxy set to build
-        runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
-    iters = {}
-    for name, run in runs.items():
-        first = _timed(run, 1, device)  # warm-up, and the size of one iteration
-        iters[name] = max(1, min(max_iters, int(min_seconds / max(first, 1e-6))))
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
+    with one_line_failure(cfg, "while its speed is measured"):
+        runs = {}
+        for precision, cl in pairs:
+            fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl, selection="accuracy")  # no proxy set to build
+            runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
+        iters = {}
         for name, run in runs.items():
-            samples[name].append(_timed(run, iters[name], device) / iters[name])
+            first = _timed(run, 1, device)  # warm-up, and the size of one iteration
+            iters[name] = max(1, min(max_iters, int(min_seconds / max(first, 1e-6))))
+        samples: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for name, run in runs.items():
+                samples[name].append(_timed(run, iters[name], device) / iters[name])
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+@contextlib.contextmanager
+def one_line_failure(cfg, when: str):
+    """A run that fails while it is timed (a model the door checks passed that fails inside the distillation
+    step, a loss that turns NaN) is one UserError line naming the models and what they did, not a traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"a run of teacher {cfg.teacher} and student {cfg.student} fails {when} "
+                        f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}); each model passed "
+                        "its door check alone, so check how they are used together (method, losses, batch size)") from None
 
 
 def _timed(run, iters: int, device: torch.device) -> float:

@@ -167,11 +167,12 @@ DIGITS_TEACHER_RECIPE = dict(epochs=60, lr=0.05, batch_size=64, weight_decay=5e-
 
 
 def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str | None = None, seed: int = 0,
-                    data_root: str | None = None, log=print) -> tuple[nn.Module, dict[str, Any]]:
+                    data_root: str | None = None, log=print, batch_size: int = 64) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher of a run or search, prepared once.
 
     digits: trained on its teacher-train split and cached by (task, seed, arch) unless
-    ``teacher_path`` is given. Other tasks: loaded from ``teacher_path`` and checked.
+    ``teacher_path`` is given. Other tasks: loaded from ``teacher_path`` and checked as a run uses it
+    (``sources.check_forward`` at ``batch_size``, the run's, and a small batch).
 
     Returns:
         (teacher in eval mode on CPU, info dict with ``arch``, ``source``).
@@ -184,11 +185,13 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
         if teacher_path:
             raise UserError(f"the teacher {arch} is an exported program: its weights are inside it; drop --teacher")
         model = sources.load_program(arch)
-        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True)
+        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True,
+                              batch_size=batch_size, log=log)
         return model.eval(), {"arch": arch, "source": arch}
     if teacher_path:
         model = load_teacher(teacher_path, arch, task).eval()
-        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True)
+        sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True,
+                              batch_size=batch_size, log=log)
         return model, {"arch": arch, "source": str(teacher_path)}
     if sources.is_foreign(arch):
         raise UserError(f"the teacher {arch} needs its trained weights: pass --teacher PATH (a state_dict saved with "

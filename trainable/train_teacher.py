@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted; no teacher was saved (nothing is written to {args.out} until training ends): run the "
+              "same command again", file=sys.stderr)
+        return 1
     return 0
 
 
