@@ -28,8 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from results.record import space_limits
 from trainable import metrics as M
 from trainable import sources
@@ -37,6 +35,7 @@ from trainable.config import FIELDS, build_config
 from trainable.errors import ConfigError, UserError
 from trainable.images import as_task_name
 from trainable.tasks import task_problem
+from trainable.yamlfile import read_yaml, short
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "search", "limits", "fixed", "params", "seed"}
 OLD_KEYS = {"param_budget", "budget"}  # the older names of limits.param_ratio and search (budget.flops: limits.flops)
@@ -110,12 +109,6 @@ class Space:
         return len(self.objectives) > 1
 
 
-def _short(v: Any, limit: int = 80) -> str:
-    """A bounded repr for messages (a huge value never floods the terminal)."""
-    r = repr(v)
-    return r if len(r) <= limit else r[:limit] + "...(truncated)"
-
-
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -129,17 +122,17 @@ def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
         errs.append(f"{where}: cannot be searched (use --task for the task, search.max_epochs for epochs)")
         return None
     if not isinstance(spec, dict):
-        errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {_short(spec)}")
+        errs.append(f"{where}: expected a mapping like {{type: float, low: 0.01, high: 0.1}}, got {short(spec)}")
         return None
     kind = spec.get("type")
     if kind not in PARAM_KEYS:
-        errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {_short(kind)}")
+        errs.append(f"{where}.type: expected one of {sorted(PARAM_KEYS)}, got {short(kind)}")
         return None
     for key in sorted(set(spec) - PARAM_KEYS[kind]):
         errs.append(f"{where}.{key}: unknown key for type {kind}; valid: {sorted(PARAM_KEYS[kind])}")
     when = spec.get("when") or {}
     if not isinstance(when, dict):
-        errs.append(f"{where}.when: expected a mapping {{parameter: value or [values]}}, got {_short(when)}")
+        errs.append(f"{where}.when: expected a mapping {{parameter: value or [values]}}, got {short(when)}")
         when = {}
     when = {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
     if kind in ("float", "int"):
@@ -159,13 +152,13 @@ def _parse_range(name: str, kind: str, spec: dict, when: dict, errs: list[str]) 
     low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     for key, v in (("low", low), ("high", high)):
         if not _num(v):
-            errs.append(f"{where}.{key}: expected a number, got {_short(v)}")
+            errs.append(f"{where}.{key}: expected a number, got {short(v)}")
         elif kind == "int" and not float(v).is_integer():
-            errs.append(f"{where}.{key}: expected an integer for type int, got {_short(v)}")
+            errs.append(f"{where}.{key}: expected an integer for type int, got {short(v)}")
     if not isinstance(log, bool):
-        errs.append(f"{where}.log: expected true/false, got {_short(log)}")
+        errs.append(f"{where}.log: expected true/false, got {short(log)}")
     if step is not None and (not _num(step) or step <= 0):
-        errs.append(f"{where}.step: expected a positive number, got {_short(step)}")
+        errs.append(f"{where}.step: expected a positive number, got {short(step)}")
     if log and step is not None:
         errs.append(f"{where}: log and step cannot be combined; drop one")
     if len(errs) == n_before:
@@ -183,13 +176,13 @@ def _parse_range(name: str, kind: str, spec: dict, when: dict, errs: list[str]) 
 def _parse_choices(name: str, spec: dict, when: dict, errs: list[str]) -> Param | None:
     where, choices = f"params.{name}", spec.get("choices")
     if not isinstance(choices, list) or not choices:
-        errs.append(f"{where}.choices: expected a non-empty list, got {_short(choices)}")
+        errs.append(f"{where}.choices: expected a non-empty list, got {short(choices)}")
         return None
     if not all(c is None or isinstance(c, (str, int, float, bool)) for c in choices):
-        errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {_short(choices)}")
+        errs.append(f"{where}.choices: expected plain values (names, numbers, true/false), got {short(choices)}")
         return None
     if len(set(map(repr, choices))) != len(choices):
-        errs.append(f"{where}.choices: has repeated values {_short(choices)}")
+        errs.append(f"{where}.choices: has repeated values {short(choices)}")
         return None
     return Param(name, "categorical", choices=tuple(choices), when=when)
 
@@ -207,7 +200,7 @@ def _check_against_config(task: str, fixed: dict, params: list[Param], errs: lis
             try:
                 build_config({**base, p.name: v})
             except ConfigError as e:
-                errs.append(f"params.{p.name}: value {_short(v)} is invalid ({str(e).removeprefix('invalid config: ')})")
+                errs.append(f"params.{p.name}: value {short(v)} is invalid ({str(e).removeprefix('invalid config: ')})")
                 break
 
 
@@ -227,7 +220,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
     limits = _parse_limits(raw, section, errs)
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        errs.append(f"seed: expected an integer, got {_short(seed)}")
+        errs.append(f"seed: expected an integer, got {short(seed)}")
         seed = 0
     fixed = _parse_fixed(raw, errs)
     params = _parse_params(raw, fixed, errs)
@@ -261,7 +254,7 @@ def _parse_task(raw: dict, task_override: str | None, errs: list[str]) -> str:
     task = as_task_name(task_override or raw.get("task") or "digits")
     problem = task_problem(task)
     if problem:
-        errs.append(problem if len(problem) < 400 else _short(problem, 400))
+        errs.append(problem if len(problem) < 400 else short(problem, 400))
         return "digits"
     return task
 
@@ -272,16 +265,16 @@ def _parse_objectives(raw: dict, errs: list[str]) -> list[tuple[str, str]]:
         errs.append("objective: give either objective or objectives, not both")
     objs = raw.get("objectives", [raw["objective"]] if "objective" in raw else [{"metric": M.VAL_ACC, "mode": "max"}])
     if not isinstance(objs, list) or not 1 <= len(objs) <= 2:
-        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {_short(objs)}")
+        errs.append(f"objectives: expected a list of one or two {{metric, mode}}, got {short(objs)}")
         return []
     objectives = []
     for i, o in enumerate(objs):
         if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
-            errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {_short(o)}")
+            errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {short(o)}")
         elif o["metric"] not in M.EPOCH_METRICS:
-            errs.append(f"objectives[{i}].metric: unknown {_short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
+            errs.append(f"objectives[{i}].metric: unknown {short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
         elif o["mode"] not in METRIC_MODES:
-            errs.append(f"objectives[{i}].mode: expected max or min, got {_short(o['mode'])}")
+            errs.append(f"objectives[{i}].mode: expected max or min, got {short(o['mode'])}")
         else:
             objectives.append((o["metric"], o["mode"]))
     if objectives and objectives[0] not in ((M.VAL_ACC, "max"), (M.VAL_AGREEMENT, "max")):
@@ -298,7 +291,7 @@ def _parse_settings(raw: dict, errs: list[str]) -> tuple[str, dict[str, Any]]:
     block = raw.get(section, {})
     valid = SETTING_KEYS | ({"flops"} if section == "budget" else set())
     if not isinstance(block, dict):
-        errs.append(f"{section}: expected a mapping with {sorted(valid)}, got {_short(block)}")
+        errs.append(f"{section}: expected a mapping with {sorted(valid)}, got {short(block)}")
         block = {}
     errs.extend(f"{section}.{key}: unknown key; valid: {sorted(valid)}" for key in sorted(set(block) - valid))
     out: dict[str, Any] = {}
@@ -307,7 +300,7 @@ def _parse_settings(raw: dict, errs: list[str]) -> tuple[str, dict[str, Any]]:
         v = block.get(key, default)
         if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
             errs.append(f"{section}.{key}: expected an integer " + (f">= {low}" if high is None else f"in [{low}, {high}]")
-                        + f", got {_short(v)}")
+                        + f", got {short(v)}")
             v = default
         out[key] = v
     if out["grace_period"] > out["max_epochs"]:
@@ -315,7 +308,7 @@ def _parse_settings(raw: dict, errs: list[str]) -> tuple[str, dict[str, Any]]:
                     f"({out['max_epochs']})")
     rf = block.get("reduction_factor", 3)
     if not _num(rf) or rf <= 1:
-        errs.append(f"{section}.reduction_factor: expected a number > 1, got {_short(rf)}")
+        errs.append(f"{section}.reduction_factor: expected a number > 1, got {short(rf)}")
         rf = 3
     out["reduction_factor"] = float(rf)
     return section, out
@@ -325,7 +318,7 @@ def _parse_limits(raw: dict, section: str, errs: list[str]) -> dict[str, float]:
     """The student's limits: ``limits: {param_ratio, flops}`` (or the older ``param_budget`` and ``budget.flops``)."""
     block = raw.get("limits", {})
     if not isinstance(block, dict):
-        errs.append(f"limits: expected a mapping with {sorted(LIMIT_KEYS)}, got {_short(block)}")
+        errs.append(f"limits: expected a mapping with {sorted(LIMIT_KEYS)}, got {short(block)}")
         block = {}
     errs.extend(f"limits.{key}: unknown key; valid: {sorted(LIMIT_KEYS)}" for key in sorted(set(block) - LIMIT_KEYS))
     if "limits" in raw and ("param_budget" in raw or section == "budget" and "flops" in (raw.get("budget") or {})):
@@ -333,12 +326,12 @@ def _parse_limits(raw: dict, section: str, errs: list[str]) -> dict[str, float]:
     ratio_key = "param_budget" if "param_budget" in raw else "limits.param_ratio"
     ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
     if ratio is not None and (not _num(ratio) or not 0 < ratio <= 1):
-        errs.append(f"{ratio_key}: expected a parameter ratio in (0, 1], got {_short(ratio)}")
+        errs.append(f"{ratio_key}: expected a parameter ratio in (0, 1], got {short(ratio)}")
     old_flops = (raw.get("budget") or {}).get("flops") if isinstance(raw.get("budget"), dict) else None
     flops_key = "budget.flops" if old_flops is not None else "limits.flops"
     flops = old_flops if old_flops is not None else block.get(M.FLOPS)
     if flops is not None and (not _num(flops) or flops <= 0):
-        errs.append(f"{flops_key}: expected a positive number of FLOPs per image, got {_short(flops)}")
+        errs.append(f"{flops_key}: expected a positive number of FLOPs per image, got {short(flops)}")
     if any(e.startswith(("limits", "param_budget", "budget.flops")) for e in errs):
         return {}
     return space_limits(raw)
@@ -347,7 +340,7 @@ def _parse_limits(raw: dict, section: str, errs: list[str]) -> dict[str, float]:
 def _parse_fixed(raw: dict, errs: list[str]) -> dict[str, Any]:
     fixed = raw.get("fixed", {}) or {}
     if not isinstance(fixed, dict):
-        errs.append(f"fixed: expected a mapping of config values, got {_short(fixed)}")
+        errs.append(f"fixed: expected a mapping of config values, got {short(fixed)}")
         return {}
     errs.extend(f"fixed.{key}: cannot be fixed here (use --task, search.max_epochs)" for key in fixed
                 if key in NOT_SEARCHABLE)
@@ -366,44 +359,16 @@ def _parse_params(raw: dict, fixed: dict, errs: list[str]) -> list[Param]:
         earlier = {q.name: q for q in params[:i]}
         for parent, values in p.when.items():
             if parent not in earlier or earlier[parent].type not in ("categorical", "fixed"):
-                errs.append(f"params.{p.name}.when: {_short(parent)} must be a categorical parameter listed before it")
+                errs.append(f"params.{p.name}.when: {short(parent)} must be a categorical parameter listed before it")
                 continue
             allowed = earlier[parent].choices if earlier[parent].type == "categorical" else (earlier[parent].value,)
             bad = [v for v in values if v not in allowed]
             if bad:
-                errs.append(f"params.{p.name}.when.{parent}: {_short(bad)} not among its choices {list(allowed)}")
+                errs.append(f"params.{p.name}.when.{parent}: {short(bad)} not among its choices {list(allowed)}")
     return params
 
 
 MAX_SPACE_BYTES = 256 * 1024  # a space is a few hundred bytes; anything near this is not a space file
-MAX_YAML_NODES = 20_000  # after expanding aliases: refuses "billion laughs" style alias bombs
-MAX_YAML_DEPTH = 20  # a space nests 3 levels deep
-
-
-def _check_yaml_tree(root, path: Path) -> None:
-    """Bound the size (aliases expanded) and depth of a composed YAML tree; refuse duplicate keys."""
-    count = 0
-    stack = [(root, 1)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_YAML_NODES:
-            raise SpaceError(f"{path}: too large once its aliases are expanded (over {MAX_YAML_NODES} values); "
-                             "write the space out plainly")
-        if depth > MAX_YAML_DEPTH:
-            raise SpaceError(f"{path}: nested more than {MAX_YAML_DEPTH} levels deep; a space has 3 or 4")
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    if key.value in seen:
-                        raise SpaceError(f"{path}: key {_short(key.value, 40)} appears twice at line "
-                                         f"{key.start_mark.line + 1}; keep one")
-                    seen.add(key.value)
-                stack.append((key, depth + 1))
-                stack.append((value, depth + 1))
-        elif isinstance(node, yaml.SequenceNode):
-            stack.extend((v, depth + 1) for v in node.value)
 
 
 def load_space(path: str | Path, task_override: str | None = None, trust_code: bool = False,
@@ -413,32 +378,7 @@ def load_space(path: str | Path, task_override: str | None = None, trust_code: b
     p = Path(path)
     if not p.is_file():
         raise SpaceError(f"space file not found: {p}; pass --space spaces/NAME.yaml (see spaces/)")
-    try:
-        size = p.stat().st_size
-        if size > MAX_SPACE_BYTES:
-            raise SpaceError(f"{p}: {size:,} bytes is too large for a space file (limit {MAX_SPACE_BYTES:,}); "
-                             "pass a space YAML like those in spaces/")
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SpaceError(f"{p}: not UTF-8 text (byte {e.start}); save the space file as UTF-8") from None
-    except OSError as e:
-        raise SpaceError(f"{p}: cannot be read ({e.strerror}); check the path and its permissions") from None
-    try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-            if root is not None:
-                _check_yaml_tree(root, p)
-            raw = loader.construct_document(root) if root is not None else None
-        finally:
-            loader.dispose()
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpaceError(f"{p}: not valid YAML{where} ({_short(problem, 120)}); fix the syntax") from None
-    except RecursionError:
-        raise SpaceError(f"{p}: nested too deeply; a space has 3 or 4 levels") from None
+    raw = read_yaml(p, MAX_SPACE_BYTES, "a space file", SpaceError)
     return parse_space(raw, str(p), task_override, trust_code, trusted_specs)
 
 

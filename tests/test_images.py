@@ -79,11 +79,11 @@ def test_task_yaml_sets_the_class_order_size_and_normalisation(tmp_path):
     (lambda r: (write_folder(r), (r / "bee" / "3.png").write_bytes(b"garbage")), "cannot read image .*bee/3.png"),
     (lambda r: (write_folder(r), (r / "task.yaml").write_text("classes: [ant, bee]\n")), "lists 2 classes but the folder has 3"),
     (lambda r: (write_folder(r), (r / "task.yaml").write_text("colour: red\n")), r"unknown key\(s\) \['colour'\]"),
-    (lambda r: (write_folder(r), (r / "task.yaml").write_text("mean: [0.5]\n")), "mean must be 3 number"),
-    (lambda r: (write_folder(r), (r / "task.yaml").write_text("std: [0, 1, 1]\n")), "std must be 3 number"),
+    (lambda r: (write_folder(r), (r / "task.yaml").write_text("mean: [0.5]\n")), "mean must be 3 finite number"),
+    (lambda r: (write_folder(r), (r / "task.yaml").write_text("std: [0, 1, 1]\n")), "std must be 3 finite number"),
     (lambda r: (write_folder(r), (r / "task.yaml").write_text("channels: 2\n")), "channels must be 1 or 3"),
     (lambda r: (write_folder(r), (r / "task.yaml").write_text("image_size: 2\n")), "image_size must be"),
-    (lambda r: (write_folder(r), (r / "task.yaml").write_text("[1, 2\n")), "is not valid YAML"),
+    (lambda r: (write_folder(r), (r / "task.yaml").write_text("[1, 2\n")), "task.yaml: not valid YAML at line 2"),
     (lambda r: (write_folder(r), (r / "cat" / "x").mkdir(), [p.unlink() for p in (r / "cat").glob("*.png")]),
      "class folder 'cat' holds no images"),
     (lambda r: None, "is not a folder"),
@@ -172,3 +172,133 @@ def test_one_run_with_a_torchvision_teacher_and_student_on_a_folder_and_one_on_t
                  "--out", tmp_path / "tiny")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "tiny" / "final.json").is_file()
+
+
+def png_header_only(path, width, height):
+    """A PNG file that declares width x height pixels and holds none: a decompression bomb's header, 60 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+
+
+BOMB = "\n".join([f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi")])
+
+
+@pytest.mark.parametrize("task_yaml, message", [
+    ("channels: true\n", "channels must be 1 or 3 .a whole number., got True"),
+    ("channels: 1.0\n", "channels must be 1 or 3 .a whole number., got 1.0"),
+    ("image_size: 32.0\n", "image_size must be a whole number"),
+    ("recipe: [x]\n", "recipe must name a shipped task"),
+    ("mean: [.nan, 0.5, 0.5]\n", "mean must be 3 finite number"),
+    ("std: [.inf, 1, 1]\n", "std must be 3 finite number"),
+    ("mean: .nan\nchannels: 1\n", "mean must be 1 finite number"),
+    ("classes: [ant, bee, true]\n", "classes must be a list"),
+    ("channels: 3\nchannels: 1\n", "key 'channels' appears twice at line 2"),
+    ('a: &a ["x","x","x","x","x","x","x","x","x"]\n' + BOMB + "\nmean: *i\n", "too large once its aliases are expanded"),
+    ("mean: " + "[" * 50000 + "]" * 50000 + "\n", "nested"),
+], ids=["channels true", "channels 1.0", "image_size float", "recipe list", "mean nan", "std inf", "mean nan scalar",
+        "class bool", "duplicate key", "alias bomb", "deep"])
+def test_task_yaml_is_read_like_a_space_file_with_exact_types(tmp_path, task_yaml, message):
+    import time
+
+    root = write_folder(tmp_path / "imgs")
+    (root / "task.yaml").write_text(task_yaml)
+    folder_task.cache_clear()
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=message) as e:
+        load_eval_data(as_task_name(f"folder:{root}"))
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    assert time.perf_counter() - start < 60  # the alias bomb is refused while it is counted, not expanded
+
+
+def test_a_nan_mean_on_the_command_line_is_exit_2_not_a_run_on_nan_images(tmp_path):
+    root = write_folder(tmp_path / "imgs", size=8, mode="L")
+    (root / "task.yaml").write_text("mean: [.nan]\nstd: [0.5]\n")
+    folder_task.cache_clear()
+    r = run_main("trainable/run_akd.py", "--task", f"folder:{root}", "--teacher-model", "cnn", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "finite" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: png_header_only(r / "bee" / "2.png", 20000, 20000), r"image .*bee/2.png is a decompression bomb"),
+    (lambda r: png_header_only(r / "bee" / "2.png", 9000, 9000), r"image .*bee/2.png is 9000 x 9000 pixels, over"),
+    (lambda r: (r / "task.yaml").mkdir(), r"task.yaml: cannot be read"),
+    (lambda r: (r / "cat" / "loop").symlink_to(r), r"cat/loop links back to .*imgs, a folder that holds it .a loop."),
+    (lambda r: (r / "loop").symlink_to(r), r"loop links back to .*imgs, a folder that holds it .a loop."),
+], ids=["20000x20000 png", "9000x9000 png", "task.yaml unreadable", "loop in a class", "loop as a class"])
+def test_images_and_folders_that_cannot_be_read_are_refused_by_name(tmp_path, setup, message):
+    root = write_folder(tmp_path / "imgs")
+    setup(root)
+    folder_task.cache_clear()
+    with pytest.raises(UserError, match=message) as e:
+        load_eval_data(as_task_name(f"folder:{root}"))
+    assert "\n" not in str(e.value)
+
+
+def test_an_unreadable_folder_is_one_line(tmp_path, monkeypatch):
+    import os
+
+    from trainable import images
+
+    root = write_folder(tmp_path / "imgs")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(images.os, "scandir", denied)  # as root, chmod cannot deny a read: the OS's answer, faked
+    with pytest.raises(UserError, match=r"cannot read folder .*imgs.* \(Permission denied\)"):
+        images.image_files(root)
+    monkeypatch.undo()
+    monkeypatch.setattr(type(root), "iterdir", denied)
+    folder_task.cache_clear()
+    with pytest.raises(UserError, match=r"cannot read task folder .*imgs \(Permission denied\)"):
+        folder_task(str(root))
+    assert os.path.isdir(root)
+
+
+def test_hidden_files_and_folders_are_skipped_with_a_note_and_a_linked_class_is_followed(tmp_path):
+    root = write_folder(tmp_path / "imgs", classes=("ant", "bee"))
+    (root / "ant" / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # not an image
+    (root / "bee" / ".ipynb_checkpoints").mkdir()
+    (root / "bee" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes(b"not an image either")
+    (root / "__MACOSX" / "ant").mkdir(parents=True)
+    (root / "__MACOSX" / "ant" / "._1.png").write_bytes(b"junk")
+    elsewhere = write_folder(tmp_path / "more", classes=("cat",), n=3)
+    (root / "cat").symlink_to(elsewhere / "cat")  # a class folder that is a link: followed once
+    task = task_of(root)
+    assert task.classes == ("ant", "bee", "cat")
+    assert any("skipped 3 hidden image file(s)" in n for n in task.notes)
+    data = load_eval_data(task.name, seed=0, val_fraction=0.5)
+    assert len(data.val_y) + len(data.test_y) == 13
+
+
+def test_a_large_image_is_decoded_reduced_and_matches_a_full_decode(tmp_path):
+    from trainable.images import read_image
+
+    ramp = np.linspace(0, 255, 2048)  # a smooth 2048 x 2048 image: any fair downscale of it agrees
+    big = np.stack([ramp[None, :].repeat(2048, 0), ramp[:, None].repeat(2048, 1), np.full((2048, 2048), 90.0)], -1)
+    big = big.astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=95)
+    Image.fromarray(big).save(tmp_path / "big.png")
+    full = np.asarray(Image.fromarray(big).resize((32, 32), Image.BILINEAR), dtype=np.float32).transpose(2, 0, 1) / 255
+    for name in ("big.jpg", "big.png"):
+        a = read_image(tmp_path / name, 3, 32)
+        assert a.shape == (3, 32, 32) and np.abs(a - full).mean() < 0.02, name
+
+
+def test_tinyimagenet_needs_its_200_ids_and_refuses_unknown_annotations(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    base = tmp_path / "tiny-imagenet-200"
+    ann = base / "val" / "val_annotations.txt"
+    ann.write_text(ann.read_text() + "val_x.JPEG\tn99999999\t0\t0\t63\t63\nval_y.JPEG\tn99999998\t0\t0\t63\t63\n")
+    with pytest.raises(UserError, match=r"2 of the 8 lines of .*val_annotations.txt name no class of wnids.txt"):
+        load_eval_data("tinyimagenet", data_root=str(tmp_path))
+    (base / "wnids.txt").write_text("n00000000\nn00000001\nn00000002\n")
+    with pytest.raises(UserError, match=r"wnids.txt lists 3 ids .3 distinct.; Tiny-ImageNet has 200"):
+        load_eval_data("tinyimagenet", data_root=str(tmp_path))

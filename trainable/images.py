@@ -21,6 +21,9 @@ line. ``read_image`` is also how AVKD's ``folder:PATH`` priors are read.
 from __future__ import annotations
 
 import functools
+import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from trainable.errors import UserError
+from trainable.yamlfile import read_yaml, short
 
 FOLDER = "folder:"
 TASK_FILE = "task.yaml"
@@ -48,37 +52,112 @@ def as_task_name(name: str | None) -> str | None:
     return name
 
 
+HIDDEN = ("__MACOSX",)  # besides names starting with "." (.DS_Store, macOS's ._x.png, .ipynb_checkpoints/)
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # an image over this (8192 x 8192) is refused before it is decoded
+MAX_SIDE = 1024  # the largest square side a task's images are resized to
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in HIDDEN
+
+
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The images under ``folder`` (any depth), sorted; hidden files and folders skipped (``hidden_images`` counts
+    them). A linked folder is followed once; a link back into a folder being walked is refused (a loop)."""
+    return sorted(_walk(folder)[0])
+
+
+def hidden_images(folder: Path) -> int:
+    """How many image files ``image_files`` skipped as hidden under ``folder``."""
+    return _walk(folder)[1]
+
+
+def _walk(folder: Path) -> tuple[list[Path], int]:
+    found, hidden = [], 0
+    real = Path(os.path.realpath(folder))
+    stack = [(Path(folder), (str(real), *map(str, real.parents)))]  # a link to any of these is a loop
+    while stack:
+        here, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+        except OSError as e:
+            raise UserError(f"cannot read folder {here} ({e.strerror}); check its permissions") from None
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError:
+                is_dir = False
+            if is_dir:
+                if is_hidden(entry.name):
+                    hidden += len(_walk_quietly(path))
+                    continue
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    raise UserError(f"{path} links back to {real}, a folder that holds it (a loop); remove the link")
+                stack.append((path, (*ancestors, real)))
+            elif path.suffix.lower() in IMAGE_SUFFIXES:
+                if is_hidden(entry.name):
+                    hidden += 1
+                else:
+                    found.append(path)
+    return found, hidden
+
+
+def _walk_quietly(folder: Path) -> list[Path]:
+    """Image files under a hidden folder, for the count of what was skipped (links not followed)."""
+    try:
+        return [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES]
+    except OSError:
+        return []
 
 
 def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
     """One image as float32 (C, H, W) in [0, 1], in the task's mode, resized to ``side`` x ``side`` (bilinear) when
-    given. Raises UserError naming the file when it cannot be read."""
+    given; a large image is decoded at a reduced size where its format allows (JPEG's draft mode) and halved by box
+    filtering before the resize. Raises UserError naming the file when it cannot be read or is too large (a
+    decompression bomb: a few KB on disk that decode to gigabytes)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning: refused in one line
+            im = Image.open(path)
+        with im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise UserError(f"image {path} is {w} x {h} pixels, over {MAX_IMAGE_PIXELS:,} (a decompression bomb, "
+                                "or far larger than a task needs); remove it or resize it")
+            mode = "L" if channels == 1 else "RGB"
+            if side is not None:
+                im.draft(mode, (side, side))  # JPEG: decoded at 1/2, 1/4 or 1/8 size, never below side
+            im = im.convert(mode)
+            if side is not None and min(im.size) // side >= 2:
+                im = im.reduce(min(im.size) // side)  # box filter down to at least side, then the resize
             if side is not None and im.size != (side, side):
                 im = im.resize((side, side), Image.BILINEAR)
             a = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {path} is a decompression bomb (far more pixels than its file size suggests); remove "
+                        "it") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove it or replace it with a readable "
                         "image") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _task_yaml(root: Path) -> dict[str, Any]:
-    import yaml
+MAX_TASK_BYTES = 16 * 1024 ** 2  # a task.yaml is a few lines, or one name per class
+MAX_TASK_VALUES = 400_000  # values once aliases are expanded: 100,000 class names and room to spare
 
+
+def _task_yaml(root: Path) -> dict[str, Any]:
+    """``task.yaml`` read by the reader of space files (data only, bounded, no key twice), or {} when absent."""
     path = root / TASK_FILE
-    if not path.is_file():
+    if not path.exists():
         return {}
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid YAML ({type(e).__name__}); fix it or remove it") from None
+    raw = read_yaml(path, MAX_TASK_BYTES, f"a {TASK_FILE}", max_values=MAX_TASK_VALUES) or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path} must be a mapping of {list(TASK_KEYS)}")
     unknown = sorted(str(k) for k in raw if k not in TASK_KEYS)
@@ -93,10 +172,10 @@ def _numbers(raw: dict, key: str, n: int, path: Path) -> tuple[float, ...] | Non
         return None
     v = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
     if (not isinstance(v, list) or len(v) != n or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                          for x in v)
+                                                          and math.isfinite(x) for x in v)
             or (key == "std" and not all(x > 0 for x in v))):
-        raise UserError(f"{path / TASK_FILE}: {key} must be {n} number(s){' > 0' if key == 'std' else ''} (one per "
-                        f"channel), got {v!r}")
+        raise UserError(f"{path / TASK_FILE}: {key} must be {n} finite number(s){' > 0' if key == 'std' else ''} (one "
+                        f"per channel), got {short(v)}")
     return tuple(float(x) for x in v)
 
 
@@ -111,13 +190,17 @@ def folder_task(root_text: str):
         raise UserError(f"task folder:{root} is not a folder; pass folder:PATH of held-out images in ImageFolder "
                         "layout (one sub-folder per class), or a folder with a task.yaml naming the class count")
     raw = _task_yaml(root)
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
+    except OSError as e:
+        raise UserError(f"cannot read task folder {root} ({e.strerror}); check its permissions") from None
     classes, labelled = _folder_classes(root, raw, folders)
     channels, side = raw.get("channels"), raw.get("image_size")
-    if channels is not None and channels not in (1, 3):
-        raise UserError(f"{root / TASK_FILE}: channels must be 1 or 3, got {channels!r}")
-    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or not 4 <= side <= 1024):
-        raise UserError(f"{root / TASK_FILE}: image_size must be a whole number of pixels in [4, 1024], got {side!r}")
+    if channels is not None and (type(channels) is not int or channels not in (1, 3)):
+        raise UserError(f"{root / TASK_FILE}: channels must be 1 or 3 (a whole number), got {short(channels)}")
+    if side is not None and (type(side) is not int or not 4 <= side <= MAX_SIDE):
+        raise UserError(f"{root / TASK_FILE}: image_size must be a whole number of pixels in [4, {MAX_SIDE}], got "
+                        f"{short(side)}")
     if channels is None or side is None:  # read off the first image
         channels, side = _first_image_shape(root, classes if labelled else None, channels, side)
     mean = _numbers(raw, "mean", channels, root)
@@ -128,6 +211,10 @@ def folder_task(root_text: str):
         std = std or (IMAGENET_STD if channels == 3 else (0.5,))
         notes.append(f"normalising with {'ImageNet' if channels == 3 else 'mean 0.5, std 0.5'}'s statistics (set mean "
                      f"and std in {root / TASK_FILE} to the teacher's own)")
+    hidden = hidden_images(root)
+    if hidden:
+        notes.append(f"skipped {hidden} hidden image file(s) in {root} (names starting with '.', __MACOSX, "
+                     ".ipynb_checkpoints)")
     if not labelled:
         n = len(image_files(root))
         notes.append(f"{root} has no labels: runs select on agreement with the teacher (on "
@@ -144,8 +231,8 @@ def _recipe(root: Path, name: Any) -> dict[str, Any]:
 
     if name is None:
         return dict(FOLDER_DEFAULTS)
-    if name not in TASKS:
-        raise UserError(f"{root / TASK_FILE}: recipe must name a shipped task, one of {sorted(TASKS)}; got {name!r}")
+    if not isinstance(name, str) or name not in TASKS:
+        raise UserError(f"{root / TASK_FILE}: recipe must name a shipped task, one of {sorted(TASKS)}; got {short(name)}")
     return dict(TASKS[name].defaults)
 
 
@@ -160,7 +247,8 @@ def _folder_classes(root: Path, raw: dict, folders: list[str]) -> tuple[list[str
                             f"got {classes}")
         return [str(i) for i in range(classes)], False
     if classes is not None:
-        if not isinstance(classes, list) or not all(isinstance(c, (str, int)) for c in classes):
+        if not isinstance(classes, list) or not all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                    for c in classes):
             raise UserError(f"{root / TASK_FILE}: classes must be a list of the class folders' names, or the class "
                             "count of a task without labels")
         classes = [str(c) for c in classes]
@@ -195,10 +283,18 @@ def _first_image_shape(root: Path, classes: list[str] | None, channels: int | No
         raise UserError(f"{root / TASK_FILE}: give channels and image_size (the folder has no image to read them "
                         "off)")
     try:
-        with Image.open(found[0]) as im:
-            mode, size = im.mode, im.size
-    except OSError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(found[0]) as im:
+                mode, size = im.mode, im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {found[0]} is a decompression bomb (far more pixels than its file size suggests); "
+                        "remove it") from None
+    except (OSError, SyntaxError, ValueError):
         raise UserError(f"cannot read image {found[0]}; remove it or replace it with a readable image") from None
+    if side is None and not 4 <= size[0] <= MAX_SIDE:
+        raise UserError(f"{root / TASK_FILE}: give image_size, the side the teacher takes (the first image, {found[0]}, "
+                        f"is {size[0]} pixels wide, outside [4, {MAX_SIDE}])")
     return channels or (1 if mode in ("L", "1", "I", "I;16", "F") else 3), side or size[0]
 
 
@@ -249,9 +345,21 @@ def _tiny_root(data_root: str | None) -> Path:
     return root
 
 
+TINY_CLASSES = 200
+
+
 def tiny_classes(root: Path) -> list[str]:
-    """The 200 WordNet ids in the order the teacher's outputs follow (sorted, as ImageFolder orders train/)."""
-    return sorted(w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip())
+    """The 200 WordNet ids in the order the teacher's outputs follow (sorted, as ImageFolder orders train/).
+    Raises UserError where ``wnids.txt`` does not list 200 distinct ids."""
+    path = root / "wnids.txt"
+    try:
+        ids = [w for w in path.read_text(encoding="utf-8", errors="replace").split() if w]
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
+    if len(ids) != TINY_CLASSES or len(set(ids)) != len(ids):
+        raise UserError(f"{path} lists {len(ids)} ids ({len(set(ids))} distinct); Tiny-ImageNet has {TINY_CLASSES}, one "
+                        "per class: unpack the official archive again")
+    return sorted(ids)
 
 
 def load_tiny_val(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,11 +369,13 @@ def load_tiny_val(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tens
     ann = root / "val" / "val_annotations.txt"
     if not ann.is_file():
         raise UserError(f"tinyimagenet data incomplete: {ann} is missing; unpack the official archive again")
+    rows = [line.split("\t") for line in ann.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    unknown = [r for r in rows if len(r) < 2 or r[1] not in index]
+    if unknown:
+        raise UserError(f"tinyimagenet: {len(unknown)} of the {len(rows)} lines of {ann} name no class of wnids.txt "
+                        f"(the first: {short(chr(9).join(unknown[0]), 60)}); unpack the official archive again")
     xs, ys = [], []
-    for line in ann.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) < 2 or parts[1] not in index:
-            continue
+    for parts in rows:
         xs.append(read_image(root / "val" / "images" / parts[0], task.channels, task.image_size))
         ys.append(index[parts[1]])
     if len(ys) < 2:
