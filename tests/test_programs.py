@@ -54,7 +54,7 @@ def members(path) -> dict[str, bytes]:
 def rezip(path, m: dict[str, bytes]) -> None:
     with zipfile.ZipFile(path, "w") as z:
         for name, data in m.items():
-            z.writestr(name, data)
+            z.writestr(name, data, zipfile.ZIP_DEFLATED if name.endswith("big.txt") else zipfile.ZIP_STORED)
 
 
 def inner(m: dict[str, bytes], rest: str) -> str:
@@ -101,6 +101,26 @@ def in_guard_code(m, canary):
     edit_graph(m, lambda graph: graph.update(guards_code=[f"__import__('os').system('touch {canary}') == 0"]))
 
 
+def crafted_with(program, tmp_path, craft):
+    """The program rezipped with ``craft(members, canary)`` applied: (the file, the canary it would write)."""
+    m = members(program)
+    canary = tmp_path / "canary"
+    craft(m, canary)
+    crafted = tmp_path / "crafted.pt2"
+    rezip(crafted, m)
+    return crafted, canary
+
+
+def under_torch_alone(crafted, *inputs):
+    """The control: what ``torch.export.load`` (then ``.module()`` and a call) does with the file, errors ignored."""
+    try:
+        module = torch.export.load(str(crafted)).module()
+        if inputs:
+            module(*inputs)
+    except Exception:
+        pass
+
+
 PAYLOADS = {
     "sample inputs": (in_sample_inputs, "does not load with torch.load(weights_only=True)"),
     "use_pickle weight": (in_a_use_pickle_weight, "is marked use_pickle"),
@@ -111,41 +131,25 @@ PAYLOADS = {
 
 @pytest.mark.parametrize("placement", sorted(PAYLOADS))
 def test_a_program_with_a_pickled_or_evaluated_payload_is_refused_before_it_runs(program_file, tmp_path, placement):
-    path, _ = program_file
     craft, needle = PAYLOADS[placement]
-    m = members(path)
-    canary = tmp_path / "canary"
-    craft(m, canary)
-    crafted = tmp_path / "crafted.pt2"
-    rezip(crafted, m)
+    crafted, canary = crafted_with(program_file[0], tmp_path, craft)
     with pytest.raises(ProgramError, match="refused before loading anything") as e:
         read_program(crafted)
     assert needle in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ModelSourceError):
         load_program(str(crafted))
     assert not canary.exists()
-    # The control: torch's own loader runs the payload of the same file.
-    try:
-        torch.export.load(str(crafted)).module()
-    except Exception:
-        pass
+    under_torch_alone(crafted)  # the control: torch's own loader runs the payload of the same file
     assert canary.exists(), f"the {placement} payload did not fire under torch.export.load"
 
 
 def test_guard_code_is_dropped_not_run(program_file, tmp_path):
     path, net = program_file
-    m = members(path)
-    canary = tmp_path / "canary"
-    in_guard_code(m, canary)
-    crafted = tmp_path / "guarded.pt2"
-    rezip(crafted, m)
+    crafted, canary = crafted_with(path, tmp_path, in_guard_code)
     module = load_module(crafted)
     x = torch.randn(5, 1, 8, 8)
     assert torch.allclose(module(x), net(x), atol=1e-5) and not canary.exists()
-    try:  # the control: torch's module runs it on its first call
-        torch.export.load(str(crafted)).module()(x)
-    except Exception:
-        pass
+    under_torch_alone(crafted, x)  # the control: torch's module runs the guard code on its first call
     assert canary.exists()
 
 
@@ -161,8 +165,9 @@ def replace_target(graph, target):
     (lambda m: m.update({inner(m, "data/aotinductor/model/model.so"): b"\x7fELF"}), "holds data/aotinductor/model/model.so"),
     (lambda m: m.update({"elsewhere/archive_format": b"pt2"}), "not in one folder"),
     (lambda m: m.pop(inner(m, "data/weights/weight_0")), "is incomplete"),
+    (lambda m: m.update({inner(m, "extra/big.txt"): b"0" * (64 * 2 ** 20)}), "(a zip bomb)"),
 ], ids=["os.system target", "pickle.loads target", "code in an input name", "AOTInductor library", "two folders",
-        "missing payload"])
+        "missing payload", "zip bomb"])
 def test_a_program_that_is_not_plain_data_is_refused_by_name(program_file, tmp_path, craft, needle):
     path, _ = program_file
     m = members(path)
@@ -202,12 +207,7 @@ def test_a_damaged_program_is_one_line_with_no_logged_traceback(program_file, tm
 
 
 def test_a_crafted_teacher_program_on_the_command_line_is_one_line_and_runs_nothing(program_file, tmp_path):
-    path, _ = program_file
-    m = members(path)
-    canary = tmp_path / "canary"
-    in_sample_inputs(m, canary)
-    crafted = tmp_path / "teacher.pt2"
-    rezip(crafted, m)
+    crafted, canary = crafted_with(program_file[0], tmp_path, in_sample_inputs)
     r = run_main("trainable/run_akd.py", "--task", "digits", "--teacher-model", crafted, "--out", tmp_path / "run")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "weights_only=True" in r.stderr and not canary.exists() and not (tmp_path / "run").exists()

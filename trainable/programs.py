@@ -43,6 +43,7 @@ from trainable.errors import UserError
 
 MAX_UNPACKED_BYTES = 16 * 1024 ** 3  # a program's tensors unpacked; a zip bomb declares more
 MAX_GRAPH_BYTES = 512 * 1024 ** 2  # one graph's JSON
+MAX_PACKING = 200  # a member unpacking to over 200 times its packed size (and over 1 MiB) is a zip bomb
 PLAIN_TEXT = re.compile(r"[A-Za-z0-9_.+\-]*\Z")  # names, fqns, dtypes, versions: nothing Python could run
 SYMBOL = re.compile(r"[a-z]+[0-9]+\Z")  # s0, u3, ...: the symbols export names shape variables
 OPERATOR = re.compile(r"torch\.ops\.(aten|prims|higher_order)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?\Z")
@@ -142,6 +143,10 @@ def check_archive(data: bytes, where: str) -> dict[str, bytes]:
                 raise _refuse(where, "names a member twice")
             if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
                 raise _refuse(where, f"unpacks to over {MAX_UNPACKED_BYTES:,} bytes")
+            packed = [i for i in infos if i.file_size > MAX_PACKING * i.compress_size + 2 ** 20]
+            if packed:  # torch.export.save stores its members; a zip bomb packs gigabytes in kilobytes
+                raise _refuse(where, f"packs {packed[0].filename} {packed[0].file_size // max(1, packed[0].compress_size):,} "
+                                     "to one (a zip bomb)")
             prefix = names[0].split("/", 1)[0] + "/" if names else ""
             if not prefix or any(not n.startswith(prefix) or n.endswith("/") for n in names):
                 raise ProgramError(f"{where} is not a torch.export program (its files are not in one folder); "
@@ -236,8 +241,7 @@ def _check_graph(data: bytes, where: str) -> bytes:
     while stack:
         node, key, at = stack.pop()
         if isinstance(node, dict):
-            is_node = "target" in node and "inputs" in node and "outputs" in node
-            if is_node:
+            if "target" in node:  # a graph node (the schema's only "target")
                 _check_target(node["target"], where, at)
                 node["metadata"] = {}  # stack traces, module paths, source functions: debugging text only
             if key in ("custom_obj_values",) and node:
@@ -245,8 +249,8 @@ def _check_graph(data: bytes, where: str) -> bytes:
             for k, v in node.items():
                 if not isinstance(k, str) or not PLAIN_TEXT.match(k):
                     raise _refuse(where, f"has a key {str(k)[:60]!r} at {at or 'top'} that is not a plain name")
-                if k == "as_string" or (k == "target" and is_node):  # written into code as repr(); checked above
-                    continue
+                if k == "target" or (k == "as_string" and isinstance(v, str)):  # the target is checked above; a
+                    continue  # string argument is written into the module's code as repr(), which quotes it
                 if k == "as_strings" and isinstance(v, list) and all(isinstance(s, str) for s in v):
                     continue
                 if k == "expr_str":
