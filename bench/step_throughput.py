@@ -9,7 +9,8 @@ repeats; medians are printed, with the ratio against the straightforward loop.
 
 Each row also gives the FLOPs of one full iteration (``FlopCounterMode``: forward and backward of
 every step), the achieved FLOP/s, and its fraction of this machine's matmul peak in the variant's
-precision (a 2048x2048 matmul timed the same way in the same run): how much speed is left to win.
+precision (a square matmul of up to 2048 x 2048, timed the same way in the same run): how much speed is left
+to win.
 FLOPs are counted as a direct convolution does them; on a CPU, oneDNN's convolution kernels can need
 fewer arithmetic operations than that, so the share can exceed 100% there.
 
@@ -201,12 +202,24 @@ def iteration_flops(loop) -> int:
     return int(counter.get_total_flops())
 
 
-def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5, slow_s: float = 0.25) -> tuple[float, int]:
     """This machine's attainable FLOP/s in ``dtype``: a large square matmul, timed like the iterations (the best
-    of the repeats: the attainable rate, not a typical one)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
+    of the repeats: the attainable rate, not a typical one), and its side. The side grows from 256 to ``n`` while one
+    matmul takes under ``slow_s``: where a dtype is only emulated (bf16 on a CPU without AVX-512 BF16 or AMX) a
+    2048 x 2048 matmul takes tens of seconds, and a smaller one measures the same rate."""
+    side = 256
+    while True:
+        a = torch.randn(side, side, device=device, dtype=dtype)
+        b = torch.randn(side, side, device=device, dtype=dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b  # warm-up, and the size of one
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if side >= n or time.perf_counter() - t0 > slow_s:
+            break
+        side *= 2
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -217,7 +230,7 @@ def matmul_peak(device, dtype, n: int = 2048, repeats: int = 5) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) / 3)
-    return 2 * n ** 3 / min(times)
+    return 2 * side ** 3 / min(times), side
 
 
 def variant_dtype(loop) -> torch.dtype:
@@ -270,9 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     print(machine_description(device))
-    peaks = {dt: matmul_peak(device, dt) for dt in (torch.float32, torch.bfloat16)}
-    print("matmul peak (2048x2048, best of 5): " + ", ".join(
-        f"{'bf16' if dt == torch.bfloat16 else 'fp32'} {p / 1e9:.1f} GFLOP/s" for dt, p in peaks.items()))
+    measured = {dt: matmul_peak(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    peaks = {dt: peak for dt, (peak, _) in measured.items()}
+    print("matmul peak (best of 5): " + ", ".join(
+        f"{'bf16' if dt == torch.bfloat16 else 'fp32'} {p / 1e9:.1f} GFLOP/s ({side}x{side})"
+        for dt, (p, side) in measured.items()))
     if device.type == "cpu":
         native = cpu_bf16_native()
         print("bf16 on this CPU: " + {True: "native (AVX-512 BF16 / AMX flags)", False: "emulated (no AVX-512 BF16 or "
