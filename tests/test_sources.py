@@ -181,6 +181,23 @@ def test_a_teacher_that_fails_at_the_runs_batch_size_is_refused_at_the_door():
         check_forward(Batch3().eval(), "mine:Teacher", 10, 1, 8, need_grad=True, batch_size=64)
 
 
+def test_the_door_check_runs_each_mode_at_the_runs_batch_and_a_small_one():
+    class Seen(Linear):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, x):
+            self.seen.append(("train" if self.training else "eval", x.shape[0]))
+            return super().forward(x)
+
+    student, teacher = Seen(), Seen()
+    check_forward(student, "mine:Student", 10, 1, 8, need_grad=True, batch_size=64)
+    check_forward(teacher, "mine:Teacher", 10, 1, 8, need_grad=True, batch_size=64, frozen=True)
+    assert student.seen == [("train", 2), ("train", 64), ("eval", 2), ("eval", 64)]
+    assert teacher.seen == [("train", 2), ("eval", 2), ("eval", 64)]  # trials run a teacher in eval mode only
+
+
 def test_the_door_check_leaves_the_model_as_it_was():
     model = Linear().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -205,6 +222,7 @@ def test_a_slow_forward_says_what_is_being_checked(monkeypatch):
     assert lines and all(line.startswith("checking mine:Slow: a forward in") for line in lines)
     assert "train mode on 2 random images (2, 1, 8, 8)" in lines[0]
     lines.clear()
+    monkeypatch.undo()  # the real threshold, seconds: a fast model says nothing
     check_forward(Linear(), "mine:Fast", 10, 1, 8, batch_size=4, log=lines.append)
     assert lines == []
 

@@ -193,23 +193,25 @@ SLOW_FORWARD_S = 3.0  # a check's forward slower than this says what is being ch
 
 
 def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, image_size: int,
-                  need_grad: bool = False, batch_size: int = 64, log=print) -> None:
+                  need_grad: bool = False, batch_size: int = 64, log=print, frozen: bool = False) -> None:
     """What a trial runs, once, on a batch of random images of the task's shape: a forward in train and eval mode
     (a program: eval, its mode is fixed) at ``batch_size`` (the run's) and at a small batch (1 for a program: it must
-    take any batch size). Each output must be one tensor (not a tuple: aux heads), of shape (N, num_classes), finite;
-    with ``need_grad`` the input must get a finite, non-zero gradient through the model (the generator learns
-    through it). BatchNorm statistics and gradients are left as they were. A forward slower than
-    ``SLOW_FORWARD_S`` logs a line saying what is being checked. Raises ModelSourceError."""
+    take any batch size); a ``frozen`` model (a teacher: trials run it in eval mode only) in train mode at the small
+    batch only. Each output must be one tensor (not a tuple: aux heads), of shape (N, num_classes), finite; with
+    ``need_grad`` the input must get a finite, non-zero gradient through the model (the generator learns through
+    it). BatchNorm statistics and gradients are left as they were. A forward slower than ``SLOW_FORWARD_S`` logs a
+    line saying what is being checked. Raises ModelSourceError."""
     program = isinstance(model, ExportedTeacher)
-    modes = ("eval",) if program else ("train", "eval")
-    sizes = sorted({1 if program else SMALL_BATCH, max(1 if program else SMALL_BATCH, int(batch_size))})
+    small = 1 if program else SMALL_BATCH
+    sizes = sorted({small, max(small, int(batch_size))})
+    checks = [("eval", n) for n in sizes] if program else [("train", n) for n in (sizes[:1] if frozen else sizes)]
+    checks += [] if program else [("eval", n) for n in sizes]
     was_training = model.training
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     try:
-        for mode in modes:
+        for mode, n in checks:
             model.train(mode == "train")
-            for n in sizes:
-                _check_one_forward(model, spec, num_classes, channels, image_size, need_grad, mode, n, log)
+            _check_one_forward(model, spec, num_classes, channels, image_size, need_grad, mode, n, log)
     finally:
         with torch.no_grad():
             for k, v in model.named_buffers():

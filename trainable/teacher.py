@@ -186,12 +186,12 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
             raise UserError(f"the teacher {arch} is an exported program: its weights are inside it; drop --teacher")
         model = sources.load_program(arch)
         sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True,
-                              batch_size=batch_size, log=log)
+                              batch_size=batch_size, log=log, frozen=True)
         return model.eval(), {"arch": arch, "source": arch}
     if teacher_path:
         model = load_teacher(teacher_path, arch, task).eval()
         sources.check_forward(model, arch, task.num_classes, task.channels, task.image_size, need_grad=True,
-                              batch_size=batch_size, log=log)
+                              batch_size=batch_size, log=log, frozen=True)
         return model, {"arch": arch, "source": str(teacher_path)}
     if sources.is_foreign(arch):
         raise UserError(f"the teacher {arch} needs its trained weights: pass --teacher PATH (a state_dict saved with "
