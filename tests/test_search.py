@@ -204,9 +204,12 @@ def _killed_after_two_trials(args, address, exp: Path) -> None:
 
 
 def _results(exp: Path, trial_id: str) -> list[dict]:
-    lines = (exp / f"trial_{trial_id}" / "result.json").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k in M.EPOCH_METRICS and k != M.IMAGES_PER_S}
-            for line in lines]
+    """A trial's results as the search recorded them (its own log: Tune's result.json in the search folder is an
+    upload that a kill can leave missing for a trial that had finished)."""
+    from results.record import read_result_lines, result_log
+
+    return [{k: v for k, v in r.items() if k in M.EPOCH_METRICS and k != M.IMAGES_PER_S}
+            for r in read_result_lines(result_log(exp, trial_id))]
 
 
 def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address):
@@ -226,8 +229,9 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
         proc.communicate()
     finished = _finished_trials(exp)
     state_before = scheduler_state(exp)
-    # Tune's result.json may lose its last buffered lines in a SIGKILL; what was on disk must stay.
+    # What the search had recorded of its finished trials must stay as it was.
     before = {tid: _results(exp, tid) for tid in finished}
+    assert all(before.values()), before
     checkpoints = {tid: sorted(p.name for p in (exp / f"trial_{tid}").glob("checkpoint_*")) for tid in finished}
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
                         "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
