@@ -62,17 +62,13 @@ def is_hidden(name: str) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """The images under ``folder`` (any depth), sorted; hidden files and folders skipped (``hidden_images`` counts
-    them). A linked folder is followed once; a link back into a folder being walked is refused (a loop)."""
-    return sorted(_walk(folder)[0])
-
-
-def hidden_images(folder: Path) -> int:
-    """How many image files ``image_files`` skipped as hidden under ``folder``."""
-    return _walk(folder)[1]
+    """The images under ``folder`` (any depth), sorted; hidden files and folders skipped. A linked folder is
+    followed once; a link back into a folder being walked is refused (a loop)."""
+    return _walk(folder)[0]
 
 
 def _walk(folder: Path) -> tuple[list[Path], int]:
+    """``image_files(folder)``, and how many image files it skipped as hidden. Raises UserError."""
     found, hidden = [], 0
     real = Path(os.path.realpath(folder))
     stack = [(Path(folder), (str(real), *map(str, real.parents)))]  # a link to any of these is a loop
@@ -103,7 +99,7 @@ def _walk(folder: Path) -> tuple[list[Path], int]:
                     hidden += 1
                 else:
                     found.append(path)
-    return found, hidden
+    return sorted(found), hidden
 
 
 def _walk_quietly(folder: Path) -> list[Path]:
@@ -114,6 +110,23 @@ def _walk_quietly(folder: Path) -> list[Path]:
         return []
 
 
+def _open_image(path: Path):
+    """``PIL.Image.open`` (the header only), with Pillow's decompression-bomb warning and error refused by name.
+    Raises UserError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(f"image {path} is a decompression bomb (far more pixels than its file size suggests); remove "
+                        "it") from None
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove it or replace it with a readable "
+                        "image") from None
+
+
 def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
     """One image as float32 (C, H, W) in [0, 1], in the task's mode, resized to ``side`` x ``side`` (bilinear) when
     given; a large image is decoded at a reduced size where its format allows (JPEG's draft mode) and halved by box
@@ -122,10 +135,7 @@ def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning: refused in one line
-            im = Image.open(path)
-        with im:
+        with _open_image(path) as im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise UserError(f"image {path} is {w} x {h} pixels, over {MAX_IMAGE_PIXELS:,} (a decompression bomb, "
@@ -139,10 +149,7 @@ def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
             if side is not None and im.size != (side, side):
                 im = im.resize((side, side), Image.BILINEAR)
             a = np.asarray(im, dtype=np.float32) / 255.0
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"image {path} is a decompression bomb (far more pixels than its file size suggests); remove "
-                        "it") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # the pixels, once decoded
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove it or replace it with a readable "
                         "image") from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
@@ -211,12 +218,12 @@ def folder_task(root_text: str):
         std = std or (IMAGENET_STD if channels == 3 else (0.5,))
         notes.append(f"normalising with {'ImageNet' if channels == 3 else 'mean 0.5, std 0.5'}'s statistics (set mean "
                      f"and std in {root / TASK_FILE} to the teacher's own)")
-    hidden = hidden_images(root)
+    found, hidden = _walk(root)
     if hidden:
         notes.append(f"skipped {hidden} hidden image file(s) in {root} (names starting with '.', __MACOSX, "
                      ".ipynb_checkpoints)")
     if not labelled:
-        n = len(image_files(root))
+        n = len(found)
         notes.append(f"{root} has no labels: runs select on agreement with the teacher (on "
                      + (f"its {n} unlabelled images)" if n else "a frozen generator's images; the folder holds none)")
                      + "; no accuracy is measured")
@@ -276,22 +283,13 @@ def _folder_classes(root: Path, raw: dict, folders: list[str]) -> tuple[list[str
 def _first_image_shape(root: Path, classes: list[str] | None, channels: int | None,
                        side: int | None) -> tuple[int, int]:
     """(channels, side) where task.yaml leaves them out: read off the task's first image."""
-    from PIL import Image
 
     found = image_files(root / classes[0]) if classes else image_files(root)
     if not found:
         raise UserError(f"{root / TASK_FILE}: give channels and image_size (the folder has no image to read them "
                         "off)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(found[0]) as im:
-                mode, size = im.mode, im.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UserError(f"image {found[0]} is a decompression bomb (far more pixels than its file size suggests); "
-                        "remove it") from None
-    except (OSError, SyntaxError, ValueError):
-        raise UserError(f"cannot read image {found[0]}; remove it or replace it with a readable image") from None
+    with _open_image(found[0]) as im:
+        mode, size = im.mode, im.size
     if side is None and not 4 <= size[0] <= MAX_SIDE:
         raise UserError(f"{root / TASK_FILE}: give image_size, the side the teacher takes (the first image, {found[0]}, "
                         f"is {size[0]} pixels wide, outside [4, {MAX_SIDE}])")
@@ -345,27 +343,24 @@ def _tiny_root(data_root: str | None) -> Path:
     return root
 
 
-TINY_CLASSES = 200
-
-
-def tiny_classes(root: Path) -> list[str]:
-    """The 200 WordNet ids in the order the teacher's outputs follow (sorted, as ImageFolder orders train/).
-    Raises UserError where ``wnids.txt`` does not list 200 distinct ids."""
+def tiny_classes(root: Path, count: int) -> list[str]:
+    """The task's ``count`` (200) WordNet ids in the order the teacher's outputs follow (sorted, as ImageFolder
+    orders train/). Raises UserError where ``wnids.txt`` does not list ``count`` distinct ids."""
     path = root / "wnids.txt"
     try:
         ids = [w for w in path.read_text(encoding="utf-8", errors="replace").split() if w]
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); check its permissions") from None
-    if len(ids) != TINY_CLASSES or len(set(ids)) != len(ids):
-        raise UserError(f"{path} lists {len(ids)} ids ({len(set(ids))} distinct); Tiny-ImageNet has {TINY_CLASSES}, one "
-                        "per class: unpack the official archive again")
+    if len(ids) != count or len(set(ids)) != len(ids):
+        raise UserError(f"{path} lists {len(ids)} ids ({len(set(ids))} distinct); Tiny-ImageNet has {count}, one per "
+                        "class: unpack the official archive again")
     return sorted(ids)
 
 
 def load_tiny_val(task, data_root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiny-ImageNet's official ``val/`` split (val_annotations.txt): images in [0, 1] and labels."""
     root = _tiny_root(data_root)
-    index = {w: i for i, w in enumerate(tiny_classes(root))}
+    index = {w: i for i, w in enumerate(tiny_classes(root, task.num_classes))}
     ann = root / "val" / "val_annotations.txt"
     if not ann.is_file():
         raise UserError(f"tinyimagenet data incomplete: {ann} is missing; unpack the official archive again")
@@ -388,7 +383,7 @@ def load_tiny_train(task, data_root: str | None) -> tuple[torch.Tensor, torch.Te
     run)."""
     root = _tiny_root(data_root)
     xs, ys = [], []
-    for label, wnid in enumerate(tiny_classes(root)):
+    for label, wnid in enumerate(tiny_classes(root, task.num_classes)):
         for f in image_files(root / "train" / wnid):
             xs.append(read_image(f, task.channels, task.image_size))
             ys.append(label)
