@@ -257,7 +257,7 @@ def _check_graph(data: bytes, where: str) -> bytes:
                     _check_expression(v, where, f"{at}.{k}")
                     continue
                 if k in ("in_spec", "out_spec") and isinstance(v, str):
-                    stack.append((_treespec(v, where, f"{at}.{k}"), k, f"{at}.{k}"))
+                    _check_treespec(v, where, f"{at}.{k}")
                     continue
                 stack.append((v, k, f"{at}.{k}"))
         elif isinstance(node, list):
@@ -272,8 +272,8 @@ def _check_target(target: Any, where: str, at: str) -> None:
         raise _refuse(where, f"calls {str(target)[:80]!r} at {at}, which is not a torch operator")
 
 
-def _treespec(text: str, where: str, at: str) -> Any:
-    """A pytree spec (JSON inside JSON) as data to check; its ``context`` fields are JSON once more."""
+def _check_treespec(text: str, where: str, at: str) -> None:
+    """A pytree spec (JSON inside JSON): every text in it a plain name; its ``context`` fields are JSON once more."""
     try:
         spec = json.loads(text)
     except (ValueError, RecursionError):
@@ -292,7 +292,6 @@ def _treespec(text: str, where: str, at: str) -> Any:
             stack.extend(node)
         elif isinstance(node, str) and not PLAIN_TEXT.match(node):
             raise _refuse(where, f"holds {node[:60]!r} in an input/output spec at {at}, where a spec holds names")
-    return None  # checked; nothing more to walk
 
 
 def _check_expression(text: Any, where: str, at: str) -> None:

@@ -204,8 +204,8 @@ def check_forward(model: nn.Module, spec: str, num_classes: int, channels: int, 
     program = isinstance(model, ExportedTeacher)
     small = 1 if program else SMALL_BATCH
     sizes = sorted({small, max(small, int(batch_size))})
-    checks = [("eval", n) for n in sizes] if program else [("train", n) for n in (sizes[:1] if frozen else sizes)]
-    checks += [] if program else [("eval", n) for n in sizes]
+    train = [] if program else sizes[:1] if frozen else sizes
+    checks = [("train", n) for n in train] + [("eval", n) for n in sizes]
     was_training = model.training
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     try:
@@ -242,7 +242,7 @@ def _check_one_forward(model: nn.Module, spec: str, num_classes: int, channels: 
                                "dynamic_shapes)") from None
     finally:
         slow.cancel()
-    if isinstance(out, (tuple, list)) or (not isinstance(out, torch.Tensor) and hasattr(out, "_fields")):
+    if isinstance(out, (tuple, list)):  # namedtuples included (torchvision's GoogLeNetOutputs, InceptionOutputs)
         raise ModelSourceError(f"{spec} returns a {type(out).__name__} in {mode} mode, not one tensor of class scores "
                                "(aux heads, like GoogLeNet's and Inception's in train mode); build it without them "
                                "(torchvision: aux_logits=False) or wrap it in a module whose forward returns the main "
