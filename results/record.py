@@ -128,8 +128,8 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # Trials: how each ended, and the words for it
 # ---------------------------------------------------------------------------------------------
-COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED = (
-    "completed", "stopped_early", "diverged", "errored", "unfinished", "abandoned")
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED = (
+    "completed", "stopped_early", "diverged", "errored", "unfinished")
 FINISHED = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)  # a trial that will not run again
 SUCCEEDED = (COMPLETED, STOPPED_EARLY)  # a trial with a result that may be the best
 
@@ -137,7 +137,7 @@ SUCCEEDED = (COMPLETED, STOPPED_EARLY)  # a trial with a result that may be the 
 def count_outcomes(outcomes) -> dict[str, int]:
     """How many trials ended each way (every outcome named, 0 where none)."""
     outcomes = list(outcomes)
-    return {k: outcomes.count(k) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED, ABANDONED)}
+    return {k: outcomes.count(k) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
 
 
 def outcomes_line(counts: dict[str, int], refused: int = 0) -> str:

@@ -13,7 +13,6 @@ from typing import Any
 import pandas as pd
 
 from results.record import (  # noqa: F401 (the outcome names, re-exported for readers of the tables)
-    ABANDONED,
     BEST_METRICS,
     COMPLETED,
     CONFIRM_RESULTS,
@@ -44,8 +43,9 @@ TRIAL_COLUMNS = {
              "search run with --asynchronous",
     "trial_id": "Ray's trial id",
     "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by the scheduler) | {DIVERGED} (NaN/Inf loss) | {ERRORED} | "
-               f"{UNFINISHED} (interrupted, resumable) | {ABANDONED} (a folder the driver created just before it "
-               "was killed, unknown to Tune; the resumed search ran another trial in its place)",
+               f"{UNFINISHED} (interrupted, resumable). A trial folder the driver created just before it was killed, "
+               "unknown to Tune (the resumed search ran another trial in its place), is not a row: see "
+               "Experiment.abandoned",
     "error": "the reason of a diverged or errored trial, else empty",
     "stopped_at": "the rung (epoch) where the scheduler stopped the trial, with its position (e.g. 5: 4 of 7)",
     "param.<name>": "one typed column per searched hyperparameter (null where a condition left it unset)",
@@ -89,6 +89,7 @@ class Experiment:
     confirmed: dict[str, Any]
     trials: pd.DataFrame
     epochs: pd.DataFrame
+    abandoned: tuple[str, ...] = ()  # trial folders a kill left before Tune recorded them: not trials, not rows
 
     @property
     def param_budget(self) -> float | None:
@@ -111,13 +112,10 @@ class Experiment:
 
     @property
     def partial(self) -> bool:
-        counted = int((self.trials["outcome"] != ABANDONED).sum())
-        return bool((self.trials["outcome"] == UNFINISHED).any()) or counted < self.meta.get("num_samples", 0)
+        return bool((self.trials["outcome"] == UNFINISHED).any()) or len(self.trials) < self.meta.get("num_samples", 0)
 
 
 def _outcome(status: str, decision: dict | None, last: dict, errored: bool = False) -> str:
-    if status == "ABANDONED":
-        return ABANDONED
     if status == "ERROR" or (errored and status != "TERMINATED"):  # errored: the scheduler saw it fail for good
         return ERRORED
     if last.get(M.DIVERGED) or (decision or {}).get("reason") == "diverged":
@@ -239,8 +237,12 @@ def load_experiment(path: str | Path) -> Experiment:
     searched, limits = list((space.get("params") or {}).keys()), space_limits(space)
     by_candidate = {c["trial_id"]: c for c in confirmed.get("candidates", [])}
     trial_rows, epoch_rows = [], []
-    for t in _all_trials(exp):
+    found = _all_trials(exp)
+    abandoned = tuple(t["trial_id"] for t in found if t["status"] == "ABANDONED")
+    for t in found:
         tid = t["trial_id"]
+        if tid in abandoned:
+            continue
         stop = scheduler["stopped"].get(tid) or {}
         rungs = [recs[tid].get("result") for recs in scheduler["rungs"].values() if tid in recs]
         ordered, tail = _results(t["dir"], read_result_lines(result_log(exp, tid)),
@@ -261,7 +263,7 @@ def load_experiment(path: str | Path) -> Experiment:
     trials.insert(0, "trial", pd.array([place.get(t) for t in trials["trial_id"]], dtype="Int64"))
     trials = trials.sort_values(["trial", "trial_id"], kind="stable", na_position="last").reset_index(drop=True)
     epochs = epochs.sort_values(["trial_id", M.EPOCH], kind="stable").reset_index(drop=True)
-    return Experiment(exp, meta, dict(scheduler["stopped"]), confirmed, trials, epochs)
+    return Experiment(exp, meta, dict(scheduler["stopped"]), confirmed, trials, epochs, abandoned)
 
 
 def _highest(rows: list[dict], key: str) -> float | None:

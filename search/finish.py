@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from results.record import (
-    ABANDONED,
     BEST_DIR,
     BEST_METRICS,
     BEST_PARTIAL,
@@ -232,7 +231,7 @@ def _stop(plan: SearchPlan, trials_line: str, code: int, why: str) -> int:
 def _confirmation_plan(plan: SearchPlan, e) -> dict[str, Any]:
     """The confirmation's plan, made once from the finished trials and kept (abandoned Optuna trials failed first)."""
     exp = Path(plan.path)
-    fail_abandoned(str(exp / STUDY_FILE), set(e.trials.loc[e.trials["outcome"] != ABANDONED, "trial_id"]))
+    fail_abandoned(str(exp / STUDY_FILE), set(e.trials["trial_id"]))
     configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
     return load_or_write_plan(exp, lambda: confirmation_plan(e, configs, plan.confirm_top_k, plan.confirm_seeds,
                                                              plan.max_epochs, latest_checkpoint))

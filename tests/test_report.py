@@ -98,6 +98,23 @@ def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(fi
         assert t.loc[tid, "final_val_acc"] == record["finished"][tid][M.VAL_ACC]
 
 
+def test_a_trial_folder_a_kill_left_before_tune_recorded_it_is_not_a_row(finished_search, tmp_path):
+    """A folder the driver made just before a kill, unknown to Tune (the resumed search ran another trial in its place):
+    the tables are those of the search without it, with the same column types; the folder is named as abandoned."""
+    from results.summary import load_experiment
+
+    exp = tmp_path / "rep"
+    shutil.copytree(finished_search, exp, symlinks=True)
+    before = load_experiment(exp)
+    (exp / "trial_0badf00d").mkdir()
+    (exp / "trial_0badf00d" / "params.json").write_text("{}")
+    after = load_experiment(exp)
+    assert after.abandoned == ("0badf00d",) and before.abandoned == ()
+    pd.testing.assert_frame_equal(before.trials, after.trials)
+    pd.testing.assert_frame_equal(before.epochs, after.epochs)
+    assert not after.partial
+
+
 def test_results_that_tune_lost_to_a_pause_are_read_from_the_searchs_own_log(finished_search, tmp_path):
     """Tune's result.json in the search folder is a copy its driver uploads now and then, copied back over newer lines
     when a paused trial resumes: lines go missing in the middle. The tables are the same without them."""
