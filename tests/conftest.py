@@ -51,6 +51,32 @@ def tiny_values(**overrides):
     return values
 
 
+class TookTooLong(AssertionError):
+    pass
+
+
+def bounded(seconds: float):
+    """A block that fails the test if it is still running after ``seconds`` (an alarm interrupts it): a bound on time
+    that the test controls, not a wall time asserted afterwards. Main thread only."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def block():
+        def expire(signum, frame):
+            raise TookTooLong(f"still running after {seconds} s")
+
+        old = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+    return block()
+
+
 def run_cli(script, *args, cwd=None, timeout=600):
     """The script in a fresh Python process (slow: torch and Ray are imported each time)."""
     import subprocess

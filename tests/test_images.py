@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main
+from conftest import bounded, run_main
 from trainable.config import build_config
 from trainable.errors import UserError
 from trainable.images import as_task_name, folder_task
@@ -204,16 +204,13 @@ BOMB = "\n".join([f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip
 ], ids=["channels true", "channels 1.0", "image_size float", "recipe list", "mean nan", "std inf", "mean nan scalar",
         "class bool", "duplicate key", "alias bomb", "deep"])
 def test_task_yaml_is_read_like_a_space_file_with_exact_types(tmp_path, task_yaml, message):
-    import time
 
     root = write_folder(tmp_path / "imgs")
     (root / "task.yaml").write_text(task_yaml)
     folder_task.cache_clear()
-    start = time.perf_counter()
-    with pytest.raises(UserError, match=message) as e:
+    with bounded(120), pytest.raises(UserError, match=message) as e:  # a bomb is refused while counted, not expanded
         load_eval_data(as_task_name(f"folder:{root}"))
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
-    assert time.perf_counter() - start < 60  # the alias bomb is refused while it is counted, not expanded
 
 
 def test_a_nan_mean_on_the_command_line_is_exit_2_not_a_run_on_nan_images(tmp_path):
