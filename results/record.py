@@ -66,6 +66,8 @@ REPAIRS = {
     CONFIRM_PLAN: "it is made again from the trials, the same plan",
     CONFIRM_RESULTS: "it is made again from the confirmation runs' checkpoints",
     STUDY_FILE: "the cut record is dropped: never complete, Optuna never read it",
+    "params.json": "it is written again from Tune's experiment state",
+    ".pkl": "it is made again from the scheduler's order",  # the searcher's state (check_tune_state names the others)
 }
 RECORD_FORMAT = "akdtune.record/1"
 RECORD_KEY = "_record"
@@ -74,9 +76,10 @@ RECORD_KEY = "_record"
 class DamagedRecord(UserError):
     """A record of a search folder that is not what this tool wrote: one line naming it and what to do."""
 
-    def __init__(self, path: str | Path, why: str):
+    def __init__(self, path: str | Path, why: str, repairable: bool = True):
         self.path = Path(path)
-        self.repair = next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)), None)
+        self.repair = next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)), None) \
+            if repairable else None
         what = (f"resume the search with --repair ({self.repair})" if self.repair
                 else "restore it from a copy of the search folder")
         super().__init__(f"{path} is damaged ({why}); nothing was changed: {what}")
@@ -95,6 +98,35 @@ def write_record(path: str | Path, data: dict[str, Any]) -> None:
     """Write a record of a search folder (``<folder>/akdtune/....json``) atomically, with its checksum."""
     body = {k: v for k, v in data.items() if k != RECORD_KEY}
     write_json(path, {**body, RECORD_KEY: {"format": RECORD_FORMAT, "sha256": _digest(body)}})
+
+
+def written_before_checksums(folder: str | Path) -> bool:
+    """Whether the search at ``folder`` was started before records carried a checksum: its search record has none and
+    holds what every search record holds (an emptied or replaced one is not a search of any version)."""
+    try:
+        data = json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and RECORD_KEY not in data and isinstance(data.get("space"), dict) and \
+        isinstance(data.get("num_samples"), int)
+
+
+# What each record must hold (key: its type), checked after its checksum: a record that this tool wrote holds them.
+REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
+    META_FILE: {"space": dict, "num_samples": int, "folder": str},
+    SCHEDULER_FILE: {"rungs": dict, "stopped": dict, "finished": dict, "errored": dict},
+    CONFIRM_PLAN: {"candidates": list, "runs": list},
+    CONFIRM_RESULTS: {"candidates": list},
+}
+
+
+def _check_fields(path: str | Path, data: dict[str, Any]) -> None:
+    name = next((n for n in REQUIRED if Path(path).as_posix().endswith(n)), None)
+    for key, kind in (REQUIRED.get(name) or {}).items():
+        if key not in data:
+            raise DamagedRecord(path, f"it lacks {key!r}, which every such record holds")
+        if not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise DamagedRecord(path, f"its {key!r} is a {type(data[key]).__name__}")
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:
@@ -117,11 +149,15 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         raise DamagedRecord(path, f"holds a {type(data).__name__}, not a record")
     check = data.pop(RECORD_KEY, None)
     if check is None:
-        return data  # written before records carried a checksum
+        if written_before_checksums(Path(path).parent.parent):
+            return data
+        raise DamagedRecord(path, "it has no checksum, which this tool writes into every record of a search started "
+                            "with checksums: emptied or replaced")
     if not isinstance(check, dict) or check.get("format") != RECORD_FORMAT:
         raise DamagedRecord(path, f"unknown record format {check!r}")
     if check.get("sha256") != _digest(data):
         raise DamagedRecord(path, "its checksum does not match its contents: changed after it was written")
+    _check_fields(path, data)
     return data
 
 
@@ -156,24 +192,130 @@ def tune_trials(folder: str | Path) -> list[dict[str, Any]]:
     if not states:
         raise UserError(f"{folder} is not a Ray experiment folder (no experiment_state-*.json); pass <storage>/<name> "
                         "of a search")
-    try:
-        data = json.loads(states[-1].read_text(encoding="utf-8"))
-        entries = [json.loads(t[0] if isinstance(t, list) else t) for t in data.get("trial_data", [])]
-    except (OSError, ValueError, TypeError) as e:
-        raise DamagedRecord(states[-1], f"Tune's experiment state is unreadable: {type(e).__name__}") from None
     out = []
-    for t in entries:
+    for t in _experiment_entries(states[-1]):
         tid = str(t.get("trial_id"))
         trial_dir = Path(folder) / f"trial_{tid}"
-        params = trial_dir / "params.json"
-        try:
-            config = json.loads(params.read_text(encoding="utf-8")) if params.is_file() else {}
-        except (OSError, ValueError):
-            config = {}
-        if not config and isinstance(t.get("config"), dict):
-            config = t["config"]
-        out.append({"trial_id": tid, "status": str(t.get("status", "PENDING")), "config": config, "dir": trial_dir})
+        config = t.get("config") if isinstance(t.get("config"), dict) else _params(trial_dir / "params.json")
+        out.append({"trial_id": tid, "status": str(t.get("status", "PENDING")), "config": config or {},
+                    "dir": trial_dir})
     return out
+
+
+def _experiment_entries(path: Path) -> list[dict[str, Any]]:
+    """The trials' entries of Tune's experiment state at ``path`` (JSON). Raises DamagedRecord."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        entries = [json.loads(t[0] if isinstance(t, list) else t) for t in data["trial_data"]]
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as e:
+        why = "empty" if path.is_file() and path.stat().st_size == 0 else f"unreadable: {type(e).__name__}"
+        raise DamagedRecord(path, f"Tune's experiment state is {why}", repairable=False) from None
+    if not all(isinstance(t, dict) and t.get("trial_id") for t in entries):
+        raise DamagedRecord(path, "Tune's experiment state has a trial without an id", repairable=False)
+    return entries
+
+
+def _params(path: Path) -> dict[str, Any] | None:
+    """A trial's ``params.json`` (Tune's copy of its config); None where it is missing, cut or not a mapping."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tune's files in a search folder: whole, and in agreement with the search's own records
+# ---------------------------------------------------------------------------------------------
+# Tune keeps one of each per session (the newest by name is the one it restores), next to its tuner.pkl.
+TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "callback-states-*.pkl")
+SEARCHER_STATE = "searcher-state-*.pkl"  # our searcher's own JSON (search.searcher.OptunaSearcher.save)
+RAY_ID = "ray_trial_id"  # the Optuna user attribute naming a study trial's Ray trial
+
+
+def tune_state_files(folder: str | Path) -> list[Path]:
+    """``tuner.pkl`` and the newest of each of Tune's state files (those a resume restores), where they exist."""
+    folder = Path(folder)
+    found = [folder / "tuner.pkl"] if (folder / "tuner.pkl").exists() else []
+    for pattern in TUNE_STATE:
+        files = sorted(folder.glob(pattern))
+        if files:
+            found.append(files[-1])
+    return found
+
+
+def _whole_pickle(data: bytes) -> bool:
+    """A pickle's first and last opcodes (PROTO ... STOP) are there: not empty, not cut short. Nothing is unpickled."""
+    return len(data) > 2 and data[0] == 0x80 and data.endswith(b".")
+
+
+def check_tune_state(folder: str | Path) -> list[DamagedRecord]:
+    """Tune's files that a resume reads and that are empty, cut short or unreadable (a kill while Tune copied them,
+    or damage afterwards), each as a DamagedRecord; and each recorded trial's ``params.json``."""
+    found = []
+    for path in tune_state_files(folder):
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            found.append(DamagedRecord(path, f"unreadable: {type(e).__name__}", repairable=False))
+            continue
+        if path.match("experiment_state-*.json"):
+            try:
+                _experiment_entries(path)
+            except DamagedRecord as e:
+                found.append(e)
+        elif path.match(SEARCHER_STATE):
+            try:
+                ok = isinstance(json.loads(data).get("asked"), list)
+            except (ValueError, AttributeError):
+                ok = False
+            if not ok:
+                found.append(DamagedRecord(path, "Tune's copy of the searcher's state is empty or cut short"))
+        elif not _whole_pickle(data):
+            found.append(DamagedRecord(path, f"Tune's state file is {'empty' if not data else 'cut short'}: a kill "
+                                       "while Tune copied it, or damage since", repairable=False))
+    if not any(d.path.match("experiment_state-*.json") for d in found) and list(Path(folder).glob("experiment_state-*.json")):
+        for t in tune_trials(folder):
+            params = t["dir"] / "params.json"
+            if params.exists() and _params(params) is None:
+                found.append(DamagedRecord(params, "Tune's copy of the trial's settings is empty or cut short"))
+    return found
+
+
+def _study_ray_ids(path: str | Path) -> set[str] | None:
+    """The Ray trial ids of the study in the journal at ``path`` (None where there is no study yet)."""
+    study = open_study(path)
+    if study is None:
+        return None
+    return {str(t.user_attrs[RAY_ID]) for t in study.get_trials(deepcopy=False) if RAY_ID in t.user_attrs}
+
+
+def check_agreement(folder: str | Path, journal: str | Path | None = None) -> list[DamagedRecord]:
+    """The study, the scheduler's record and Tune's trials name the same trials: every trial Tune recorded, and every
+    trial the scheduler ordered or decided on, is in the study (its setting is asked there before Tune or the
+    scheduler hears of it), and every trial Tune recorded of a repeatable search is in the scheduler's order. A study
+    journal cut at a record's end, or a record emptied, passes every check of its own and fails this one. ``journal``:
+    the study journal to check in place of the folder's (a repair's result, before it is written)."""
+    folder = Path(folder)
+    if written_before_checksums(folder) or not (folder / META_FILE).is_file():
+        return []
+    journal = Path(journal or folder / STUDY_FILE)
+    scheduler = scheduler_record(folder / SCHEDULER_FILE)
+    tune_ids = [t["trial_id"] for t in tune_trials(folder)] if list(folder.glob("experiment_state-*.json")) else []
+    decided = [*(scheduler.get("order") or []), *scheduler["stopped"], *scheduler["finished"], *scheduler["errored"]]
+    study = _study_ray_ids(journal) if journal.is_file() else None
+    found = []
+    named = sorted(set(tune_ids) | set(decided))
+    if named and (study is None or not set(named) <= study):
+        have = len(set(named) & (study or set()))
+        found.append(DamagedRecord(folder / STUDY_FILE, f"it holds {have} of the {len(named)} trials that Tune and "
+                                   "the scheduler recorded: cut short or replaced", repairable=False))
+    order = scheduler.get("order")
+    if order is not None and not set(tune_ids) <= set(order):
+        found.append(DamagedRecord(folder / SCHEDULER_FILE, f"its order names {len(set(tune_ids) & set(order))} of "
+                                   f"the {len(set(tune_ids))} trials Tune recorded: replaced by an older copy",
+                                   repairable=False))
+    return found
 
 
 def result_log(folder: str | Path, trial_id: str) -> Path:
@@ -360,7 +502,8 @@ def repair_journal(path: str | Path) -> int:
 
 
 def check_records(folder: str | Path) -> list[DamagedRecord]:
-    """Every record of the search at ``folder`` that is damaged (each with what to do), the journal included."""
+    """Every record of the search at ``folder`` that is damaged (each with what to do): the tool's own records, the
+    study journal, Tune's state files, then whether they agree on the trials (only once each is whole)."""
     found = []
     for name in RECORDS:
         try:
@@ -371,24 +514,59 @@ def check_records(folder: str | Path) -> list[DamagedRecord]:
         check_journal(Path(folder) / STUDY_FILE)
     except DamagedRecord as e:
         found.append(e)
-    return found
+    found += check_tune_state(folder)
+    return found or check_agreement(folder)
 
 
 def repair_records(folder: str | Path) -> list[str]:
     """Mend what can be mended without loss (``--repair``); what was done, one line each. Raises the first
-    DamagedRecord that cannot be mended (nothing is changed then)."""
-    damaged = check_records(folder)
-    fatal = [d for d in damaged if not d.repairable]
+    DamagedRecord that cannot be mended, before anything is changed: damage of its own kind that cannot be rebuilt, a
+    study journal that would still miss trials once its cut record is dropped (a cut longer than one record), or
+    records that do not agree on the trials."""
+    import tempfile
+
+    folder = Path(folder)
+    found = [*(e for e in (_try(read_record, folder / n) for n in RECORDS) if e),
+             *(e for e in [_try(check_journal, folder / STUDY_FILE)] if e), *check_tune_state(folder)]
+    fatal = [d for d in found if not d.repairable]
     if fatal:
         raise fatal[0]
+    journal = folder / STUDY_FILE
+    if any(d.path == journal for d in found):
+        data, lines = _journal_lines(journal)
+        with tempfile.TemporaryDirectory() as tmp:  # the journal as the repair would leave it, checked first
+            mended = Path(tmp) / "study.journal"
+            mended.write_bytes(data[:len(data) - len(lines[-1])])
+            disagree = check_agreement(folder, journal=mended)
+    else:
+        disagree = check_agreement(folder)
+    if disagree:
+        raise disagree[0]
     done = []
-    for d in damaged:
-        if d.path == Path(folder) / STUDY_FILE:
+    for d in found:
+        rel = d.path.relative_to(folder).as_posix()
+        if d.path == journal:
             done.append(f"{STUDY_FILE}: dropped a cut last record ({repair_journal(d.path)} bytes)")
+        elif d.path.match(SEARCHER_STATE):
+            order = scheduler_record(folder / SCHEDULER_FILE).get("order") or []
+            write_json(d.path, {"study": STUDY_FILE, "asked": list(order)})
+            done.append(f"{rel}: made again from the scheduler's order of the {len(order)} trials proposed")
+        elif d.path.name == "params.json":
+            config = next(t["config"] for t in tune_trials(folder) if t["dir"] == d.path.parent)
+            write_json(d.path, config)
+            done.append(f"{rel}: written again from Tune's experiment state")
         else:
             os.remove(d.path)
-            done.append(f"{d.path.relative_to(folder).as_posix()}: removed; {d.repair}")
+            done.append(f"{rel}: removed; {d.repair}")
     return done
+
+
+def _try(check, path: Path) -> DamagedRecord | None:
+    try:
+        check(path)
+    except DamagedRecord as e:
+        return e
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
     from search.callbacks import WallClock
 
     own = [WallClock(str(plan.file(META_FILE)))] if plan.local else []
-    return tune.RunConfig(name=name, storage_path=storage, callbacks=[*callbacks, *own],
+    return tune.RunConfig(name=name, storage_path=storage, storage_filesystem=_filesystem(plan),
+                          callbacks=[*callbacks, *own],
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                           failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                           verbose=1 if plan.verbose else 0)
@@ -58,11 +59,21 @@ def search_progress(plan: SearchPlan):
                           selection=plan.selection_metric)
 
 
-def _restore(path: str, trainable):
+def _filesystem(plan: SearchPlan):
+    """Where the storage is local: the local disk with every file Tune copies there written atomically (a kill in
+    the middle of a copy leaves the old file or the new one); else Tune's own choice for the storage's URI."""
+    if not plan.local:
+        return None
+    from trainable.atomicfs import atomic_local_filesystem
+
+    return atomic_local_filesystem()
+
+
+def _restore(plan: SearchPlan, path: str, trainable):
     from ray import tune
 
     return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
-                              restart_errored=False)
+                              restart_errored=False, storage_filesystem=_filesystem(plan))
 
 
 def build_tuner(plan: SearchPlan, trainable, check=None):
@@ -98,7 +109,7 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
 def restore_tuner(plan: SearchPlan, trainable):
     """The interrupted search, as Tune saved it (our searcher and scheduler re-read their own files)."""
     print(f"resuming {plan.path}")
-    return _restore(plan.path, trainable)
+    return _restore(plan, plan.path, trainable)
 
 
 def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folder: Path):
@@ -110,7 +121,7 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     from trainable.tune_trainable import RUN
 
     if (folder / "tuner.pkl").exists() and any(folder.glob("experiment_state-*.json")):
-        return _restore(str(folder), trainable)
+        return _restore(plan, str(folder), trainable)
     if folder.exists():  # killed before Tune saved any state of it: nothing there can be resumed, so it starts again
         import shutil
 

@@ -3,6 +3,7 @@
 Each class found by the bad-input campaign has its cases here: options, paths, space files, teachers.
 """
 import os
+import pickle
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_storage_that_is_a_file_is_refused(tmp_path):
 def test_resume_on_a_read_only_storage_is_refused(tmp_path):
     exp = tmp_path / "ratios"
     exp.mkdir()
-    (exp / "tuner.pkl").write_bytes(b"")
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({}))  # stands in for Tune's
     exp.chmod(0o500)
     try:
         r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--resume")

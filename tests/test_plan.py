@@ -1,5 +1,6 @@
 """SearchPlan: one precedence (command line > resumed record > --smoke > space) and every resume check, no Ray."""
 import json
+import pickle
 import re
 
 import pytest
@@ -28,7 +29,7 @@ def started_search(tmp_path, **record):
     """A search folder as a first session leaves it: Tune's tuner.pkl and our record."""
     exp = tmp_path / "runs" / "s"
     exp.mkdir(parents=True)
-    (exp / "tuner.pkl").write_bytes(b"")
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({}))  # stands in for Tune's
     f = tmp_path / "s.yaml"
     f.write_text(yaml.safe_dump(SPACE))
     base = {"space": yaml.safe_load(f.read_text()), "task": "digits", "seed": 5, "num_samples": 7, "max_epochs": 9,
@@ -112,7 +113,7 @@ def test_record_fields_round_trip_through_a_resume(tmp_path):
         assert rec[key] == getattr(p, key)
     exp = tmp_path / "runs" / "s"
     (exp / META_FILE).parent.mkdir(parents=True)
-    (exp / "tuner.pkl").write_bytes(b"")
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({}))  # stands in for Tune's
     (exp / META_FILE).write_text(json.dumps(rec))
     again = plan_for(tmp_path, "--resume")
     assert all(getattr(again, k) == getattr(p, k) for k in ("num_samples", "max_epochs", "grace_period", "seed"))

@@ -24,7 +24,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix kept: some writers check it
+    tmp = temporary_beside(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -33,6 +33,42 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def temporary_beside(path: Path) -> Path:
+    """The temporary file beside ``path`` for this process (the suffix kept: some writers check it); a killed
+    writer's temporary files of the same target are removed first."""
+    remove_strays(path)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def remove_strays(path: str | Path) -> list[Path]:
+    """Remove the temporary files beside ``path`` left by writers on this machine that are no longer running (a kill
+    in the middle of a write); those of a live writer are left alone. The files removed."""
+    path = Path(path)
+    prefix, suffix, gone = f".{path.stem}.", f".tmp{path.suffix}", []
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(prefix) and n.endswith(suffix)]
+    except OSError:
+        return gone
+    for name in names:
+        pid = name[len(prefix):len(name) - len(suffix)]
+        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path.parent / name)
+            gone.append(path.parent / name)
+    return gone
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -66,3 +102,4 @@ def jsonable(v: Any) -> Any:
     if hasattr(v, "item"):  # numpy / torch scalars
         return v.item()
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
