@@ -20,15 +20,21 @@ from trainable.files import temporary_beside
 
 
 class _AtomicWriter(io.RawIOBase):
-    """A file written beside its target and moved over it when closed whole (never after a failed write)."""
+    """A file written beside its target and moved over it by ``close()`` (never after a failed write, nor when the
+    stream is only dropped: an abandoned copy leaves the target as it was)."""
 
     def __init__(self, path: str):
         super().__init__()
+        self._f, self._failed = None, True
         self.path, self.tmp = path, temporary_beside(Path(path))
         self._f, self._failed = open(self.tmp, "wb"), False
 
     def writable(self) -> bool:
         return True
+
+    def __del__(self):  # dropped without close(): an abandoned copy, which must not replace the target
+        self._failed = True
+        self.close()
 
     def write(self, b) -> int:
         try:
@@ -38,8 +44,8 @@ class _AtomicWriter(io.RawIOBase):
             raise
 
     def close(self) -> None:
-        if self.closed:
-            return
+        if self.closed or self._f is None:
+            return super().close()
         try:
             if not self._failed:
                 self._f.flush()

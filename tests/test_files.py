@@ -1,0 +1,93 @@
+"""How files are written: atomically, by this project and by Ray Tune into a local search folder; a killed writer's
+leftovers removed by the next one."""
+import os
+import pickle
+import subprocess
+import sys
+
+import pyarrow.fs
+import pytest
+
+from conftest import ROOT
+from trainable.atomicfs import atomic_local_filesystem
+from trainable.files import remove_strays, write_json, write_text
+
+# A writer killed (kill -9) halfway through a file: Tune's copy of its state through our filesystem.
+KILLED_MID_COPY = """
+import os, sys
+from trainable.atomicfs import atomic_local_filesystem
+out = atomic_local_filesystem().open_output_stream(sys.argv[1])
+out.write(b'{"half": ')
+out.flush()
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_kill_in_the_middle_of_tunes_copy_leaves_the_old_file_and_the_next_writer_removes_its_leftover(tmp_path):
+    target = tmp_path / "experiment_state-2026.json"
+    target.write_text('{"whole": true}')
+    r = subprocess.run([sys.executable, "-c", KILLED_MID_COPY, str(target)], cwd=ROOT, capture_output=True)
+    assert r.returncode == -9
+    assert target.read_text() == '{"whole": true}'  # not cut, not 0 bytes
+    strays = [p for p in tmp_path.iterdir() if p != target]
+    assert len(strays) == 1 and strays[0].name.startswith(".experiment_state-2026.")  # the killed writer's
+    with atomic_local_filesystem().open_output_stream(str(target)) as out:
+        out.write(b'{"new": true}')
+    assert target.read_text() == '{"new": true}' and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_tunes_copies_through_the_atomic_filesystem_are_whole_and_it_travels_to_workers(tmp_path):
+    src = tmp_path / "staging"
+    (src / "trial_a" / "checkpoint_000000").mkdir(parents=True)
+    (src / "trial_a" / "params.json").write_text('{"lr": 0.1}')
+    (src / "trial_a" / "checkpoint_000000" / "checkpoint.pt").write_bytes(os.urandom(3 << 20))
+    fs = pickle.loads(pickle.dumps(atomic_local_filesystem()))  # as a worker gets it with the storage settings
+    pyarrow.fs.copy_files(str(src), str(tmp_path / "search"), destination_filesystem=fs, chunk_size=1 << 20)
+    for f in src.rglob("*"):
+        if f.is_file():
+            assert (tmp_path / "search" / f.relative_to(src)).read_bytes() == f.read_bytes()
+    assert not [p for p in (tmp_path / "search").rglob(".*")]  # no temporary file left behind
+    info = fs.get_file_info(str(tmp_path / "search" / "trial_a" / "params.json"))
+    assert info.size == len('{"lr": 0.1}')
+
+
+def test_a_write_that_fails_or_is_abandoned_leaves_the_old_file(tmp_path, monkeypatch):
+    import builtins
+
+    from trainable import atomicfs
+    from trainable.files import atomic_path
+
+    target = tmp_path / "state.json"
+    target.write_text("old")
+    # A full disk: the write raises ENOSPC (as /dev/full does), and the stream is closed on the way out.
+    monkeypatch.setattr(atomicfs, "open", lambda path, mode: builtins.open("/dev/full", "wb", buffering=0),
+                        raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_local_filesystem().open_output_stream(str(target)) as out:
+            out.write(b"new contents")
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    # A copy abandoned part way (its stream never closed, only dropped): nothing replaces the file.
+    out = atomic_local_filesystem().open_output_stream(str(target))
+    out.write(b"ne")
+    del out
+    assert target.read_text() == "old"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:  # this project's own writer, failing half way
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert target.read_text() == "old" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_stray_temporary_files_of_dead_writers_are_removed_and_a_live_writers_are_kept(tmp_path):
+    target = tmp_path / "report.html"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    (tmp_path / f".report.{dead_pid}.tmp.html").write_text("half a report")  # a killed results/report.py
+    (tmp_path / f".report.{os.getppid()}.tmp.html").write_text("being written")  # a live writer's
+    (tmp_path / ".reportx.1.tmp.html").write_text("another file's")
+    write_text(target, "<html>")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f".report.{os.getppid()}.tmp.html", ".reportx.1.tmp.html", "report.html"]
+    assert remove_strays(target) == []
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert (tmp_path / "a.json").read_text() == '{\n "x": 1\n}\n'
