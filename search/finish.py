@@ -220,6 +220,18 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
     return EXIT_OK
 
 
+def bring_up_to_date(plan: SearchPlan) -> bool:
+    """A finished search killed between its winner's export and its summaries: write them (and the report) now.
+    Whether they were out of date (older than ``best/``, or missing)."""
+    exp = Path(plan.path)
+    table = exp / SUMMARY_DIR / "trials.parquet"
+    if table.is_file() and table.stat().st_mtime >= (exp / BEST_TRIAL).stat().st_mtime:
+        return False
+    write_summaries(load_experiment(exp))
+    _report(exp, plan.report)
+    return True
+
+
 def _stop(plan: SearchPlan, trials_line: str, code: int, why: str) -> int:
     """End the search early: the trials line, the report of what exists, why, and the exit code."""
     print(f"trials: {trials_line}")

@@ -188,18 +188,41 @@ class SearchProgress(Callback):
         except Exception:  # the journal is being written: the next trial's start counts them
             pass
 
+    def _restore_earlier_sessions(self) -> None:
+        """The outcomes, epochs and best results of the trials of earlier sessions, from the scheduler's record and
+        the search's own log of every result (epochs after a rung's stop decision do not count, as in the table)."""
+        from pathlib import Path
+
+        from results.record import read_result_lines, result_log, scheduler_record
+
+        state = scheduler_record(self.state_file)
+        for tid, decision in state["stopped"].items():
+            self.finished[tid] = "failed" if decision.get("reason") == "diverged" else "stopped"
+        for tid in state["finished"]:
+            self.finished.setdefault(tid, "completed")
+        folder = Path(self.state_file).parent.parent
+        for tid in {*state["finished"], *state["stopped"], *(state.get("order") or [])}:
+            cut = (state["stopped"].get(tid) or {}).get("epoch")
+            for r in read_result_lines(result_log(folder, tid)):
+                if M.EPOCH in r and (cut is None or int(r[M.EPOCH]) <= int(cut)):
+                    self._count(tid, r)
+            final = state["finished"].get(tid) or {}
+            if final.get(M.EPOCH):
+                self.epochs[tid] = max(self.epochs.get(tid, 0), int(final[M.EPOCH]))
+
+    def _count(self, trial_id: str, result: dict) -> None:
+        """A trial's epochs so far and its best result within the limits, with ``result`` counted."""
+        self.epochs[trial_id] = max(self.epochs.get(trial_id, 0), int(result[M.EPOCH]))
+        acc, ratio = result.get(self.selection), result.get(M.PARAM_RATIO)
+        mine = self.bests.get(trial_id)
+        if acc is not None and within_limits(result, self.limits) and (mine is None or acc > mine[0]):
+            self.bests[trial_id] = (float(acc), float(ratio or 0.0))
+
     # -- Tune's callback interface
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
         self._reset()
         if self.state_file:  # a resumed search: the trials its earlier sessions finished count as done
-            from results.record import scheduler_record
-
-            state = scheduler_record(self.state_file)
-            for tid, decision in state["stopped"].items():
-                self.finished[tid] = "failed" if decision.get("reason") == "diverged" else "stopped"
-            for tid, final in state["finished"].items():
-                self.finished.setdefault(tid, "completed")
-                self.epochs[tid] = int((final or {}).get(M.EPOCH, 0) or 0)
+            self._restore_earlier_sessions()
             if self.finished:
                 print(f"resumed: {len(self.finished)} of {self.num_samples} {self.label}s were finished before",
                       file=self.stream, flush=True)
@@ -217,13 +240,9 @@ class SearchProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if M.EPOCH not in result:
             return
-        self.epochs[trial.trial_id] = int(result[M.EPOCH])
         if result.get("time_this_iter_s"):
             self.epoch_times.append(float(result["time_this_iter_s"]))
-        acc, ratio = result.get(self.selection), result.get(M.PARAM_RATIO)
-        mine = self.bests.get(trial.trial_id)
-        if acc is not None and within_limits(result, self.limits) and (mine is None or acc > mine[0]):
-            self.bests[trial.trial_id] = (float(acc), float(ratio or 0.0))
+        self._count(trial.trial_id, result)
         self.peak_running = max(self.peak_running, self._running(trials))
         if self.bar is not None:
             self.bar.set_postfix_str(self.status(self._running(trials)), refresh=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from results.record import relocate
 from search.cluster import check_local_resources, start_ray
-from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, finish_search
+from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
 from search.prepare import (
     budget_check,
@@ -106,6 +106,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     for note in plan.space.notes:
         print(f"note: {note}")
     if plan.finished:
+        if bring_up_to_date(plan):  # killed after its winner's export, before its summaries
+            print("the summaries were older than the winner in best/: written again")
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
     check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts

@@ -46,6 +46,34 @@ def test_plain_lines_with_eta_and_the_best_within_the_budget():
     assert not p.tty  # a StringIO is not a terminal: no bar, plain lines only
 
 
+def test_a_resumed_search_counts_the_epochs_and_best_results_of_its_earlier_sessions(tmp_path):
+    """After a resume the status line's best so far and epoch count include the trials finished before it (read
+    from the scheduler's record and the search's own result log), as the trials table does."""
+    from results.record import append_result, empty_scheduler_record, write_record
+
+    state = empty_scheduler_record()
+    state["finished"]["a"] = {M.EPOCH: 3, M.VAL_ACC: 0.95}
+    state["stopped"]["b"] = {"reason": "rung", "rung": 1, "epoch": 1, "position": 2, "of": 2}
+    state["order"] = ["a", "b", "c"]
+    write_record(tmp_path / "akdtune" / "scheduler.json", state)
+    for epoch, acc in ((1, 0.5), (2, 0.9), (3, 0.95)):
+        append_result(tmp_path, "a", {M.EPOCH: epoch, M.VAL_ACC: acc, M.PARAM_RATIO: 0.05})
+    for epoch, acc in ((1, 0.4), (2, 0.99)):  # b ran an epoch past its stop decision: it does not count
+        append_result(tmp_path, "b", {M.EPOCH: epoch, M.VAL_ACC: acc, M.PARAM_RATIO: 0.05})
+    append_result(tmp_path, "c", {M.EPOCH: 1, M.VAL_ACC: 0.3, M.PARAM_RATIO: 0.05})  # unfinished, resumes now
+    p = SearchProgress(4, 3, [1], 3, {M.PARAM_RATIO: 0.1}, [], state_file=str(tmp_path / "akdtune" / "scheduler.json"))
+    p.stream = io.StringIO()
+    p.setup()
+    p.stream = out = io.StringIO()
+    trials = [fake_trial("c"), fake_trial("d")]
+    p.on_trial_result(0, trials, trials[0], {M.EPOCH: 2, M.VAL_ACC: 0.6, M.PARAM_RATIO: 0.05})
+    p.on_trial_complete(0, trials, trials[0])
+    status = [ln for ln in out.getvalue().splitlines() if "done (" in ln][-1]
+    assert "3/4 done (2 completed, 1 stopped early, 0 failed)" in status
+    assert "| epochs 6 |" in status  # a: 3, b: 1 (its rung), c: 2
+    assert "best so far val_acc 0.9500 at 5.0% params (a)" in status
+
+
 def test_the_eta_shrinks_as_work_is_done():
     p = SearchProgress(4, 10, [], 3, None, [])
     p.setup()

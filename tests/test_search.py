@@ -313,14 +313,41 @@ def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut
 
     src = tmp_path / "s"
     _killed_after_two_trials(args("s"), ray_address, src)
+    def cut_journal(e, keep):
+        journal = e / "akdtune" / "study.journal"
+        journal.write_bytes(keep(journal.read_bytes()))
+
+    def half_the_lines(b: bytes) -> bytes:  # head -n half, and at least the last trial's naming of its Ray trial gone
+        lines = b.splitlines(keepends=True)
+        last_named = max(i for i, line in enumerate(lines) if b"ray_trial_id" in line)
+        return b"".join(lines[:min(len(lines) // 2, last_named)])
+
+    def emptied(pattern):
+        return lambda e: sorted(e.glob(pattern))[-1].write_bytes(b"")
+
     damages = {
-        "journal": lambda e: (e / "akdtune" / "study.journal").write_bytes(
-            (e / "akdtune" / "study.journal").read_bytes()[:-7]),  # its last record cut short, as by a kill
+        "journal": lambda e: cut_journal(e, lambda b: b[:-7]),  # its last record cut short, as by a kill
+        "journal-at-a-line": lambda e: cut_journal(e, half_the_lines),  # records gone, cut at a line boundary
+        "journal-half": lambda e: cut_journal(e, lambda b: half_the_lines(b) + b'{"op_code": 4, "wo'),  # and a cut one
         "scheduler": lambda e: (e / "akdtune" / "scheduler.json").write_text("{"),
+        "scheduler-emptied": lambda e: (e / "akdtune" / "scheduler.json").write_text("{}"),
+        "search-emptied": lambda e: (e / "akdtune" / "search.json").write_text("{}"),
         "record": lambda e: (e / "akdtune" / "search.json").unlink(),
+        "experiment-state": emptied("experiment_state-*.json"),  # Tune's state files, 0 bytes
+        "search-generator": emptied("search_gen_state-*.json"),
+        "callbacks": emptied("callback-states-*.pkl"),
+        "tune-files": lambda e: (emptied("searcher-state-*.pkl")(e), emptied("trial_*/params.json")(e)),
     }
     needles = {"journal": "study.journal is damaged (its last record is cut short",
-               "scheduler": "scheduler.json is damaged (not valid JSON", "record": "search.json is missing"}
+               "journal-at-a-line": "study.journal is damaged (it holds ",
+               "journal-half": "study.journal is damaged (its last record is cut short",
+               "scheduler": "scheduler.json is damaged (not valid JSON",
+               "scheduler-emptied": "scheduler.json is damaged (it has no checksum",
+               "search-emptied": "search.json is damaged (it has no checksum",
+               "record": "search.json is missing",
+               "experiment-state": "is damaged (Tune's experiment state is empty",
+               "search-generator": "search_gen_state-", "callbacks": "callback-states-",
+               "tune-files": "is damaged (Tune's copy of the"}
     for name, damage in damages.items():
         exp = tmp_path / name
         shutil.copytree(src, exp, symlinks=True)
@@ -331,13 +358,20 @@ def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut
             assert r.returncode == 2 and needles[name] in r.stderr, (script, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr + r.stdout
             assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before, script
-    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args("journal")), "--resume",
-                        "--repair", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "repaired akdtune/study.journal: dropped a cut last record (" in r.stdout
-    trials = trials_table(tmp_path / "journal")
-    assert len(trials) == 5 and set(trials["outcome"]) <= {"completed", "stopped_early"} and trials["winner"].sum() == 1
-    assert run_main("results/report.py", tmp_path / "journal").returncode == 0
+        if name in ("journal-at-a-line", "journal-half", "experiment-state", "scheduler-emptied"):
+            r = run_main("search/run_search.py", *args(name), "--resume", "--repair")  # nothing to rebuild it from
+            assert r.returncode == 2 and "restore it from a copy of the search folder" in r.stderr, r.stderr
+            assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
+    for name, said in (("journal", "repaired akdtune/study.journal: dropped a cut last record ("),
+                       ("tune-files", "made again from the scheduler's order of the")):
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args(name)), "--resume",
+                            "--repair", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert said in r.stdout
+        trials = trials_table(tmp_path / name)
+        assert len(trials) == 5 and set(trials["outcome"]) <= {"completed", "stopped_early"}
+        assert trials["winner"].sum() == 1 and trials["trial_id"].is_unique
+        assert run_main("results/report.py", tmp_path / name).returncode == 0
 
 
 def test_a_trial_whose_worker_dies_is_errored_and_the_search_finishes_with_the_others(tmp_path, ray_address):
@@ -510,7 +544,8 @@ def test_a_finished_search_resumed_says_so_and_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("kill_state", ["partial export", "empty best of an older version", "confirmation starting"])
+@pytest.mark.parametrize("kill_state", ["partial export", "empty best of an older version", "confirmation starting",
+                                        "summaries not yet written"])
 def test_a_kill_during_the_winners_export_or_the_confirmation_resumes_to_a_complete_best(tmp_path, kill_state):
     args = ["--space", ROOT / "spaces" / "ratios.yaml", "--smoke", "--num-samples", 2, "--storage", tmp_path,
             "--no-report"]
@@ -524,6 +559,11 @@ def test_a_kill_during_the_winners_export_or_the_confirmation_resumes_to_a_compl
     if kill_state == "partial export":
         (exp / "best").rename(exp / "akdtune" / "best.partial")
         (exp / "akdtune" / "best.partial" / "metrics.json").unlink()
+    elif kill_state == "summaries not yet written":  # best/ renamed into place, the summaries still those before it
+        table = exp / "summary" / "trials.parquet"
+        before_export = pd.read_parquet(table).assign(winner=False)
+        before_export.to_parquet(table, index=False)
+        os.utime(table, (0, 0))
     elif kill_state == "confirmation starting":  # Tune had written the confirmation's tuner.pkl, no state yet
         import shutil
 
