@@ -39,7 +39,7 @@ from results.record import (
 from results.study import load_study
 from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
-from trainable.errors import UserError
+from trainable.errors import UserError, full_disk, full_disk_line
 from trainable.files import write_text
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
@@ -527,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if full_disk(e) is None:
+            raise
+        print(f"error: {full_disk_line(e, args.run_dir, 'the same command again')}", file=sys.stderr)
+        return 3
     print(f"summaries: {Path(args.run_dir) / 'summary'}\nreport:    {out}")
     if args.open:
         import webbrowser

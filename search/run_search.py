@@ -31,7 +31,7 @@ from search.prepare import (
 )
 from search.session import record_session
 from search.tuner import build_tuner, make_trainable, restore_tuner
-from trainable.errors import UserError
+from trainable.errors import UserError, full_disk, full_disk_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"interrupted. Resume with:\n  {resume_command(argv)}", file=sys.stderr)
         else:
             print("interrupted before the search started; run the same command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        full = full_disk(e)
+        if full is None:
+            raise
+        folder = experiment_path(args.storage, search_name(args))
+        # --repair: a record the full disk cut at its end (the study journal's last line) is dropped, nothing else
+        then = (resume_command([*argv, "--repair"] if "--repair" not in argv else argv)
+                if (Path(folder) / "tuner.pkl").exists() else "the same command again")
+        print(f"error: {full_disk_line(full, folder, then)}", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

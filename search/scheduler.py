@@ -33,6 +33,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from results.record import dominates, here, scheduler_record, write_record
 from trainable import metrics as M
+from trainable.errors import DiskFull, full_disk
 
 
 # --------------------------------------------------------------------------- ranking (pure functions)
@@ -298,7 +299,9 @@ class RungScheduler(FIFOScheduler):
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
         """A trial that failed for good (no retry left): recorded, so that it counts as errored even where Tune's
-        experiment state still lists it as running (a worker that died) and a resume never trains it again."""
+        experiment state still lists it as running (a worker that died) and a resume never trains it again. One that
+        failed for a full disk stops the search here, before anything records it: the resume trains it again."""
+        stop_if_disk_full(trial)
         self.state.setdefault("errored", {})[trial.trial_id] = {"epoch": int((trial.last_result or {}).get(M.EPOCH, 0))}
         self._write()
 
@@ -345,3 +348,18 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def stop_if_disk_full(trial: Trial) -> None:
+    """Raise DiskFull where ``trial`` failed for want of disk space (its error, as Tune wrote it, says so; or Tune
+    could not even write it): the search stops before the failure is recorded anywhere."""
+    path = trial.error_file
+    try:
+        text = open(path, encoding="utf-8", errors="replace").read() if path else ""
+    except OSError as e:
+        if full_disk(e) is not None:
+            raise DiskFull(28, "No space left on device", path) from e
+        return
+    found = full_disk(RuntimeError(text)) if text else None
+    if found is not None:
+        raise DiskFull(28, "No space left on device", found.filename)

@@ -29,3 +29,49 @@ def lookup(table: dict[str, Any], kind: str, name: str, error: type[Exception] =
     if name not in table:
         raise error(f"unknown {kind} {name!r}; choose from {sorted(table)}")
     return table[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: not bad input, not a bug; the run stops, what was written stays whole, and it resumes
+# ---------------------------------------------------------------------------------------------
+FULL_DISK_ERRNOS = (28, 122)  # ENOSPC, EDQUOT (a quota): no room to write
+FULL_DISK_TEXT = ("No space left on device", "Disk quota exceeded", "[Errno 28]", "[Errno 122]")
+
+
+class DiskFull(OSError):
+    """A write found no room (ENOSPC or a quota). Raised where the search notices it (a trial that failed for it)
+    before anything records the failure, so that a resume trains the trial again."""
+
+
+def full_disk(exc: BaseException | None) -> OSError | None:
+    """The full-disk error in ``exc`` or anything it was raised from (a trial's error on a worker comes back as
+    text inside Ray's and Tune's errors); None when it is something else."""
+    import re
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in FULL_DISK_ERRNOS:
+            return exc
+        text = str(exc)
+        if any(t in text for t in FULL_DISK_TEXT):
+            m = re.search(r"(?:No space left on device|Disk quota exceeded): '([^']+)'", text)
+            return DiskFull(28, "No space left on device", m.group(1) if m else None)
+        exc = getattr(exc, "cause", None) if isinstance(getattr(exc, "cause", None), BaseException) else (
+            exc.__cause__ or exc.__context__)
+    return None
+
+
+def full_disk_line(err: OSError, folder: str, then: str) -> str:
+    """One line: which filesystem is full, while writing what, and what to run once there is room."""
+    import os
+
+    where = err.filename or folder
+    mount = os.path.abspath(where if os.path.exists(where) else folder)
+    while not os.path.exists(mount) and mount != os.path.dirname(mount):
+        mount = os.path.dirname(mount)
+    with_dev = os.stat(mount).st_dev
+    while mount != os.path.dirname(mount) and os.stat(os.path.dirname(mount)).st_dev == with_dev:
+        mount = os.path.dirname(mount)
+    writing = f" while writing {err.filename}" if err.filename else ""
+    return f"no space left on {mount}{writing}; every record written so far is whole: free space and run: {then}"
