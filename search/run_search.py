@@ -14,6 +14,7 @@ Writes ``<storage>/<name>/`` (Ray's experiment files, ``summary/*.parquet``, ``b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         then = (resume_command([*argv, "--repair"] if "--repair" not in argv else argv)
                 if (Path(folder) / "tuner.pkl").exists() else "the same command again")
         print(f"error: {full_disk_line(full, folder, then)}", file=sys.stderr)
+        os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"  # the trials stopped by it: said above, not as tracebacks
         return EXIT_INTERRUPTED
 
 

@@ -374,6 +374,45 @@ def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut
         assert run_main("results/report.py", tmp_path / name).returncode == 0
 
 
+def _small_filesystem(path: Path, size: str) -> bool:
+    """A tmpfs of ``size`` mounted at ``path`` (False where this machine does not allow it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_full_disk_stops_the_search_in_one_line_and_the_printed_command_finishes_it(tmp_path, ray_address):
+    """A search whose storage fills up: one line naming the full filesystem and the command to run, exit 3, no
+    traceback; every record whole; once there is room, that command finishes the search with every trial."""
+    import shlex
+
+    disk = tmp_path / "disk"
+    if not _small_filesystem(disk, "3m"):
+        pytest.skip("mounting a small tmpfs is not allowed on this machine")
+    try:
+        args = ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 6, "--storage", disk,
+                "--name", "s", "--no-report"]
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--address",
+                            ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-3000:]
+        assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
+        said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+        assert len(said) == 1 and said[0].startswith(f"error: no space left on {disk}"), r.stderr[-3000:]
+        from results.record import check_records
+
+        assert check_records(disk / "s") == []  # every record whole
+        command = said[0].split("free space and run: ", 1)[1]
+        assert subprocess.run(["mount", "-o", "remount,size=64m", str(disk)]).returncode == 0  # room again
+        again = subprocess.run([sys.executable, *shlex.split(command)[1:], "--address", ray_address],
+                               capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        trials = trials_table(disk / "s")
+        assert len(trials) == 6 and trials["trial_id"].is_unique and trials["winner"].sum() == 1
+        assert set(trials["outcome"]) <= {"completed", "stopped_early"}  # none errored by the full disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 def test_a_trial_whose_worker_dies_is_errored_and_the_search_finishes_with_the_others(tmp_path, ray_address):
     """kill -9 of a trial's worker with --max-failures 0: that trial is errored (never "best so far"), the others
     finish, the best of them is confirmed and exported, exit 0, one line about the crash and no Ray traceback."""
