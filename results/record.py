@@ -471,6 +471,18 @@ def _journal_lines(path: str | Path) -> tuple[bytes, list[bytes]]:
     return data, data.split(b"\n")
 
 
+def remove_stale_lock(path: str | Path) -> bool:
+    """Remove the study journal's lock (``<journal>.lock``, Optuna's symlink) that a writer killed while appending
+    left behind; call it only where no other process of the search can be writing (a resume, before it starts).
+    Optuna waits for it forever where it points into a folder the search was copied or moved from. Whether one was
+    removed."""
+    lock = Path(str(path) + ".lock")
+    if not os.path.lexists(lock):
+        return False
+    os.unlink(lock)
+    return True
+
+
 def check_journal(path: str | Path) -> None:
     """The study journal at ``path`` is whole: every line a complete JSON record (Optuna skips a cut last line, and a
     record appended after it would make the file unreadable for good). Raises DamagedRecord."""
@@ -572,15 +584,28 @@ def _try(check, path: Path) -> DamagedRecord | None:
 # ---------------------------------------------------------------------------------------------
 # Moves: a copied or moved search writes into its own folder
 # ---------------------------------------------------------------------------------------------
-_moved: dict[str, str] = {}  # the folder a search recorded as its own (search.json's ``folder``) -> where it is now
+_moved: dict[str, str] = {}  # a folder the search was in before (search.json's ``folders``) -> where it is now
 
 
-def relocate(recorded: str | None, now: str) -> None:
-    """The search recorded at ``recorded`` is now at ``now``: every path into it that an object restored from Tune's
-    pickles holds is re-pointed (:func:`here`), so a resume never writes into the folder it was copied from."""
+def folders_of(record: dict[str, Any] | None) -> list[str]:
+    """Every folder the search recorded in ``record`` has been started or resumed in, first to last (``folders``; a
+    search recorded before it kept them has only its last ``folder``)."""
+    record = record or {}
+    found = [f for f in record.get("folders") or [] if isinstance(f, str)]
+    if isinstance(record.get("folder"), str) and record["folder"] not in found:
+        found.append(record["folder"])
+    return found
+
+
+def relocate(recorded: list[str] | str | None, now: str) -> None:
+    """The search once in each of the folders ``recorded`` is now at ``now``: every path into any of them that an
+    object restored from Tune's pickles holds is re-pointed (:func:`here`), so a resume never writes into a folder it
+    was copied from. Tune's ``tuner.pkl`` keeps the paths of the folder the search was started in, and its callback
+    state those of the folder of its last session: both are re-pointed."""
     _moved.clear()
-    if recorded and os.path.normpath(recorded) != os.path.normpath(now):
-        _moved[os.path.normpath(recorded)] = os.path.normpath(now)
+    for old in ([recorded] if isinstance(recorded, str) else list(recorded or [])):
+        if old and os.path.normpath(old) != os.path.normpath(now):
+            _moved[os.path.normpath(old)] = os.path.normpath(now)
 
 
 def here(path: str | None) -> str | None:
@@ -588,7 +613,7 @@ def here(path: str | None) -> str | None:
     if path is None:
         return None
     p = os.path.normpath(str(path))
-    for old, new in _moved.items():
+    for old, new in sorted(_moved.items(), key=lambda kv: -len(kv[0])):  # the most specific first
         if p == old or p.startswith(old + os.sep):
             return new + p[len(old):]
     return str(path)

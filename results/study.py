@@ -42,10 +42,12 @@ def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[
     if len(e.epochs):
         sel = e.epochs[e.epochs[M.EPOCH] == epoch]
         at = {tid: v for tid, v in zip(sel["trial_id"], sel[e.selection]) if v is not None and not pd.isna(v)}
-    included, left_out = [], 0
+    included, left_out, trials = [], 0, set(e.trials["trial_id"])
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         if OVER_BUDGET in t.user_attrs:  # never trained: not a trial of the search
             continue
+        if t.user_attrs.get("ray_trial_id") not in trials:  # a trial whose record Tune lost to a kill (the resumed
+            continue  # search ran its setting again) or one asked just before a kill: not a trial of the table
         v = at.get(t.user_attrs.get("ray_trial_id"))
         if v is None or not math.isfinite(float(v)) or not t.distributions:
             left_out += 1

@@ -26,7 +26,9 @@ class SearchStateCallback(Callback):
         return {"scheduler": json.dumps(self.scheduler.state)}
 
     def set_state(self, state: dict) -> None:
-        if state and "scheduler" in state:
+        # A local search's scheduler has its own file, the record: Tune's copy comes from its driver's staging
+        # folder, which a copy of the search folder resumed on the same cluster shares, and may be another's.
+        if state and "scheduler" in state and not self.scheduler.state_file:
             self.scheduler.merge_state(json.loads(state["scheduler"]))
 
 

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from results.record import relocate
+from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock
 from search.cluster import check_local_resources, start_ray
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
@@ -124,7 +124,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_OK
     check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts
     if plan.resume:  # a copied or moved search: what Tune restores writes here, never where it was copied from
-        relocate((plan.record or {}).get("folder"), plan.path)
+        relocate(folders_of(plan.record), plan.path)
+        remove_stale_lock(Path(plan.path) / STUDY_FILE)  # a kill while the study was being appended to
     teacher = prepare_teacher_for(plan)
     # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
     # searcher carries its own.

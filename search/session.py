@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from results.record import META_FILE, write_record
+from results.record import META_FILE, folders_of, write_record
 from search.cluster import trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
@@ -16,14 +16,15 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
         return
     if plan.resume:  # this session's time adds to the earlier sessions'
         record = {**plan.record, "session_started": started, "wall_before": float(plan.record.get("wall_s", 0.0)),
-                  "folder": plan.path}  # where it is now (a copy or a move resumes in its own folder)
+                  "folder": plan.path,  # where it is now (a copy or a move resumes in its own folder)
+                  "folders": [*(f for f in folders_of(plan.record) if f != plan.path), plan.path]}
     else:
         from search.estimate import from_speed
 
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),
-                  "selected_on": plan.selection_metric, "folder": plan.path,
+                  "selected_on": plan.selection_metric, "folder": plan.path, "folders": [plan.path],
                   "trials_at_once": trials_at_once(plan),
                   # the expected wall time from the speed measurement's timing, beside the real wall_s
                   "estimate_s": from_speed(plan, speed)}

@@ -6,10 +6,11 @@ the Tune callbacks, ``search.callbacks``. Nothing here decides a setting: the pl
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME
+from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, here
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
@@ -76,6 +77,54 @@ def _restore(plan: SearchPlan, path: str, trainable):
                               restart_errored=False, storage_filesystem=_filesystem(plan))
 
 
+def _in_this_folder():
+    """Tune's ``SearchGenerator`` (the wrapper that makes a trial of each of our searcher's settings), restored from
+    the search's own folder and making its trials there.
+
+    - Tune restores the generator and our searcher from its driver's staging folder, which is named by the
+      experiment's name and first start time only: a copy of a folder and its original resumed on one Ray cluster
+      share it, and the one resumed second read the other's searcher state (its trials, its order). The search
+      folder itself holds this search's own state: that is what is read.
+    - Tune re-points the trials it restores when a search folder was copied or moved, but not the storage kept in
+      the generator's own state: without this, every trial made after the restore of a copy wrote its checkpoints
+      into the folder it was copied from."""
+    from ray.tune.search import SearchGenerator
+
+    class InThisFolder(SearchGenerator):
+        def __init__(self, searcher, folder: str):
+            super().__init__(searcher)
+            self.folder = folder
+
+        def __reduce__(self):  # pickled into tuner.pkl as its searcher and folder; restored where the folder is now
+            return (_restored_generator, (self.searcher, self.folder))
+
+        def restore_from_dir(self, dirpath: str) -> None:
+            own = self.folder if self.has_checkpoint(self.folder) else dirpath
+            super().restore_from_dir(own)
+
+        def set_state(self, state: dict) -> None:
+            super().set_state(state)
+            storage = state["experiment"].storage  # where Tune's experiment says its trials go
+            parent, name = os.path.split(os.path.normpath(self.folder))
+            if os.path.normpath(storage.experiment_fs_path) != os.path.normpath(self.folder):
+                storage.storage_fs_path, storage.experiment_dir_name = parent, name
+
+    return InThisFolder
+
+
+def _restored_generator(searcher, folder: str):
+    return _in_this_folder()(searcher, here(folder))
+
+
+def _search_algorithm(searcher, folder: str | None, max_concurrent: int | None):
+    """Our searcher as Tune runs it: limited to ``max_concurrent`` trials at once (what Tune does itself for
+    ``max_concurrent_trials``), in a generator that keeps new trials in the search's current folder (local storage)."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    wrapped = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
+    return _in_this_folder()(wrapped, folder) if folder else wrapped
+
+
 def build_tuner(plan: SearchPlan, trainable, check=None):
     """A new search: our Optuna searcher (refusing settings over the budget with ``check``, a
     ``BudgetCheck``) and rung scheduler, ``num_samples`` trials."""
@@ -99,9 +148,10 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)
     return tune.Tuner(
         trainable, param_space=plan.trial_config,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
-                                    max_concurrent_trials=at_once if repeatable else (plan.max_concurrent or None),
-                                    trial_dirname_creator=trial_dirname, reuse_actors=True),
+        tune_config=tune.TuneConfig(
+            search_alg=_search_algorithm(searcher, plan.path if plan.local else None,
+                                         at_once if repeatable else (plan.max_concurrent or None)),
+            scheduler=scheduler, num_samples=plan.num_samples, trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan),
                                                           *([ResultLog(plan.path)] if plan.local else [])]))
 

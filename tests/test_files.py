@@ -91,3 +91,21 @@ def test_stray_temporary_files_of_dead_writers_are_removed_and_a_live_writers_ar
     assert remove_strays(target) == []
     write_json(tmp_path / "a.json", {"x": 1})
     assert (tmp_path / "a.json").read_text() == '{\n "x": 1\n}\n'
+
+
+def test_a_search_moved_twice_writes_only_where_it_is_now():
+    """Tune's tuner.pkl holds the paths of the folder a search was started in, its callback state those of its last
+    session's folder: after copies or moves, both are re-pointed to the folder being resumed, nothing else."""
+    from results.record import folders_of, here, relocate
+
+    record = {"folder": "/b/s", "folders": ["/a/s", "/b/s"]}  # started in /a/s, resumed once in /b/s
+    assert folders_of(record) == ["/a/s", "/b/s"] and folders_of({"folder": "/x/s"}) == ["/x/s"]
+    relocate(folders_of(record), "/c/s")
+    try:
+        assert here("/a/s/akdtune/study.journal") == "/c/s/akdtune/study.journal"
+        assert here("/b/s/trial_1/checkpoint_000000") == "/c/s/trial_1/checkpoint_000000"
+        assert here("/a/s") == "/c/s" and here("/a/sx/file") == "/a/sx/file" and here("/elsewhere") == "/elsewhere"
+        relocate(folders_of(record), "/b/s")  # resumed where it was last: only the first folder moves
+        assert here("/a/s/x") == "/b/s/x" and here("/b/s/x") == "/b/s/x"
+    finally:
+        relocate(None, "/")

@@ -192,11 +192,12 @@ def _wait_for(cond, timeout=180):
     return False
 
 
-def _killed_after_two_trials(args, address, exp: Path) -> None:
-    """A search started in its own process and killed (SIGKILL) once two of its trials have finished."""
+def _killed_after_two_trials(args, address, exp: Path, finished: int = 2) -> None:
+    """A search started in its own process and killed (SIGKILL) once ``finished`` of its trials have finished."""
     proc = _start(args, address)
     try:
-        assert _wait_for(lambda: len(_finished_trials(exp)) >= 2), "no trial finished in time"
+        assert _wait_for(lambda: len(_finished_trials(exp)) >= finished or proc.poll() is not None), "no trial in time"
+        assert proc.poll() is None, proc.communicate()[0][-3000:]  # it did not end (or fail) before the kill
         time.sleep(1.0)  # let Tune write an experiment checkpoint that includes them
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -260,44 +261,61 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
 
 @pytest.mark.parametrize("how", ["copy", "move"])
 def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_address, how):
-    """cp -a or mv of an interrupted search folder, then --resume of the new folder: nothing is written outside it;
-    a copy's original is untouched and resumes to the end on its own."""
+    """cp -a or mv of an interrupted search folder, then --resume of the new folder (killed again, and resumed again):
+    nothing is written outside it, the checkpoints of the trials made after the resume included; a copy's original
+    is untouched (the same sha256 of every file) and resumes to the end on its own."""
+    import hashlib
     import shutil
 
-    def args(storage):
-        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 5, "--storage", storage,
-                "--name", "s", "--no-report"]
+    def args(storage, resume=False):
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 8, "--storage", storage,
+                "--name", "s", "--no-report", *(["--resume"] if resume else [])]
+
+    def digest(folder):
+        return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
+                if p.is_file()}
 
     src, dst = tmp_path / "a" / "s", tmp_path / "b" / "s"
-    _killed_after_two_trials(args(tmp_path / "a"), ray_address, src)
+    _killed_after_two_trials(args(tmp_path / "a"), ray_address, src, finished=1)  # most trials not yet made
+    made = {p.name for p in src.glob("trial_*")}
+    assert len(made) < 8
     dst.parent.mkdir()
     if how == "copy":
         shutil.copytree(src, dst, symlinks=True)
     else:
         shutil.move(src, dst)
-    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} if how == "copy" else {}
+    before = digest(src) if how == "copy" else {}
 
     def resume(storage):
-        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args(storage)),
-                            "--resume", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args(storage, True)),
+                            "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "Traceback" not in r.stderr
 
-    def finished_with_five_trials(exp):
+    def finished_with_eight_trials(exp):
         trials = trials_table(exp)
-        assert len(trials) == 5 and set(trials["outcome"]) <= {"completed", "stopped_early"}
+        assert len(trials) == 8 and set(trials["outcome"]) <= {"completed", "stopped_early"}
         assert trials["winner"].sum() == 1 and (exp / "best" / "trial.json").is_file()
+        for tid in trials["trial_id"]:  # every trial's checkpoints are in this folder
+            assert list((exp / f"trial_{tid}").glob("checkpoint_*/checkpoint.pt")), tid
 
+    # The new folder: resumed, killed again once more trials finished, resumed again to the end.
+    _killed_after_two_trials(args(tmp_path / "b", True), ray_address, dst, finished=len(_finished_trials(dst)) + 2)
+    if how == "copy":
+        assert digest(src) == before
     resume(tmp_path / "b")
-    finished_with_five_trials(dst)
+    finished_with_eight_trials(dst)
     assert json.loads((dst / "akdtune" / "search.json").read_text())["folder"] == str(dst)
-    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in study_trials(dst).values()) == 5
+    study = study_trials(dst)  # every trial of the table finished in the study (which may also hold a trial whose
+    # record Tune lost to a kill: the resumed search ran its setting again)
+    assert all(study[t].state.name in ("COMPLETE", "PRUNED") for t in trials_table(dst)["trial_id"])
     if how == "move":
         assert not src.exists()  # no stray file recreated where it was
         return
-    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before  # the original: untouched
+    assert digest(src) == before  # the original: untouched, byte for byte
+    assert {p.name for p in src.glob("trial_*")} == made
     resume(tmp_path / "a")  # and it finishes on its own, every one of its trials trained
-    finished_with_five_trials(src)
+    finished_with_eight_trials(src)
 
 
 def test_damaged_records_are_refused_by_resume_and_report_and_repair_mends_a_cut_journal(tmp_path, ray_address):
@@ -720,6 +738,65 @@ def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _same_search(tmp_path / "a", tmp_path / "c")
+
+
+def _tmp_files(exp: Path) -> bool:
+    """A writer is in the middle of a file (Tune's copies and this tool's records alike leave a temporary one)."""
+    return any(".tmp" in p.name for p in exp.glob(".*")) or any(".tmp" in p.name for p in exp.glob("akdtune/.*"))
+
+
+def _finished_count(exp: Path) -> int:
+    return len(_finished_trials(exp))
+
+
+def _stops(exp: Path) -> int:
+    try:
+        return len(scheduler_state(exp)["stopped"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+# Ten moments of one search, each the first moment at which it is killed (kill -9) in one session of it.
+KILL_MOMENTS = [
+    ("a trial folder is made", lambda e: any(e.glob("trial_*"))),
+    ("the first trial finished", lambda e: _finished_count(e) >= 1),
+    ("inside a copy of Tune's state", _tmp_files),
+    ("three trials finished", lambda e: _finished_count(e) >= 3),
+    ("right after a stop decision", lambda e: _stops(e) >= 3),
+    ("inside another copy", _tmp_files),
+    ("six trials finished", lambda e: _finished_count(e) >= 6),
+    ("the confirmation started", lambda e: (e / "confirm").is_dir()),
+    ("the winner's export", lambda e: (e / "akdtune" / "best.partial").exists()),
+    ("between the export and the summaries", lambda e: (e / "best" / "trial.json").is_file()),
+]
+
+
+def test_a_search_killed_at_ten_moments_and_resumed_each_time_is_the_uninterrupted_search(tmp_path, ray_address):
+    """kill -9 at ten moments spread over one search (inside Tune's state copies and between the export and the
+    summaries included), each followed by --resume: exactly N trials, none twice, and the same trials table and
+    winner as the search run without a break."""
+    assert search(*REPEAT_ARGS, "--storage", tmp_path, "--name", "whole") == 0
+    exp, args = tmp_path / "k", [*REPEAT_ARGS, "--storage", tmp_path, "--name", "k"]
+    killed = []
+    for moment, reached in KILL_MOMENTS:
+        proc = _start([*args, *(["--resume"] if (exp / "tuner.pkl").exists() else [])], ray_address)
+        try:
+            end = time.time() + 300
+            while time.time() < end and proc.poll() is None and not reached(exp):
+                time.sleep(0.005)  # a copy of Tune's state lasts milliseconds
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(moment)
+            out = proc.communicate()[0]
+        assert "Traceback" not in out, (moment, out[-3000:])
+    assert len(killed) >= 6, killed  # most moments came while the search ran (a fast machine may pass a few)
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                        "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = trials_table(exp)
+    assert len(trials) == 8 and trials["trial_id"].is_unique and list(trials["trial"]) == list(range(8))
+    _same_search(tmp_path / "whole", exp)
 
 
 def _waiting_trial(config):
