@@ -51,6 +51,49 @@ BEST_METRICS = "best/metrics.json"  # the winner's confirmed metrics
 BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
 BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
 # killed during its export has no best/ and is not finished (the resume exports again)
+TRIALS_TABLE = f"{SUMMARY_DIR}/trials.parquet"
+EPOCHS_TABLE = f"{SUMMARY_DIR}/epochs.parquet"
+
+# Tune's files, which this tool reads (never writes): how Tune lays out an experiment folder.
+TUNER_FILE = "tuner.pkl"  # written when a search starts: the search exists from then on
+EXPERIMENT_STATE = "experiment_state-*.json"  # one per session; the newest is the one a resume restores
+TRIAL_PREFIX = "trial_"  # trial folders: trial_<id> (search.callbacks.trial_dirname)
+TUNE_RESULTS = "result.json"  # in a trial folder: Tune's copy of its results
+TRIAL_ERROR = "error.txt"  # in a trial folder: the traceback of its last failure
+CHECKPOINT_PREFIX = "checkpoint_"  # in a trial folder: checkpoint_000000, checkpoint_000001, ...
+CHECKPOINT_NAME = "checkpoint.pt"  # in a checkpoint folder: the run's state (trainable.akd.CHECKPOINT_FILE)
+
+
+def tune_started(folder: str | Path) -> bool:
+    """Whether Tune started an experiment in ``folder`` (a search exists there, finished or not)."""
+    return (Path(folder) / TUNER_FILE).exists()
+
+
+def has_tune_state(folder: str | Path) -> bool:
+    """Whether Tune saved any state of the experiment in ``folder`` (else nothing there can be restored)."""
+    return bool(list(Path(folder).glob(EXPERIMENT_STATE)))
+
+
+def trial_folder_name(trial_id: str) -> str:
+    return f"{TRIAL_PREFIX}{trial_id}"
+
+
+def trial_folders(folder: str | Path) -> list[Path]:
+    """The trial folders of the experiment in ``folder``, by name."""
+    return sorted(d for d in Path(folder).glob(f"{TRIAL_PREFIX}*") if d.is_dir())
+
+
+def latest_checkpoint(trial_dir: str | Path) -> Path | None:
+    """The newest ``checkpoint_NNNNNN/checkpoint.pt`` of a trial folder."""
+    import re
+
+    found = []
+    for d in Path(trial_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", d.name)
+        if m and (d / CHECKPOINT_NAME).is_file():
+            found.append((int(m.group(1)), d / CHECKPOINT_NAME))
+    return max(found)[1] if found else None
+
 
 def best_files(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The exported winner's ``best/metrics.json`` and ``best/trial.json`` ({} each where there is none yet)."""
@@ -188,14 +231,14 @@ def tune_trials(folder: str | Path) -> list[dict[str, Any]]:
     """(trial_id, status, config, dir) of every trial Tune recorded in the experiment at ``folder``, read from its
     files without Ray: the status from the newest ``experiment_state-*.json`` (JSON), the config from each trial
     folder's ``params.json`` (Tune's copy of it), the folder named by the search's ``trial_dirname``."""
-    states = sorted(Path(folder).glob("experiment_state-*.json"))
+    states = sorted(Path(folder).glob(EXPERIMENT_STATE))
     if not states:
         raise UserError(f"{folder} is not a Ray experiment folder (no experiment_state-*.json); pass <storage>/<name> "
                         "of a search")
     out = []
     for t in _experiment_entries(states[-1]):
         tid = str(t.get("trial_id"))
-        trial_dir = Path(folder) / f"trial_{tid}"
+        trial_dir = Path(folder) / trial_folder_name(tid)
         config = t.get("config") if isinstance(t.get("config"), dict) else _params(trial_dir / "params.json")
         out.append({"trial_id": tid, "status": str(t.get("status", "PENDING")), "config": config or {},
                     "dir": trial_dir})
@@ -228,7 +271,7 @@ def _params(path: Path) -> dict[str, Any] | None:
 # Tune's files in a search folder: whole, and in agreement with the search's own records
 # ---------------------------------------------------------------------------------------------
 # Tune keeps one of each per session (the newest by name is the one it restores), next to its tuner.pkl.
-TUNE_STATE = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl", "callback-states-*.pkl")
+TUNE_STATE = (EXPERIMENT_STATE, "search_gen_state-*.json", "searcher-state-*.pkl", "callback-states-*.pkl")
 SEARCHER_STATE = "searcher-state-*.pkl"  # our searcher's own JSON (search.searcher.OptunaSearcher.save)
 RAY_ID = "ray_trial_id"  # the Optuna user attribute naming a study trial's Ray trial
 
@@ -236,7 +279,7 @@ RAY_ID = "ray_trial_id"  # the Optuna user attribute naming a study trial's Ray 
 def tune_state_files(folder: str | Path) -> list[Path]:
     """``tuner.pkl`` and the newest of each of Tune's state files (those a resume restores), where they exist."""
     folder = Path(folder)
-    found = [folder / "tuner.pkl"] if (folder / "tuner.pkl").exists() else []
+    found = [folder / TUNER_FILE] if tune_started(folder) else []
     for pattern in TUNE_STATE:
         files = sorted(folder.glob(pattern))
         if files:
@@ -259,7 +302,7 @@ def check_tune_state(folder: str | Path) -> list[DamagedRecord]:
         except OSError as e:
             found.append(DamagedRecord(path, f"unreadable: {type(e).__name__}", repairable=False))
             continue
-        if path.match("experiment_state-*.json"):
+        if path.match(EXPERIMENT_STATE):
             try:
                 _experiment_entries(path)
             except DamagedRecord as e:
@@ -274,7 +317,7 @@ def check_tune_state(folder: str | Path) -> list[DamagedRecord]:
         elif not _whole_pickle(data):
             found.append(DamagedRecord(path, f"Tune's state file is {'empty' if not data else 'cut short'}: a kill "
                                        "while Tune copied it, or damage since", repairable=False))
-    if not any(d.path.match("experiment_state-*.json") for d in found) and list(Path(folder).glob("experiment_state-*.json")):
+    if not any(d.path.match(EXPERIMENT_STATE) for d in found) and has_tune_state(folder):
         for t in tune_trials(folder):
             params = t["dir"] / "params.json"
             if params.exists() and _params(params) is None:
@@ -301,7 +344,7 @@ def check_agreement(folder: str | Path, journal: str | Path | None = None) -> li
         return []
     journal = Path(journal or folder / STUDY_FILE)
     scheduler = scheduler_record(folder / SCHEDULER_FILE)
-    tune_ids = [t["trial_id"] for t in tune_trials(folder)] if list(folder.glob("experiment_state-*.json")) else []
+    tune_ids = [t["trial_id"] for t in tune_trials(folder)] if has_tune_state(folder) else []
     decided = [*(scheduler.get("order") or []), *scheduler["stopped"], *scheduler["finished"], *scheduler["errored"]]
     study = _study_ray_ids(journal) if journal.is_file() else None
     found = []

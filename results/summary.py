@@ -17,20 +17,27 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
     COMPLETED,
     CONFIRM_RESULTS,
     DIVERGED,
+    EPOCHS_TABLE,
     ERRORED,
     META_FILE,
     SCHEDULER_FILE,
     STOPPED_EARLY,
     SUMMARY_DIR,
+    TRIAL_ERROR,
+    TRIAL_PREFIX,
+    TRIALS_TABLE,
+    TUNE_RESULTS,
     UNFINISHED,
     best_files,
     check_records,
+    has_tune_state,
     pareto_mask,
     read_record,
     read_result_lines,
     result_log,
     scheduler_record,
     space_limits,
+    trial_folders,
     tune_trials,
     within_limits,
 )
@@ -129,7 +136,7 @@ def _outcome(status: str, decision: dict | None, last: dict, errored: bool = Fal
 
 def _error_line(trial_dir: Path) -> str:
     """The reason a trial errored, in one line: the last line of its traceback (the exception and its message)."""
-    path = trial_dir / "error.txt"
+    path = trial_dir / TRIAL_ERROR
     text = path.read_text(errors="replace") if path.exists() else ""
     if "ActorDiedError" in text or "worker process has died" in text:
         return ("the worker died (killed, out of memory, or crashed outside Python); its traceback is in "
@@ -142,7 +149,7 @@ def _open_folder(exp: Path) -> dict[str, Any]:
     """The search record of the folder, after every check (a folder, Tune's, every record whole). Raises UserError."""
     if not exp.is_dir():
         raise UserError(f"experiment folder not found: {exp}; pass <storage>/<name> of a search")
-    if not list(exp.glob("experiment_state-*.json")):
+    if not has_tune_state(exp):
         raise UserError(f"{exp} is not a Ray experiment folder (no experiment_state-*.json); "
                         "pass <storage>/<name> of a search")
     damaged = check_records(exp)  # before anything is read or written: a damaged record is refused in one line
@@ -159,9 +166,10 @@ def _all_trials(exp: Path) -> list[dict[str, Any]]:
     """Tune's trials, and the trial folders it never recorded (the driver was killed first) as abandoned."""
     records = tune_trials(exp)
     known = {Path(t["dir"]).name for t in records}
-    for d in sorted(exp.glob("trial_*")):
-        if d.is_dir() and d.name not in known:
-            records.append({"trial_id": d.name.removeprefix("trial_"), "status": "ABANDONED", "config": {}, "dir": d})
+    for d in trial_folders(exp):
+        if d.name not in known:
+            records.append({"trial_id": d.name.removeprefix(TRIAL_PREFIX), "status": "ABANDONED", "config": {},
+                            "dir": d})
     return records
 
 
@@ -172,7 +180,7 @@ def _results(trial_dir: Path, logged: list[dict], kept: list[dict | None]) -> tu
     results, used where both lost one (a search started before the log existed, or a kill)."""
     results: dict[int, dict] = {}
     tail: dict = {}
-    for r in [*read_result_lines(trial_dir / "result.json"), *logged]:
+    for r in [*read_result_lines(trial_dir / TUNE_RESULTS), *logged]:
         if M.EPOCH in r:
             results[int(r[M.EPOCH])] = r
         tail = r
@@ -273,10 +281,9 @@ def _highest(rows: list[dict], key: str) -> float | None:
 
 def write_summaries(e: Experiment) -> dict[str, Path]:
     """Write ``summary/trials.parquet`` and ``summary/epochs.parquet`` (atomically)."""
-    out = e.path / SUMMARY_DIR
     paths = {}
     for name, df in (("trials", e.trials.drop(columns=["_dir", "_config"], errors="ignore")), ("epochs", e.epochs)):
-        paths[name] = out / f"{name}.parquet"
+        paths[name] = e.path / (TRIALS_TABLE if name == "trials" else EPOCHS_TABLE)
         with atomic_path(paths[name]) as tmp:
             df.to_parquet(tmp, index=False)
     return paths

@@ -13,7 +13,7 @@ import json
 
 from ray.tune import Callback
 
-from results.record import append_result, here
+from results.record import append_result, here, trial_folder_name
 
 
 class SearchStateCallback(Callback):
@@ -34,7 +34,7 @@ class SearchStateCallback(Callback):
 
 def trial_dirname(trial) -> str:
     """Short trial folder names (Ray's default embeds every hyperparameter)."""
-    return f"trial_{trial.trial_id}"
+    return trial_folder_name(trial.trial_id)
 
 
 class ResultLog(Callback):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,8 +22,11 @@ from results.record import (
     META_FILE,
     STUDY_FILE,
     SUMMARY_DIR,
+    TRIALS_TABLE,
     count_outcomes,
     describe_limits,
+    has_tune_state,
+    latest_checkpoint,
     outcomes_line,
     refused_over_budget,
     write_record,
@@ -37,7 +39,7 @@ from search.prepare import Teacher
 from search.searcher import fail_abandoned
 from search.tuner import confirm_tuner
 from trainable import metrics as M
-from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint
+from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config
 from trainable.files import write_json
 from trainable.outputs import finish_run
@@ -45,16 +47,6 @@ from trainable.speed import Speed
 from trainable.tune_trainable import CANDIDATE, RUN
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
-
-
-def latest_checkpoint(trial_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint_NNNNNN/checkpoint.pt`` of a trial folder."""
-    found = []
-    for d in Path(trial_dir).glob("checkpoint_*"):
-        m = re.fullmatch(r"checkpoint_(\d+)", d.name)
-        if m and (d / CHECKPOINT_FILE).is_file():
-            found.append((int(m.group(1)), d / CHECKPOINT_FILE))
-    return max(found)[1] if found else None
 
 
 def restore_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> AKDRun:
@@ -176,7 +168,7 @@ def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:
     """(status, run config, folder) of each confirmation trial."""
     from ray.tune import ExperimentAnalysis
 
-    if not list(cdir.glob("experiment_state-*.json")):
+    if not has_tune_state(cdir):
         return []
     return [{"status": t.status, "run": dict(t.config).get(RUN, {}), "dir": Path(t.path)}
             for t in ExperimentAnalysis(str(cdir)).trials]
@@ -224,7 +216,7 @@ def bring_up_to_date(plan: SearchPlan) -> bool:
     """A finished search killed between its winner's export and its summaries: write them (and the report) now.
     Whether they were out of date (older than ``best/``, or missing)."""
     exp = Path(plan.path)
-    table = exp / SUMMARY_DIR / "trials.parquet"
+    table = exp / TRIALS_TABLE
     if table.is_file() and table.stat().st_mtime >= (exp / BEST_TRIAL).stat().st_mtime:
         return False
     write_summaries(load_experiment(exp))

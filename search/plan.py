@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from results.record import BEST_TRIAL, CONFIRM_RESULTS, META_FILE, check_records, read_record, repair_records
+from results.record import (
+    BEST_TRIAL,
+    CONFIRM_RESULTS,
+    META_FILE,
+    check_records,
+    read_record,
+    repair_records,
+    tune_started,
+)
 from search.space import CONFIRM_BOUNDS, Space, load_space
 from trainable import metrics as M
 from trainable.errors import UserError
@@ -218,7 +226,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
     name = search_name(args)
     path = experiment_path(args.storage, name)
     local = "://" not in path
-    exists = local and Path(path, "tuner.pkl").exists()
+    exists = local and tune_started(path)
     if exists and not args.resume and not getattr(args, "estimate", False):
         raise UserError(f"a search named {name!r} already exists in {args.storage}; pass --resume to finish it, "
                         "or --name NEW to start another")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock
+from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
 from search.cluster import check_local_resources, start_ray
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before Tune took over SIGINT (preparing the teacher, starting Ray)
-        if (Path(experiment_path(args.storage, search_name(args))) / "tuner.pkl").exists():
+        if tune_started(experiment_path(args.storage, search_name(args))):
             print(f"interrupted. Resume with:\n  {resume_command(argv)}", file=sys.stderr)
         else:
             print("interrupted before the search started; run the same command again", file=sys.stderr)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = experiment_path(args.storage, search_name(args))
         # --repair: a record the full disk cut at its end (the study journal's last line) is dropped, nothing else
         then = (resume_command([*argv, "--repair"] if "--repair" not in argv else argv)
-                if (Path(folder) / "tuner.pkl").exists() else "the same command again")
+                if tune_started(folder) else "the same command again")
         print(f"error: {full_disk_line(full, folder, then)}", file=sys.stderr)
         os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"  # the trials stopped by it: said above, not as tracebacks
         return EXIT_INTERRUPTED

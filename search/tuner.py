@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, here
+from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
@@ -170,7 +170,7 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     from search.progress import SearchProgress
     from trainable.tune_trainable import RUN
 
-    if (folder / "tuner.pkl").exists() and any(folder.glob("experiment_state-*.json")):
+    if tune_started(folder) and has_tune_state(folder):
         return _restore(plan, str(folder), trainable)
     if folder.exists():  # killed before Tune saved any state of it: nothing there can be resumed, so it starts again
         import shutil
