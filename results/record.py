@@ -1,20 +1,24 @@
-"""The record of a search folder ``<storage>/<name>/``: the name of every file this tool keeps there, and the one
-way each is written, checked and read.
+"""The run folder's schema: the name of every file a search keeps in ``<storage>/<name>/``, the Tune files it
+reads there, and the one way each record is written, checked and read. Nothing else names a file of the folder
+(``tests/test_runfolder.py`` reads the sources and says so).
 
 ``search/`` writes through this module and ``results/`` reads through it; it imports neither of them, nor Ray, so
 a finished search can be summarised where Ray is not installed.
 
 Our own files live under ``akdtune/``: Tune re-uploads stale copies of top-level .json/.pkl files of the
 experiment folder after a restore, which would overwrite them. Tune's own files (``experiment_state-*.json``,
-``tuner.pkl``, trial folders) are Tune's.
+``tuner.pkl``, trial folders) are Tune's; where the storage is local Tune writes them through
+``trainable.atomicfs`` (atomically).
 
 **Damage.** Every JSON record is written atomically (``trainable.files``: a kill leaves the old file or the new
 one) and carries ``_record: {format, sha256}``, the checksum of the rest of it, so a file changed or cut by
 anything else is told from a whole one: :func:`read_record` raises :class:`DamagedRecord`, one line naming the
-file and what to do, and changes nothing. Optuna's study journal is checked line by line before anything
-appends to it (:func:`check_journal`); a record cut by a kill at its end is the one damage ``--repair`` mends
-without loss of anything complete (:func:`repair_journal`). Records written before checksums existed are read
-as they are.
+file and what to do, and changes nothing. A record without a checksum is damage unless the whole search predates
+checksums (:func:`written_before_checksums`). Optuna's study journal is checked line by line before anything
+appends to it (:func:`check_journal`), Tune's state files are checked whole (:func:`check_tune_state`), and the
+records are checked against each other (:func:`check_agreement`: a journal cut at a line boundary reads as whole
+alone). ``--repair`` mends only what the other records rebuild without loss, after checking the result
+(:func:`repair_records`).
 
 **Moves.** A search folder may be copied, moved or archived and resumed from its new place: the records hold
 paths relative to the folder, and the objects Tune pickles with absolute paths are re-pointed on restore
@@ -28,7 +32,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from trainable import metrics as M
 from trainable.errors import UserError
 from trainable.files import jsonable, write_json
 
@@ -401,57 +404,6 @@ def read_result_lines(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(r, dict):
             out.append(r)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Limits (the space's budget on the student) and the settings refused over them
-# ---------------------------------------------------------------------------------------------
-OVER_BUDGET = "over_budget"  # Optuna user attribute of a setting refused before training: why, in words
-
-
-def space_limits(raw: dict[str, Any]) -> dict[str, float]:
-    """A space's limits on the student as ``{metric: upper limit}``, from its ``limits: {param_ratio, flops}`` (or the
-    older ``param_budget`` and ``budget.flops``). A trial is within the budget when every limit holds."""
-    block = raw.get("limits") if isinstance(raw.get("limits"), dict) else {}
-    old = raw.get("budget") if isinstance(raw.get("budget"), dict) else {}
-    ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
-    flops = old.get("flops", block.get(M.FLOPS))
-    return {m: float(v) for m, v in ((M.PARAM_RATIO, ratio), (M.FLOPS, flops)) if v is not None}
-
-
-def describe_limits(limits: dict[str, float]) -> str:
-    """The budget in words, e.g. "params <= 10% of the teacher, flops <= 400,000"; "" for none."""
-    return ", ".join(f"params <= {v:.0%} of the teacher" if m == M.PARAM_RATIO else f"{m} <= {v:,.0f}"
-                     for m, v in limits.items())
-
-
-def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
-    """Every limit holds (a metric the result lacks counts as over)."""
-    return all(result.get(m) is not None and result[m] <= lim for m, lim in limits.items())
-
-
-def count_refused(study) -> int:
-    """How many proposed settings an Optuna study's search refused before training, over its budget."""
-    return 0 if study is None else sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
-
-
-def refused_over_budget(path: str | Path) -> int:
-    """``count_refused`` of the study in the journal at ``path`` (0 when there is none yet)."""
-    return count_refused(open_study(path))
-
-
-# ---------------------------------------------------------------------------------------------
-# Dominance (objective vectors, all minimised)
-# ---------------------------------------------------------------------------------------------
-def dominates(a, b) -> bool:
-    """``a`` dominates ``b`` (all objectives minimised): no worse everywhere, better somewhere."""
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def pareto_mask(acc: list[float], ratio: list[float]) -> list[bool]:
-    """True where no other point has higher-or-equal accuracy and lower-or-equal size, one strictly."""
-    points = [(-a, r) for a, r in zip(acc, ratio)]
-    return [not any(dominates(q, p) for j, q in enumerate(points) if j != i) for i, p in enumerate(points)]
 
 
 # ---------------------------------------------------------------------------------------------

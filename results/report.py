@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from results.limits import count_refused, describe_limits, space_limits
 from results.record import (
     BEST_DIR,
     BEST_METRICS,
@@ -32,9 +33,6 @@ from results.record import (
     UNFINISHED,
     best_files,
     count_outcomes,
-    count_refused,
-    describe_limits,
-    space_limits,
 )
 from results.study import load_study
 from results.summary import Experiment, load_experiment, write_summaries
@@ -215,7 +213,7 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
             hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>mean {sel} %{{y:.4f}}<extra></extra>"))
     full = t[t["epochs_run"] >= max_epochs]
     if len(full):
-        from results.record import pareto_mask
+        from results.limits import pareto_mask
 
         front = full[pareto_mask(full[col].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
         fig.add_trace(go.Scatter(x=front["student_params"], y=front[col], mode="lines+markers",

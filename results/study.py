@@ -16,7 +16,8 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from results.record import OVER_BUDGET, STUDY_FILE, open_study
+from results.limits import OVER_BUDGET
+from results.record import STUDY_FILE, open_study
 from results.summary import Experiment
 from trainable import metrics as M
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 
+from results.limits import pareto_mask, space_limits, within_limits
 from results.record import (  # noqa: F401 (the outcome names, re-exported for readers of the tables)
     BEST_METRICS,
     COMPLETED,
@@ -31,15 +32,12 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
     best_files,
     check_records,
     has_tune_state,
-    pareto_mask,
     read_record,
     read_result_lines,
     result_log,
     scheduler_record,
-    space_limits,
     trial_folders,
     tune_trials,
-    within_limits,
 )
 from trainable import metrics as M
 from trainable.errors import UserError

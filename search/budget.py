@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from results.record import describe_limits, within_limits
+from results.limits import describe_limits, within_limits
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 from trainable.errors import UserError

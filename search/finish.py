@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results.limits import describe_limits, refused_over_budget
 from results.record import (
     BEST_DIR,
     BEST_METRICS,
@@ -24,11 +25,9 @@ from results.record import (
     SUMMARY_DIR,
     TRIALS_TABLE,
     count_outcomes,
-    describe_limits,
     has_tune_state,
     latest_checkpoint,
     outcomes_line,
-    refused_over_budget,
     write_record,
 )
 from results.summary import load_experiment, write_summaries

@@ -21,7 +21,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from results.record import here, within_limits
+from results.limits import within_limits
+from results.record import here
 from trainable import metrics as M
 
 
@@ -181,7 +182,7 @@ class SearchProgress(Callback):
         a trial starts (and at setup, for a resumed search), not on every result."""
         if not self.study_file:
             return
-        from results.record import refused_over_budget
+        from results.limits import refused_over_budget
 
         try:
             self.refused = refused_over_budget(self.study_file)

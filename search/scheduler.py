@@ -31,7 +31,8 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from results.record import dominates, here, scheduler_record, write_record
+from results.limits import dominates
+from results.record import here, scheduler_record, write_record
 from trainable import metrics as M
 from trainable.errors import DiskFull, full_disk
 

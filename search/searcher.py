@@ -30,7 +30,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from results.record import OVER_BUDGET, STUDY_FILE, here, journal_storage, open_study
+from results.limits import OVER_BUDGET
+from results.record import STUDY_FILE, here, journal_storage, open_study
 from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
 from trainable import metrics as M

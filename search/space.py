@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from results.record import space_limits
+from results.limits import space_limits
 from trainable import metrics as M
 from trainable import sources
 from trainable.config import FIELDS, build_config

@@ -6,7 +6,7 @@ import pickle
 import optuna
 import pytest
 
-from results.record import OVER_BUDGET
+from results.limits import OVER_BUDGET
 from search.budget import BudgetCheck, check_reachable
 from search.space import parse_space
 from trainable import metrics as M
@@ -57,7 +57,8 @@ def test_over_says_which_limit_and_by_how_much(teacher_params):
 
 
 def test_the_searcher_never_hands_tune_a_setting_over_the_budget(tmp_path, teacher_params):
-    from results.record import journal_storage, refused_over_budget
+    from results.limits import refused_over_budget
+    from results.record import journal_storage
     from search.searcher import OptunaSearcher
 
     space = parse_space({"params": FRACTION})

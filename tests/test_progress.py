@@ -127,7 +127,7 @@ def test_a_search_prints_a_few_lines_and_the_report_is_valid_while_it_runs(tmp_p
     # capacity.yaml's sizes reach past its budget: those settings were refused before training, and said so
     import pandas as pd
 
-    from results.record import refused_over_budget
+    from results.limits import refused_over_budget
 
     trials = pd.read_parquet(tmp_path / "p" / "summary" / "trials.parquet")
     refused = refused_over_budget(str(tmp_path / "p" / "akdtune" / "study.journal"))
@@ -165,7 +165,8 @@ def test_the_report_thread_stops_at_once_when_the_search_ends(tmp_path, monkeypa
 def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
     import optuna
 
-    from results.record import OVER_BUDGET, journal_storage
+    from results.limits import OVER_BUDGET
+    from results.record import journal_storage
 
     journal = tmp_path / "study.journal"
     study = optuna.create_study(study_name="akdtune", storage=journal_storage(journal))

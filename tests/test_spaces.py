@@ -120,8 +120,8 @@ def test_every_problem_reported_together():
 
 
 def test_a_flops_budget_is_a_limit_like_the_parameter_budget():
-    from results.record import space_limits as budget_limits
-    from results.record import within_limits
+    from results.limits import space_limits as budget_limits
+    from results.limits import within_limits
     from search.space import limit_violation
     from trainable import metrics as M
 
@@ -140,7 +140,7 @@ NEW = {"search": {"num_samples": 2, "max_epochs": 3, "grace_period": 1}, "limits
 
 
 def test_search_settings_and_student_limits_have_their_own_keys_and_older_spaces_still_read():
-    from results.record import space_limits
+    from results.limits import space_limits
     from trainable import metrics as M
 
     new = parse_space(NEW, "new.yaml")
