@@ -323,21 +323,6 @@ class OptunaSearcher(Searcher):
             self.scheduler.set_order(self.asked)
 
 
-    def agree_with(self, known: list[str]) -> None:
-        """After a restore: the trials proposed are those Tune restored (``known``), in the order they were proposed
-        (the scheduler's record of it is written as each is proposed, so it has them all): a proposal made after Tune
-        last saved its trials is made again, one Tune has is never made twice."""
-        if not self.repeatable:
-            return
-        order = list((self.scheduler.state.get("order") if self.scheduler is not None else None) or self.asked)
-        have, k = set(known), 0
-        while k < len(order) and order[k] in have:
-            k += 1
-        self.asked = order[:k]
-        if self.scheduler is not None:
-            self.scheduler.set_order(self.asked)
-
-
 def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
     """Tell FAIL (reason ``abandoned``) for every Optuna trial still RUNNING whose Ray trial Tune never
     recorded (asked just before the driver was killed; the resumed search asked another in its place).

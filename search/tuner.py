@@ -101,30 +101,6 @@ def _in_this_folder():
         def restore_from_dir(self, dirpath: str) -> None:
             own = self.folder if self.has_checkpoint(self.folder) else dirpath
             super().restore_from_dir(own)
-            self._agree_with_tune()
-
-        def _agree_with_tune(self) -> None:
-            """Tune copies its state files one by one: a kill in the middle of a copy can leave the generator's and
-            the searcher's state newer (or older) than the experiment state Tune restores its trials from. What was
-            proposed is made to be what Tune restored: the searcher's proposals, the count of trials made and the
-            trials the concurrency limit counts as running."""
-            from ray.tune.search import ConcurrencyLimiter
-
-            from results.record import has_tune_state, tune_trials
-
-            if not has_tune_state(self.folder):
-                return
-            trials = {t["trial_id"]: t["status"] for t in tune_trials(self.folder)}
-            searcher, limiter = self.searcher, None
-            while hasattr(searcher, "searcher"):
-                limiter = searcher if isinstance(searcher, ConcurrencyLimiter) else limiter
-                searcher = searcher.searcher
-            if hasattr(searcher, "agree_with"):
-                searcher.agree_with(list(trials))
-            self.set_state({**self.get_state(), "counter": len(trials), "finished": False})
-            if limiter is not None:
-                live = {t for t, status in trials.items() if status not in ("TERMINATED", "ERROR")}
-                limiter.set_state({**limiter.get_state(), "live_trials": live, "num_unfinished_live_trials": len(live)})
 
         def set_state(self, state: dict) -> None:
             super().set_state(state)

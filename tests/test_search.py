@@ -741,15 +741,8 @@ def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path
 
 
 def _tmp_files(exp: Path) -> bool:
-    """A live writer is in the middle of a file (Tune's copies and this tool's records alike write a temporary
-    ``.<name>.<pid>.tmp<suffix>`` first; one a killed writer left behind does not count)."""
-    import re
-
-    for p in [*exp.glob(".*"), *exp.glob("akdtune/.*")]:
-        m = re.fullmatch(r"\..*\.(\d+)\.tmp.*", p.name)
-        if m and Path(f"/proc/{m.group(1)}").exists():
-            return True
-    return False
+    """A writer is in the middle of a file (Tune's copies and this tool's records alike leave a temporary one)."""
+    return any(".tmp" in p.name for p in exp.glob(".*")) or any(".tmp" in p.name for p in exp.glob("akdtune/.*"))
 
 
 def _finished_count(exp: Path) -> int:
@@ -808,11 +801,8 @@ def test_a_search_killed_at_ten_moments_and_resumed_each_time_is_the_uninterrupt
         repair = []
     assert not ended, ended
     assert len(killed) >= 6, killed  # most moments came while the search ran (a fast machine may pass a few)
-    for extra in ([], ["--repair"]):  # --repair only where the resume's line asks for it (a cut journal record)
-        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
-                            *extra, "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
-        if not (r.returncode == 2 and "--repair" in r.stderr):
-            break
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                        "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = trials_table(exp)
     assert len(trials) == 8 and trials["trial_id"].is_unique and list(trials["trial"]) == list(range(8))
