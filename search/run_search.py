@@ -31,7 +31,7 @@ from search.prepare import (
     typical_trial_config,
 )
 from search.session import record_session
-from search.tuner import build_tuner, make_trainable, restore_tuner
+from search.tuner import build_tuner, make_trainable, restore_tuner, tune_saved_state
 from trainable.errors import UserError, full_disk, full_disk_line
 
 
@@ -127,9 +127,12 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         relocate(folders_of(plan.record), plan.path)
         remove_stale_lock(Path(plan.path) / STUDY_FILE)  # a kill while the study was being appended to
     teacher = prepare_teacher_for(plan)
-    # A new search's budget check (a space with no setting within its budget stops here); a resumed one's
+    # A resumed search is restored from what Tune saved of it; one killed before Tune saved anything starts its
+    # trials again (its study, scheduler and search records are kept).
+    restored = plan.resume and tune_saved_state(plan)
+    # A new search's budget check (a space with no setting within its budget stops here); a restored one's
     # searcher carries its own.
-    check = None if plan.resume else budget_check(plan, teacher)
+    check = None if restored else budget_check(plan, teacher)
     typical = typical_trial_config(plan)
     if not plan.resume:
         check_trial_builds(plan, teacher, typical)  # a setting that cannot make a run stops here, before Ray
@@ -143,7 +146,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     start_ray(plan)
     record_session(plan, teacher, speed, started)
     trainable = make_trainable(plan, teacher, speed)
-    tuner = restore_tuner(plan, trainable) if plan.resume else build_tuner(plan, trainable, check)
+    tuner = restore_tuner(plan, trainable) if restored else build_tuner(plan, trainable, check)
     tuner.fit()
     if not plan.local:
         print(f"search finished; summaries are written for local storage only: run results/report.py on a copy of "

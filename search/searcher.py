@@ -148,6 +148,7 @@ class OptunaSearcher(Searcher):
         trial, setting, _ = self._propose(self.study, lambda attempt: None)
         trial.set_user_attr(RAY_ID, trial_id)
         self._live[trial_id], self._steps[trial_id] = trial, set()
+        self._record_proposal(trial_id)
         return setting
 
     def _propose(self, study, on_refused) -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
@@ -201,10 +202,14 @@ class OptunaSearcher(Searcher):
             self._constrain(trial, costs)
         trial.set_user_attr(RAY_ID, trial_id)
         self._live[trial_id], self._steps[trial_id] = trial, set()
+        self._record_proposal(trial_id)
+        return setting
+
+    def _record_proposal(self, trial_id: str) -> None:
+        """``trial_id`` is the next trial in the order of proposals (recorded by the scheduler: the tables' ``trial``)."""
         self.asked.append(trial_id)
         if self.scheduler is not None:
             self.scheduler.set_order(self.asked)
-        return setting
 
     def _constrain(self, trial, values: dict[str, Any]) -> None:
         """Tell the sampler the budget's constraints for the metrics in ``values`` (feasible when <= 0), once per
@@ -319,7 +324,25 @@ class OptunaSearcher(Searcher):
                 self.asked = list(json.load(f).get("asked", self.asked))
         except (OSError, ValueError):
             pass  # a marker written before searches were repeatable
-        if self.scheduler is not None and self.repeatable:
+        if self.scheduler is not None:  # never shorter than the scheduler's record (see ``proposed``)
+            self.scheduler.set_order(self.proposed())
+
+
+    def proposed(self) -> list[str]:
+        """The trials proposed so far, in order: the scheduler's record where it runs ahead of this searcher's own list
+        (it is written as each trial is proposed, and Tune saves the searcher's list only now and then), else the list."""
+        order = list(self.scheduler.state.get("order") or []) if self.scheduler is not None else []
+        return order if len(order) > len(self.asked) and order[:len(self.asked)] == self.asked else list(self.asked)
+
+    def agree_with(self, known: list[str]) -> None:
+        """After a restore: the trials proposed are those Tune restored (``known``), in the order they were proposed:
+        a proposal made after Tune last saved its trials is made again (repeatable: the same setting), one Tune has is
+        never made twice."""
+        order, have, k = self.proposed(), set(known), 0
+        while k < len(order) and order[k] in have:
+            k += 1
+        self.asked = order[:k]
+        if self.scheduler is not None:
             self.scheduler.set_order(self.asked)
 
 

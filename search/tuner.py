@@ -101,6 +101,30 @@ def _in_this_folder():
         def restore_from_dir(self, dirpath: str) -> None:
             own = self.folder if self.has_checkpoint(self.folder) else dirpath
             super().restore_from_dir(own)
+            self._agree_with_tune()
+
+        def _agree_with_tune(self) -> None:
+            """Tune copies its state files one by one: a kill in the middle of a copy can leave the generator's and
+            the searcher's state newer (or older) than the experiment state Tune restores its trials from. What was
+            proposed is made to be what Tune restored: the searcher's proposals, the count of trials made and the
+            trials the concurrency limit counts as running."""
+            from ray.tune.search import ConcurrencyLimiter
+
+            from results.record import has_tune_state, tune_trials
+
+            if not has_tune_state(self.folder):
+                return
+            trials = {t["trial_id"]: t["status"] for t in tune_trials(self.folder)}
+            searcher, limiter = self.searcher, None
+            while hasattr(searcher, "searcher"):
+                limiter = searcher if isinstance(searcher, ConcurrencyLimiter) else limiter
+                searcher = searcher.searcher
+            if hasattr(searcher, "agree_with"):
+                searcher.agree_with(list(trials))
+            self.set_state({**self.get_state(), "counter": len(trials), "finished": False})
+            if limiter is not None:
+                live = {t for t, status in trials.items() if status not in ("TERMINATED", "ERROR")}
+                limiter.set_state({**limiter.get_state(), "live_trials": live, "num_unfinished_live_trials": len(live)})
 
         def set_state(self, state: dict) -> None:
             super().set_state(state)
@@ -145,6 +169,8 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
                               repeatable=repeatable, concurrency=at_once)
     if plan.local:
         plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    if plan.resume:
+        print(f"resuming {plan.path}: stopped before Ray Tune saved any of its state, so its trials start again")
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)
     return tune.Tuner(
         trainable, param_space=plan.trial_config,
@@ -154,6 +180,13 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
             scheduler=scheduler, num_samples=plan.num_samples, trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan),
                                                           *([ResultLog(plan.path)] if plan.local else [])]))
+
+
+def tune_saved_state(plan: SearchPlan) -> bool:
+    """Whether Tune saved a state of the search to restore. A search killed before Tune's first save has none: Tune
+    would start it again from ``tuner.pkl`` alone, which keeps neither the trials' config nor their number, so the
+    search's trials are started again by a new Tuner instead."""
+    return not plan.local or has_tune_state(plan.path)
 
 
 def restore_tuner(plan: SearchPlan, trainable):

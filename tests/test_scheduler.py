@@ -173,7 +173,10 @@ def test_a_repeatable_decision_waits_for_the_earlier_trials_at_its_rung(tmp_path
 # ----------------------------------------------------------------------------- searcher
 class FakeScheduler:
     def __init__(self):
-        self.stopped, self.finished = {}, {}
+        self.stopped, self.finished, self.state = {}, {}, {}
+
+    def set_order(self, trial_ids):
+        self.state["order"] = list(trial_ids)
 
 
 def make_searcher(tmp_path, objectives=MO, budget=0.1):
@@ -275,3 +278,24 @@ def test_a_scheduler_and_searcher_pickled_by_the_earlier_version_restore(tmp_pat
     s3 = OptunaSearcher.__new__(OptunaSearcher)
     s3.__setstate__(state)
     assert s3.limits == {M.PARAM_RATIO: 0.1}
+
+
+def test_after_a_restore_the_proposals_are_the_trials_tune_restored(tmp_path):
+    """Tune copies its state files one by one: a kill in the middle can leave the searcher's list of proposals older
+    or newer than the trials Tune restores. The scheduler's record (written as each trial is proposed) is never
+    shortened by an older list, and the proposals are then made to be exactly the trials Tune has."""
+    s = make_searcher(tmp_path)
+    for tid in ["a", "b"]:
+        s.suggest(tid)
+    s.save(str(tmp_path / "searcher-state.pkl"))  # Tune saved the searcher after two proposals...
+    s.suggest("c")  # ...and the kill came after a third
+    assert s.scheduler.state["order"] == ["a", "b", "c"]
+    s.restore(str(tmp_path / "searcher-state.pkl"))
+    assert s.asked == ["a", "b"] and s.scheduler.state["order"] == ["a", "b", "c"]  # the record is not cut
+    assert s.proposed() == ["a", "b", "c"]
+    s.agree_with(["a", "b", "c"])  # Tune has trial c: it is never proposed again
+    assert s.asked == ["a", "b", "c"]
+    s.agree_with(["a", "b"])  # Tune's state predates c: it is proposed again, in its place
+    assert s.asked == ["a", "b"] and s.scheduler.state["order"] == ["a", "b"]
+    s.suggest("d")
+    assert s.scheduler.state["order"] == ["a", "b", "d"]

@@ -255,8 +255,11 @@ def test_sigkill_mid_search_resumes_to_exactly_num_samples(tmp_path, ray_address
         for tid, record in records.items():
             assert state_after["rungs"][rung][tid] == record
     assert set(state_before["stopped"]) <= set(state_after["stopped"])
-    study = study_trials(exp)
-    assert len(study) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in study.values())
+    study, ids = study_trials(exp), set(trials["trial_id"])
+    assert ids <= set(study) and all(study[t].state.name in ("COMPLETE", "PRUNED") for t in ids)
+    # A setting proposed after Tune last saved its trials was proposed again in its place: the first proposal is
+    # told FAIL (abandoned) in the study and is no trial of the table.
+    assert all(t.state.name == "FAIL" for tid, t in study.items() if tid not in ids)
 
 
 @pytest.mark.parametrize("how", ["copy", "move"])
@@ -481,6 +484,13 @@ def test_ctrl_c_exits_3_and_the_printed_command_resumes(tmp_path, ray_address):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = trials_table(exp)
     assert len(trials) == 5 and trials["trial_id"].is_unique and (trials["outcome"] != "unfinished").all()
+
+
+def test_an_asynchronous_search_numbers_its_trials_in_the_order_they_were_proposed(tmp_path, ray_address):
+    assert search("--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 3, "--asynchronous",
+                  "--storage", tmp_path, "--name", "a", "--no-report") == 0
+    trials = trials_table(tmp_path / "a")
+    assert list(trials["trial"]) == [0, 1, 2] and trials["trial_id"].is_unique
 
 
 def test_search_across_a_two_node_cluster(tmp_path):
@@ -738,6 +748,90 @@ def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _same_search(tmp_path / "a", tmp_path / "c")
+
+
+TUNE_STATE_PREFIXES = (".experiment_state-", ".search_gen_state-", ".searcher-state-", ".callback-states-")
+
+
+def _tmp_files(exp: Path) -> bool:
+    """A live writer is in the middle of copying one of Tune's state files into the search folder (each is written
+    as ``.<name>.<pid>.tmp<suffix>`` first and moved into place; one a killed writer left behind does not count)."""
+    import re
+
+    with os.scandir(exp) as entries:  # cheap enough to poll every millisecond: a copy lasts about that long
+        names = [e.name for e in entries if e.name.startswith(TUNE_STATE_PREFIXES)]
+    for name in names:
+        m = re.fullmatch(r"\..*\.(\d+)\.tmp.*", name)
+        if m and Path(f"/proc/{m.group(1)}").exists():
+            return True
+    return False
+
+
+def _finished_count(exp: Path) -> int:
+    return len(_finished_trials(exp))
+
+
+def _stops(exp: Path) -> int:
+    try:
+        return len(scheduler_state(exp)["stopped"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+# Ten moments of one search, each the first moment at which it is killed (kill -9) in one session of it.
+KILL_MOMENTS = [
+    ("a trial folder is made", lambda e: any(e.glob("trial_*"))),
+    ("the first trial finished", lambda e: _finished_count(e) >= 1),
+    ("inside a copy of Tune's state", _tmp_files),
+    ("three trials finished", lambda e: _finished_count(e) >= 3),
+    ("right after a stop decision", lambda e: _stops(e) >= 3),
+    ("inside another copy", _tmp_files),
+    ("six trials finished", lambda e: _finished_count(e) >= 6),
+    ("the confirmation started", lambda e: (e / "confirm").is_dir()),
+    ("the winner's export", lambda e: (e / "akdtune" / "best.partial").exists()),
+    ("between the export and the summaries", lambda e: (e / "best" / "trial.json").is_file()),
+]
+
+
+def test_a_search_killed_at_ten_moments_and_resumed_each_time_is_the_uninterrupted_search(tmp_path, ray_address):
+    """kill -9 at ten moments spread over one search (inside Tune's state copies and between the export and the
+    summaries included), each followed by --resume: exactly N trials, none twice, and the same trials table and
+    winner as the search run without a break."""
+    assert search(*REPEAT_ARGS, "--storage", tmp_path, "--name", "whole") == 0
+    exp, args = tmp_path / "k", [*REPEAT_ARGS, "--storage", tmp_path, "--name", "k"]
+    killed, ended, repair, moments = [], [], [], list(KILL_MOMENTS)
+    while moments:
+        moment, reached = moments[0]
+        resume = ["--resume", *(["--repair"] if repair else [])] if (exp / "tuner.pkl").exists() else []
+        proc = _start([*args, *resume], ray_address)
+        try:
+            end = time.time() + 300
+            while time.time() < end and proc.poll() is None and not reached(exp):
+                time.sleep(0.001 if reached is _tmp_files else 0.05)  # a copy of Tune's state lasts milliseconds
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                killed.append(moment)
+            out = proc.communicate()[0]
+        assert "Traceback" not in out, (moment, out[-3000:])
+        if proc.returncode == 2 and "--repair" in out and not repair:
+            repair = [moment]  # a kill cut the study journal's last record: the line says to resume with --repair,
+            continue  # and so the same moment is tried again as a user would resume
+        if proc.returncode not in (-signal.SIGKILL, 0):
+            ended.append((moment, proc.returncode, out[-2000:]))
+        moments.pop(0)
+        repair = []
+    assert not ended, ended
+    assert len(killed) >= 6, killed  # most moments came while the search ran (a fast machine may pass a few)
+    for extra in ([], ["--repair"]):  # --repair only where the resume's line asks for it (a cut journal record)
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                            *extra, "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        if not (r.returncode == 2 and "--repair" in r.stderr):
+            break
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = trials_table(exp)
+    assert len(trials) == 8 and trials["trial_id"].is_unique and list(trials["trial"]) == list(range(8))
+    _same_search(tmp_path / "whole", exp)
 
 
 def _waiting_trial(config):
