@@ -44,8 +44,7 @@ from trainable.errors import UserError
 from trainable.files import atomic_path
 
 TRIAL_COLUMNS = {
-    "trial": "the trial's place in the order its setting was proposed (0, 1, ...; the table's order); empty for a "
-             "search run with --asynchronous",
+    "trial": "the trial's place in the order its setting was proposed (0, 1, ...; the table's order)",
     "trial_id": "Ray's trial id",
     "outcome": f"{COMPLETED} | {STOPPED_EARLY} (by the scheduler) | {DIVERGED} (NaN/Inf loss) | {ERRORED} | "
                f"{UNFINISHED} (interrupted, resumable). A trial folder the driver created just before it was killed, "

@@ -3,6 +3,8 @@ cluster, and a trial's device and threads."""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 from search.plan import SearchPlan
 from trainable.errors import UserError
@@ -93,12 +95,125 @@ def start_ray(plan: SearchPlan) -> None:
             os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, paths)])
         if plan.address:
             check_address(plan.address)
-        init = dict(address=plan.address) if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False)
+        init = (dict(address=plan.address, runtime_env={"py_modules": shipped_code(plan), "excludes": SHIP_EXCLUDES})
+                if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False))
         try:  # workers' logs (a line per checkpoint) reach the terminal only with --verbose
             ray.init(log_to_driver=plan.verbose, configure_logging=False, **init)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
     check_cluster(plan)
+    if plan.address:
+        check_nodes(plan)
+
+
+PROJECT_PACKAGES = ("trainable", "search", "results")
+SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
+
+
+def _installed(path: Path) -> bool:
+    """Whether ``path`` belongs to the Python installation (the standard library or an installed package): a node has
+    it from its own pip packages."""
+    import site
+    import sysconfig
+
+    roots = {sys.prefix, sys.base_prefix, *site.getsitepackages(), site.getusersitepackages(),
+             *(sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib"))}
+    return any(path.is_relative_to(Path(r).resolve()) for r in roots if r)
+
+
+def _module_path(name: str) -> Path | None:
+    """The file or folder of the top-level module ``name`` as this driver imports it, or None."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if found is None:
+        return None
+    if found.submodule_search_locations:
+        locations = list(found.submodule_search_locations)
+        return Path(locations[0]).resolve() if len(locations) == 1 else None
+    return Path(found.origin).resolve() if found.origin and found.origin.endswith(".py") else None
+
+
+def code_specs(plan: SearchPlan) -> list[str]:
+    """The teacher and student specs of the search that name code (``package.module:callable``)."""
+    from trainable.sources import kind
+
+    found, stack = [], [plan.teacher_model, plan.space.raw]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack += list(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack += list(v)
+        elif isinstance(v, str) and kind(v) == "callable" and all(
+                part.replace(".", "").isidentifier() for part in v.partition(":")[::2]):
+            found.append(v)
+    return sorted(set(found))
+
+
+def shipped_code(plan: SearchPlan) -> list[str]:
+    """What reaches every node of the cluster through Ray's runtime environment (``py_modules``): this project's
+    packages as this driver runs them, and the user's own modules that the specs name (a file or folder of theirs,
+    not an installed package). A node then needs only the same pip packages."""
+    if os.getcwd() not in sys.path:  # the user's own module in the folder they run from, as trainable.sources does
+        sys.path.insert(0, os.getcwd())
+    project = [p for p in (_module_path(n) for n in PROJECT_PACKAGES) if p is not None]
+    own = []
+    for spec in code_specs(plan):
+        path = _module_path(spec.partition(":")[0].split(".")[0])
+        if path is not None and not _installed(path) and path not in project and path not in own:
+            own.append(path)
+    return [str(p) for p in [*project, *own]]
+
+
+def _imports(specs: list[str]) -> dict:
+    """On one node: the project's trial code and every spec imported, and the versions that must match the driver's."""
+    import importlib
+
+    import torch
+
+    out = {"torch": torch.__version__, "errors": []}
+    for spec in ["trainable.tune_trainable:akd_trial", *specs]:
+        module, _, attr = spec.partition(":")
+        try:
+            if not callable(getattr(importlib.import_module(module), attr, None)):
+                out["errors"].append(f"{module!r} has no callable {attr!r} for {spec!r}")
+        except Exception as e:  # noqa: BLE001 - the node's own reason, reported in one line
+            out["errors"].append(f"cannot import {module!r} for {spec!r} ({type(e).__name__}: {str(e)[:160]})")
+    return out
+
+
+def check_nodes(plan: SearchPlan, timeout_s: float = 300.0) -> None:
+    """The door check of a cluster: on every live node, one task imports the trials' code and the search's teacher
+    and student specs (shipped with the runtime environment) and reports its torch version. A node that cannot run
+    a trial stops the search here in one line, before any trial starts."""
+    import ray
+    import torch
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    specs = code_specs(plan)
+    task = ray.remote(num_cpus=0)(_imports)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": task.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(specs) for n in nodes}
+    try:
+        answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"a node of the cluster at {plan.address} did not answer the import check within "
+                        f"{timeout_s:.0f} s; check `ray status`") from None
+    except ray.exceptions.RayError as e:
+        raise UserError(f"a node of the cluster at {plan.address} cannot start this search's code "
+                        f"({str(e).splitlines()[0][:200]}); every node needs the packages of requirements.txt") from None
+    for node, answer in answers.items():
+        if answer["errors"]:
+            raise UserError(f"node {node} cannot run a trial: {answer['errors'][0]}; every node needs the packages "
+                            "of requirements.txt (this project and your own modules are shipped to it)")
+        if answer["torch"] != torch.__version__:
+            raise UserError(f"node {node} has torch {answer['torch']} where this driver has {torch.__version__}; "
+                            "install the same packages on every node (requirements.txt)")
 
 
 def trials_at_once(plan: SearchPlan) -> int:

@@ -261,6 +261,13 @@ class SearchProgress(Callback):
         else:
             self._finish(trials, trial, "completed", f"completed {self.epochs.get(trial.trial_id, 0)} epochs")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        retries = trial.max_failures if trial.max_failures >= 0 else "unlimited"
+        epoch = self.epochs.get(trial.trial_id, 0)
+        self._line(f"      {self.label} {trial.trial_id} failed at epoch {epoch} (its worker or node lost, or see its "
+                   f"error.txt): retried from its last checkpoint, failure {trial.run_metadata.num_failures} of "
+                   f"{retries} allowed")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._finish(trials, trial, "failed", "ERRORED (see its error.txt; summary/trials.parquet has the reason)")
 

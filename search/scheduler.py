@@ -299,10 +299,14 @@ class RungScheduler(FIFOScheduler):
             self._write()
 
     def on_trial_error(self, tune_controller, trial: Trial) -> None:
-        """A trial that failed for good (no retry left): recorded, so that it counts as errored even where Tune's
-        experiment state still lists it as running (a worker that died) and a resume never trains it again. One that
-        failed for a full disk stops the search here, before anything records it: the resume trains it again."""
+        """A trial that failed. Tune calls this both when it retries the trial from its last checkpoint (a worker or
+        a node lost, within ``max_failures``: nothing is recorded, the trial goes on) and when it has no retry left:
+        then it is recorded, so that it counts as errored even where Tune's experiment state still lists it as
+        running and a resume never trains it again. One that failed for a full disk stops the search here, before
+        anything records it: the resume trains it again."""
         stop_if_disk_full(trial)
+        if trial.should_recover():  # Tune requeues it: it is still one of the search's live trials
+            return
         self.state.setdefault("errored", {})[trial.trial_id] = {"epoch": int((trial.last_result or {}).get(M.EPOCH, 0))}
         self._write()
 

@@ -1,0 +1,46 @@
+"""What a search ships to the nodes of a Ray cluster (``search.cluster``): this project's packages and the user's own
+modules named by a spec, never an installed package; and the door check's import on a node."""
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+from conftest import ROOT
+
+
+def _plan(teacher_model=None, raw=None):
+    return SimpleNamespace(teacher_model=teacher_model, space=SimpleNamespace(raw=raw or {}))
+
+
+def test_the_specs_that_name_code_are_found_in_the_teacher_and_the_space():
+    from search.cluster import code_specs
+
+    raw = {"fixed": {"student": "mynets.students:Small", "note": "see: the paper", "teacher": "timm:resnet18"},
+           "params": {"arch": {"type": "categorical", "choices": ["cnn", "other:Net", "torchvision:resnet18"]}}}
+    assert code_specs(_plan("mynets:Teacher", raw)) == ["mynets.students:Small", "mynets:Teacher", "other:Net"]
+    assert code_specs(_plan()) == []
+
+
+def test_the_project_and_the_users_own_module_are_shipped_and_installed_packages_are_not(tmp_path, monkeypatch):
+    from search.cluster import shipped_code
+
+    (tmp_path / "mynets.py").write_text("class Net:\n    pass\n")
+    (tmp_path / "ownpkg").mkdir()
+    (tmp_path / "ownpkg" / "__init__.py").write_text("")
+    monkeypatch.chdir(tmp_path)
+    shipped = shipped_code(_plan("mynets:Net", {"fixed": {"student": "ownpkg.models:S", "x": "json.decoder:JSONDecoder",
+                                                          "y": "torch.nn:Linear", "z": "nosuchmodule:X"}}))
+    assert shipped[:3] == [str(ROOT / name) for name in ("trainable", "search", "results")]
+    assert shipped[3:] == [str(tmp_path / "mynets.py"), str(tmp_path / "ownpkg")]  # not json (stdlib) nor torch
+
+
+def test_the_door_check_on_a_node_names_what_it_cannot_import():
+    import torch
+
+    from search.cluster import _imports
+
+    ok = _imports(["json:loads"])
+    assert ok == {"torch": torch.__version__, "errors": []}
+    bad = _imports(["nosuchmodule:Net", "json:nothing"])
+    assert bad["errors"][0].startswith("cannot import 'nosuchmodule' for 'nosuchmodule:Net' (ModuleNotFoundError")
+    assert bad["errors"][1] == "'json' has no callable 'nothing' for 'json:nothing'"
+    assert Path(os.getcwd()).exists()
