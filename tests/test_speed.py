@@ -160,3 +160,51 @@ def test_the_report_header_says_what_the_trials_computed_in():
     assert speed_line(rec) == "bf16 channels_last (measured, x1.67 against fp32) on cpu Some CPU, native bf16: yes, " \
                               "1 thread, torch 2"
     assert speed_line(None).startswith("not recorded")
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def _fake_runs(clock, seconds, counts):
+    """Runs whose iteration takes ``seconds[variant]`` on ``clock``; ``counts`` records the iterations of each."""
+    from trainable.speed import variant_name
+
+    class Run:
+        def __init__(self, cfg, teacher):
+            self.name = variant_name(cfg.precision, cfg.channels_last)
+            counts[self.name] = 0
+
+        def iteration(self):
+            counts[self.name] += 1
+            clock.now += seconds[self.name]
+
+    return Run
+
+
+def test_the_speed_measurement_drops_a_candidate_twice_as_slow_and_is_bounded(monkeypatch, digits_data):
+    """One timed iteration each; bf16 emulated 20x slower than fp32 is not timed on; the rounds stop at the bound;
+    the choice is what timing them all would give, and one line says what is measured before it starts."""
+    import trainable.speed as S
+
+    clock, counts, lines = _Clock(), {}, []
+    monkeypatch.setattr(S, "time", clock)
+    seconds = {"fp32": 0.10, "fp32 channels_last": 0.08, "bf16": 2.0, "bf16 channels_last": 1.9}
+    pairs = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
+    got = time_candidates(build_config(tiny_values()), teacher(), digits_data, CPU, pairs,
+                          make_run=_fake_runs(clock, seconds, counts), log=lines.append)
+    assert counts["bf16"] == counts["bf16 channels_last"] == 2  # the warm-up and the one timed iteration
+    assert counts["fp32"] > 2 and counts["fp32 channels_last"] > 2  # timed in rounds
+    assert got == pytest.approx(seconds) and pick(got) == ("fp32", True)
+    assert len(lines) == 1 and lines[0].startswith("measuring precision and layout: fp32, fp32 channels_last, bf16")
+    # A slow model: each round is bounded by the time gone, not by a count of iterations.
+    slow = {k: v * 300 for k, v in seconds.items()}  # 24-30 s an fp32 iteration
+    clock.now, counts = 0.0, {}
+    got = time_candidates(build_config(tiny_values()), teacher(), digits_data, CPU, pairs,
+                          make_run=_fake_runs(clock, slow, counts), log=None)
+    assert counts["fp32"] == counts["fp32 channels_last"] == 3  # warm-up, timed once, one round: past the bound
+    assert pick(got) == ("fp32", True)

@@ -198,32 +198,55 @@ def cache_key(cfg, device: torch.device, teacher_params: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+DROP_FACTOR = 2.0  # a candidate this many times slower than the best after one timed iteration is not timed on
+ROUNDS_BOUND_S = 20.0  # the timed rounds stop after the first one that ends past this many seconds
+
+
 def time_candidates(cfg, teacher: torch.nn.Module, data, device: torch.device, pairs: list[tuple[str, bool]],
                     rounds: int = 3, min_seconds: float = 0.3, max_iters: int = 20,
-                    data_root: str | None = None) -> dict[str, float]:
+                    data_root: str | None = None, make_run: Callable[..., Any] | None = None,
+                    log: Callable[[str], None] | None = print) -> dict[str, float]:
     """Seconds per full AKD iteration (student steps, generator steps, discriminator steps) of each candidate.
 
     Every candidate gets its own run (its own copy of the teacher: the layout changes a module in
-    place) and one warm-up iteration (allocator, oneDNN/cuDNN kernel choice); then ``rounds`` rounds
-    time each candidate in turn, so the machine's noise falls on all alike, and the median is kept.
-    A round runs as many iterations as fit in ``min_seconds`` (at most ``max_iters``).
+    place) and one warm-up iteration (allocator, oneDNN/cuDNN kernel choice); then one timed
+    iteration each, and a candidate already ``DROP_FACTOR`` times slower than the best is dropped
+    (bf16 emulated on a CPU without it can be 10-30 times slower: timing it in full took minutes).
+    Then up to ``rounds`` rounds time the others in turn, so the machine's noise falls on all alike,
+    and the median is kept; a round runs as many iterations as fit in ``min_seconds`` (at most
+    ``max_iters``), and no round starts once ``ROUNDS_BOUND_S`` have gone. A dropped candidate's
+    figure is its one timed iteration. ``make_run(config, teacher)`` builds a run (tests pass a fake).
     """
-    from trainable.akd import AKDRun
+    if make_run is None:
+        from trainable.akd import AKDRun
 
+        def make_run(fixed, teacher_copy):
+            return AKDRun(fixed, teacher_copy, data, device, data_root=data_root)
+
+    names = [variant_name(p, cl) for p, cl in pairs]
+    if log is not None:
+        log(f"measuring precision and layout: {', '.join(names)} on {device_name(device)} (one iteration each; "
+            f"those {DROP_FACTOR:g}x slower than the best are dropped, the rest timed for at most "
+            f"{ROUNDS_BOUND_S:.0f} s; cached afterwards)")
     with one_line_failure(cfg, "while its speed is measured"):
         runs = {}
         for precision, cl in pairs:
             fixed = dataclasses.replace(cfg, precision=precision, channels_last=cl, selection="accuracy")  # no proxy set to build
-            runs[variant_name(precision, cl)] = AKDRun(fixed, copy.deepcopy(teacher), data, device, data_root=data_root)
-        iters = {}
-        for name, run in runs.items():
-            first = _timed(run, 1, device)  # warm-up, and the size of one iteration
-            iters[name] = max(1, min(max_iters, int(min_seconds / max(first, 1e-6))))
-        samples: dict[str, list[float]] = {k: [] for k in runs}
+            runs[variant_name(precision, cl)] = make_run(fixed, copy.deepcopy(teacher))
+        for run in runs.values():
+            _timed(run, 1, device)  # warm-up
+        probe = {name: _timed(run, 1, device) for name, run in runs.items()}
+        best = min(probe.values())
+        kept = {name: run for name, run in runs.items() if probe[name] < DROP_FACTOR * best}
+        iters = {name: max(1, min(max_iters, int(min_seconds / max(probe[name], 1e-6)))) for name in kept}
+        samples: dict[str, list[float]] = {k: [] for k in kept}
+        start = time.perf_counter()
         for _ in range(rounds):
-            for name, run in runs.items():
+            for name, run in kept.items():
                 samples[name].append(_timed(run, iters[name], device) / iters[name])
-    return {k: statistics.median(v) for k, v in samples.items()}
+            if time.perf_counter() - start > ROUNDS_BOUND_S:
+                break
+    return {name: statistics.median(samples[name]) if name in samples else probe[name] for name in runs}
 
 
 @contextlib.contextmanager
