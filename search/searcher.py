@@ -327,7 +327,6 @@ class OptunaSearcher(Searcher):
         if self.scheduler is not None:  # never shorter than the scheduler's record (see ``proposed``)
             self.scheduler.set_order(self.proposed())
 
-
     def proposed(self) -> list[str]:
         """The trials proposed so far, in order: the scheduler's record where it runs ahead of this searcher's own list
         (it is written as each trial is proposed, and Tune saves the searcher's list only now and then), else the list."""
