@@ -77,6 +77,23 @@ def bounded(seconds: float):
     return block()
 
 
+def users_teacher(folder: Path, module: str, source: str):
+    """A teacher class ``DigitsNet`` of the user's own in ``folder/<module>.py``, with random weights saved as a user
+    would save them (``folder/w.pt``). Returns the module, imported once and forgotten again by this process."""
+    import importlib
+
+    (folder / f"{module}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    try:
+        mod = importlib.import_module(module)
+        torch.manual_seed(0)
+        torch.save(mod.DigitsNet(10).state_dict(), folder / "w.pt")
+    finally:
+        sys.path.remove(str(folder))
+        sys.modules.pop(module, None)
+    return mod
+
+
 def run_cli(script, *args, cwd=None, timeout=600):
     """The script in a fresh Python process (slow: torch and Ray are imported each time)."""
     import subprocess

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, users_teacher
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this Python, wherever its bin/ is
@@ -126,22 +126,11 @@ def two_nodes(tmp_path):
 
 
 def test_a_trial_on_a_node_that_dies_goes_on_from_its_checkpoint_on_another(tmp_path, two_nodes):
-    import torch
-
     address, _, worker = two_nodes
     user = tmp_path / "user"  # the driver's folder: the user's module, weights and space, nowhere else
     user.mkdir()
     log = tmp_path / "imports.log"  # a worker node's processes have its environment, not the driver's: a path
-    (user / "mynets.py").write_text(f"IMPORT_LOG = {str(log)!r}\n{MODULE}")
-    sys.path.insert(0, str(user))
-    try:
-        import mynets
-
-        torch.manual_seed(0)
-        torch.save(mynets.DigitsNet(10).state_dict(), user / "w.pt")
-    finally:
-        sys.path.remove(str(user))
-        sys.modules.pop("mynets", None)
+    users_teacher(user, "mynets", f"IMPORT_LOG = {str(log)!r}\n{MODULE}")
     space = {"search": {"num_samples": 2, "max_epochs": 24, "grace_period": 24, "confirm_top_k": 1,
                         "confirm_seeds": 1},
              "fixed": {"iters_per_epoch": 4, "batch_size": 32, "eval_batch_size": 512},

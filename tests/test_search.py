@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, users_teacher
 from trainable import metrics as M
 
 SPACES = sorted((ROOT / "spaces").glob("*.yaml"))
@@ -670,17 +670,7 @@ class DigitsNet(nn.Module):
 
 def test_a_search_with_the_users_own_teacher_class_runs_end_to_end(tmp_path, ray_address):
     """--teacher-model mymodule:Class --teacher w.pt, from the user's folder: the trials import the class there."""
-    import torch
-
-    (tmp_path / "myteacher.py").write_text(USER_TEACHER)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import myteacher
-
-        torch.manual_seed(0)
-        torch.save(myteacher.DigitsNet(10).state_dict(), tmp_path / "w.pt")
-    finally:
-        sys.path.remove(str(tmp_path))
+    myteacher = users_teacher(tmp_path, "myteacher", USER_TEACHER)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(ROOT / "spaces" / "capacity.yaml"),
                         "--teacher-model", "myteacher:DigitsNet", "--teacher", "w.pt", "--smoke", "--num-samples", "2",
