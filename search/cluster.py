@@ -158,8 +158,9 @@ def shipped_code(plan: SearchPlan) -> list[str]:
     """What reaches every node of the cluster through Ray's runtime environment (``py_modules``): this project's
     packages as this driver runs them, and the user's own modules that the specs name (a file or folder of theirs,
     not an installed package). A node then needs only the same pip packages."""
-    if os.getcwd() not in sys.path:  # the user's own module in the folder they run from, as trainable.sources does
-        sys.path.insert(0, os.getcwd())
+    from trainable.sources import user_folder_importable
+
+    user_folder_importable()  # the specs' modules are found as the trials' build finds them
     project = [p for p in (_module_path(n) for n in PROJECT_PACKAGES) if p is not None]
     own = []
     for spec in code_specs(plan):

@@ -109,8 +109,7 @@ def _builder(spec: str):
         module_name, _, attr = spec.partition(":")
         if not module_name or not attr:
             raise ModelSourceError(f"{spec!r} is not package.module:callable")
-        if os.getcwd() not in sys.path:  # the user's own module in the folder they run from
-            sys.path.insert(0, os.getcwd())
+        user_folder_importable()
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
@@ -125,6 +124,12 @@ def _builder(spec: str):
                                    "builds the model from num_classes=")
         return fn
     raise ModelSourceError(f"{spec!r} is not torchvision:NAME, timm:NAME or package.module:callable")
+
+
+def user_folder_importable() -> None:
+    """The folder the user runs from is importable (their own module named by a ``package.module:callable`` spec)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def widthable(spec: str) -> bool:
