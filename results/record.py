@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from trainable import storage
 from trainable.errors import UserError
 from trainable.files import jsonable, write_json
 
@@ -67,8 +68,21 @@ CHECKPOINT_PREFIX = "checkpoint_"  # in a trial folder: checkpoint_000000, check
 CHECKPOINT_NAME = "checkpoint.pt"  # in a checkpoint folder: the run's state (trainable.akd.CHECKPOINT_FILE)
 
 
+# What the tool itself writes into a search folder (the rest is Tune's): what a working copy of a search on a URI
+# uploads (trainable.storage.Mirror).
+OWN = (META_FILE.split("/")[0] + "/", BEST_DIR + "/", SUMMARY_DIR + "/", REPORT_FILE)
+
+
+def is_own(rel: str) -> bool:
+    """Whether the path ``rel`` (relative to the search folder) is one of the tool's own files; a file being written
+    (``best.partial``) is not yet."""
+    return rel.startswith(OWN) and not rel.startswith(BEST_PARTIAL + "/")
+
+
 def tune_started(folder: str | Path) -> bool:
-    """Whether Tune started an experiment in ``folder`` (a search exists there, finished or not)."""
+    """Whether Tune started an experiment in ``folder`` (a search exists there, finished or not); a URI is asked."""
+    if storage.is_uri(folder):
+        return storage.exists(str(folder), TUNER_FILE)
     return (Path(folder) / TUNER_FILE).exists()
 
 
@@ -144,6 +158,7 @@ def write_record(path: str | Path, data: dict[str, Any]) -> None:
     """Write a record of a search folder (``<folder>/akdtune/....json``) atomically, with its checksum."""
     body = {k: v for k, v in data.items() if k != RECORD_KEY}
     write_json(path, {**body, RECORD_KEY: {"format": RECORD_FORMAT, "sha256": _digest(body)}})
+    storage.written(path)  # a search on a URI: uploaded now, whole
 
 
 def written_before_checksums(folder: str | Path) -> bool:
@@ -380,6 +395,7 @@ def append_result(folder: str | Path, trial_id: str, result: dict[str, Any]) -> 
     line = json.dumps({k: v for k, v in result.items() if k != "config"}, default=_loggable)
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
+    storage.written(path)
 
 
 def _loggable(v: Any) -> Any:
@@ -443,7 +459,14 @@ def journal_storage(path: str | None):
         return optuna.storages.InMemoryStorage()
     from optuna.storages.journal import JournalFileBackend
 
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    class UploadedJournal(JournalFileBackend):
+        """The journal file; in a working copy of a search on a URI, uploaded whole after each append."""
+
+        def append_logs(self, logs):
+            super().append_logs(logs)
+            storage.written(path)
+
+    return optuna.storages.JournalStorage(UploadedJournal(str(path)))
 
 
 def open_study(path: str | Path):
@@ -599,7 +622,7 @@ def relocate(recorded: list[str] | str | None, now: str) -> None:
     state those of the folder of its last session: both are re-pointed."""
     _moved.clear()
     for old in ([recorded] if isinstance(recorded, str) else list(recorded or [])):
-        if old and os.path.normpath(old) != os.path.normpath(now):
+        if old and not storage.is_uri(old) and os.path.normpath(old) != os.path.normpath(now):
             _moved[os.path.normpath(old)] = os.path.normpath(now)
 
 

@@ -27,16 +27,20 @@ from results.record import (
     DIVERGED,
     ERRORED,
     FINISHED,
+    META_FILE,
     REPORT_FILE,
     STOPPED_EARLY,
     SUCCEEDED,
+    SUMMARY_DIR,
     UNFINISHED,
     best_files,
     count_outcomes,
+    is_own,
 )
 from results.study import load_study
 from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
+from trainable import storage
 from trainable.errors import UserError, full_disk, full_disk_line
 from trainable.files import write_text
 
@@ -517,11 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(description="Build Parquet summaries and the HTML report of a search.")
-    p.add_argument("run_dir", help="the experiment folder, <storage>/<name>")
+    p.add_argument("run_dir", help="the search: its folder <storage>/<name>, or its URI (s3://bucket/runs/<name>, ...)")
+    p.add_argument("--out", metavar="DIR", help="also copy the report and the summaries into DIR")
     p.add_argument("--open", action="store_true", help="open the report in the web browser")
     args = p.parse_args(argv)
     try:
-        out = build_report(args.run_dir)
+        out, summaries, report = report_of(args.run_dir, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -530,13 +535,44 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {full_disk_line(e, args.run_dir, 'the same command again')}", file=sys.stderr)
         return 3
-    print(f"summaries: {Path(args.run_dir) / 'summary'}\nreport:    {out}")
+    print(f"summaries: {summaries}\nreport:    {report}")
+    if args.out:
+        print(f"copied to: {Path(args.out, REPORT_FILE)}")
     if args.open:
         import webbrowser
 
         if not webbrowser.open(out.resolve().as_uri()):
             print(f"no web browser found here; open {out} yourself")
     return 0
+
+
+def report_of(run_dir: str, copy_to: str | None = None) -> tuple[Path, str, str]:
+    """Build the summaries and the report of the search at ``run_dir`` (a folder, or a URI: read into a working copy,
+    and the two written back there); copy both into ``copy_to`` if given. (The report's local file, where the
+    summaries are, where the report is.)"""
+    import shutil
+    import tempfile
+
+    if not storage.is_uri(run_dir):
+        out = build_report(run_dir)
+        where = (str(Path(run_dir) / SUMMARY_DIR), str(out))
+    else:
+        work = Path(tempfile.mkdtemp(prefix="akdtune-report-"))
+        mirror = storage.Mirror(run_dir, work / "search", is_own)
+        if not storage.exists(run_dir, META_FILE):
+            shutil.rmtree(work)
+            raise UserError(f"no search at {run_dir}: it holds no akdtune/search.json; pass <storage>/<name> of a search")
+        mirror.pull(checkpoints="none")
+        out = build_report(mirror.work)
+        mirror.push_changed()  # the summaries and the report, written back beside the search
+        where = (storage.join(run_dir, SUMMARY_DIR), storage.join(run_dir, REPORT_FILE))
+    if copy_to:
+        dest = Path(copy_to).expanduser()
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out, dest / REPORT_FILE)
+        shutil.copytree(out.parent / SUMMARY_DIR, dest / SUMMARY_DIR, dirs_exist_ok=True)
+        out = dest / REPORT_FILE
+    return out, *where
 
 
 if __name__ == "__main__":

@@ -3,17 +3,19 @@ carried through Tune's checkpoints, every trial result logged into the search fo
 current, short trial folder names.
 
 The searcher (``search.searcher.OptunaSearcher``) and the scheduler (``search.scheduler.RungScheduler``)
-keep their records in files of the run folder. Where the storage is not a local folder (a URI), the
-scheduler has no file; ``SearchStateCallback`` then carries its state through Tune's experiment
+keep their records in files of the run folder (for a search on a URI, in the driver's working copy, each file
+uploaded as it changes). ``SearchStateCallback`` also carries the scheduler's state through Tune's experiment
 checkpoints (callback state), which ``Tuner.restore`` gives back.
 """
 from __future__ import annotations
 
 import json
+import os
 
 from ray.tune import Callback
 
 from results.record import append_result, here, trial_folder_name
+from trainable.storage import push_changed
 
 
 class SearchStateCallback(Callback):
@@ -79,6 +81,7 @@ class WallClock(Callback):
             return
         self._last = now
         update_wall(self.meta_file)
+        push_changed(os.path.dirname(os.path.dirname(self.meta_file)))  # a URI's working copy: the live report too
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.tick()

@@ -21,6 +21,7 @@ from results.record import (
     CONFIRM_RESULTS,
     FINISHED,
     META_FILE,
+    REPORT_FILE,
     STUDY_FILE,
     SUMMARY_DIR,
     TRIALS_TABLE,
@@ -38,11 +39,13 @@ from search.prepare import Teacher
 from search.searcher import fail_abandoned
 from search.tuner import confirm_tuner
 from trainable import metrics as M
+from trainable import storage
 from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config
 from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.speed import Speed
+from trainable.storage import push_changed
 from trainable.tune_trainable import CANDIDATE, RUN
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
@@ -109,7 +112,7 @@ def _fmt(v: Any) -> str:
 
 
 def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, Any], results: list[dict],
-                 trials_line: str, limits: dict[str, float], wall_s: float, exp: Path, report: Path | None) -> None:
+                 trials_line: str, limits: dict[str, float], wall_s: float, exp: str, report: str | None) -> None:
     rows = [("best trial", best["trial_id"])]
     rows += [(k, _fmt(v)) for k, v in params.items() if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if limits:
@@ -134,8 +137,8 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
             print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r[f'val_{key}_mean']:.4f} ± "
                   f"{r[f'val_{key}_std']:.4f}  test {r[f'test_{key}_mean']:.4f} ± {r[f'test_{key}_std']:.4f}  "
                   f"seeds {r['seeds']}" + ("" if key == "acc" else "  (agreement with the teacher)"))
-    print(f"best student: {exp / BEST_DIR}")
-    print(f"summaries:    {exp / SUMMARY_DIR}")
+    print(f"best student: {storage.join(exp, BEST_DIR)}")
+    print(f"summaries:    {storage.join(exp, SUMMARY_DIR)}")
     if report is not None:
         print(f"report:       {report}")
 
@@ -178,7 +181,8 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
 
     Returns the exit code: 0 done, 3 interrupted (resumable), 1 when no trial succeeded.
     """
-    exp = Path(plan.path)
+    exp = Path(plan.folder)
+    _download_tune_files(plan)
     e = load_experiment(exp)
     write_summaries(e)
     line = _trials_line(e)
@@ -207,47 +211,73 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
     write_summaries(e)
     best = e.trials[e.trials["trial_id"] == winner["trial_id"]].iloc[0].to_dict()
     params = {c.removeprefix("param."): best[c] for c in best if c.startswith("param.")}
-    print_result(best, params, final, results, line, plan.space.limits, wall_s, exp, _report(exp, plan.report))
+    report = _report(exp, plan.report)
+    push_changed(exp)  # a search on a URI: best/, the summaries and the report uploaded (the records already are)
+    print_result(best, params, final, results, line, plan.space.limits, wall_s, plan.path,
+                 None if report is None else storage.join(plan.path, REPORT_FILE))
     return EXIT_OK
+
+
+def _download_tune_files(plan: SearchPlan) -> None:
+    """A search on a URI: Tune's files of it as they are there now (trial folders, without checkpoints) into the
+    working copy, where the summaries read them; the tool's own files are the copy's."""
+    mirror = storage.mirror_of(plan.folder)
+    if mirror is not None:
+        mirror.pull(own=False)
+
+
+def _checkpoint_of(plan: SearchPlan):
+    """Trial folder (of the working copy) -> its newest checkpoint; a search on a URI downloads that one first."""
+    mirror = storage.mirror_of(plan.folder)
+
+    def of(trial_dir: str | Path) -> Path | None:
+        if mirror is not None:
+            mirror.latest_checkpoint_of(Path(os.path.relpath(trial_dir, mirror.work)).as_posix())
+        return latest_checkpoint(trial_dir)
+
+    return of
 
 
 def bring_up_to_date(plan: SearchPlan) -> bool:
     """A finished search killed between its winner's export and its summaries: write them (and the report) now.
     Whether they were out of date (older than ``best/``, or missing)."""
-    exp = Path(plan.path)
+    exp = Path(plan.folder)
     table = exp / TRIALS_TABLE
     if table.is_file() and table.stat().st_mtime >= (exp / BEST_TRIAL).stat().st_mtime:
         return False
     write_summaries(load_experiment(exp))
     _report(exp, plan.report)
+    push_changed(exp)
     return True
 
 
 def _stop(plan: SearchPlan, trials_line: str, code: int, why: str) -> int:
     """End the search early: the trials line, the report of what exists, why, and the exit code."""
     print(f"trials: {trials_line}")
-    _report(Path(plan.path), plan.report)
+    _report(Path(plan.folder), plan.report)
+    push_changed(plan.folder)
     print(why)
     return code
 
 
 def _confirmation_plan(plan: SearchPlan, e) -> dict[str, Any]:
     """The confirmation's plan, made once from the finished trials and kept (abandoned Optuna trials failed first)."""
-    exp = Path(plan.path)
+    exp = Path(plan.folder)
     fail_abandoned(str(exp / STUDY_FILE), set(e.trials["trial_id"]))
     configs = {r["trial_id"]: r["_config"] for _, r in e.trials.iterrows()}
     return load_or_write_plan(exp, lambda: confirmation_plan(e, configs, plan.confirm_top_k, plan.confirm_seeds,
-                                                             plan.max_epochs, latest_checkpoint))
+                                                             plan.max_epochs, _checkpoint_of(plan)))
 
 
 def _run_confirmation(plan: SearchPlan, trainable, p: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Run (or resume) the confirmation runs; their trials, or None when they were interrupted."""
     if not p["runs"]:
         return []
-    cdir = confirm_dir(Path(plan.path))
+    cdir = confirm_dir(Path(plan.folder))
     print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
           f"{len(p['runs'])} run(s) to {plan.max_epochs} epochs")
     confirm_tuner(plan, trainable, p["runs"], cdir).fit()
+    _download_tune_files(plan)
     ctrials = _confirm_trials(cdir)
     if len(ctrials) < len(p["runs"]) or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):
         return None
@@ -258,14 +288,14 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
                     ctrials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each of a candidate's seeds that ran to max_epochs, evaluated from its last checkpoint (a run that diverged or
     failed does not count)."""
-    exp, runs = Path(plan.path), []
+    exp, runs, checkpoint_of = Path(plan.folder), [], _checkpoint_of(plan)
     for s in cand["seeds"]:
         own = s == cand["seeds"][0]
         match = [] if own and cand["epochs_run"] >= plan.max_epochs else [
             t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
-        ckpt = latest_checkpoint(match[0]["dir"]) if match else None
+        ckpt = checkpoint_of(match[0]["dir"]) if match else None
         if ckpt is None and own:  # the search trial itself: it ran max_epochs, or its continuation had nothing left to
-            ckpt = latest_checkpoint(exp / cand["trial_dir"])  # train (an older plan holds an absolute trial_dir)
+            ckpt = checkpoint_of(exp / cand["trial_dir"])  # train (an older plan holds an absolute trial_dir)
         if ckpt is None:
             continue
         r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)

@@ -24,12 +24,14 @@ from results.record import (
     CONFIRM_RESULTS,
     META_FILE,
     check_records,
+    is_own,
     read_record,
     repair_records,
     tune_started,
 )
 from search.space import CONFIRM_BOUNDS, Space, load_space
 from trainable import metrics as M
+from trainable import storage
 from trainable.errors import UserError
 from trainable.sources import as_spec
 
@@ -75,6 +77,7 @@ class SearchPlan:
     resume_command: str  # the command that finishes this search if it is interrupted
     record: dict[str, Any] | None = None  # the resumed search's akdtune/search.json
     finished: bool = False  # resuming a search that already finished: nothing to do
+    work: str | None = None  # a search on a URI: the driver's working copy of it (trainable.storage.Mirror)
 
     @property
     def task(self) -> str:
@@ -82,11 +85,18 @@ class SearchPlan:
 
     @property
     def local(self) -> bool:
-        return "://" not in self.path
+        """Whether the search's storage is a local (or NFS) folder, not a URI."""
+        return not storage.is_uri(self.path)
+
+    @property
+    def folder(self) -> str:
+        """The local folder the tool's own files are written in and read from: the search folder, or for a search
+        on a URI the driver's working copy of it (each file uploaded as it changes)."""
+        return self.work or self.path
 
     def file(self, name: str) -> Path:
-        """A file of the search folder (local storage only), e.g. ``plan.file(META_FILE)``."""
-        return Path(self.path) / name
+        """A file of the search, in :attr:`folder`, e.g. ``plan.file(META_FILE)``."""
+        return Path(self.folder) / name
 
     @property
     def trial_config(self) -> dict[str, Any]:
@@ -120,10 +130,11 @@ class SearchPlan:
                 "confirm_top_k": self.confirm_top_k, "confirm_seeds": self.confirm_seeds}
 
 
-def experiment_path(storage: str, name: str) -> str:
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{name}"
-    return str(Path(storage).expanduser().resolve() / name)
+def experiment_path(where: str, name: str) -> str:
+    """``<storage>/<name>``: an absolute local folder, or the URI with the name added (its query kept)."""
+    if storage.is_uri(where):
+        return storage.join(where, name)
+    return str(Path(where).expanduser().resolve() / name)
 
 
 def resume_command(argv: list[str]) -> str:
@@ -225,14 +236,16 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
     check_options(args)
     name = search_name(args)
     path = experiment_path(args.storage, name)
-    local = "://" not in path
-    exists = local and tune_started(path)
+    exists = tune_started(path)
     if exists and not args.resume and not getattr(args, "estimate", False):
         raise UserError(f"a search named {name!r} already exists in {args.storage}; pass --resume to finish it, "
                         "or --name NEW to start another")
-    if args.resume and local and not exists:
+    if args.resume and not exists:
         raise UserError(f"nothing to resume: no search named {name!r} in {args.storage}; drop --resume to start it")
-    record = _read_record(Path(path, META_FILE), name, getattr(args, "repair", False)) if args.resume and local else None
+    work = None if not storage.is_uri(path) or getattr(args, "estimate", False) else \
+        _working_copy(path, name, args.resume, getattr(args, "work_dir", None))
+    folder = work or path
+    record = _read_record(Path(folder, META_FILE), name, getattr(args, "repair", False)) if args.resume else None
     teacher_model = as_spec(args.teacher_model or (record or {}).get("teacher_model"))
     space = load_space(args.space, args.task or (record or {}).get("task"),  # validated before Ray starts
                        trust_code=bool(getattr(args, "trust_space", False)), trusted_specs=frozenset({teacher_model}))
@@ -264,6 +277,19 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
         verbose=args.verbose, report_every_s=args.report_every,
         resume=args.resume, resume_command=resume_command(argv), record=record,
-        finished=bool(record is not None and Path(path, CONFIRM_RESULTS).exists() and Path(path, BEST_TRIAL).is_file()),
+        finished=bool(record is not None and Path(folder, CONFIRM_RESULTS).exists() and Path(folder, BEST_TRIAL).is_file()),
+        work=work,
     )
+
+
+def _working_copy(uri: str, name: str, resume: bool, root: str | None) -> str:
+    """The driver's working copy of the search at ``uri``, made from the URI alone (emptied, then for a resume every
+    file but the checkpoints downloaded), attached so that each of the tool's files written into it is uploaded."""
+    mirror = storage.Mirror(uri, storage.work_folder(uri, name, root), is_own)
+    mirror.check()
+    mirror.reset()
+    if resume:
+        mirror.pull(checkpoints="none")
+    storage.attach(mirror)
+    return str(mirror.work)
 

@@ -24,6 +24,7 @@ from ray.tune import Callback
 from results.limits import within_limits
 from results.record import here
 from trainable import metrics as M
+from trainable import storage
 
 
 def fmt_duration(seconds: float) -> str:
@@ -322,7 +323,11 @@ class SearchProgress(Callback):
         from results.report import build_report
 
         done = len(self.finished)
+        mirror = storage.mirror_of(self.report_dir)  # a search on a URI: Tune's files as they are there now
+        if mirror is not None:
+            mirror.pull(own=False)
         build_report(self.report_dir, in_progress=f"{done} of {self.num_samples} {self.label}s finished")
+        storage.push_changed(self.report_dir)
 
     def _request_report(self) -> None:
         if self.report_dir is None:

@@ -17,7 +17,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
 from search.cluster import check_local_resources, start_ray
@@ -40,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", required=True, help="search space YAML (see spaces/)")
     p.add_argument("--name", help="experiment name (default: the space file's name)")
     p.add_argument("--storage", default="runs", help="where experiments live: a folder or a URI Ray accepts (default runs/)")
+    p.add_argument("--work-dir", metavar="DIR", help="a search on a URI: where the driver keeps its working copy of "
+                   "the tool's files, each uploaded as it changes (default $AKDTUNE_WORK_DIR, else ~/.cache/akdtune/work)")
     p.add_argument("--resume", action="store_true", help="finish the named, interrupted search")
     p.add_argument("--task", help="task (default: the space's, else digits)")
     p.add_argument("--teacher", help="teacher checkpoint (required except for digits and .pt2 programs)")
@@ -124,8 +125,8 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         return EXIT_OK
     check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts
     if plan.resume:  # a copied or moved search: what Tune restores writes here, never where it was copied from
-        relocate(folders_of(plan.record), plan.path)
-        remove_stale_lock(Path(plan.path) / STUDY_FILE)  # a kill while the study was being appended to
+        relocate(folders_of(plan.record), plan.folder)
+        remove_stale_lock(plan.file(STUDY_FILE))  # a kill while the study was being appended to
     teacher = prepare_teacher_for(plan)
     # A resumed search is restored from what Tune saved of it; one killed before Tune saved anything starts its
     # trials again (its study, scheduler and search records are kept).
@@ -148,10 +149,6 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     trainable = make_trainable(plan, teacher, speed)
     tuner = restore_tuner(plan, trainable) if restored else build_tuner(plan, trainable, check)
     tuner.fit()
-    if not plan.local:
-        print(f"search finished; summaries are written for local storage only: run results/report.py on a copy of "
-              f"{plan.path}")
-        return EXIT_OK
     return finish_search(plan, trainable, teacher, started)
 
 

@@ -14,6 +14,9 @@ from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, ha
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
+from trainable import storage
+
+URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI storage
 
 
 def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
@@ -35,9 +38,11 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
 
     from search.callbacks import WallClock
 
-    own = [WallClock(str(plan.file(META_FILE)))] if plan.local else []
     return tune.RunConfig(name=name, storage_path=storage, storage_filesystem=_filesystem(plan),
-                          callbacks=[*callbacks, *own],
+                          callbacks=[*callbacks, WallClock(str(plan.file(META_FILE)))],
+                          # a URI: Tune's experiment state is uploaded every few seconds (Tune's default: 5 minutes),
+                          # so a resume on another driver loses little
+                          sync_config=tune.SyncConfig(sync_period=URI_SYNC_PERIOD_S) if not plan.local else None,
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                           failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                           verbose=1 if plan.verbose else 0)
@@ -51,9 +56,8 @@ def search_progress(plan: SearchPlan):
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
     return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.limits,
                           [p.name for p in plan.space.params],
-                          state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None,
-                          study_file=str(plan.file(STUDY_FILE)) if plan.local else None,
-                          report_dir=plan.path if plan.local and plan.report and plan.report_every_s > 0 else None,
+                          state_file=str(plan.file(SCHEDULER_FILE)), study_file=str(plan.file(STUDY_FILE)),
+                          report_dir=plan.folder if plan.report and plan.report_every_s > 0 else None,
                           report_every_s=plan.report_every_s,
                           # each candidate's own seed mostly exists already: the extra seeds are the work left
                           confirm_runs=plan.confirm_top_k * max(1, plan.confirm_seeds - 1),
@@ -91,12 +95,12 @@ def _in_this_folder():
     from ray.tune.search import SearchGenerator
 
     class InThisFolder(SearchGenerator):
-        def __init__(self, searcher, folder: str):
+        def __init__(self, searcher, folder: str, repoint: bool = True):
             super().__init__(searcher)
-            self.folder = folder
+            self.folder, self.repoint = folder, repoint  # repoint: the folder is where Tune writes (local storage)
 
         def __reduce__(self):  # pickled into tuner.pkl as its searcher and folder; restored where the folder is now
-            return (_restored_generator, (self.searcher, self.folder))
+            return (_restored_generator, (self.searcher, self.folder, self.repoint))
 
         def restore_from_dir(self, dirpath: str) -> None:
             own = self.folder if self.has_checkpoint(self.folder) else dirpath
@@ -130,23 +134,24 @@ def _in_this_folder():
             super().set_state(state)
             storage = state["experiment"].storage  # where Tune's experiment says its trials go
             parent, name = os.path.split(os.path.normpath(self.folder))
-            if os.path.normpath(storage.experiment_fs_path) != os.path.normpath(self.folder):
+            if self.repoint and os.path.normpath(storage.experiment_fs_path) != os.path.normpath(self.folder):
                 storage.storage_fs_path, storage.experiment_dir_name = parent, name
 
     return InThisFolder
 
 
-def _restored_generator(searcher, folder: str):
-    return _in_this_folder()(searcher, here(folder))
+def _restored_generator(searcher, folder: str, repoint: bool = True):
+    return _in_this_folder()(searcher, here(folder), repoint)
 
 
-def _search_algorithm(searcher, folder: str | None, max_concurrent: int | None):
+def _search_algorithm(searcher, plan: SearchPlan, max_concurrent: int | None):
     """Our searcher as Tune runs it: limited to ``max_concurrent`` trials at once (what Tune does itself for
-    ``max_concurrent_trials``), in a generator that keeps new trials in the search's current folder (local storage)."""
+    ``max_concurrent_trials``), in a generator that restores from the search's own files (in its folder, or the
+    working copy of a search on a URI) and keeps new trials in the search's current folder (local storage)."""
     from ray.tune.search import ConcurrencyLimiter
 
     wrapped = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
-    return _in_this_folder()(wrapped, folder) if folder else wrapped
+    return _in_this_folder()(wrapped, plan.folder, plan.local)
 
 
 def build_tuner(plan: SearchPlan, trainable, check=None):
@@ -162,31 +167,29 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     scheduler = RungScheduler(plan.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, limits=plan.space.limits,
                               early_stopping=plan.early_stopping,
-                              state_file=str(plan.file(SCHEDULER_FILE)) if plan.local else None, repeatable=repeatable)
+                              state_file=str(plan.file(SCHEDULER_FILE)), repeatable=repeatable)
     searcher = OptunaSearcher(plan.space.params, plan.objectives, plan.seed, plan.num_samples,
-                              study_path=str(plan.file(STUDY_FILE)) if plan.local else None, study_name=STUDY_NAME,
+                              study_path=str(plan.file(STUDY_FILE)), study_name=STUDY_NAME,
                               scheduler=scheduler, limits=plan.space.limits, budget_check=check,
                               repeatable=repeatable, concurrency=at_once)
-    if plan.local:
-        plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
+    plan.file(STUDY_FILE).parent.mkdir(parents=True, exist_ok=True)
     if plan.resume:
         print(f"resuming {plan.path}: stopped before Ray Tune saved any of its state, so its trials start again")
     storage = plan.storage if not plan.local else str(Path(plan.path).parent)
     return tune.Tuner(
         trainable, param_space=plan.trial_config,
         tune_config=tune.TuneConfig(
-            search_alg=_search_algorithm(searcher, plan.path if plan.local else None,
-                                         at_once if repeatable else (plan.max_concurrent or None)),
+            search_alg=_search_algorithm(searcher, plan, at_once if repeatable else (plan.max_concurrent or None)),
             scheduler=scheduler, num_samples=plan.num_samples, trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=_run_config(plan, plan.name, storage, [SearchStateCallback(scheduler), search_progress(plan),
-                                                          *([ResultLog(plan.path)] if plan.local else [])]))
+                                                          ResultLog(plan.folder)]))
 
 
 def tune_saved_state(plan: SearchPlan) -> bool:
     """Whether Tune saved a state of the search to restore. A search killed before Tune's first save has none: Tune
     would start it again from ``tuner.pkl`` alone, which keeps neither the trials' config nor their number, so the
     search's trials are started again by a new Tuner instead."""
-    return not plan.local or has_tune_state(plan.path)
+    return has_tune_state(plan.folder)  # a URI's: the working copy holds what was downloaded of Tune's state
 
 
 def restore_tuner(plan: SearchPlan, trainable):
@@ -203,16 +206,22 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     from search.progress import SearchProgress
     from trainable.tune_trainable import RUN
 
+    mirror = storage.mirror_of(plan.folder)  # a search on a URI: the confirmation's files as Tune left them there
+    if mirror is not None:
+        mirror.pull(folder.name, own=False)
     if tune_started(folder) and has_tune_state(folder):
-        return _restore(plan, str(folder), trainable)
+        return _restore(plan, storage.join(plan.path, folder.name), trainable)
     if folder.exists():  # killed before Tune saved any state of it: nothing there can be resumed, so it starts again
         import shutil
 
         shutil.rmtree(folder)
+        if mirror is not None:
+            mirror.remove(folder.name)
     progress = SearchProgress(len(runs), plan.max_epochs, [], 1.0, None, [], label="confirmation run",
                               selection=plan.selection_metric)
     return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
                                                   trial_dirname_creator=trial_dirname),
-                      run_config=_run_config(plan, folder.name, str(folder.parent), [progress]))
+                      run_config=_run_config(plan, folder.name, plan.path if not plan.local else str(folder.parent),
+                                             [progress]))
 

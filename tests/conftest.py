@@ -12,6 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("AKDTUNE_CACHE", str(Path.home() / ".cache" / "akdtune-tests"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The test S3 server (moto, tests/test_storage.py) takes any credentials; Ray's workers, started with the session's
+# Ray, inherit them, so they must be set before it starts.
+for _key, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+    os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
 

@@ -20,6 +20,7 @@ from trainable.config import build_config
 from trainable.errors import NonFiniteLossError
 from trainable.models import build_classifier
 from trainable.speed import Speed
+from trainable.storage import local_file
 from trainable.tasks import EvalData, data_free, get_task
 
 
@@ -65,7 +66,11 @@ def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, t
             with checkpoint.as_directory() as d:
                 run.load_state_dict(load_checkpoint(Path(d) / CHECKPOINT_FILE))
         elif continue_from:
-            run.load_state_dict(load_checkpoint(Path(search_dir) / continue_from))
+            path, done = local_file(search_dir, continue_from)  # a search on a URI: downloaded here
+            try:
+                run.load_state_dict(load_checkpoint(path))
+            finally:
+                done()
 
         def on_epoch(metrics: dict[str, float], r: AKDRun) -> None:
             with tempfile.TemporaryDirectory() as d:
