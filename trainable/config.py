@@ -93,7 +93,7 @@ class AKDConfig:
     gamma: float = 0.1  # multistep factor, or exponential per-epoch factor
     # --- evaluation and data
     val_fraction: float = 0.2  # torchvision tasks: share of the official test split used for validation
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 1024  # images per forward when measuring validation and test
     # --- selection (trainable/proxy.py)
     selection: str = "auto"  # accuracy | agreement (with the teacher, no labels needed) | auto: accuracy where labelled
     proxy: str = "auto"  # agreement's held-out images: auto | generator | folder:PATH
