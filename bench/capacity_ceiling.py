@@ -170,8 +170,8 @@ def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> f
     """One run to max_epochs in a worker process, one thread: its held-out test_acc."""
     import torch
 
-    from trainable.akd import fit_and_test
     from trainable.config import build_config
+    from trainable.measure import fit_and_test
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
 

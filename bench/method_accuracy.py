@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from trainable.akd import default_device, fit_and_test
+from trainable.akd import default_device
 from trainable.config import build_config
+from trainable.measure import fit_and_test
 from trainable.tasks import data_free, load_eval_data
 from trainable.teacher import prepare_teacher
 

@@ -62,7 +62,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     from search.space import load_space, typical_config
     from trainable import metrics as M
     from trainable.config import build_config
-    from trainable.speed import choose_speed
+    from trainable.measure import choose_speed
     from trainable.tasks import data_free, load_eval_data
     from trainable.teacher import prepare_teacher
     from trainable.tune_trainable import akd_trial, teacher_payload
@@ -117,8 +117,8 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
     trial itself when it ran max_epochs, else a fresh full run."""
     from search.confirm import SEED_STRIDE
     from trainable import metrics as M
-    from trainable.akd import fit_and_test
     from trainable.config import build_config
+    from trainable.measure import fit_and_test
 
     base = int(config.get("seed", 0))
     out = []

@@ -131,7 +131,7 @@ def auto_choice(shape: dict, device):
     import tempfile
     from pathlib import Path
 
-    from trainable.speed import choose_speed
+    from trainable.measure import choose_speed
 
     with tempfile.TemporaryDirectory() as d:
         return choose_speed(project_config(shape), build_models(shape, device)[0], empty_data(shape), device,

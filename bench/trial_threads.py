@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from trainable.config import build_config
-    from trainable.speed import choose_speed, machine_description
+    from trainable.measure import choose_speed
+    from trainable.speed import machine_description
     from trainable.tasks import load_eval_data
     from trainable.teacher import prepare_teacher
 

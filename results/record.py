@@ -34,7 +34,7 @@ from typing import Any
 
 from trainable import storage
 from trainable.errors import UserError
-from trainable.files import jsonable, write_json
+from trainable.files import jsonable, read_json, write_json
 
 # ---------------------------------------------------------------------------------------------
 # The files
@@ -114,7 +114,6 @@ def latest_checkpoint(trial_dir: str | Path) -> Path | None:
 
 def best_files(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The exported winner's ``best/metrics.json`` and ``best/trial.json`` ({} each where there is none yet)."""
-    from trainable.files import read_json
 
     return read_json(Path(folder) / BEST_METRICS, {}), read_json(Path(folder) / BEST_TRIAL, {})
 

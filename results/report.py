@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 
-from results.limits import count_refused, describe_limits, space_limits
+from results.limits import count_refused, describe_limits, pareto_mask, space_limits
 from results.record import (
     BEST_DIR,
     BEST_METRICS,
@@ -37,7 +37,7 @@ from results.record import (
     count_outcomes,
     is_own,
 )
-from results.study import load_study
+from results.study import at_fidelity, load_study
 from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
 from trainable import storage
@@ -138,7 +138,6 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
     over the budget, said in the note); a note instead of a plot where data is too thin."""
     import optuna.visualization as ov
 
-    from results.study import at_fidelity
 
     epoch = _fidelity(e)
     study, n_in, n_out = at_fidelity(e, real, epoch)
@@ -217,8 +216,6 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
             hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>mean {sel} %{{y:.4f}}<extra></extra>"))
     full = t[t["epochs_run"] >= max_epochs]
     if len(full):
-        from results.limits import pareto_mask
-
         front = full[pareto_mask(full[col].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
         fig.add_trace(go.Scatter(x=front["student_params"], y=front[col], mode="lines+markers",
                                  name=f"Pareto front of full runs ({max_epochs} epochs)",

@@ -23,6 +23,8 @@ from typing import Any
 from results.limits import describe_limits, within_limits
 from search.space import DefineByRun, Param
 from trainable import metrics as M
+from trainable.akd import student_costs
+from trainable.config import ConfigError, build_config
 from trainable.errors import UserError
 
 CHECKED = (M.PARAM_RATIO, M.FLOPS)  # the limits a configuration decides before training
@@ -50,8 +52,6 @@ class BudgetCheck:
     def costs(self, suggested: dict[str, Any]) -> dict[str, float] | None:
         """``param_ratio`` and ``flops`` of the setting; None when its configuration is invalid (the trial
         then fails with the configuration's own message)."""
-        from trainable.akd import student_costs
-        from trainable.config import ConfigError, build_config
 
         try:
             return student_costs(build_config({**self.base, **suggested}), self.teacher_params)

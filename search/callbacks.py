@@ -14,7 +14,7 @@ import os
 
 from ray.tune import Callback
 
-from results.record import append_result, here, trial_folder_name
+from results.record import DamagedRecord, append_result, here, read_record, trial_folder_name, write_record
 from trainable.storage import push_changed
 
 
@@ -94,7 +94,6 @@ def update_wall(meta_file: str) -> float:
     """Set ``wall_s`` of the search record to the time before this session plus this session's time."""
     import time
 
-    from results.record import DamagedRecord, read_record, write_record
 
     try:
         meta = read_record(meta_file)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from search.plan import SearchPlan
 from trainable.errors import UserError
+from trainable.sources import kind, user_folder_importable
 
 
 def trial_threads(plan: SearchPlan) -> int:
@@ -139,7 +140,6 @@ def _module_path(name: str) -> Path | None:
 
 def code_specs(plan: SearchPlan) -> list[str]:
     """The teacher and student specs of the search that name code (``package.module:callable``)."""
-    from trainable.sources import kind
 
     found, stack = [], [plan.teacher_model, plan.space.raw]
     while stack:
@@ -158,7 +158,6 @@ def shipped_code(plan: SearchPlan) -> list[str]:
     """What reaches every node of the cluster through Ray's runtime environment (``py_modules``): this project's
     packages as this driver runs them, and the user's own modules that the specs name (a file or folder of theirs,
     not an installed package). A node then needs only the same pip packages."""
-    from trainable.sources import user_folder_importable
 
     user_folder_importable()  # the specs' modules are found as the trials' build finds them
     project = [p for p in (_module_path(n) for n in PROJECT_PACKAGES) if p is not None]

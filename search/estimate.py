@@ -21,9 +21,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from search.cluster import trials_at_once
+from search.cluster import trial_device, trial_threads, trials_at_once
 from search.plan import SearchPlan
+from search.scheduler import milestones
+from search.space import middle_setting
 from trainable import metrics as M
+from trainable.akd import evaluate, student_costs, student_width
+from trainable.config import build_config
+from trainable.measure import one_line_failure, time_candidates
+from trainable.models import build_classifier, count_params
+from trainable.proxy import agreement_selected, classes_of, generator_images
+from trainable.speed import machine_description, torch_threads
+from trainable.tasks import data_free, get_task
 
 SIZE_KNOBS = ("student_fraction", "student_width")  # searched numbers that set the student's size
 STARTUP_S = 10.0  # Ray's start and the first trial's process, measured on the development machines (8-12 s)
@@ -55,7 +64,6 @@ def expected_epochs(max_epochs: int, rungs: list[int], reduction_factor: float, 
 
 def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, float]:
     """The search's phases in seconds for a trial epoch of ``epoch_s``: search, confirmation, start-up, total."""
-    from search.scheduler import milestones
 
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
     per_trial = expected_epochs(plan.max_epochs, rungs, plan.reduction_factor, plan.num_samples)
@@ -69,7 +77,6 @@ def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, fl
 def from_speed(plan: SearchPlan, speed) -> float | None:
     """The whole search's expected seconds from the speed measurement's own timing of a typical trial (free: no
     extra measurement); None where nothing was measured (precision and layout both set)."""
-    from trainable.config import build_config
 
     seconds = speed.seconds.get(speed.name)
     if not seconds:
@@ -85,7 +92,6 @@ def _size_param(plan: SearchPlan):
 def extremes(plan: SearchPlan, check) -> list[tuple[str, dict[str, Any]]]:
     """(label, searched values) of the smallest student and the largest within the budget (a typical setting
     where the space does not search the size)."""
-    from search.space import middle_setting
 
     middle = middle_setting(plan.space.params)
     knob = _size_param(plan)
@@ -116,13 +122,6 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     trial's threads on a trial's device."""
     import torch
 
-    from search.cluster import trial_device, trial_threads
-    from trainable.akd import evaluate, student_costs, student_width
-    from trainable.config import build_config
-    from trainable.models import build_classifier, count_params
-    from trainable.proxy import agreement_selected, classes_of, generator_images
-    from trainable.speed import one_line_failure, time_candidates, torch_threads
-    from trainable.tasks import get_task
 
     device, task, teacher_params = trial_device(plan), get_task(plan.task), count_params(teacher.model)
     out = []
@@ -158,9 +157,6 @@ def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
     """Measure and print the estimate of a new search; returns it as plain data."""
     import torch
 
-    from search.cluster import trial_device, trial_threads
-    from trainable.speed import machine_description, torch_threads
-    from trainable.tasks import data_free
 
     device = trial_device(plan)
     with data_free():

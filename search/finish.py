@@ -31,6 +31,7 @@ from results.record import (
     outcomes_line,
     write_record,
 )
+from results.report import build_report
 from results.summary import load_experiment, write_summaries
 from search.callbacks import update_wall
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
@@ -308,6 +309,5 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
 def _report(exp: Path, report: bool) -> Path | None:
     if not report:
         return None
-    from results.report import build_report
 
     return build_report(exp)

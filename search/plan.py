@@ -33,7 +33,9 @@ from search.space import CONFIRM_BOUNDS, Space, load_space
 from trainable import metrics as M
 from trainable import storage
 from trainable.errors import UserError
+from trainable.proxy import selection_metric
 from trainable.sources import as_spec
+from trainable.tasks import get_task
 
 # --smoke: the whole pipeline at a size a test suite can afford.
 SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
@@ -109,8 +111,6 @@ class SearchPlan:
     @property
     def selection_metric(self) -> str:
         """What the search selects on: ``val_acc``, or ``val_agreement`` where it selects without labels."""
-        from trainable.proxy import selection_metric
-        from trainable.tasks import get_task
 
         return selection_metric(self.trial_config.get("selection", "auto"), get_task(self.task))
 

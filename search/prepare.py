@@ -8,9 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from search.budget import BudgetCheck, check_reachable
 from search.cluster import trial_device, trial_threads
 from search.plan import SearchPlan
+from search.space import typical_config
+from trainable.akd import AKDRun, fingerprint
+from trainable.config import build_config
 from trainable.errors import UserError
+from trainable.measure import choose_speed
+from trainable.models import count_params
+from trainable.outputs import teacher_metrics
+from trainable.sources import check_student
+from trainable.speed import Speed, torch_threads
+from trainable.tasks import data_free, get_task, load_eval_data
+from trainable.teacher import prepare_teacher
 
 
 @dataclass(frozen=True)
@@ -26,11 +37,6 @@ class Teacher:
 
 def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     """Train (digits, cached) or load the teacher, load the evaluation data, and check a resume's teacher."""
-    from trainable.akd import fingerprint
-    from trainable.config import build_config
-    from trainable.outputs import teacher_metrics
-    from trainable.tasks import data_free, load_eval_data
-    from trainable.teacher import prepare_teacher
 
     cfg = build_config(plan.trial_config)
     batch = largest_batch(plan, cfg.batch_size)
@@ -58,8 +64,6 @@ def largest_batch(plan: SearchPlan, fixed: int) -> int:
 def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
     """Every foreign student the search can train (the config's, or each choice of a searched ``student``) runs as
     a trial runs it (``trainable.sources.check_student``): refused here, in one line, before Ray starts."""
-    from trainable.sources import check_student
-    from trainable.tasks import get_task
 
     task = get_task(plan.task)
     specs = {fixed} | {c for p in plan.space.params if p.name == "student" for c in p.choices}
@@ -70,8 +74,6 @@ def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
 def budget_check(plan: SearchPlan, teacher: Teacher):
     """The ``BudgetCheck`` of a new search's space and teacher; first refuse (exit 2) a space in which no setting
     fits the budget."""
-    from search.budget import BudgetCheck, check_reachable
-    from trainable.models import count_params
 
     check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits))
     check_reachable(plan.space.params, check, plan.seed)
@@ -81,7 +83,6 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
 def typical_trial_config(plan: SearchPlan):
     """The config of a typical trial of the search (``search.space.typical_config``): the one the door check builds
     and the speed measurement times."""
-    from search.space import typical_config
 
     return typical_config(plan.trial_config, plan.space.params)
 
@@ -94,8 +95,6 @@ def check_trial_builds(plan: SearchPlan, teacher: Teacher, cfg) -> None:
 
     import torch
 
-    from trainable.akd import AKDRun
-    from trainable.tasks import data_free
 
     with data_free():
         AKDRun(cfg, copy.deepcopy(teacher.model), teacher.data, torch.device("cpu"), data_root=plan.data_root)
@@ -105,7 +104,6 @@ def choose_trial_speed(plan: SearchPlan, teacher: Teacher, cfg):
     """The precision and layout every trial computes in (``trainable.speed``): measured once here, on the driver
     before Ray starts, with a trial's threads on a trial's device, for the typical trial's config ``cfg`` (cached
     per machine and models). A resumed search keeps the choice it started with."""
-    from trainable.speed import Speed, choose_speed, torch_threads
 
     if plan.record is not None and plan.record.get("speed"):
         return Speed.from_record({**plan.record["speed"], "source": "as the search started"})

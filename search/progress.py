@@ -21,10 +21,12 @@ from typing import Any
 
 from ray.tune import Callback
 
-from results.limits import within_limits
-from results.record import here
+from results.limits import refused_over_budget, within_limits
+from results.record import LIVE_REPORT_FILE, here, read_result_lines, result_log, scheduler_record, stop_decisions
+from results.report import build_report
 from trainable import metrics as M
 from trainable import storage
+from trainable.files import write_json
 
 
 def fmt_duration(seconds: float) -> str:
@@ -130,7 +132,6 @@ class SearchProgress(Callback):
     def stopped(self) -> dict[str, dict]:
         if not self.state_file:
             return {}
-        from results.record import stop_decisions
 
         return stop_decisions(self.state_file)
 
@@ -183,7 +184,6 @@ class SearchProgress(Callback):
         a trial starts (and at setup, for a resumed search), not on every result."""
         if not self.study_file:
             return
-        from results.limits import refused_over_budget
 
         try:
             self.refused = refused_over_budget(self.study_file)
@@ -195,7 +195,6 @@ class SearchProgress(Callback):
         the search's own log of every result (epochs after a rung's stop decision do not count, as in the table)."""
         from pathlib import Path
 
-        from results.record import read_result_lines, result_log, scheduler_record
 
         state = scheduler_record(self.state_file)
         for tid, decision in state["stopped"].items():
@@ -312,16 +311,12 @@ class SearchProgress(Callback):
         if self.report_dir is not None:  # what the live report cost (bench/report_overhead.py reads it)
             from pathlib import Path
 
-            from results.record import LIVE_REPORT_FILE
-            from trainable.files import write_json
 
             write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,
                                                                   "wall_s": time.time() - self.start})
 
     # -- the live report
     def on_progress(self) -> None:
-        from results.report import build_report
-
         done = len(self.finished)
         mirror = storage.mirror_of(self.report_dir)  # a search on a URI: Tune's files as they are there now
         if mirror is not None:

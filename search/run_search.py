@@ -20,6 +20,7 @@ import time
 
 from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
 from search.cluster import check_local_resources, start_ray
+from search.estimate import estimate
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
 from search.plan import experiment_path, resolve_plan, resume_command, search_name
 from search.prepare import (
@@ -140,8 +141,6 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     speed = choose_trial_speed(plan, teacher, typical)  # measured once here (or cached), used by every trial
     print(speed.describe(), flush=True)
     if args.estimate:
-        from search.estimate import estimate
-
         estimate(plan, teacher, speed, check)
         return EXIT_OK
     start_ray(plan)

@@ -33,6 +33,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from results.limits import dominates
 from results.record import here, scheduler_record, write_record
+from search.space import limit_violation
 from trainable import metrics as M
 from trainable.errors import DiskFull, full_disk
 
@@ -199,8 +200,6 @@ class RungScheduler(FIFOScheduler):
         return self.state["finished"]
 
     def violation(self, result: dict[str, Any]) -> float:
-        from search.space import limit_violation
-
         return limit_violation(result, self.limits)
 
     # -- the trials' order (repeatable decisions)

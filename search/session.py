@@ -5,6 +5,7 @@ import time
 
 from results.record import META_FILE, folders_of, write_record
 from search.cluster import trials_at_once
+from search.estimate import from_speed
 from search.plan import SearchPlan
 from search.prepare import Teacher
 
@@ -18,8 +19,6 @@ def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) ->
                   # the local folders its files were written in (a URI's working copies): paths Tune's pickles hold
                   "folders": [*(f for f in folders_of(plan.record) if f != plan.folder), plan.folder]}
     else:
-        from search.estimate import from_speed
-
         record = {**plan.record_fields(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "session_started": started,
                   "wall_before": 0.0, "wall_s": 0.0, "teacher_fingerprint": teacher.fingerprint,
                   "teacher_arch": teacher.arch, **teacher.accuracy, "speed": speed.record(),

@@ -10,11 +10,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started
+from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started, tune_trials
+from search.callbacks import ResultLog, SearchStateCallback, WallClock, trial_dirname
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
+from search.progress import SearchProgress
+from search.scheduler import RungScheduler, milestones
+from search.searcher import OptunaSearcher
 from trainable import storage
+from trainable.atomicfs import atomic_local_filesystem
+from trainable.tune_trainable import RUN, akd_trial, teacher_payload
 
 URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI storage
 
@@ -24,7 +30,6 @@ def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
     object store) and resources."""
     from ray import tune
 
-    from trainable.tune_trainable import akd_trial, teacher_payload
 
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
@@ -36,7 +41,6 @@ def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
 def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
     from ray import tune
 
-    from search.callbacks import WallClock
 
     return tune.RunConfig(name=name, storage_path=storage, storage_filesystem=_filesystem(plan),
                           callbacks=[*callbacks, WallClock(str(plan.file(META_FILE)))],
@@ -50,8 +54,6 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
 
 def search_progress(plan: SearchPlan):
     """The compact live view of the search's trials (and the live report where the storage is local)."""
-    from search.progress import SearchProgress
-    from search.scheduler import milestones
 
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
     return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.limits,
@@ -69,7 +71,6 @@ def _filesystem(plan: SearchPlan):
     the middle of a copy leaves the old file or the new one); else Tune's own choice for the storage's URI."""
     if not plan.local:
         return None
-    from trainable.atomicfs import atomic_local_filesystem
 
     return atomic_local_filesystem()
 
@@ -114,7 +115,6 @@ def _in_this_folder():
             trials the concurrency limit counts as running."""
             from ray.tune.search import ConcurrencyLimiter
 
-            from results.record import has_tune_state, tune_trials
 
             if not has_tune_state(self.folder):
                 return
@@ -159,9 +159,6 @@ def build_tuner(plan: SearchPlan, trainable, check=None):
     ``BudgetCheck``) and rung scheduler, ``num_samples`` trials."""
     from ray import tune
 
-    from search.callbacks import ResultLog, SearchStateCallback, trial_dirname
-    from search.scheduler import RungScheduler
-    from search.searcher import OptunaSearcher
 
     repeatable, at_once = not plan.asynchronous, trials_at_once(plan)
     scheduler = RungScheduler(plan.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
@@ -202,9 +199,6 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
     """The confirmation phase: one trial per (candidate, seed) in ``runs``, in ``folder`` (restored if it exists)."""
     from ray import tune
 
-    from search.callbacks import trial_dirname
-    from search.progress import SearchProgress
-    from trainable.tune_trainable import RUN
 
     mirror = storage.mirror_of(plan.folder)  # a search on a URI: the confirmation's files as Tune left them there
     if mirror is not None:

@@ -372,7 +372,7 @@ def make_folder_task(root):
 def test_a_failure_inside_the_speed_measurement_is_one_line(user_module):
     import usernets
 
-    from trainable.speed import time_candidates
+    from trainable.measure import time_candidates
     from trainable.tasks import EvalData
 
     check_student("usernets:Flaky", 10, 3, 32)  # passes its door check

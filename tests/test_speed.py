@@ -9,8 +9,9 @@ from trainable import metrics as M
 from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
 from trainable.config import build_config, parse_value
 from trainable.errors import ConfigError
+from trainable.measure import choose_speed, time_candidates
 from trainable.models import build_classifier
-from trainable.speed import BF16_MARGIN, Speed, candidates, choose_speed, cpu_bf16_native, pick, time_candidates
+from trainable.speed import BF16_MARGIN, Speed, candidates, cpu_bf16_native, pick
 
 CPU = torch.device("cpu")
 
@@ -189,7 +190,7 @@ def _fake_runs(clock, seconds, counts):
 def test_the_speed_measurement_drops_a_candidate_twice_as_slow_and_is_bounded(monkeypatch, digits_data):
     """One timed iteration each; bf16 emulated 20x slower than fp32 is not timed on; the rounds stop at the bound;
     the choice is what timing them all would give, and one line says what is measured before it starts."""
-    import trainable.speed as S
+    import trainable.measure as S
 
     clock, counts, lines = _Clock(), {}, []
     monkeypatch.setattr(S, "time", clock)

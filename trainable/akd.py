@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainable import metrics as M
-from trainable.config import AKDConfig, config_to_dict
-from trainable.errors import CheckpointError, NonFiniteLossError, lookup
+from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict
+from trainable.errors import CheckpointError, ConfigError, NonFiniteLossError, lookup
+from trainable.files import torch_save
 from trainable.losses import (
     GENERATOR_LOSSES,
     STUDENT_LOSSES,
@@ -43,6 +44,7 @@ from trainable.losses import (
     onehot_loss,
 )
 from trainable.models import (
+    GENERATOR_ALIASES,
     Discriminator,
     build_classifier,
     build_generator,
@@ -52,6 +54,7 @@ from trainable.models import (
     feature_layers,
     width_for_fraction,
 )
+from trainable.priors import load_prior
 from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
@@ -170,20 +173,6 @@ def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
     return {M.PARAM_RATIO: count_params(student) / teacher_params, M.FLOPS: count_flops(student, t.channels, t.image_size)}
 
 
-def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: torch.device | None = None,
-                 data_root: str | None = None, speed: Speed | None = None) -> float:
-    """Train a run of ``cfg`` to its end in one go (no checkpoints, data-free) and return its student's held-out
-    test accuracy: what the accuracy benchmarks measure. ``speed`` None: measured (or cached) like any run."""
-    from trainable.speed import choose_speed
-
-    device = device or default_device()
-    with data_free():
-        speed = speed or choose_speed(cfg, teacher, data, device, data_root=data_root)
-        run = AKDRun(cfg, teacher, data, device, data_root=data_root, speed=speed)
-        run.fit()
-    return run.measure("test")[M.TEST_ACC]
-
-
 class AKDRun:
     """A data-free adversarial distillation run.
 
@@ -203,39 +192,70 @@ class AKDRun:
         self.cfg = cfg
         self.device = device or default_device()
         self.task = get_task(cfg.task)
-        if cfg.deterministic:
+        self.data = data
+        self.notes: list[str] = []  # what a user should know about this run (the CLI prints them)
+        self._setup_seeds()
+        self._setup_speed(speed)
+        self._setup_teacher(teacher)
+        self._setup_models()
+        self._setup_optimizers()
+        self._setup_avkd(prior, data_root)
+        self._setup_losses()
+        self._setup_selection(data_root)
+        self.epoch = 0  # epochs completed
+        self.best_selected = -math.inf  # the best value of the selection metric so far, and its epoch
+        self.best_epoch = 0
+        self.history: list[dict[str, float]] = []
+        self.stopped_early = False
+
+    def _setup_seeds(self) -> None:
+        if self.cfg.deterministic:
             use_deterministic_algorithms()
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        random.seed(self.cfg.seed)
+
+    def _setup_speed(self, speed: Speed | None) -> None:
+        """The precision and layout this run computes in, with how they were decided (recorded in checkpoints and
+        final.json)."""
+        cfg = self.cfg
         self.precision, self.channels_last = resolve_speed(cfg, speed)
-        # What this run computes in, with how it was decided (recorded in checkpoints and final.json).
         fixed = cfg.precision != "auto" and cfg.channels_last != "auto"
         self.speed = dataclasses.replace(speed or Speed("fp32", False, "fixed" if fixed else "default"),
                                          precision=self.precision, channels_last=self.channels_last)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        self.teacher = freeze(teacher).to(self.device, memory_format=fmt)
+        self._format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+
+    def _setup_teacher(self, teacher: nn.Module) -> None:
+        """The frozen teacher, and the module the steps run: the teacher with BatchNorm folded into its convolutions
+        (exact in eval mode, fewer memory passes), unless the BN-statistics loss needs its BN layers or feature
+        alignment its layers."""
+        cfg = self.cfg
+        self.teacher = freeze(teacher).to(self.device, memory_format=self._format)
         self.teacher_params = count_params(self.teacher)
         self.teacher_fingerprint = fingerprint(self.teacher)
         self.avkd = cfg.method == "avkd"
         self.align = cfg.w_feature > 0 or cfg.w_feature_adv > 0
-        # The module the steps run: the frozen teacher with BatchNorm folded into its convolutions
-        # (exact in eval mode, fewer memory passes), unless the BN-statistics loss needs its BN layers
-        # or feature alignment its layers.
         keep = cfg.w_bn > 0 or self.align
-        self.teacher_fwd = self.teacher if keep else fold_batchnorm(self.teacher).to(memory_format=fmt)
-        self.notes: list[str] = []  # what a user should know about this run (the CLI prints them)
+        self.teacher_fwd = self.teacher if keep else fold_batchnorm(self.teacher).to(memory_format=self._format)
         if not keep and self.teacher_fwd is self.teacher and any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
             self.notes.append(f"the teacher {cfg.teacher} cannot be traced by torch.fx, so its BatchNorm layers run "
                               "unfolded (the same results, a little slower)")
-        t = self.task
+
+    def _setup_models(self) -> None:
+        """The student (sized against the teacher), the generator and, for feature alignment, the projection."""
+        cfg, t = self.cfg, self.task
         self.student_width = student_width(cfg, self.teacher_params)
         self.student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size,
-                                        self.student_width).to(self.device, memory_format=fmt)
+                                        self.student_width).to(self.device, memory_format=self._format)
         self.generator = build_generator(cfg.generator, cfg.latent_dim, cfg.generator_width, t.channels,
                                          t.image_size, num_classes=t.num_classes if self.avkd else 0).to(self.device)
         self.student_params = count_params(self.student)
         self.student_flops = count_flops(self.student, t.channels, t.image_size)
         self.projector = self._feature_alignment() if self.align else None
+
+    def _setup_optimizers(self) -> None:
+        """SGD for the student (and the projection), Adam for the generator, each with the configured schedule."""
+        cfg = self.cfg
         student_params = list(self.student.parameters())
         if self.projector is not None:
             student_params += list(self.projector.parameters())
@@ -245,48 +265,47 @@ class AKDRun:
                                               betas=(cfg.beta1, cfg.beta2))
         self.sched_student = _make_scheduler(cfg, self.opt_student)
         self.sched_generator = _make_scheduler(cfg, self.opt_generator)
-        self.discriminator = self.opt_discriminator = self.sched_discriminator = None
-        if self.avkd:
-            from trainable.priors import load_prior
 
-            self.discriminator = Discriminator(t.channels, t.num_classes, cfg.discriminator_width).to(self.device)
-            self.opt_discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator,
-                                                      betas=(cfg.beta1, cfg.beta2))
-            self.sched_discriminator = _make_scheduler(cfg, self.opt_discriminator)
-            self.prior = load_prior(cfg.prior, cfg.task, data_root, cfg.seed) if prior is None else prior
-            weights = torch.tensor(cfg.class_prior) if cfg.class_prior else torch.ones(t.num_classes)
-            self.class_weights = weights.float()
+    def _setup_avkd(self, prior: torch.Tensor | None, data_root: str | None) -> None:
+        """AVKD's discriminator, its optimiser and the prior images (nothing for the other methods)."""
+        cfg, t = self.cfg, self.task
+        self.discriminator = self.opt_discriminator = self.sched_discriminator = None
+        if not self.avkd:
+            return
+        self.discriminator = Discriminator(t.channels, t.num_classes, cfg.discriminator_width).to(self.device)
+        self.opt_discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator,
+                                                  betas=(cfg.beta1, cfg.beta2))
+        self.sched_discriminator = _make_scheduler(cfg, self.opt_discriminator)
+        self.prior = load_prior(cfg.prior, cfg.task, data_root, cfg.seed) if prior is None else prior
+        weights = torch.tensor(cfg.class_prior) if cfg.class_prior else torch.ones(t.num_classes)
+        self.class_weights = weights.float()
+
+    def _setup_losses(self) -> None:
+        """The student's and the generator's losses, and the probe that reads what the generator's terms need."""
+        cfg = self.cfg
         self.student_loss = lookup(STUDENT_LOSSES, "student loss", cfg.student_loss)
         self.generator_loss = lookup(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
         if cfg.w_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in self.teacher_fwd.modules()):
-            from trainable.errors import ConfigError
-
             raise ConfigError(f"w_bn: the BatchNorm-statistics term needs a teacher with BatchNorm layers; {cfg.teacher} "
                               "has none (an exported program has no layers to hook): set w_bn=0")
         self.probe = TeacherProbe(self.teacher_fwd, self._teacher_head() if cfg.w_activation > 0 else None,
                                   want_bn=cfg.w_bn > 0, want_features=cfg.w_activation > 0)
-        self.data = data
-        # What the run selects on (val_acc, or val_agreement on a proxy set: trainable/proxy.py).
-        self.selection = selection_metric(cfg.selection, t)
+
+    def _setup_selection(self, data_root: str | None) -> None:
+        """What the run selects on: val_acc, or val_agreement on a proxy set (trainable/proxy.py)."""
+        cfg = self.cfg
+        self.selection = selection_metric(cfg.selection, self.task)
         self.proxy = self.proxy_classes = None
         if self.selection == M.VAL_AGREEMENT:
-            self.proxy = build_proxy(cfg, t, data, data_root)
+            self.proxy = build_proxy(cfg, self.task, self.data, data_root)
             self.proxy_classes = {split: classes_of(self.teacher, x, self.device, cfg.eval_batch_size)
                                   for split, x in (("val", self.proxy.val_x), ("test", self.proxy.test_x))}
-        self.epoch = 0  # epochs completed
-        self.best_selected = -math.inf  # the best value of the selection metric so far, and its epoch
-        self.best_epoch = 0
-        self.history: list[dict[str, float]] = []
-        self.stopped_early = False
-        self._autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
 
     def _teacher_head(self) -> nn.Linear:
         """The teacher's final linear layer (DAFL's activation loss reads its input)."""
         try:
             return classifier_head(self.teacher_fwd)
         except ValueError:
-            from trainable.errors import ConfigError
-
             raise ConfigError(f"w_activation: the activation term reads the input of the teacher's linear head; "
                               f"{self.cfg.teacher} has none to hook: set w_activation=0") from None
 
@@ -309,8 +328,6 @@ class AKDRun:
             self.student.train(was_training)
             return FeatureProjector(s_shapes, t_shapes, cfg.feature_projection).to(self.device)
         except ValueError as e:
-            from trainable.errors import ConfigError
-
             raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------------ steps
@@ -613,8 +630,6 @@ def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
     """A checkpoint's config as this version reads it: a key it predates takes the value the run then had (the
     dataclass default: the feature did not exist), AVKD-only keys are moot unless the method is AVKD, and
     renamed registry names are read under their new name."""
-    from trainable.config import FIELDS, METHOD_KEYS
-    from trainable.models import GENERATOR_ALIASES
 
     out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
     out.update({k: v for k, v in saved.items() if k not in FIELDS})
@@ -627,7 +642,6 @@ def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
 
 def save_checkpoint(run: AKDRun, path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    from trainable.files import torch_save
 
     torch_save(run.state_dict(), path)
 

@@ -13,7 +13,22 @@ import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
+from trainable import sources
 from trainable.errors import ConfigError, UserError
+from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
+from trainable.models import (
+    CLASSIFIERS,
+    GENERATOR_ALIASES,
+    GENERATORS,
+    MODEL_FORMS,
+    build_classifier,
+    feature_layers,
+    is_widthable,
+)
+from trainable.priors import check_prior, folder_prior_problem
+from trainable.proxy import selection_problem
+from trainable.sources import is_foreign, is_program
+from trainable.tasks import get_task, task_problem
 
 SCHEDULERS = ("multistep", "cosine", "exponential", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -199,9 +214,6 @@ def parse_value(key: str, text: str) -> Any:
 
 def _check_values(c: dict[str, Any]) -> list[str]:
     """Range and registry checks on coerced values."""
-    from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
-    from trainable.models import GENERATORS, is_widthable
-    from trainable.tasks import get_task, task_problem
 
     errs = []
 
@@ -240,7 +252,6 @@ def _check_values(c: dict[str, Any]) -> list[str]:
     need(all(0 < m < 1 for m in c["milestones"]), f"milestones: fractions of the epochs in (0, 1), got {list(c['milestones'])}")
     need(not (c["nesterov"] and c["momentum"] == 0), "nesterov: needs momentum > 0")
     need(8 <= c["proxy_images"] <= 100_000, f"proxy_images: must be in [8, 100000], got {c['proxy_images']}")
-    from trainable.proxy import selection_problem
 
     errs.extend(selection_problem(c["selection"], c["proxy"], None if problem else get_task(c["task"])))
     if not problem:
@@ -250,8 +261,6 @@ def _check_values(c: dict[str, Any]) -> list[str]:
 
 def _check_model(role: str, spec: str) -> list[str]:
     """A teacher or student spec: a registered name or a foreign model that can be found (not built yet)."""
-    from trainable import sources
-    from trainable.models import CLASSIFIERS, MODEL_FORMS
 
     if sources.is_foreign(spec):
         problem = sources.check_spec(spec, role)
@@ -263,8 +272,6 @@ def _check_model(role: str, spec: str) -> list[str]:
 
 def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
-    from trainable.priors import check_prior, folder_prior_problem
-    from trainable.sources import is_program
 
     errs = []
     problem = check_prior(c["prior"], task.name) or folder_prior_problem(c["prior"])
@@ -284,7 +291,6 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
 def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
     import torch
 
-    from trainable.models import build_classifier, feature_layers
 
     found = {}
     for role in ("teacher", "student"):
@@ -319,7 +325,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
     Raises:
         ConfigError: listing every unknown key, wrong type and impossible value.
     """
-    from trainable.tasks import get_task, task_problem
 
     errs = [f"{k}: unknown key; valid keys are {sorted(FIELDS)}" for k in values if k not in FIELDS]
     merged: dict[str, Any] = {f.name: f.default for f in fields(AKDConfig)}
@@ -330,8 +335,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
     if task_defaults and isinstance(method, str) and method in METHODS:
         merged.update(METHODS[method])
     merged.update({k: v for k, v in values.items() if k in FIELDS})
-    from trainable.models import is_widthable
-    from trainable.sources import is_foreign, is_program
 
     if "w_bn" not in values and isinstance(merged["teacher"], str) and is_program(merged["teacher"]):
         merged["w_bn"] = 0.0  # a program has no BatchNorm layers to hook: the task's default term does not apply
@@ -345,8 +348,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
         except ValueError as e:
             errs.append(str(e))
     if not errs:
-        from trainable.models import GENERATOR_ALIASES
-
         coerced["generator"] = GENERATOR_ALIASES.get(coerced["generator"], coerced["generator"])
         errs.extend(_check_values(coerced))
     if errs:

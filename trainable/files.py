@@ -103,3 +103,8 @@ def jsonable(v: Any) -> Any:
         return v.item()
     raise TypeError(f"not JSON serialisable: {type(v).__name__}")
 
+
+def cache_dir() -> Path:
+    """The project's cache: trained digits teachers and the measured speed choices (``$AKDTUNE_CACHE``, else
+    ``~/.cache/akdtune``)."""
+    return Path(os.environ.get("AKDTUNE_CACHE", Path.home() / ".cache" / "akdtune"))

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from trainable.errors import UserError
+from trainable.tasklist import TASKS, Task
 from trainable.yamlfile import read_yaml, short
 
 FOLDER = "folder:"
@@ -190,8 +191,6 @@ def _numbers(raw: dict, key: str, n: int, path: Path) -> tuple[float, ...] | Non
 def folder_task(root_text: str):
     """The ``Task`` of a folder of images (see the module docstring): labelled, one sub-folder per class, or without
     labels (``classes`` in task.yaml and no class sub-folders). Raises UserError."""
-    from trainable.tasks import Task
-
     root = Path(root_text)
     if not root.is_dir():
         raise UserError(f"task folder:{root} is not a folder; pass folder:PATH of held-out images in ImageFolder "
@@ -234,7 +233,7 @@ def folder_task(root_text: str):
 
 def _recipe(root: Path, name: Any) -> dict[str, Any]:
     """The config defaults of a folder task: a shipped task's (``recipe: NAME``), else ``FOLDER_DEFAULTS``."""
-    from trainable.tasks import TASKS
+
 
     if name is None:
         return dict(FOLDER_DEFAULTS)

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainable import sources
 from trainable.errors import lookup
 
 
@@ -320,7 +321,6 @@ MODEL_FORMS = "torchvision:NAME, timm:NAME, package.module:callable or (teacher 
 
 def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
     """A classifier by spec: a registered name, or a foreign model (``trainable.sources``), untrained."""
-    from trainable import sources
 
     if sources.is_foreign(name):
         return sources.build_foreign(name, num_classes, in_channels, image_size, width)
@@ -332,7 +332,6 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
 
 def is_widthable(name: str) -> bool:
     """Whether ``student_fraction``/``student_width`` can size this family (a width multiplier exists)."""
-    from trainable import sources
 
     if sources.is_foreign(name):
         return sources.widthable(name)

@@ -31,6 +31,10 @@ import torch.nn as nn
 
 from trainable import metrics as M
 from trainable.errors import UserError
+from trainable.images import IMAGE_SUFFIXES, image_files
+from trainable.models import build_generator
+from trainable.priors import load_prior
+from trainable.tasks import get_task
 
 SELECTIONS = ("auto", "accuracy", "agreement")
 PROXY_SEED = 1_000_003  # the generator proxy's seed: apart from every run's (trials use small seeds)
@@ -62,7 +66,6 @@ def selection_problem(selection: Any, proxy: Any, task) -> list[str]:
     elif proxy.startswith("folder:"):
         from pathlib import Path
 
-        from trainable.images import IMAGE_SUFFIXES, image_files
 
         path = Path(proxy[len("folder:"):]).expanduser()
         if not path.is_dir():
@@ -92,8 +95,6 @@ def _halves(x: torch.Tensor, source: str) -> Proxy:
 def generator_images(task_name: str, n: int, seed: int = PROXY_SEED) -> torch.Tensor:
     """``n`` images of the task's default generator at random initialisation (fixed ``seed``), normalised like the
     teacher's inputs: the same images in every process."""
-    from trainable.models import build_generator
-    from trainable.tasks import get_task
 
     task = get_task(task_name)
     d = task.defaults
@@ -110,7 +111,6 @@ def generator_images(task_name: str, n: int, seed: int = PROXY_SEED) -> torch.Te
 
 def build_proxy(cfg, task, data, data_root: str | None = None) -> Proxy:
     """The proxy set of a run of ``cfg`` (see the module docstring). Raises UserError (an unreadable folder)."""
-    from trainable.priors import load_prior
 
     spec = cfg.proxy
     if spec == "auto":

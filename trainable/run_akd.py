@@ -28,9 +28,9 @@ from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.images import FOLDER, as_task_name, is_folder_task
+from trainable.measure import choose_speed
 from trainable.outputs import finish_run, teacher_metrics
 from trainable.sources import as_spec, check_student
-from trainable.speed import choose_speed
 from trainable.tasks import TASKS, data_free, get_task, load_eval_data
 from trainable.teacher import prepare_teacher
 

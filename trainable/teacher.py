@@ -10,22 +10,18 @@ import math
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainable import sources
 from trainable.errors import CheckpointError, UserError
-from trainable.files import torch_save
+from trainable.files import cache_dir, torch_save
 from trainable.models import CLASSIFIERS, build_classifier, classifier_head
+from trainable.outputs import teacher_metrics
 from trainable.tasks import Task, get_task, load_eval_data, load_teacher_train
-
-
-def cache_dir() -> Path:
-    """Where trained digits teachers are cached: ``$AKDTUNE_CACHE`` or ``~/.cache/akdtune``."""
-    return Path(os.environ.get("AKDTUNE_CACHE", Path.home() / ".cache" / "akdtune"))
 
 
 def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -177,7 +173,6 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
     Returns:
         (teacher in eval mode on CPU, info dict with ``arch``, ``source``).
     """
-    from trainable import sources
 
     task = get_task(task_name)
     arch = arch or task.teacher
@@ -220,6 +215,5 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
 def teacher_accuracy(teacher: nn.Module, task_name: str, seed: int = 0,
                      data_root: str | None = None) -> dict[str, float | None]:
     """``teacher_val_acc`` and ``teacher_test_acc`` of a teacher on the task's evaluation data (None without labels)."""
-    from trainable.outputs import teacher_metrics
 
     return teacher_metrics(teacher, load_eval_data(task_name, seed, data_root=data_root))

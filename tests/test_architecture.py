@@ -1,0 +1,114 @@
+"""The house rules, read from the sources: which way imports run between the packages, no import cycle between the
+project's modules (imports inside functions counted, so none is hidden), imports of the project at the top of a file
+(one inside a function says why, on its line), and every function short enough to read on one screen."""
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGES = ("trainable", "search", "results")
+MAX_FUNCTION_LINES = 60
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            out[pkg if path.stem == "__init__" else f"{pkg}.{path.stem}"] = path
+    return out
+
+
+def _imports(path: Path) -> list[tuple[str, ast.AST, bool]]:
+    """(module imported, node, inside a function) of every import in the file, ``from a import b`` as ``a.b`` too."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for n in ast.walk(f)}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node, id(node) in inside) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, node, id(node) in inside))
+            out += [(f"{node.module}.{a.name}", node, id(node) in inside) for a in node.names]
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    mods = _modules()
+    return {m: {name for name, _, _ in _imports(p) if name in mods and name != m and name not in PACKAGES}
+            for m, p in mods.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_between_the_projects_modules():
+    cycles = _cycles(_graph())
+    assert not cycles, "import cycles (imports inside functions included): " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_run_one_way_between_the_packages():
+    """trainable/ (one run) imports neither search/ nor results/; results/ (a finished search read from its files)
+    imports neither search/ nor Ray; within trainable/ only the Tune trainable imports Ray."""
+    rules = {"trainable": ("search", "results", "ray"), "results": ("search", "ray")}
+    for module, path in _modules().items():
+        banned = rules.get(module.split(".")[0], ())
+        for name, node, _ in _imports(path):
+            top = name.split(".")[0]
+            if top == "ray" and module == "trainable.tune_trainable":
+                continue
+            assert top not in banned, f"{path.relative_to(ROOT)}:{node.lineno} imports {name}"
+
+
+def test_the_projects_imports_are_at_the_top_of_each_file_or_say_why_not():
+    for path in _modules().values():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        for name, node, inside in _imports(path):
+            if inside and name.split(".")[0] in PACKAGES:
+                text = " ".join(lines[node.lineno - 1:node.end_lineno])
+                assert "#" in text, f"{path.relative_to(ROOT)}:{node.lineno} imports {name} inside a function " \
+                                    "without a comment saying why (move it to the top of the file)"
+
+
+def test_every_function_fits_on_one_screen():
+    long = []
+    for path in _modules().values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(long)
