@@ -23,7 +23,7 @@ def space_limits(raw: dict[str, Any]) -> dict[str, float]:
     block = raw.get("limits") if isinstance(raw.get("limits"), dict) else {}
     old = raw.get("budget") if isinstance(raw.get("budget"), dict) else {}
     ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
-    flops = old.get("flops", block.get(M.FLOPS))
+    flops = old.get(M.FLOPS, block.get(M.FLOPS))
     return {m: float(v) for m, v in ((M.PARAM_RATIO, ratio), (M.FLOPS, flops)) if v is not None}
 
 

@@ -13,12 +13,11 @@ experiment folder after a restore, which would overwrite them. Tune's own files 
 **Damage.** Every JSON record is written atomically (``trainable.files``: a kill leaves the old file or the new
 one) and carries ``_record: {format, sha256}``, the checksum of the rest of it, so a file changed or cut by
 anything else is told from a whole one: :func:`read_record` raises :class:`DamagedRecord`, one line naming the
-file and what to do, and changes nothing. A record without a checksum is damage unless the whole search predates
-checksums (:func:`written_before_checksums`). Optuna's study journal is checked line by line before anything
-appends to it (:func:`check_journal`), Tune's state files are checked whole (:func:`check_tune_state`), and the
-records are checked against each other (:func:`check_agreement`: a journal cut at a line boundary reads as whole
-alone). ``--repair`` mends only what the other records rebuild without loss, after checking the result
-(:func:`repair_records`).
+file and what to do, and changes nothing; a record without a checksum is damage. Optuna's study journal is checked
+line by line before anything appends to it (:func:`check_journal`), Tune's state files are checked whole
+(:func:`check_tune_state`), and the records are checked against each other (:func:`check_agreement`: a journal
+cut at a line boundary reads as whole alone). ``--repair`` mends only what the other records rebuild without
+loss, after checking the result (:func:`repair_records`).
 
 **Moves.** A search folder may be copied, moved or archived and resumed from its new place: the records hold
 paths relative to the folder, and the objects Tune pickles with absolute paths are re-pointed on restore
@@ -160,17 +159,6 @@ def write_record(path: str | Path, data: dict[str, Any]) -> None:
     storage.written(path)  # a search on a URI: uploaded now, whole
 
 
-def written_before_checksums(folder: str | Path) -> bool:
-    """Whether the search at ``folder`` was started before records carried a checksum: its search record has none and
-    holds what every search record holds (an emptied or replaced one is not a search of any version)."""
-    try:
-        data = json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and RECORD_KEY not in data and isinstance(data.get("space"), dict) and \
-        isinstance(data.get("num_samples"), int)
-
-
 # What each record must hold (key: its type), checked after its checksum: a record that this tool wrote holds them.
 REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
     META_FILE: {"space": dict, "num_samples": int, "folder": str},
@@ -209,10 +197,7 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
         raise DamagedRecord(path, f"holds a {type(data).__name__}, not a record")
     check = data.pop(RECORD_KEY, None)
     if check is None:
-        if written_before_checksums(Path(path).parent.parent):
-            return data
-        raise DamagedRecord(path, "it has no checksum, which this tool writes into every record of a search started "
-                            "with checksums: emptied or replaced")
+        raise DamagedRecord(path, "it has no checksum, which this tool writes into every record: emptied or replaced")
     if not isinstance(check, dict) or check.get("format") != RECORD_FORMAT:
         raise DamagedRecord(path, f"unknown record format {check!r}")
     if check.get("sha256") != _digest(data):
@@ -357,7 +342,7 @@ def check_agreement(folder: str | Path, journal: str | Path | None = None) -> li
     journal cut at a record's end, or a record emptied, passes every check of its own and fails this one. ``journal``:
     the study journal to check in place of the folder's (a repair's result, before it is written)."""
     folder = Path(folder)
-    if written_before_checksums(folder) or not (folder / META_FILE).is_file():
+    if not (folder / META_FILE).is_file():
         return []
     journal = Path(journal or folder / STUDY_FILE)
     scheduler = scheduler_record(folder / SCHEDULER_FILE)

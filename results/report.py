@@ -194,7 +194,7 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
     import plotly.graph_objects as go
 
     sel, col = e.selection, e.selected
-    t = e.trials[e.trials[col].notna() & e.trials["student_params"].notna()]
+    t = e.trials[e.trials[col].notna() & e.trials[M.STUDENT_PARAMS].notna()]
     if t.empty:
         return "<p class='note'>no trial has a result yet</p>"
     max_epochs = int(e.meta.get("max_epochs") or t["epochs_run"].max())
@@ -203,21 +203,21 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
         s = t[t["outcome"] == outcome]
         if len(s):
             fig.add_trace(go.Scatter(
-                x=s["student_params"], y=s[col], mode="markers+text", name=f"{outcome} (label: epochs)",
+                x=s[M.STUDENT_PARAMS], y=s[col], mode="markers+text", name=f"{outcome} (label: epochs)",
                 marker=dict(color=color, size=9), text=[str(int(v)) for v in s["epochs_run"]],
                 textposition="top center", textfont=dict(size=9, color=color), customdata=s["trial_id"],
                 hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>{sel} %{{y:.4f}}<br>epochs %{{text}}<extra></extra>"))
     conf = t[t[f"confirmed_{sel}_mean"].notna()] if f"confirmed_{sel}_mean" in t else t.iloc[:0]
     if len(conf):
         fig.add_trace(go.Scatter(
-            x=conf["student_params"], y=conf[f"confirmed_{sel}_mean"], mode="markers", name="confirmed: mean ± std over seeds",
+            x=conf[M.STUDENT_PARAMS], y=conf[f"confirmed_{sel}_mean"], mode="markers", name="confirmed: mean ± std over seeds",
             error_y=dict(type="data", array=conf[f"confirmed_{sel}_std"].fillna(0).tolist(), visible=True),
             marker=dict(symbol="square-open", size=12, color="#2ca02c"), customdata=conf["trial_id"],
             hovertemplate=f"%{{customdata}}<br>params %{{x:,}}<br>mean {sel} %{{y:.4f}}<extra></extra>"))
     full = t[t["epochs_run"] >= max_epochs]
     if len(full):
-        front = full[pareto_mask(full[col].tolist(), full["param_ratio"].tolist())].sort_values("student_params")
-        fig.add_trace(go.Scatter(x=front["student_params"], y=front[col], mode="lines+markers",
+        front = full[pareto_mask(full[col].tolist(), full[M.PARAM_RATIO].tolist())].sort_values(M.STUDENT_PARAMS)
+        fig.add_trace(go.Scatter(x=front[M.STUDENT_PARAMS], y=front[col], mode="lines+markers",
                                  name=f"Pareto front of full runs ({max_epochs} epochs)",
                                  line=dict(color="crimson", dash="dash"),
                                  marker=dict(symbol="diamond-open", size=13, color="crimson")))
@@ -225,10 +225,10 @@ def _pareto_plot(e: Experiment, best_id: str | None) -> str:
         b = t[t["trial_id"] == best_id].iloc[0]
         mean = b.get(f"confirmed_{sel}_mean")
         y = mean if mean is not None and not pd.isna(mean) else b[col]
-        fig.add_trace(go.Scatter(x=[b["student_params"]], y=[y], mode="markers", name="best (confirmed)",
+        fig.add_trace(go.Scatter(x=[b[M.STUDENT_PARAMS]], y=[y], mode="markers", name="best (confirmed)",
                                  marker=dict(symbol="star", size=18, color="gold", line=dict(color="black", width=1))))
     budget = e.param_budget
-    teacher = t["teacher_params"].dropna()
+    teacher = t[M.TEACHER_PARAMS].dropna()
     if budget and len(teacher):
         fig.add_vline(x=budget * float(teacher.iloc[0]), line_dash="dot", line_color="green",
                       annotation_text=f"budget {budget:.0%}")
@@ -353,9 +353,9 @@ def _image(best_dir: Path) -> str:
 def _trials_table(e: Experiment, best_id: str | None) -> str:
     cols = ["trial_id", "outcome"] + [c for c in e.trials.columns if c.startswith("param.")] + [
         "final_val_agreement", "best_val_agreement", "final_val_acc", "best_val_acc", "final_val_loss", "epochs_run",
-        "student_params", "param_ratio", "within_budget", "pareto", "stopped_at", "confirmed_val_agreement_mean",
+        M.STUDENT_PARAMS, M.PARAM_RATIO, "within_budget", "pareto", "stopped_at", "confirmed_val_agreement_mean",
         "confirmed_test_agreement_mean", "confirmed_val_acc_mean", "confirmed_test_acc_mean", "confirmed_test_acc_std",
-        "confirmed_seeds", "wall_s", "error"]
+        "confirmed_seeds", M.WALL_S, "error"]
     unmeasured = "agreement" if e.selection == M.VAL_ACC else ("_acc" if not e.labelled else None)
     cols = [c for c in cols if c in e.trials.columns and not (unmeasured and unmeasured in c)]
     head = "".join(f"<th class='{'l' if c in ('trial_id', 'outcome', 'error') else ''}' onclick='sortTable(this)'>"
@@ -438,12 +438,12 @@ def _header(e: Experiment, counts: dict[str, int], refused: int, best_id: str | 
 
 def _sizes(e: Experiment, best: dict) -> list[tuple[str, str]]:
     """Teacher and student sizes, and the exported student's measured inference cost."""
-    teacher_params = best.get("teacher_params") or (
-        int(e.trials["teacher_params"].dropna().iloc[0]) if e.trials["teacher_params"].notna().any() else None)
+    teacher_params = best.get(M.TEACHER_PARAMS) or (
+        int(e.trials[M.TEACHER_PARAMS].dropna().iloc[0]) if e.trials[M.TEACHER_PARAMS].notna().any() else None)
     sizes = [("teacher", _fmt(teacher_params))]
     if best:
         sizes.append(("best student", f"{best['student_params']:,} ({best['param_ratio']:.2%})"))
-    sp = e.trials["student_params"].dropna()
+    sp = e.trials[M.STUDENT_PARAMS].dropna()
     if len(sp):
         sizes.append(("smallest / largest student tried", f"{int(sp.min()):,} / {int(sp.max()):,}"))
     if best.get(M.LATENCY_MS) is not None:

@@ -60,18 +60,18 @@ TRIAL_COLUMNS = {
     "best_val_agreement": "highest val_agreement over the trial's epochs",
     "final_val_loss": "val_loss at the last reported epoch",
     "epochs_run": "epochs reported",
-    "student_params": "student parameter count",
-    "teacher_params": "teacher parameter count",
-    "param_ratio": "student_params / teacher_params",
-    "flops": "the student's floating-point operations per image (one forward; a multiply-add counts 2)",
-    "latency_ms_b1": "the winner only: median CPU milliseconds per image at batch 1 (best/student.pt2's model)",
-    "throughput_b256": "the winner only: median CPU images per second at batch 256",
-    "size_bytes": "the winner only: size of best/student.pt2",
-    "cpu_threads": "the winner only: torch CPU threads during that timing",
+    M.STUDENT_PARAMS: "student parameter count",
+    M.TEACHER_PARAMS: "teacher parameter count",
+    M.PARAM_RATIO: "student_params / teacher_params",
+    M.FLOPS: "the student's floating-point operations per image (one forward; a multiply-add counts 2)",
+    M.LATENCY_MS: "the winner only: median CPU milliseconds per image at batch 1 (best/student.pt2's model)",
+    M.THROUGHPUT: "the winner only: median CPU images per second at batch 256",
+    M.SIZE_BYTES: "the winner only: size of best/student.pt2",
+    M.THREADS: "the winner only: torch CPU threads during that timing",
     "within_budget": "param_ratio <= the space's param_budget and flops <= its budget.flops (true when it has none)",
     "pareto": "on the selection-metric-versus-size Pareto front (max final_val_acc or final_val_agreement, min "
               "param_ratio)",
-    "wall_s": "seconds the trial ran (summed over resumes)",
+    M.WALL_S: "seconds the trial ran (summed over resumes)",
     "confirmed_seeds": "confirmation candidates: the seeds each was run with to max_epochs (else empty)",
     "confirmed_val_acc_mean": "confirmation candidates: mean val_acc over those seeds",
     "confirmed_val_acc_std": "confirmation candidates: its standard deviation",
@@ -202,8 +202,8 @@ def _trial_row(t: dict, ordered: list[dict], tail: dict, scheduler: dict, search
         "final_val_acc": last.get(M.VAL_ACC), "best_val_acc": _highest(ordered, M.VAL_ACC),
         "final_val_agreement": last.get(M.VAL_AGREEMENT), "best_val_agreement": _highest(ordered, M.VAL_AGREEMENT),
         "final_val_loss": last.get(M.VAL_LOSS), "epochs_run": len(ordered),
-        "student_params": last.get(M.STUDENT_PARAMS), "teacher_params": last.get(M.TEACHER_PARAMS),
-        "param_ratio": last.get(M.PARAM_RATIO), M.FLOPS: last.get(M.FLOPS), "wall_s": last.get("time_total_s"),
+        M.STUDENT_PARAMS: last.get(M.STUDENT_PARAMS), M.TEACHER_PARAMS: last.get(M.TEACHER_PARAMS),
+        M.PARAM_RATIO: last.get(M.PARAM_RATIO), M.FLOPS: last.get(M.FLOPS), M.WALL_S: last.get("time_total_s"),
         "_dir": str(trial_dir), "_config": config,
     }
 
@@ -223,11 +223,11 @@ def _add_confirmation(row: dict[str, Any], confirmed: dict, by_candidate: dict[s
 
 
 def _mark_pareto(trials: pd.DataFrame, selected: str) -> None:
-    has = trials[selected].notna() & trials["param_ratio"].notna() if len(trials) else pd.Series(dtype=bool)
+    has = trials[selected].notna() & trials[M.PARAM_RATIO].notna() if len(trials) else pd.Series(dtype=bool)
     trials["pareto"] = False
     if len(trials) and has.any():
         sub = trials[has]
-        trials.loc[has, "pareto"] = pareto_mask(sub[selected].tolist(), sub["param_ratio"].tolist())
+        trials.loc[has, "pareto"] = pareto_mask(sub[selected].tolist(), sub[M.PARAM_RATIO].tolist())
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -252,15 +252,15 @@ def load_experiment(path: str | Path) -> Experiment:
         rungs = [recs[tid].get("result") for recs in scheduler["rungs"].values() if tid in recs]
         ordered, tail = _results(t["dir"], read_result_lines(result_log(exp, tid)),
                                  [stop.get("result"), scheduler["finished"].get(tid), *rungs])
-        if stop.get("reason") == "rung" and stop.get("epoch"):  # epochs run after the rung's decision do not count
-            ordered = [r for r in ordered if int(r[M.EPOCH]) <= int(stop["epoch"])]
+        if stop.get("reason") == "rung" and stop.get(M.EPOCH):  # epochs run after the rung's decision do not count
+            ordered = [r for r in ordered if int(r[M.EPOCH]) <= int(stop[M.EPOCH])]
         epoch_rows += [{"trial_id": tid, **{k: r.get(k) for k in M.EPOCH_METRICS}, "time_total_s": r.get("time_total_s")}
                        for r in ordered]
         row = _trial_row(t, ordered, tail, scheduler, searched)
         _add_confirmation(row, confirmed, by_candidate, best_cost, limits)
         trial_rows.append(row)
     trials = pd.DataFrame(trial_rows) if trial_rows else pd.DataFrame(columns=[
-        "trial_id", "outcome", "error", "final_val_acc", "final_val_agreement", "param_ratio", "epochs_run",
+        "trial_id", "outcome", "error", "final_val_acc", "final_val_agreement", M.PARAM_RATIO, "epochs_run",
         "within_budget", "winner", "_dir", "_config"])
     _mark_pareto(trials, f"final_{meta.get(M.SELECTED_ON) or M.VAL_ACC}")
     epochs = pd.DataFrame(epoch_rows, columns=["trial_id", *M.EPOCH_METRICS, "time_total_s"])

@@ -15,6 +15,7 @@ import os
 from ray.tune import Callback
 
 from results.record import DamagedRecord, append_result, here, read_record, trial_folder_name, write_record
+from trainable import metrics as M
 from trainable.storage import push_changed
 
 
@@ -101,6 +102,6 @@ def update_wall(meta_file: str) -> float:
         return 0.0
     if not meta or "session_started" not in meta:
         return 0.0
-    meta["wall_s"] = float(meta.get("wall_before", 0.0)) + (time.time() - float(meta["session_started"]))
+    meta[M.WALL_S] = float(meta.get("wall_before", 0.0)) + (time.time() - float(meta["session_started"]))
     write_record(meta_file, meta)
-    return meta["wall_s"]
+    return meta[M.WALL_S]

@@ -37,7 +37,7 @@ def candidates(e: Experiment, top_k: int) -> list[dict[str, Any]]:
     ok = ok[acc.notna() & acc.abs().ne(float("inf"))]
     feasible = ok[ok["within_budget"]]
     pool = feasible if len(feasible) else ok
-    pool = pool.sort_values([col, "epochs_run", "param_ratio"], ascending=[False, False, True], kind="stable")
+    pool = pool.sort_values([col, "epochs_run", M.PARAM_RATIO], ascending=[False, False, True], kind="stable")
     return [r.to_dict() for _, r in pool.head(max(1, top_k)).iterrows()]
 
 
@@ -105,15 +105,15 @@ def choose_winner(results: list[dict[str, Any]], selection: str = M.VAL_ACC) -> 
     done = [r for r in results if r["runs"]]
     if not done:
         return None
-    return sorted(done, key=lambda r: (-r[f"{selection}_mean"], r["param_ratio"]))[0]
+    return sorted(done, key=lambda r: (-r[f"{selection}_mean"], r[M.PARAM_RATIO]))[0]
 
 
 def summarise_candidate(cand: dict[str, Any], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One candidate's confirmation: per-seed accuracies (agreements) and their mean and std, for each measured."""
     runs = sorted(runs, key=lambda r: r["seed"])
     out = {"trial_id": cand["trial_id"], "runs": runs, "seeds": [r["seed"] for r in runs],
-           "epochs": min((r["epochs"] for r in runs), default=0), "param_ratio": runs[0][M.PARAM_RATIO] if runs else None,
-           "student_params": runs[0][M.STUDENT_PARAMS] if runs else None, "within_budget": cand["within_budget"]}
+           "epochs": min((r["epochs"] for r in runs), default=0), M.PARAM_RATIO: runs[0][M.PARAM_RATIO] if runs else None,
+           M.STUDENT_PARAMS: runs[0][M.STUDENT_PARAMS] if runs else None, "within_budget": cand["within_budget"]}
     for key in (M.VAL_ACC, M.TEST_ACC, M.VAL_AGREEMENT, M.TEST_AGREEMENT):
         if runs and all(r.get(key) is not None for r in runs):
             out[f"{key}_mean"], out[f"{key}_std"] = mean_std([float(r[key]) for r in runs])

@@ -97,7 +97,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
                                     "checkpoint": chosen["checkpoint"],
                                     "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
     if (exp / BEST_DIR).exists():
-        shutil.rmtree(exp / BEST_DIR)  # an incomplete best/ (a kill during an older version's export)
+        shutil.rmtree(exp / BEST_DIR)  # a best/ without its trial.json: not a finished export
     os.replace(out, exp / BEST_DIR)
     return final
 
@@ -152,12 +152,12 @@ def _selection_rows(final: dict[str, Any]) -> list[tuple[str, str]]:
     rows = []
     if final.get(M.VAL_AGREEMENT) is not None:
         rows += [("selected on", f"val_agreement: agreement with the teacher on {final.get(M.PROXY)}"),
-                 ("val_agreement", f"{final['val_agreement']:.4f} ± {final['val_agreement_std']:.4f} {over}"),
-                 ("test_agreement", f"{final['test_agreement']:.4f} ± {final['test_agreement_std']:.4f} {each}")]
+                 (M.VAL_AGREEMENT, f"{final[M.VAL_AGREEMENT]:.4f} ± {final['val_agreement_std']:.4f} {over}"),
+                 (M.TEST_AGREEMENT, f"{final[M.TEST_AGREEMENT]:.4f} ± {final['test_agreement_std']:.4f} {each}")]
     if final.get(M.VAL_ACC) is None:
         return rows + [("accuracy", "not measured: the task has no labelled images")]
     return rows + [
-        ("val_acc", f"{final['val_acc']:.4f} ± {final['val_acc_std']:.4f} {over}"),
+        (M.VAL_ACC, f"{final[M.VAL_ACC]:.4f} ± {final['val_acc_std']:.4f} {over}"),
         ("test_acc (held out)", f"{final['test_acc']:.4f} ± {final['test_acc_std']:.4f} {each}"),
         ("teacher val/test acc", f"{final['teacher_val_acc']:.4f} / {final['teacher_test_acc']:.4f}"),
     ]
@@ -296,7 +296,7 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
             t for t in ctrials if t["run"].get(CANDIDATE) == cand["trial_id"] and t["run"].get("seed") == s]
         ckpt = checkpoint_of(match[0]["dir"]) if match else None
         if ckpt is None and own:  # the search trial itself: it ran max_epochs, or its continuation had nothing left to
-            ckpt = checkpoint_of(exp / cand["trial_dir"])  # train (an older plan holds an absolute trial_dir)
+            ckpt = checkpoint_of(exp / cand["trial_dir"])  # train
         if ckpt is None:
             continue
         r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)

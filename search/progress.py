@@ -22,7 +22,18 @@ from typing import Any
 from ray.tune import Callback
 
 from results.limits import refused_over_budget, within_limits
-from results.record import LIVE_REPORT_FILE, here, read_result_lines, result_log, scheduler_record, stop_decisions
+from results.record import (
+    COMPLETED,
+    DIVERGED,
+    ERRORED,
+    LIVE_REPORT_FILE,
+    STOPPED_EARLY,
+    here,
+    read_result_lines,
+    result_log,
+    scheduler_record,
+    stop_decisions,
+)
 from results.report import build_report
 from trainable import metrics as M
 from trainable import storage
@@ -58,6 +69,9 @@ def short_params(config: dict[str, Any], names: list[str]) -> str:
             continue
         parts.append(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}")
     return " ".join(parts)
+
+
+FAILED = "failed"  # the live view's word for a trial that diverged or errored
 
 
 class SearchProgress(Callback):
@@ -147,10 +161,11 @@ class SearchProgress(Callback):
             print(text, file=self.stream, flush=True)
 
     def counts(self) -> dict[str, int]:
-        c = {"completed": 0, "stopped": 0, "failed": 0}
+        """How many trials ended each way so far (the outcomes of the trials table; failed: diverged or errored)."""
+        c = {COMPLETED: 0, STOPPED_EARLY: 0, DIVERGED: 0, ERRORED: 0}
         for outcome in self.finished.values():
             c[outcome] += 1
-        return c
+        return {**c, FAILED: c[DIVERGED] + c[ERRORED]}
 
     def eta_s(self, running: int) -> float | None:
         """Seconds left: the search's remaining epochs at the measured pace, then the confirmation runs."""
@@ -173,8 +188,8 @@ class SearchProgress(Callback):
         best = self.best
         best = (f"best so far {self.selection} {best[0]:.4f} at {best[1]:.1%} params ({best[2]})"
                 if best else "no result yet")
-        return (f"{len(self.finished)}/{self.num_samples} done ({c['completed']} completed, {c['stopped']} stopped "
-                f"early, {c['failed']} failed), {running} running | epochs {sum(self.epochs.values())} | "
+        return (f"{len(self.finished)}/{self.num_samples} done ({c[COMPLETED]} completed, {c[STOPPED_EARLY]} stopped "
+                f"early, {c[FAILED]} failed), {running} running | epochs {sum(self.epochs.values())} | "
                 f"elapsed {fmt_duration(time.time() - self.start)}"
                 + (f", ETA {fmt_duration(eta)}" if eta is not None else "") + f" | {best}"
                 + (f" | {self.refused} over the budget refused" if self.refused else ""))
@@ -195,15 +210,14 @@ class SearchProgress(Callback):
         the search's own log of every result (epochs after a rung's stop decision do not count, as in the table)."""
         from pathlib import Path
 
-
         state = scheduler_record(self.state_file)
         for tid, decision in state["stopped"].items():
-            self.finished[tid] = "failed" if decision.get("reason") == "diverged" else "stopped"
+            self.finished[tid] = DIVERGED if decision.get("reason") == DIVERGED else STOPPED_EARLY
         for tid in state["finished"]:
-            self.finished.setdefault(tid, "completed")
+            self.finished.setdefault(tid, COMPLETED)
         folder = Path(self.state_file).parent.parent
         for tid in {*state["finished"], *state["stopped"], *(state.get("order") or [])}:
-            cut = (state["stopped"].get(tid) or {}).get("epoch")
+            cut = (state["stopped"].get(tid) or {}).get(M.EPOCH)
             for r in read_result_lines(result_log(folder, tid)):
                 if M.EPOCH in r and (cut is None or int(r[M.EPOCH]) <= int(cut)):
                     self._count(tid, r)
@@ -251,15 +265,15 @@ class SearchProgress(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         decision = (self.stopped() or {}).get(trial.trial_id)
         last = trial.last_result or {}
-        if last.get(M.DIVERGED) or (decision or {}).get("reason") == "diverged":
-            self._finish(trials, trial, "failed", f"diverged: {str(last.get(M.ERROR, ''))[:120]}")
+        if last.get(M.DIVERGED) or (decision or {}).get("reason") == DIVERGED:
+            self._finish(trials, trial, DIVERGED, f"diverged: {str(last.get(M.ERROR, ''))[:120]}")
         elif decision:
             where = f"stopped at epoch {decision.get('epoch', self.epochs.get(trial.trial_id, '?'))}"
             if decision.get("position"):
                 where += f" (rung: {decision['position']} of {decision.get('of', '?')})"
-            self._finish(trials, trial, "stopped", where)
+            self._finish(trials, trial, STOPPED_EARLY, where)
         else:
-            self._finish(trials, trial, "completed", f"completed {self.epochs.get(trial.trial_id, 0)} epochs")
+            self._finish(trials, trial, COMPLETED, f"completed {self.epochs.get(trial.trial_id, 0)} epochs")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         retries = trial.max_failures if trial.max_failures >= 0 else "unlimited"
@@ -269,13 +283,13 @@ class SearchProgress(Callback):
                    f"{retries} allowed")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trials, trial, "failed", "ERRORED (see its error.txt; summary/trials.parquet has the reason)")
+        self._finish(trials, trial, ERRORED, "ERRORED (see its error.txt; summary/trials.parquet has the reason)")
 
     @property
     def best(self) -> tuple[float, float, str] | None:
         """(selection metric, param_ratio, trial id) of the best result so far within the limits, failed trials left
         out (a trial that errored or diverged is never the best)."""
-        ok = [(v[0], v[1], tid) for tid, v in self.bests.items() if self.finished.get(tid) != "failed"]
+        ok = [(v[0], v[1], tid) for tid, v in self.bests.items() if self.finished.get(tid) not in (DIVERGED, ERRORED)]
         return max(ok, key=lambda b: b[0]) if ok else None
 
     def _running(self, trials) -> int:
@@ -313,7 +327,7 @@ class SearchProgress(Callback):
 
 
             write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,
-                                                                  "wall_s": time.time() - self.start})
+                                                                  M.WALL_S: time.time() - self.start})
 
     # -- the live report
     def on_progress(self) -> None:

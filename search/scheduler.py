@@ -239,7 +239,7 @@ class RungScheduler(FIFOScheduler):
         position, keep = order.index(trial_id), keeps(len(order), self.reduction_factor)
         if position < keep:
             return TrialScheduler.CONTINUE
-        st["stopped"][trial_id] = {"reason": "rung", "rung": m, "epoch": pool[trial_id].get("epoch", m),
+        st["stopped"][trial_id] = {"reason": "rung", "rung": m, M.EPOCH: pool[trial_id].get(M.EPOCH, m),
                                    "position": position + 1, "of": len(order), "kept": keep,
                                    "result": pool[trial_id].get("result")}
         return TrialScheduler.STOP
@@ -260,7 +260,7 @@ class RungScheduler(FIFOScheduler):
             # nothing (the trials table reads no further than a stop's epoch).
             return TrialScheduler.PAUSE
         if result.get(M.DIVERGED):
-            st["stopped"][trial_id] = {"reason": "diverged", "epoch": int(result.get(M.EPOCH) or 0),
+            st["stopped"][trial_id] = {"reason": "diverged", M.EPOCH: int(result.get(M.EPOCH) or 0),
                                        "error": str(result.get(M.ERROR, ""))[:500]}
             self._write()
             return TrialScheduler.STOP
@@ -272,7 +272,7 @@ class RungScheduler(FIFOScheduler):
             if epoch < m or trial_id in rung:
                 continue
             rung[trial_id] = {"values": [_num(result.get(k)) for k, _ in self.objectives],
-                              "violation": self.violation(result), "epoch": epoch,
+                              "violation": self.violation(result), M.EPOCH: epoch,
                               # the result judged: the trials table's, should Tune's copy die in a kill
                               "result": {k: result[k] for k in M.EPOCH_METRICS if k in result}}
             changed = True
@@ -306,7 +306,7 @@ class RungScheduler(FIFOScheduler):
         stop_if_disk_full(trial)
         if trial.should_recover():  # Tune requeues it: it is still one of the search's live trials
             return
-        self.state.setdefault("errored", {})[trial.trial_id] = {"epoch": int((trial.last_result or {}).get(M.EPOCH, 0))}
+        self.state.setdefault("errored", {})[trial.trial_id] = {M.EPOCH: int((trial.last_result or {}).get(M.EPOCH, 0))}
         self._write()
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:

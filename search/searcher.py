@@ -258,7 +258,7 @@ class OptunaSearcher(Searcher):
                 # record the value the rung judged, so the pruned trial keeps its intermediate values.
                 self.on_trial_result(trial_id, stopped.get("result") or result)
                 trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
-                trial.set_user_attr("stopped_epoch", stopped.get("epoch"))
+                trial.set_user_attr("stopped_epoch", stopped.get(M.EPOCH))
                 self.study.tell(trial, state=TS.PRUNED)
             else:
                 values = [result.get(m) for m, _ in self.objectives]

@@ -32,7 +32,7 @@ from results.limits import space_limits
 from trainable import metrics as M
 from trainable import sources
 from trainable.config import FIELDS, build_config
-from trainable.errors import ConfigError, UserError
+from trainable.errors import ConfigError, UserError, unknown
 from trainable.images import as_task_name
 from trainable.tasks import task_problem
 from trainable.yamlfile import read_yaml, short
@@ -116,7 +116,7 @@ def _num(x) -> bool:
 def _parse_param(name: str, spec: Any, errs: list[str]) -> Param | None:
     where = f"params.{name}"
     if name not in FIELDS:
-        errs.append(f"{where}: unknown hyperparameter; choose from {sorted(set(FIELDS) - NOT_SEARCHABLE)}")
+        errs.append(unknown(f"{where}: unknown hyperparameter", sorted(set(FIELDS) - NOT_SEARCHABLE)))
         return None
     if name in NOT_SEARCHABLE:
         errs.append(f"{where}: cannot be searched (use --task for the task, search.max_epochs for epochs)")
@@ -272,7 +272,7 @@ def _parse_objectives(raw: dict, errs: list[str]) -> list[tuple[str, str]]:
         if not isinstance(o, dict) or set(o) != {"metric", "mode"}:
             errs.append(f"objectives[{i}]: expected {{metric: NAME, mode: max|min}}, got {short(o)}")
         elif o["metric"] not in M.EPOCH_METRICS:
-            errs.append(f"objectives[{i}].metric: unknown {short(o['metric'])}; choose from {list(M.EPOCH_METRICS)}")
+            errs.append(unknown(f"objectives[{i}].metric: unknown {short(o['metric'])}", list(M.EPOCH_METRICS)))
         elif o["mode"] not in METRIC_MODES:
             errs.append(f"objectives[{i}].mode: expected max or min, got {short(o['mode'])}")
         else:
@@ -327,7 +327,7 @@ def _parse_limits(raw: dict, section: str, errs: list[str]) -> dict[str, float]:
     ratio = raw.get("param_budget", block.get(M.PARAM_RATIO))
     if ratio is not None and (not _num(ratio) or not 0 < ratio <= 1):
         errs.append(f"{ratio_key}: expected a parameter ratio in (0, 1], got {short(ratio)}")
-    old_flops = (raw.get("budget") or {}).get("flops") if isinstance(raw.get("budget"), dict) else None
+    old_flops = (raw.get("budget") or {}).get(M.FLOPS) if isinstance(raw.get("budget"), dict) else None
     flops_key = "budget.flops" if old_flops is not None else "limits.flops"
     flops = old_flops if old_flops is not None else block.get(M.FLOPS)
     if flops is not None and (not _num(flops) or flops <= 0):

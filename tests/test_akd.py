@@ -150,7 +150,7 @@ def test_cuda_path(digits_data):
 
 
 def test_a_checkpoint_from_before_the_methods_resumes(tmp_path, digits_data):
-    """Checkpoints written before method, AVKD and feature alignment existed (and with generator "a")."""
+    """Checkpoints written before method, AVKD and feature alignment existed."""
     from trainable.config import FIELDS, METHOD_KEYS
 
     teacher = random_teacher()
@@ -161,7 +161,6 @@ def test_a_checkpoint_from_before_the_methods_resumes(tmp_path, digits_data):
                 *METHOD_KEYS["avkd"]}
     assert new_keys <= set(FIELDS)
     ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in new_keys}
-    ckpt["config"]["generator"] = "a"
     again = make_run(teacher, digits_data, epochs=2)
     again.load_state_dict(ckpt)
     assert again.epoch == 1

@@ -112,3 +112,34 @@ def test_every_function_fits_on_one_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(long)
+
+
+# A word that is a metric's name but means the word there (an axis title, a progress bar's unit, the older name of a
+# space's section).
+NOT_A_METRIC = {("results/report.py", "epoch"), ("trainable/run_akd.py", "epoch"), ("trainable/teacher.py", "epoch"),
+                ("search/space.py", "flops")}
+
+
+def test_metric_names_are_written_only_as_their_constants():
+    """A metric's name (``val_acc``, ``param_ratio``, ...) appears in the code only as ``trainable.metrics``'
+    constant, so one name is one fact."""
+    from trainable import metrics as M
+    from trainable.config import FIELDS
+
+    names = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and v.isidentifier()
+             and ("_" in v or v in ("epoch", "flops")) and v not in FIELDS}  # a config key is the config's name
+    found = []
+    for module, path in _modules().items():
+        if module == "trainable.metrics":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        skip = {id(n) for j in ast.walk(tree) if isinstance(j, ast.JoinedStr) for n in ast.walk(j)}
+        skip |= {id(b.body[0].value) for b in ast.walk(tree)
+                 if isinstance(b, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and b.body
+                 and isinstance(b.body[0], ast.Expr) and isinstance(b.body[0].value, ast.Constant)}
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip \
+                    and node.value in names and (rel, node.value) not in NOT_A_METRIC:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert not found, "metric names written out (use trainable.metrics' constant): " + ", ".join(found)

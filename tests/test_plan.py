@@ -1,5 +1,4 @@
 """SearchPlan: one precedence (command line > resumed record > --smoke > space) and every resume check, no Ray."""
-import json
 import pickle
 import re
 
@@ -34,8 +33,7 @@ def started_search(tmp_path, **record):
     f.write_text(yaml.safe_dump(SPACE))
     base = {"space": yaml.safe_load(f.read_text()), "task": "digits", "seed": 5, "num_samples": 7, "max_epochs": 9,
             "grace_period": 2, "reduction_factor": 3, "early_stopping": True, "confirm_top_k": 2, "confirm_seeds": 4}
-    (exp / META_FILE).parent.mkdir(parents=True)
-    (exp / META_FILE).write_text(json.dumps({**base, **record}))
+    write_record(exp / META_FILE, {**base, "folder": str(exp), **record})
     return exp
 
 
@@ -97,7 +95,7 @@ def test_a_changed_space_or_a_missing_record_cannot_be_resumed(tmp_path):
 def test_a_finished_search_is_recognised(tmp_path):
     exp = started_search(tmp_path)
     assert not plan_for(tmp_path, "--resume").finished
-    (exp / CONFIRM_RESULTS).write_text("{}")
+    write_record(exp / CONFIRM_RESULTS, {"candidates": []})
     (exp / "best").mkdir()
     assert not plan_for(tmp_path, "--resume").finished  # best/ without its files: a kill during the export
     (exp / "best" / "trial.json").write_text("{}")
@@ -114,7 +112,7 @@ def test_record_fields_round_trip_through_a_resume(tmp_path):
     exp = tmp_path / "runs" / "s"
     (exp / META_FILE).parent.mkdir(parents=True)
     (exp / "tuner.pkl").write_bytes(pickle.dumps({}))  # stands in for Tune's
-    (exp / META_FILE).write_text(json.dumps(rec))
+    write_record(exp / META_FILE, {**rec, "folder": str(exp)})
     again = plan_for(tmp_path, "--resume")
     assert all(getattr(again, k) == getattr(p, k) for k in ("num_samples", "max_epochs", "grace_period", "seed"))
 

@@ -44,7 +44,6 @@ from trainable.losses import (
     onehot_loss,
 )
 from trainable.models import (
-    GENERATOR_ALIASES,
     Discriminator,
     build_classifier,
     build_generator,
@@ -576,7 +575,7 @@ class AKDRun:
                 "opt_discriminator": self.opt_discriminator.state_dict(),
                 "sched_discriminator": sched(self.sched_discriminator)} if self.avkd else {}),
             **({"projector": self.projector.state_dict()} if self.projector is not None else {}),
-            "epoch": self.epoch,
+            M.EPOCH: self.epoch,
             "best_selected": self.best_selected,
             "best_epoch": self.best_epoch,
             "history": list(self.history),
@@ -616,8 +615,8 @@ class AKDRun:
                 self.sched_discriminator.load_state_dict(ckpt["sched_discriminator"])
         if self.projector is not None:
             self.projector.load_state_dict(ckpt["projector"])
-        self.epoch = int(ckpt["epoch"])
-        self.best_selected = float(ckpt.get("best_selected", ckpt.get("best_val_acc", -math.inf)))
+        self.epoch = int(ckpt[M.EPOCH])
+        self.best_selected = float(ckpt["best_selected"])
         self.best_epoch = int(ckpt["best_epoch"])
         self.history = list(ckpt["history"])
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -628,12 +627,10 @@ class AKDRun:
 
 def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
     """A checkpoint's config as this version reads it: a key it predates takes the value the run then had (the
-    dataclass default: the feature did not exist), AVKD-only keys are moot unless the method is AVKD, and
-    renamed registry names are read under their new name."""
+    dataclass default: the feature did not exist), and AVKD-only keys are moot unless the method is AVKD."""
 
     out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
     out.update({k: v for k, v in saved.items() if k not in FIELDS})
-    out["generator"] = GENERATOR_ALIASES.get(out["generator"], out["generator"])
     if method != "avkd" and out["method"] != "avkd":
         for k in METHOD_KEYS["avkd"]:
             out.pop(k, None)

@@ -14,11 +14,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from trainable import sources
-from trainable.errors import ConfigError, UserError
+from trainable.errors import ConfigError, UserError, unknown
 from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
 from trainable.models import (
     CLASSIFIERS,
-    GENERATOR_ALIASES,
     GENERATORS,
     MODEL_FORMS,
     build_classifier,
@@ -63,7 +62,7 @@ class AKDConfig:
     student: str = "cnn"  # student architecture
     student_width: float = 1.0  # width multiplier of the student family
     student_fraction: float | None = None  # if set: width whose params are closest to this share of the teacher's
-    generator: str = "dfad"  # "dfad" (DFAD's GeneratorA) or "deconv" (DCGAN-style); "a" is read as "dfad"
+    generator: str = "dfad"  # "dfad" (DFAD's GeneratorA) or "deconv" (DCGAN-style)
     latent_dim: int = 100  # generator noise size
     generator_width: int = 64  # generator base channels
     # --- budget and loop
@@ -226,14 +225,14 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         errs.append(problem)
     for key, table in (("method", METHODS), ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
                        ("generator_loss", GENERATOR_LOSSES)):
-        need(c[key] in table, f"{key}: unknown {c[key]!r}; choose from {sorted(table)}")
+        need(c[key] in table, unknown(f"{key}: unknown {c[key]!r}", sorted(table)))
     for role in ("teacher", "student"):
         errs.extend(_check_model(role, c[role]))
     if c["student_fraction"] is not None and not _check_model("student", c["student"]):
         need(is_widthable(c["student"]), f"student_fraction: the student {c['student']} has no width multiplier to "
              "size it by; drop student_fraction (student_fraction=none) and choose students by name")
-    need(c["scheduler"] in SCHEDULERS, f"scheduler: unknown {c['scheduler']!r}; choose from {list(SCHEDULERS)}")
-    need(c["precision"] in PRECISIONS, f"precision: unknown {c['precision']!r}; choose from {list(PRECISIONS)}")
+    need(c["scheduler"] in SCHEDULERS, unknown(f"scheduler: unknown {c['scheduler']!r}", list(SCHEDULERS)))
+    need(c["precision"] in PRECISIONS, unknown(f"precision: unknown {c['precision']!r}", list(PRECISIONS)))
     for key in ("epochs", "iters_per_epoch", "batch_size", "n_student", "n_generator", "latent_dim",
                 "generator_width", "eval_batch_size", "n_discriminator", "discriminator_width"):
         need(c[key] >= 1, f"{key}: must be >= 1, got {c[key]}")
@@ -266,7 +265,7 @@ def _check_model(role: str, spec: str) -> list[str]:
         problem = sources.check_spec(spec, role)
         return [problem] if problem else []
     if spec not in CLASSIFIERS:
-        return [f"{role}: unknown {spec!r}; choose from {sorted(CLASSIFIERS)}, or name one as {MODEL_FORMS}"]
+        return [unknown(f"{role}: unknown {spec!r}", sorted(CLASSIFIERS), f"or name one as {MODEL_FORMS}")]
     return []
 
 
@@ -306,7 +305,7 @@ def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
             return [f"feature_layers: {c[role]} has no default layers; name them, e.g. feature_layers: layer1,layer2"]
         if missing:
             some = [n for n in modules if n and n.count(".") <= 1][:12]
-            return [f"feature_layers: {missing[0]!r} is not a layer of the {role} {c[role]}; choose from {some} ..."]
+            return [unknown(f"feature_layers: {missing[0]!r} is not a layer of the {role} {c[role]}", some, "...")]
         found[role] = names
     if len(found["teacher"]) != len(found["student"]):
         return [f"feature_layers: alignment pairs layers in order, but the teacher {c['teacher']} has "
@@ -348,7 +347,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
         except ValueError as e:
             errs.append(str(e))
     if not errs:
-        coerced["generator"] = GENERATOR_ALIASES.get(coerced["generator"], coerced["generator"])
         errs.extend(_check_values(coerced))
     if errs:
         raise ConfigError("invalid config: " + "; ".join(errs))

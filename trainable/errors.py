@@ -24,10 +24,16 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf; the message names the loss and the step."""
 
 
+def unknown(what: str, choices, also: str = "") -> str:
+    """The one line for a name that is none of the choices: ``"<what>; choose from [...] <also>"``, e.g.
+    ``unknown(f"task: unknown {name!r}", sorted(TASKS))``."""
+    return f"{what}; choose from {choices}" + (f" {also}" if also else "")
+
+
 def lookup(table: dict[str, Any], kind: str, name: str, error: type[Exception] = ValueError) -> Any:
     """``table[name]`` of a registry (tasks, models, generators, losses), or one line naming the choices."""
     if name not in table:
-        raise error(f"unknown {kind} {name!r}; choose from {sorted(table)}")
+        raise error(unknown(f"unknown {kind} {name!r}", sorted(table)))
     return table[name]
 
 

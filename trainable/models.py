@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainable import sources
-from trainable.errors import lookup
+from trainable.errors import lookup, unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +313,6 @@ GENERATORS: dict[str, type[nn.Module]] = {
     "dfad": GeneratorA,  # DFAD's published generator, GeneratorA
     "deconv": GeneratorDeconv,
 }
-GENERATOR_ALIASES = {"a": "dfad"}  # earlier name of "dfad", still accepted (configs, checkpoints)
 
 
 MODEL_FORMS = "torchvision:NAME, timm:NAME, package.module:callable or (teacher only) a .pt2 program"
@@ -325,7 +324,7 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
     if sources.is_foreign(name):
         return sources.build_foreign(name, num_classes, in_channels, image_size, width)
     if name not in CLASSIFIERS:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(CLASSIFIERS)}, or name one as {MODEL_FORMS}")
+        raise ValueError(unknown(f"unknown model {name!r}", sorted(CLASSIFIERS), f"or name one as {MODEL_FORMS}"))
     arch = CLASSIFIERS[name]
     return arch.family(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
 
@@ -341,7 +340,7 @@ def is_widthable(name: str) -> bool:
 def build_generator(name: str, latent_dim: int, base: int, channels: int, image_size: int,
                     num_classes: int = 0) -> nn.Module:
     """A generator of the registry; with ``num_classes`` a ``ConditionalGenerator`` G(z, y) around it."""
-    cls = lookup(GENERATORS, "generator", GENERATOR_ALIASES.get(name, name))
+    cls = lookup(GENERATORS, "generator", name)
     if num_classes:
         return ConditionalGenerator(cls, latent_dim, base, channels, image_size, num_classes)
     return cls(latent_dim, base, channels, image_size)

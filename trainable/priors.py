@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainable.errors import UserError
+from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
 from trainable.tasks import Task, get_task, normalise
 
@@ -55,7 +55,7 @@ def check_prior(prior: str, task_name: str) -> str | None:
     """Why ``prior`` cannot serve ``task_name``'s run (one line), or None when it can."""
     if not isinstance(prior, str) or not (prior in EMBEDDED or prior in CIFAR_PRIORS or
                                           (prior.startswith(FOLDER) and len(prior) > len(FOLDER))):
-        return f"prior: unknown {prior!r}; choose from {prior_names()}"
+        return unknown(f"prior: unknown {prior!r}", prior_names())
     if prior in OWN_DATA.get(task_name, ()):
         return (f"prior: {prior} is the {task_name} teacher's own dataset, which a data-free run may not read; "
                 f"choose another (e.g. {'cifar10' if task_name == 'cifar100' else 'cifar100'} or folder:PATH)")

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from trainable import metrics as M
-from trainable.errors import UserError
+from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files
 from trainable.models import build_generator
 from trainable.priors import load_prior
@@ -56,13 +56,13 @@ def selection_problem(selection: Any, proxy: Any, task) -> list[str]:
     """What is wrong with ``selection`` and ``proxy`` for ``task`` (one line each), or []."""
     errs = []
     if selection not in SELECTIONS:
-        errs.append(f"selection: unknown {selection!r}; choose from {list(SELECTIONS)}")
+        errs.append(unknown(f"selection: unknown {selection!r}", list(SELECTIONS)))
     elif selection == "accuracy" and task is not None and not task.labelled:
         errs.append(f"selection: accuracy needs labelled images, and the task {task.name} has none; select on "
                     "agreement with the teacher (selection: agreement, or leave it out)")
     if not isinstance(proxy, str) or not (proxy in ("auto", "generator") or
                                           (proxy.startswith("folder:") and len(proxy) > len("folder:"))):
-        errs.append(f"proxy: unknown {proxy!r}; choose from ['auto', 'generator', 'folder:PATH']")
+        errs.append(unknown(f"proxy: unknown {proxy!r}", ["auto", "generator", "folder:PATH"]))
     elif proxy.startswith("folder:"):
         from pathlib import Path
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, config_to_dict, parse_value
 from trainable.errors import UserError
@@ -142,7 +143,7 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", config_to_dict(cfg))
         t_acc = teacher_metrics(akd.teacher, akd.data, akd.device)
-        t_val = "no labels" if t_acc["teacher_val_acc"] is None else f"val {t_acc['teacher_val_acc']:.4f}"
+        t_val = "no labels" if t_acc[M.TEACHER_VAL_ACC] is None else f"val {t_acc[M.TEACHER_VAL_ACC]:.4f}"
         if akd.proxy is not None:
             print(f"selecting on agreement with the teacher (val_agreement) on {akd.proxy.source}"
                   + ("; no accuracy is measured (the task has no labels)" if not data.labelled else ""))
@@ -162,11 +163,11 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
             write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix({k: f"{m[k]:.4f}" for k in ("val_acc", "val_agreement", "loss_student",
-                                                              "loss_generator") if k in m})
+                bar.set_postfix({k: f"{m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.LOSS_STUDENT,
+                                                              M.LOSS_GENERATOR) if k in m})
                 return
-            loss_d = f"  loss_D {m['loss_discriminator']:.4f}" if "loss_discriminator" in m else ""
-            val = "".join(f"  {k} {m[k]:.4f}" for k in ("val_acc", "val_agreement", "val_loss") if k in m)
+            loss_d = f"  loss_D {m[M.LOSS_DISCRIMINATOR]:.4f}" if M.LOSS_DISCRIMINATOR in m else ""
+            val = "".join(f"  {k} {m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.VAL_LOSS) if k in m)
             print(f"epoch {m['epoch']:>4}/{cfg.epochs}{val}  "
                   f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
                   f"{m['images_per_s']:.0f} img/s", flush=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainable.errors import UserError
+from trainable.errors import UserError, unknown
 from trainable.programs import ProgramError, load_module
 
 TORCHVISION, TIMM = "torchvision:", "timm:"
@@ -92,8 +92,8 @@ def _builder(spec: str):
         name = spec[len(TORCHVISION):]
         names = _torchvision_names()
         if name not in names:
-            raise ModelSourceError(f"torchvision has no classification model {name!r}; choose from {names[:12]} ... "
-                                   f"({len(names)} in all: torchvision.models.list_models())")
+            raise ModelSourceError(unknown(f"torchvision has no classification model {name!r}", names[:12],
+                                           f"... ({len(names)} in all: torchvision.models.list_models())"))
         return torchvision.models.get_model_builder(name)
     if k == "timm":
         try:

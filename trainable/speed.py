@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from trainable import metrics as M
 from trainable.tasks import get_task
 
 AUTO = "auto"
@@ -184,7 +185,7 @@ def cache_key(cfg, device: torch.device, teacher_params: int) -> str:
         "v": CACHE_VERSION, "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "isa": [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in ISA_VARIABLES)],
         "threads": torch.get_num_threads() if device.type == "cpu" else 0,
-        "teacher": cfg.teacher, "teacher_params": int(teacher_params), "student": cfg.student,
+        "teacher": cfg.teacher, M.TEACHER_PARAMS: int(teacher_params), "student": cfg.student,
         "student_width": cfg.student_width, "student_fraction": cfg.student_fraction, "generator": cfg.generator,
         "latent_dim": cfg.latent_dim, "generator_width": cfg.generator_width, "batch_size": cfg.batch_size,
         "n_student": cfg.n_student, "n_generator": cfg.n_generator, "method": cfg.method,

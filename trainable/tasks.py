@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from trainable import images
-from trainable.errors import DataFreeViolation, UserError
+from trainable.errors import DataFreeViolation, UserError, unknown
 from trainable.tasklist import TASK_FORMS, TASKS, Task
 
 __all__ = ["TASKS", "Task", "EvalData", "get_task", "task_problem", "load_eval_data", "load_teacher_train", "data_free"]
@@ -44,7 +44,7 @@ def get_task(name: str) -> Task:
     if images.is_folder_task(name):
         return images.folder_task(name[len(images.FOLDER):])
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; choose from {sorted(TASKS)} {TASK_FORMS}")
+        raise UserError(unknown(f"unknown task {name!r}", sorted(TASKS), TASK_FORMS))
     return TASKS[name]
 
 
@@ -54,7 +54,7 @@ def task_problem(name: Any) -> str | None:
     if not isinstance(name, str):
         return f"task: expected a name, got {name!r}"
     if not images.is_folder_task(name) and name not in TASKS:
-        return f"task: unknown {name!r}; choose from {sorted(TASKS)} {TASK_FORMS}"
+        return unknown(f"task: unknown {name!r}", sorted(TASKS), TASK_FORMS)
     try:
         get_task(name)
     except UserError as e:

@@ -17,7 +17,7 @@ import os
 import sys
 
 from trainable import metrics as M
-from trainable.errors import UserError
+from trainable.errors import UserError, unknown
 from trainable.files import torch_save
 from trainable.models import CLASSIFIERS
 from trainable.tasks import TASKS, get_task
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(args.task)
         arch = args.arch or task.teacher
         if arch not in CLASSIFIERS:
-            raise UserError(f"unknown arch {arch!r}; choose from {sorted(CLASSIFIERS)}")
+            raise UserError(unknown(f"unknown arch {arch!r}", sorted(CLASSIFIERS)))
         if args.epochs < 1 or args.lr <= 0 or args.batch_size < 1:
             raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
         if os.path.isdir(args.out) or args.out.endswith(os.sep):
