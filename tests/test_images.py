@@ -64,7 +64,8 @@ def test_task_yaml_sets_the_class_order_size_and_normalisation(tmp_path):
     (root / "task.yaml").write_text("classes: [cat, ant, bee]\nmean: [0.4, 0.4, 0.4]\nstd: [0.2, 0.2, 0.2]\n"
                                     "image_size: 16\nchannels: 3\n")
     task = task_of(root)
-    assert task.classes == ("cat", "ant", "bee") and task.image_size == 16 and not task.notes
+    assert task.classes == ("cat", "ant", "bee") and task.image_size == 16
+    assert len(task.notes) == 1 and "names no recipe: small images (16 px, 3 channel(s)) take the digits recipe" in task.notes[0]
     data = load_eval_data(task.name, seed=0, val_fraction=0.5)
     assert data.test_x.shape[1:] == (3, 16, 16)
     x = np.asarray(Image.open(root / "cat" / "0.png").convert("RGB").resize((16, 16), Image.BILINEAR),

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainable import metrics as M
-from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict
+from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict, recipe_value
 from trainable.errors import CheckpointError, ConfigError, NonFiniteLossError, lookup
 from trainable.files import torch_save
 from trainable.losses import (
@@ -230,6 +230,8 @@ class AKDRun:
         alignment its layers."""
         cfg = self.cfg
         self.teacher = freeze(teacher).to(self.device, memory_format=self._format)
+        self._fit_recipe_to_teacher()
+        cfg = self.cfg
         self.teacher_params = count_params(self.teacher)
         self.teacher_fingerprint = fingerprint(self.teacher)
         self.avkd = cfg.method == "avkd"
@@ -239,6 +241,21 @@ class AKDRun:
         if not keep and self.teacher_fwd is self.teacher and any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
             self.notes.append(f"the teacher {cfg.teacher} cannot be traced by torch.fx, so its BatchNorm layers run "
                               "unfolded (the same results, a little slower)")
+
+    def _fit_recipe_to_teacher(self) -> None:
+        """The BatchNorm-statistics term needs BatchNorm layers in the teacher: where the teacher has none, the
+        task's recipe value of ``w_bn`` is dropped with a note; any other value is refused, naming this teacher."""
+        cfg = self.cfg
+        if cfg.w_bn <= 0 or any(isinstance(m, nn.BatchNorm2d) for m in self.teacher.modules()):
+            return
+        if cfg.w_bn == recipe_value(cfg, "w_bn"):
+            self.cfg = dataclasses.replace(cfg, w_bn=0.0)
+            self.notes.append(f"the task's BatchNorm-statistics term (w_bn {cfg.w_bn:g}) is dropped: the teacher "
+                              f"{cfg.teacher} has no BatchNorm layers to match")
+            return
+        raise ConfigError(f"w_bn: the BatchNorm-statistics term matches the teacher's BatchNorm statistics, and the "
+                          f"teacher {cfg.teacher} has no BatchNorm layers (an exported program has none to hook): set "
+                          "w_bn=0")
 
     def _setup_models(self) -> None:
         """The student (sized against the teacher), the generator and, for feature alignment, the projection."""
@@ -284,9 +301,6 @@ class AKDRun:
         cfg = self.cfg
         self.student_loss = lookup(STUDENT_LOSSES, "student loss", cfg.student_loss)
         self.generator_loss = lookup(GENERATOR_LOSSES, "generator loss", cfg.generator_loss)
-        if cfg.w_bn > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in self.teacher_fwd.modules()):
-            raise ConfigError(f"w_bn: the BatchNorm-statistics term needs a teacher with BatchNorm layers; {cfg.teacher} "
-                              "has none (an exported program has no layers to hook): set w_bn=0")
         self.probe = TeacherProbe(self.teacher_fwd, self._teacher_head() if cfg.w_activation > 0 else None,
                                   want_bn=cfg.w_bn > 0, want_features=cfg.w_activation > 0)
 

@@ -23,6 +23,7 @@ from trainable.models import (
     build_classifier,
     feature_layers,
     is_widthable,
+    size_problem,
 )
 from trainable.priors import check_prior, folder_prior_problem
 from trainable.proxy import selection_problem
@@ -228,6 +229,8 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         need(c[key] in table, unknown(f"{key}: unknown {c[key]!r}", sorted(table)))
     for role in ("teacher", "student"):
         errs.extend(_check_model(role, c[role]))
+        size = None if problem or c[role] not in CLASSIFIERS else size_problem(c[role], get_task(c["task"]).image_size)
+        need(size is None, f"{role}: {size}")
     if c["student_fraction"] is not None and not _check_model("student", c["student"]):
         need(is_widthable(c["student"]), f"student_fraction: the student {c['student']} has no width multiplier to "
              "size it by; drop student_fraction (student_fraction=none) and choose students by name")
@@ -312,6 +315,16 @@ def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
                 f"{len(found['teacher'])} and the student {c['student']} {len(found['student'])}; name the same "
                 "number for both (feature_layers: a,b,c)"]
     return []
+
+
+def recipe_value(cfg: AKDConfig, key: str) -> Any:
+    """The value of ``key`` that the task's recipe and the method give (what a run of ``cfg`` gets where it sets none
+    itself)."""
+    values = {f.name: f.default for f in fields(AKDConfig)}
+    if not task_problem(cfg.task):
+        values.update(get_task(cfg.task).defaults)
+    values.update(METHODS.get(cfg.method, {}))
+    return values[key]
 
 
 def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfig:

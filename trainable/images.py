@@ -226,20 +226,35 @@ def folder_task(root_text: str):
         notes.append(f"{root} has no labels: runs select on agreement with the teacher (on "
                      + (f"its {n} unlabelled images)" if n else "a frozen generator's images; the folder holds none)")
                      + "; no accuracy is measured")
-    defaults = _recipe(root, raw.get("recipe"))
+    if raw.get("recipe") is not None:
+        defaults = _recipe(root, raw["recipe"])
+    else:
+        recipe, defaults, why = sized_recipe(side, channels)
+        notes.append(f"{root / TASK_FILE} names no recipe: {why} take the {recipe} recipe ({defaults['epochs']} epochs "
+                     f"of {defaults['iters_per_epoch']} iterations at batch {defaults['batch_size']}); set recipe: in "
+                     "it to choose another")
     return Task(FOLDER + str(root), len(classes), channels, side, mean, std, defaults["teacher"], defaults,
                 f"your images in {root}", classes=tuple(classes), notes=tuple(notes), labelled=labelled)
 
 
 def _recipe(root: Path, name: Any) -> dict[str, Any]:
-    """The config defaults of a folder task: a shipped task's (``recipe: NAME``), else ``FOLDER_DEFAULTS``."""
-
-
-    if name is None:
-        return dict(FOLDER_DEFAULTS)
+    """The config defaults of a folder task named by ``recipe: NAME``: a shipped task's."""
     if not isinstance(name, str) or name not in TASKS:
         raise UserError(f"{root / TASK_FILE}: recipe must name a shipped task, one of {sorted(TASKS)}; got {short(name)}")
     return dict(TASKS[name].defaults)
+
+
+def sized_recipe(side: int, channels: int) -> tuple[str, dict[str, Any], str]:
+    """The recipe of a folder task whose task.yaml names none, from the images' size: (its name, its defaults, why).
+
+    Small images (up to 16 px, or grayscale up to 32 px: digits-, MNIST-like) take the small digits recipe (30 epochs
+    of 20 iterations at batch 128, a small generator), colour images up to 64 px DFAD's CIFAR recipe (500 x 50 at
+    batch 256), larger ones DFAD's loop at batch 64 for 200 epochs (``FOLDER_DEFAULTS``)."""
+    if side <= 16 or (channels == 1 and side <= 32):
+        return "digits", dict(TASKS["digits"].defaults), f"small images ({side} px, {channels} channel(s))"
+    if side <= 64:
+        return "cifar100", {**TASKS["cifar100"].defaults, "prior": "photos"}, f"CIFAR-sized colour images ({side} px)"
+    return "folder", dict(FOLDER_DEFAULTS), f"large images ({side} px)"
 
 
 def _folder_classes(root: Path, raw: dict, folders: list[str]) -> tuple[list[str], bool]:

@@ -116,27 +116,42 @@ def small_cnn(arch: Arch, num_classes: int, in_channels: int, image_size: int, w
     return SmallCNN(num_classes, in_channels, _scaled(arch.base, width))
 
 
-class LeNet5(nn.Module):
-    """LeNet-5 as in DFAD's MNIST teacher (ReLU, max-pool, 28x28 input padded to 32)."""
+LENET_SIZES = range(16, 33, 2)  # LeNet-5 sees 32 x 32: an even side up to 32 is padded to it
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
+
+class LeNet5(nn.Module):
+    """LeNet-5 as in DFAD's MNIST teacher (ReLU, max-pool): 32 x 32 input, a smaller even side padded to it (MNIST's
+    28 by 2 pixels)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, image_size: int = 28):
         super().__init__()
+        if image_size not in LENET_SIZES:
+            raise ValueError(size_problem("lenet5", image_size))
         c1, c2, c3 = (max(1, int(round(k * width))) for k in (6, 16, 120))
+        pad = (32 - image_size) // 2  # the first convolution gives 28 x 28 at every side taken
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, c1, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, c1, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(c1, c2, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(c2, c3, 5), nn.ReLU(inplace=True),
         )
         self.fc = nn.Sequential(nn.Linear(c3, max(1, int(round(84 * width)))), nn.ReLU(inplace=True))
         self.linear = nn.Linear(max(1, int(round(84 * width))), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 1, 28, 28)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, C, side, side)
         out = self.features(x)  # (B, c3, 1, 1)
         return self.linear(self.fc(out.flatten(1)))
 
 
 def lenet5(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
-    return LeNet5(num_classes, in_channels, width)
+    return LeNet5(num_classes, in_channels, width, image_size)
+
+
+def size_problem(name: str, image_size: int) -> str | None:
+    """Why the project's architecture ``name`` cannot take square images of ``image_size`` px, in one line; or None."""
+    if name == "lenet5" and image_size not in LENET_SIZES:
+        return (f"lenet5 takes images of an even side from {LENET_SIZES[0]} to {LENET_SIZES[-1]} px (LeNet-5 sees "
+                f"32 x 32, a smaller side padded to it), not {image_size} px: choose another model, e.g. cnn or resnet18")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
