@@ -28,7 +28,7 @@ from search.space import middle_setting
 from trainable import metrics as M
 from trainable.akd import evaluate, student_costs, student_width
 from trainable.config import build_config
-from trainable.measure import one_line_failure, time_candidates
+from trainable.measure import duration, one_line_failure, time_candidates
 from trainable.models import build_classifier, count_params
 from trainable.proxy import agreement_selected, classes_of, generator_images
 from trainable.speed import machine_description, torch_threads
@@ -148,11 +148,6 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     return out
 
 
-def _duration(s: float) -> str:
-    s = int(round(s))
-    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else (f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s")
-
-
 def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
     """Measure and print the estimate of a new search; returns it as plain data."""
     import torch
@@ -171,14 +166,14 @@ def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
         print(f"  {s.label} student ({s.param_ratio:.1%} of the teacher's parameters): {1000 * s.iteration_s:.0f} ms per "
               f"iteration, {s.epoch_s:.1f} s per epoch, peak memory {s.peak_bytes / 2 ** 30:.2f} GiB")
     print(f"  a trial: {w['epochs_per_trial']:.1f} epochs on average under the rungs (of {plan.max_epochs}), about "
-          f"{_duration(w['epochs_per_trial'] * epoch_s)}")
-    print(f"  the search: {plan.num_samples} trials, {at_once} at a time: about {_duration(w['search_s'])}; the "
-          f"confirmation: about {_duration(w['confirm_s'])}; start-up about {_duration(w['startup_s'])}")
+          f"{duration(w['epochs_per_trial'] * epoch_s)}")
+    print(f"  the search: {plan.num_samples} trials, {at_once} at a time: about {duration(w['search_s'])}; the "
+          f"confirmation: about {duration(w['confirm_s'])}; start-up about {duration(w['startup_s'])}")
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         peak = max(s.peak_bytes for s in students)
         fit = int(total // max(peak, 1))
         print(f"  GPU memory: the largest student's trial peaks at {peak / 2 ** 30:.2f} GiB of {total / 2 ** 30:.0f} GiB: "
               f"{fit} such trials fit on one GPU at once (--gpus-per-trial {1 / max(1, fit):.2g})")
-    print(f"expected wall time of the whole search: about {_duration(w['total_s'])}")
+    print(f"expected wall time of the whole search: about {duration(w['total_s'])}")
     return {**w, "trials_at_once": at_once, "students": [s.__dict__ for s in students], "machine": machine}

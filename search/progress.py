@@ -71,6 +71,7 @@ def short_params(config: dict[str, Any], names: list[str]) -> str:
     return " ".join(parts)
 
 
+STATUS_EVERY_S = 30.0  # the longest a search stays silent while trials run
 FAILED = "failed"  # the live view's word for a trial that diverged or errored
 
 
@@ -128,6 +129,7 @@ class SearchProgress(Callback):
         self.reports, self.report_s = 0, 0.0  # rewrites of the live report and the seconds they took
         self.peak_running = 0  # the most trials seen running at once
         self.refused = 0  # settings refused over the budget so far (read from the study when a trial starts)
+        self._last_line = time.time()  # when the last line was printed (a status follows STATUS_EVERY_S of silence)
 
     def __getstate__(self):  # Tune pickles callbacks into its experiment state: the settings, not the threads
         keep = ("num_samples", "max_epochs", "per_trial", "limits", "params", "state_file", "study_file",
@@ -135,8 +137,6 @@ class SearchProgress(Callback):
         return {k: self.__dict__[k] for k in keep}
 
     def __setstate__(self, d):
-        d.setdefault("study_file", None)  # pickled before the status showed refused settings
-        d.setdefault("selection", M.VAL_ACC)  # pickled before searches without labels
         self.__dict__.update(d)
         for key in ("state_file", "study_file", "report_dir"):  # a copied or moved search writes into its new folder
             setattr(self, key, here(getattr(self, key)))
@@ -155,6 +155,7 @@ class SearchProgress(Callback):
         return bool(getattr(self.stream, "isatty", lambda: False)())
 
     def _line(self, text: str) -> None:
+        self._last_line = time.time()
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
         else:
@@ -251,6 +252,20 @@ class SearchProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._count_refused()
+
+    def on_step_end(self, iteration, trials, **info):
+        """While trials run and nothing else was said for ``STATUS_EVERY_S``: the status line (trials running, their
+        epochs, the ETA), so a search is never silent for long, its first trials included."""
+        if time.time() - self._last_line < STATUS_EVERY_S:
+            return
+        running = self._running(trials)
+        if not running:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(self.status(running), refresh=True)
+            self._last_line = time.time()
+        else:
+            self._line(f"      {self.status(running)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if M.EPOCH not in result:

@@ -182,12 +182,30 @@ def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
     assert p.status(0).endswith(" | 2 over the budget refused")
     q = pickle.loads(pickle.dumps(p))
     assert q.study_file == str(journal)
-    # a callback pickled before it knew the journal restores without it
-    state = p.__getstate__()
-    state.pop("study_file")
-    old = SearchProgress.__new__(SearchProgress)
-    old.__setstate__(state)
-    assert old.study_file is None and "refused" not in old.status(0)
     missing = SearchProgress(4, 10, [2], 3, None, [], study_file=str(tmp_path / "none.journal"))
     missing.setup()
     assert "refused" not in missing.status(0)
+
+
+def test_a_search_is_never_silent_for_long_while_trials_run():
+    """Before any trial finished (the first minutes of a search): a status line once nothing was said for
+    STATUS_EVERY_S, and none while something was, or when nothing runs."""
+    from search import progress
+
+    out = io.StringIO()
+    p = SearchProgress(4, 10, [2, 6], 3, None, ["lr_student"])
+    p.setup()
+    p.stream = out
+    trials = [fake_trial("a"), fake_trial("b", status="PENDING")]
+    p.on_step_end(0, trials)
+    assert out.getvalue() == ""  # just started
+    p.on_trial_result(0, trials, trials[0], {M.EPOCH: 1, M.VAL_ACC: 0.3, M.PARAM_RATIO: 0.05, "time_this_iter_s": 7.0})
+    p._last_line = time.time() - progress.STATUS_EVERY_S - 1
+    p.on_step_end(0, trials)
+    lines = out.getvalue().strip().splitlines()
+    assert len(lines) == 1 and "0/4 done" in lines[0] and "1 running | epochs 1" in lines[0] and "ETA" in lines[0]
+    p.on_step_end(0, trials)
+    assert len(out.getvalue().strip().splitlines()) == 1  # just said
+    p._last_line = 0.0
+    p.on_step_end(0, [fake_trial("a", status="PENDING")])
+    assert len(out.getvalue().strip().splitlines()) == 1  # nothing running: nothing to say

@@ -155,3 +155,26 @@ def fit_and_test(cfg: AKDConfig, teacher: nn.Module, data: EvalData, device: tor
         run = AKDRun(cfg, teacher, data, device, data_root=data_root, speed=speed)
         run.fit()
     return run.measure("test")[M.TEST_ACC]
+
+
+def duration(s: float) -> str:
+    """Seconds as a person reads them: "45 s", "3 min 20 s", "2 h 5 min"."""
+    s = int(round(s))
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else (f"{s // 60} min {s % 60} s" if s >= 60 else f"{s} s")
+
+
+def iteration_seconds(cfg, teacher: nn.Module, data, device: torch.device, speed: Speed,
+                      data_root: str | None = None) -> float:
+    """Seconds per AKD iteration of runs of ``cfg`` in ``speed``'s precision and layout: the speed measurement's own
+    timing where it timed them, else two timed iterations now."""
+    if speed.seconds.get(speed.name):
+        return speed.seconds[speed.name]
+    pair = [(speed.precision, speed.channels_last)]
+    return time_candidates(cfg, teacher, data, device, pair, rounds=1, max_iters=2, data_root=data_root, log=None)[speed.name]
+
+
+def expected_line(cfg, epochs_left: int, seconds_per_iteration: float) -> str:
+    """The one line a run prints before it trains: how long its epochs will take at the measured pace."""
+    total = epochs_left * cfg.iters_per_epoch * seconds_per_iteration
+    return (f"expected: about {duration(total)} for {epochs_left} epoch(s) of {cfg.iters_per_epoch} iterations at "
+            f"{seconds_per_iteration:.3g} s each (measured here; each epoch's evaluation adds a little)")

@@ -17,6 +17,8 @@ from trainable.files import atomic_path, torch_save, write_json, write_text
 from trainable.programs import read_program
 from trainable.tasks import EvalData
 
+CONFIG_FILE = "config.json"  # in a run folder and in best/
+
 
 def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, float]:
     """The teacher's validation and test accuracy, under the keys of ``final.json`` (None without labels)."""
@@ -150,5 +152,11 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
         lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
         lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
         write_text(out / "confusion_test.csv", "\n".join(lines) + "\n")
-    write_json(out / "config.json", {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})
+    write_config(run, out)
     return final
+
+
+def write_config(run: AKDRun, out: Path) -> None:
+    """``config.json``: the run's config as it ran (a recipe term dropped for its teacher included) and the student's
+    resolved width; the one writer of the file."""
+    write_json(out / CONFIG_FILE, {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})

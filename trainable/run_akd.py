@@ -25,12 +25,12 @@ import torch
 
 from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
-from trainable.config import METHODS, build_config, config_to_dict, parse_value
+from trainable.config import METHODS, build_config, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
 from trainable.images import FOLDER, as_task_name, is_folder_task
-from trainable.measure import choose_speed
-from trainable.outputs import finish_run, teacher_metrics
+from trainable.measure import choose_speed, expected_line, iteration_seconds
+from trainable.outputs import finish_run, teacher_metrics, write_config
 from trainable.sources import as_spec, check_student
 from trainable.tasks import TASKS, data_free, get_task, load_eval_data
 from trainable.teacher import prepare_teacher
@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder of the torchvision dataset")
     p.add_argument("--download", action="store_true", help="let torchvision download the dataset (online)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--estimate", action="store_true", help="print how long the run will take on this machine (from the "
+                   "speed measurement's timing) and exit without training or writing anything")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return p
 
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ckpt_path = out / CHECKPOINT_FILE
     if args.resume and not ckpt_path.exists():
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
-    if not args.resume and (ckpt_path.exists() or (out / "final.json").exists()):
+    if not args.resume and not args.estimate and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     try:
         return _run(args, cfg, task, out, start)
@@ -140,8 +142,12 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
         if args.resume:
             akd.load_state_dict(load_checkpoint(ckpt_path))
             print(f"resumed at epoch {akd.epoch}/{cfg.epochs}")
+        print(expected_line(cfg, cfg.epochs - akd.epoch, iteration_seconds(cfg, teacher, data, device, speed,
+                                                                           args.data_root)), flush=True)
+        if args.estimate:
+            return 0
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config_to_dict(cfg))
+        write_config(akd, out)
         t_acc = teacher_metrics(akd.teacher, akd.data, akd.device)
         t_val = "no labels" if t_acc[M.TEACHER_VAL_ACC] is None else f"val {t_acc[M.TEACHER_VAL_ACC]:.4f}"
         if akd.proxy is not None:
