@@ -14,6 +14,7 @@ import base64
 import html
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,13 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
         try:
             if n_in < (2 if "importances" in title else 1):
                 raise ValueError("needs more trials")
-            fig = make()
+            with warnings.catch_warnings(record=True) as said:  # Optuna's caveats go on the page, not the terminal
+                warnings.simplefilter("always")
+                fig = make()
             fig.update_layout(title=f"{title}: {note}", title_font_size=13)
-            out.append((title, _fig_html(fig, f"optuna-{i}")))
+            caveats = "".join(f"<p class='note'>Optuna: {html.escape(m)}</p>"
+                              for m in dict.fromkeys(str(w.message).strip() for w in said))
+            out.append((title, _fig_html(fig, f"optuna-{i}") + caveats))
         except Exception as exc:  # Optuna refuses some plots on thin studies
             out.append((title, f"<p class='note'>not drawn: {html.escape(str(exc))}</p>"))
     title = f"Learning curves of every trial ({sel} per epoch; x = stopped by the scheduler)"

@@ -79,3 +79,29 @@ def test_lenet5_takes_28_and_32_px_images(side):
 def test_lenet5_at_a_size_it_cannot_take_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="student: lenet5 takes images of an even side from 16 to 32 px .* not 8 px"):
         build_config({"task": "digits", "student": "lenet5"})
+
+
+def test_a_student_of_your_own_with_a_width_argument_is_sized_like_the_built_in_families(tmp_path, monkeypatch):
+    (tmp_path / "sizednets.py").write_text(
+        "import torch.nn as nn\n\n\n"
+        "def Net(num_classes=10, width_mult=1.0):\n"
+        "    c = max(1, int(round(128 * width_mult)))\n"
+        "    return nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(c, num_classes))\n\n\n"
+        "def Fixed(num_classes=10):\n"
+        "    return Net(num_classes)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from trainable.models import count_params, is_widthable, width_for_fraction
+
+    assert is_widthable("sizednets:Net") and not is_widthable("sizednets:Fixed")
+    teacher = build_classifier("cnn", 10, 1, 8)
+    w = width_for_fraction("sizednets:Net", 0.05, count_params(teacher), 10, 1, 8)
+    sized = count_params(build_classifier("sizednets:Net", 10, 1, 8, w))
+    assert w < 1.0 and abs(sized / count_params(teacher) - 0.05) < 0.02  # the width grid steps by 0.05
+    cfg = build_config({**tiny_values(), "student": "sizednets:Net", "student_fraction": 0.05})
+    assert cfg.student_fraction == 0.05  # kept: it has a width knob
+    assert build_config({**tiny_values(), "student": "sizednets:Fixed"}).student_fraction is None
+    with pytest.raises(ConfigError, match="takes width_mult="):
+        build_config({**tiny_values(), "student": "sizednets:Fixed", "student_fraction": 0.05})

@@ -233,7 +233,8 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         need(size is None, f"{role}: {size}")
     if c["student_fraction"] is not None and not _check_model("student", c["student"]):
         need(is_widthable(c["student"]), f"student_fraction: the student {c['student']} has no width multiplier to "
-             "size it by; drop student_fraction (student_fraction=none) and choose students by name")
+             "size it by (a factory of your own is sized where it takes width_mult=); drop student_fraction "
+             "(student_fraction=none) and choose students by name")
     need(c["scheduler"] in SCHEDULERS, unknown(f"scheduler: unknown {c['scheduler']!r}", list(SCHEDULERS)))
     need(c["precision"] in PRECISIONS, unknown(f"precision: unknown {c['precision']!r}", list(PRECISIONS)))
     for key in ("epochs", "iters_per_epoch", "batch_size", "n_student", "n_generator", "latent_dim",

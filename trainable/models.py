@@ -420,7 +420,8 @@ def width_for_fraction(name: str, fraction: float, teacher_params: int, num_clas
     if not is_widthable(name):
         raise ValueError(f"student {name!r} has no width; student_fraction needs one of "
                          f"{sorted(k for k, a in CLASSIFIERS.items() if a.widthable)} or a torchvision MobileNet/MNASNet "
-                         "(torchvision:mobilenet_v3_small, ...); choose other students by name")
+                         "(torchvision:mobilenet_v3_small, ...) or a factory of your own that takes width_mult=; choose other "
+                         "students by name")
     target = fraction * teacher_params
     if name not in CLASSIFIERS:  # a foreign width multiplier on a grid of 0.05 steps (their channels round to 8)
         grid = [round(0.05 * i, 2) for i in range(2, 61)]

@@ -17,6 +17,7 @@ Every error is a ``UserError`` of one line that says what is wrong and what to d
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 import threading
@@ -132,10 +133,20 @@ def user_folder_importable() -> None:
         sys.path.insert(0, os.getcwd())
 
 
+WIDTH_ARGUMENT = "width_mult"  # what a factory of your own takes to be sized (as torchvision's MobileNets do)
+
+
 def widthable(spec: str) -> bool:
-    """Whether a foreign student has a width knob (``student_fraction`` sizes it)."""
+    """Whether a foreign student has a width knob that ``student_fraction`` sizes it by: a torchvision MobileNet or
+    MNASNet, or a factory of your own that takes ``width_mult=``."""
     if kind(spec) == "torchvision":
         return spec[len(TORCHVISION):] in TORCHVISION_WIDTH
+    if kind(spec) == "callable":
+        try:
+            parameters = inspect.signature(_builder(spec)).parameters
+        except (ModelSourceError, TypeError, ValueError):
+            return False
+        return WIDTH_ARGUMENT in parameters
     return False
 
 
@@ -152,7 +163,7 @@ def build_foreign(spec: str, num_classes: int, in_channels: int, image_size: int
         if not widthable(spec):
             raise ModelSourceError(f"{spec} has no width multiplier; choose students of it by name "
                                    "(student: {type: categorical, choices: [...]}) instead of a width or fraction")
-        kwargs["width_mult"] = width
+        kwargs[WIDTH_ARGUMENT] = width
     if k == "torchvision" and spec[len(TORCHVISION):].startswith(("vit_", "swin_", "maxvit")):
         kwargs["image_size"] = image_size if spec[len(TORCHVISION):].startswith("vit_") else None
         kwargs = {k2: v for k2, v in kwargs.items() if v is not None}
