@@ -157,27 +157,7 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
               f"({t_val}); student {cfg.student} width {akd.student_width:g} "
               f"{akd.student_params:,} params ({akd.student_params / akd.teacher_params:.1%}); device {akd.device}")
 
-        bar = None
-        if sys.stdout.isatty():  # a bar with epoch, losses and ETA; plain lines in logs and pipes
-            from tqdm import tqdm
-
-            bar = tqdm(total=cfg.epochs, initial=akd.epoch, unit="epoch", dynamic_ncols=True)
-
-        def on_epoch(m: dict, r: AKDRun) -> None:
-            save_checkpoint(r, ckpt_path)
-            # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
-            write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.LOSS_STUDENT,
-                                                              M.LOSS_GENERATOR) if k in m})
-                return
-            loss_d = f"  loss_D {m[M.LOSS_DISCRIMINATOR]:.4f}" if M.LOSS_DISCRIMINATOR in m else ""
-            val = "".join(f"  {k} {m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.VAL_LOSS) if k in m)
-            print(f"epoch {m['epoch']:>4}/{cfg.epochs}{val}  "
-                  f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
-                  f"{m['images_per_s']:.0f} img/s", flush=True)
-
+        bar, on_epoch = _epoch_output(cfg, akd, out, ckpt_path)
         akd.fit(on_epoch)
         if bar is not None:
             bar.close()
@@ -186,6 +166,33 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
     print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
                                 if v is not None))
     return 0
+
+
+def _epoch_output(cfg, akd: AKDRun, out: Path, ckpt_path: Path):
+    """(the progress bar or None, what each epoch does): its checkpoint and metrics.jsonl, and a bar with the
+    epoch, losses and ETA in a terminal, one line per epoch in logs and pipes."""
+    bar = None
+    if sys.stdout.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs, initial=akd.epoch, unit="epoch", dynamic_ncols=True)
+
+    def on_epoch(m: dict, r: AKDRun) -> None:
+        save_checkpoint(r, ckpt_path)
+        # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
+        write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({k: f"{m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.LOSS_STUDENT,
+                                                          M.LOSS_GENERATOR) if k in m})
+            return
+        loss_d = f"  loss_D {m[M.LOSS_DISCRIMINATOR]:.4f}" if M.LOSS_DISCRIMINATOR in m else ""
+        val = "".join(f"  {k} {m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.VAL_LOSS) if k in m)
+        print(f"epoch {m['epoch']:>4}/{cfg.epochs}{val}  "
+              f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "
+              f"{m['images_per_s']:.0f} img/s", flush=True)
+
+    return bar, on_epoch
 
 
 if __name__ == "__main__":
