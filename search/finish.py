@@ -38,7 +38,7 @@ from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_o
 from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.searcher import fail_abandoned
-from search.tuner import confirm_tuner
+from search.tuner import confirm_tuner, fit
 from trainable import metrics as M
 from trainable import storage
 from trainable.akd import AKDRun, default_device, load_checkpoint
@@ -277,7 +277,7 @@ def _run_confirmation(plan: SearchPlan, trainable, p: dict[str, Any]) -> list[di
     cdir = confirm_dir(Path(plan.folder))
     print(f"confirming {len(p['candidates'])} candidate(s) with {p['seeds']} seed(s) each: "
           f"{len(p['runs'])} run(s) to {plan.max_epochs} epochs")
-    confirm_tuner(plan, trainable, p["runs"], cdir).fit()
+    fit(confirm_tuner(plan, trainable, p["runs"], cdir))
     _download_tune_files(plan)
     ctrials = _confirm_trials(cdir)
     if len(ctrials) < len(p["runs"]) or any(t["status"] not in ("TERMINATED", "ERROR") for t in ctrials):

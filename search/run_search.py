@@ -31,7 +31,7 @@ from search.prepare import (
     typical_trial_config,
 )
 from search.session import record_session
-from search.tuner import build_tuner, make_trainable, restore_tuner, tune_saved_state
+from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
 from trainable.errors import UserError, full_disk, full_disk_line
 
 
@@ -147,7 +147,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     record_session(plan, teacher, speed, started)
     trainable = make_trainable(plan, teacher, speed)
     tuner = restore_tuner(plan, trainable) if restored else build_tuner(plan, trainable, check)
-    tuner.fit()
+    fit(tuner)
     return finish_search(plan, trainable, teacher, started)
 
 

@@ -19,7 +19,7 @@ from search.progress import SearchProgress
 from search.scheduler import RungScheduler, milestones
 from search.searcher import OptunaSearcher
 from trainable import storage
-from trainable.atomicfs import atomic_local_filesystem
+from trainable.atomicfs import HELD, atomic_local_filesystem
 from trainable.tune_trainable import RUN, akd_trial, teacher_payload
 
 URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI storage
@@ -50,6 +50,13 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                           failure_config=tune.FailureConfig(max_failures=plan.max_failures),
                           verbose=1 if plan.verbose else 0)
+
+
+def fit(tuner) -> None:
+    """Run ``tuner`` to its end, then delete the older checkpoints whose deletion was held while a resume could
+    still need them (``trainable.atomicfs.HeldDeletions``): the experiment's last state is written."""
+    tuner.fit()
+    HELD.release()
 
 
 def search_progress(plan: SearchPlan):

@@ -109,3 +109,86 @@ def test_a_search_moved_twice_writes_only_where_it_is_now():
         assert here("/a/s/x") == "/b/s/x" and here("/b/s/x") == "/b/s/x"
     finally:
         relocate(None, "/")
+
+
+def test_tunes_deletion_of_an_older_checkpoint_waits_for_two_uploads_of_the_experiment_state(tmp_path, monkeypatch):
+    """Tune deletes a trial's older checkpoint as it registers a newer one, before its experiment state (which a
+    resume reads) names the newer one: the deletion is held until two uploads of the state begun after it have
+    ended, and what is still held when the experiment ends is deleted then."""
+    from trainable import atomicfs
+
+    monkeypatch.setattr(atomicfs, "HELD", atomicfs.HeldDeletions())
+    fs = atomic_local_filesystem()
+    old, other, plain = tmp_path / "trial_1" / "checkpoint_000000", tmp_path / "trial_2" / "checkpoint_000003", tmp_path / "x"
+    for d in (old, other, plain):
+        d.mkdir(parents=True)
+        (d / "checkpoint.pt").write_bytes(b"x")
+    state = str(tmp_path / "experiment_state-2026.json")
+
+    def upload():
+        with fs.open_output_stream(state) as out:
+            out.write(b"{}")
+
+    begun = fs.open_output_stream(state)  # an upload already under way when the deletion is asked for
+    fs.delete_dir(str(old))
+    fs.delete_dir(str(plain))  # not a checkpoint: deleted at once
+    assert old.is_dir() and not plain.exists()
+    begun.write(b"{}")
+    begun.close()
+    with fs.open_output_stream(str(tmp_path / "trial_1" / "result.json")) as out:  # not the experiment state
+        out.write(b"{}")
+    upload()
+    assert old.is_dir()  # one upload since: it may hold a state written before the deletion was asked for
+    upload()
+    assert not old.exists()
+    fs.delete_dir(str(other))
+    assert atomicfs.HELD.release() == [str(other)] and not other.exists()
+
+
+def test_the_checkpoint_tunes_saved_state_names_is_never_deleted(tmp_path, ray_address):
+    """A real Tune run on the search's storage settings (this filesystem, num_to_keep=2): each time Tune registers a
+    checkpoint (and deletes an older one), every checkpoint its saved experiment state names (the one a resume
+    restores each trial from) still exists. Without the held deletions Tune deletes, at a trial's fourth checkpoint,
+    the second, which the state it last saved (forced at the second) names."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from ray import tune
+
+    from trainable import atomicfs
+
+    def counting(config):
+        for i in range(6):
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "n").write_text(str(i))
+                tune.report({"i": i}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    exp = tmp_path / "exp"
+
+    class NamedCheckpointsExist(tune.Callback):
+        checked, missing = 0, []
+
+        def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+            for f in exp.glob("experiment_state-*.json"):
+                for t, m in json.loads(f.read_text())["trial_data"]:
+                    name = (json.loads(m).get("last_result") or {}).get("checkpoint_dir_name")
+                    if name and json.loads(t)["status"] == "RUNNING":
+                        NamedCheckpointsExist.checked += 1
+                        d = exp / f"trial_{json.loads(t)['trial_id']}" / name
+                        if not d.is_dir():
+                            NamedCheckpointsExist.missing.append(str(d))
+
+    tuner = tune.Tuner(counting, param_space={"x": tune.grid_search([1, 2])},
+                       tune_config=tune.TuneConfig(trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
+                       run_config=tune.RunConfig(name="exp", storage_path=str(tmp_path), verbose=0,
+                                                 storage_filesystem=atomic_local_filesystem(),
+                                                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                                 callbacks=[NamedCheckpointsExist()]))
+    from search.tuner import fit
+
+    fit(tuner)
+    assert NamedCheckpointsExist.checked > 0 and NamedCheckpointsExist.missing == []
+    for d in exp.glob("trial_*"):  # what was held is deleted at the end: Tune's two newest are left
+        assert sorted(c.name for c in d.glob("checkpoint_*")) == ["checkpoint_000004", "checkpoint_000005"]
+    assert atomicfs.HELD.held == []

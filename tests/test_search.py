@@ -738,6 +738,8 @@ def test_the_same_command_gives_the_same_search_with_trials_in_parallel(tmp_path
                        capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _same_search(tmp_path / "a", tmp_path / "c")
+    # what was held back is deleted once a search has ended: Tune's two newest checkpoints of each trial are left
+    assert all(len(list(d.glob("checkpoint_*"))) <= 2 for d in (tmp_path / "a").glob("trial_*"))
 
 
 TUNE_STATE_PREFIXES = (".experiment_state-", ".search_gen_state-", ".searcher-state-", ".callback-states-")

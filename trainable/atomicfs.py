@@ -5,12 +5,17 @@ that copy left a cut or 0-byte ``experiment_state-*.json`` (or searcher state, o
 not read. Given to Tune as its storage filesystem, :class:`AtomicLocalFS` writes each copied file beside its target
 and moves it over the target once whole (``trainable.files``' temporary names, so the next writer removes a killed
 one's leftovers).
+
+It also holds back Tune's deletion of a trial's older checkpoints (:class:`HeldDeletions`) until the experiment state
+that a resume reads no longer names them.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import re
+import threading
 from pathlib import Path
 
 import pyarrow
@@ -18,15 +23,74 @@ import pyarrow.fs
 
 from trainable.files import temporary_beside
 
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")  # a trial's checkpoint folder, as Tune names it
+STATE_FILE = "experiment_state-"  # how the name of Tune's experiment state (what a resume reads) starts
+
+
+class HeldDeletions:
+    """Tune's deletions of checkpoint folders, held until no experiment state a resume could read names them.
+
+    Tune keeps a trial's newest ``num_to_keep`` checkpoints and deletes an older one the moment a new one is
+    registered, but uploads its experiment state (which names the checkpoint each trial restores from) only now and
+    then, in the background: a driver killed in between left a state naming a deleted checkpoint, and the restore of
+    that trial failed on every retry (ray-project/ray#27790). Here a deletion asked for waits for two uploads of the
+    experiment state that began after it: Tune launches an upload right after writing the state and only once the one
+    before has ended, so the second of them holds a state written after the deletion was asked for, which names a newer
+    checkpoint. Plain data under a lock; one per process (the driver's, where Tune deletes and uploads)."""
+
+    UPLOADS = 2
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.started = 0  # uploads of the experiment state begun
+        self.held: list[list] = []  # [path, uploads begun when it was asked for, uploads since that have ended]
+
+    def hold(self, path: str) -> None:
+        with self.lock:
+            self.held.append([path, self.started, 0])
+
+    def upload_started(self) -> int:
+        with self.lock:
+            self.started += 1
+            return self.started
+
+    def upload_ended(self, serial: int, fs) -> None:
+        with self.lock:
+            for h in self.held:
+                h[2] += serial > h[1]
+            due = [h[0] for h in self.held if h[2] >= self.UPLOADS]
+            self.held = [h for h in self.held if h[2] < self.UPLOADS]
+        for path in due:
+            _delete(fs, path)
+
+    def release(self) -> list[str]:
+        """Delete every held folder (the experiment has ended: its last state is written); the folders deleted."""
+        with self.lock:
+            due, self.held = [h[0] for h in self.held], []
+        fs = pyarrow.fs.LocalFileSystem()
+        for path in due:
+            _delete(fs, path)
+        return due
+
+
+def _delete(fs, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
+
+
+HELD = HeldDeletions()
+
 
 class _AtomicWriter(io.RawIOBase):
     """A file written beside its target and moved over it by ``close()`` (never after a failed write, nor when the
-    stream is only dropped: an abandoned copy leaves the target as it was)."""
+    stream is only dropped: an abandoned copy leaves the target as it was). A written experiment state lets
+    :data:`HELD` delete the checkpoints that no state names any more."""
 
     def __init__(self, path: str):
         super().__init__()
         self._f, self._failed = None, True
         self.path, self.tmp = path, temporary_beside(Path(path))
+        self.serial = HELD.upload_started() if Path(path).name.startswith(STATE_FILE) else None
         self._f, self._failed = open(self.tmp, "wb"), False
 
     def writable(self) -> bool:
@@ -53,6 +117,8 @@ class _AtomicWriter(io.RawIOBase):
             self._f.close()
             if not self._failed:
                 os.replace(self.tmp, self.path)
+                if self.serial is not None:
+                    HELD.upload_ended(self.serial, pyarrow.fs.LocalFileSystem())
         except BaseException:
             self._failed = True
             raise
@@ -101,7 +167,10 @@ class AtomicLocalFS(pyarrow.fs.FileSystemHandler):
         self.fs.create_dir(path, recursive=recursive)
 
     def delete_dir(self, path):
-        self.fs.delete_dir(path)
+        if CHECKPOINT_DIR.fullmatch(Path(path).name):  # Tune's deletion of an older checkpoint: held (HeldDeletions)
+            HELD.hold(path)
+        else:
+            self.fs.delete_dir(path)
 
     def delete_dir_contents(self, path, missing_dir_ok=False):
         self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
