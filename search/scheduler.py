@@ -120,6 +120,18 @@ def milestones(grace_period: int, reduction_factor: float, max_epochs: int) -> l
 
 
 # --------------------------------------------------------------------------- the scheduler
+def retry_errored(state_file: str) -> list[str]:
+    """The trials the record has as errored for good (their retries spent), forgotten there so that a resume trains
+    them again from their last checkpoint (``Tuner.restore(resume_errored=True)``): their Ray ids, in the record's
+    order. The record is written only where it changes."""
+    st = scheduler_record(state_file)
+    errored = list(st.get("errored") or {})
+    if errored:
+        st["errored"] = {}
+        write_record(state_file, st)
+    return errored
+
+
 class RungScheduler(FIFOScheduler):
     """Multi-objective, budget-aware ASHA (see the module docstring).
 

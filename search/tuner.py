@@ -16,7 +16,7 @@ from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.progress import SearchProgress
-from search.scheduler import RungScheduler, milestones
+from search.scheduler import RungScheduler, milestones, retry_errored
 from search.searcher import OptunaSearcher
 from trainable import storage
 from trainable.atomicfs import HELD, atomic_local_filesystem
@@ -82,10 +82,10 @@ def _filesystem(plan: SearchPlan):
     return atomic_local_filesystem()
 
 
-def _restore(plan: SearchPlan, path: str, trainable):
+def _restore(plan: SearchPlan, path: str, trainable, resume_errored: bool = False):
     from ray import tune
 
-    return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=False,
+    return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=resume_errored,
                               restart_errored=False, storage_filesystem=_filesystem(plan))
 
 
@@ -199,7 +199,11 @@ def tune_saved_state(plan: SearchPlan) -> bool:
 def restore_tuner(plan: SearchPlan, trainable):
     """The interrupted search, as Tune saved it (our searcher and scheduler re-read their own files)."""
     print(f"resuming {plan.path}")
-    return _restore(plan, plan.path, trainable)
+    errored = retry_errored(str(plan.file(SCHEDULER_FILE)))
+    if errored:  # a trial whose retries a lost node (or any crash) used up: the resume gives it its retries again
+        print(f"retrying {len(errored)} errored trial(s) from their last checkpoint, with --max-failures "
+              f"{plan.max_failures} retries again: {', '.join(errored)}")
+    return _restore(plan, plan.path, trainable, resume_errored=True)
 
 
 def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folder: Path):

@@ -7,7 +7,15 @@ import optuna
 import pytest
 
 from results.record import read_record
-from search.scheduler import RungScheduler, crowding_distances, keeps, milestones, nondominated_fronts, rank_records
+from search.scheduler import (
+    RungScheduler,
+    crowding_distances,
+    keeps,
+    milestones,
+    nondominated_fronts,
+    rank_records,
+    retry_errored,
+)
 from trainable import metrics as M
 
 MO = [("val_acc", "max"), ("param_ratio", "min")]
@@ -106,6 +114,26 @@ def test_state_survives_pickling_by_reading_its_file(tmp_path):
     copy = pickle.loads(pickle.dumps(s))  # what Tune's tuner.pkl gives back on restore
     assert copy.state == read_record(state) == s.state
     assert set(copy.state["rungs"]["4"]) == {"t1", "t2", "t3"} and "t3" in copy.stopped
+
+
+def test_a_resume_forgets_the_errored_trials_so_that_they_run_again(tmp_path):
+    """What a resume does before Tune restores the trials: the errored ones leave the record (the rest of it kept),
+    so that the scheduler no longer stops them and they train again; a record with none is left as it was."""
+    state = tmp_path / "scheduler.json"
+    s = RungScheduler(MO, max_epochs=12, grace_period=4, reduction_factor=3, state_file=str(state))
+    s.decide("t1", result(4, 0.9))
+    s.state["errored"].update({"t2": {M.EPOCH: 3}, "t3": {M.EPOCH: 0}})
+    s._write()
+    assert retry_errored(str(state)) == ["t2", "t3"]
+    after = read_record(state)
+    assert after["errored"] == {} and set(after["rungs"]["4"]) == {"t1"}
+    copy = pickle.loads(pickle.dumps(s))  # the restored scheduler reads the record: t2 is no longer done
+    controller = FakeController([FakeTrial("t2", "PENDING")])
+    copy.choose_trial_to_run(controller)
+    assert controller.stopped == []
+    mtime = state.stat().st_mtime_ns
+    assert retry_errored(str(state)) == [] and state.stat().st_mtime_ns == mtime
+    assert retry_errored(str(tmp_path / "none.json")) == [] and not (tmp_path / "none.json").exists()
 
 
 class FakeTrial:

@@ -271,8 +271,10 @@ def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_addres
     import shutil
 
     def args(storage, resume=False):
-        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 8, "--storage", storage,
-                "--name", "s", "--no-report", *(["--resume"] if resume else [])]
+        # one trial at a time: the next is made once one ends, so most are made after the first kill, however fast
+        # this machine runs them
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 8, "--max-concurrent", 1,
+                "--storage", storage, "--name", "s", "--no-report", *(["--resume"] if resume else [])]
 
     def digest(folder):
         return {p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*")
@@ -689,6 +691,61 @@ def test_a_search_with_the_users_own_teacher_class_runs_end_to_end(tmp_path, ray
                         "--name", "nope"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "has no callable 'Nope'" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "runs" / "nope").exists()
+
+
+FAILS_ONCE = USER_TEACHER.replace("import torch.nn as nn\n", """import torch.nn as nn
+import ray
+from pathlib import Path
+
+MARK = Path(MARK_PATH)  # while it exists, the first trial to run the teacher crashes (and takes the mark)
+""").replace("    def forward(self, x):\n", """    def forward(self, x):
+        if ray.get_runtime_context().get_actor_id() is not None and MARK.exists():  # in a trial, not the driver
+            try:
+                MARK.unlink()
+            except FileNotFoundError:
+                pass
+            else:
+                raise RuntimeError("this trial's worker crashed")
+""")
+
+
+def test_a_resume_retries_the_trials_that_errored_for_good(tmp_path, ray_address):
+    """A trial that crashed with no retry left (--max-failures 0) is errored; the search, killed before its end and
+    resumed, says so in one line and trains it again: every trial then completed or stopped, none errored."""
+    mark = tmp_path / "fail-once"
+    mark.touch()
+    users_teacher(tmp_path, "flaky", f"MARK_PATH = {str(mark)!r}\n{FAILS_ONCE}")
+    args = ["--space", ROOT / "spaces" / "capacity.yaml", "--teacher-model", "flaky:DigitsNet", "--teacher", "w.pt",
+            "--smoke", "--num-samples", 6, "--max-failures", 0, "--storage", tmp_path / "runs", "--no-report"]
+    exp = tmp_path / "runs" / "capacity"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--address",
+                             ray_address], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        assert _wait_for(lambda: _errored(exp) or proc.poll() is not None), "no trial errored in time"
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(1.0)  # let Tune write an experiment checkpoint that has it errored
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    errored = _errored(exp)
+    assert len(errored) == 1 and not mark.exists()
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args), "--resume",
+                        "--address", ray_address], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"retrying 1 errored trial(s) from their last checkpoint, with --max-failures 0 retries again: " \
+           f"{errored[0]}" in r.stdout
+    trials = trials_table(exp)
+    assert len(trials) == 6 and set(trials["outcome"]) <= {"completed", "stopped_early"}
+    assert errored[0] in set(trials["trial_id"]) and not _errored(exp)
+
+
+def _errored(exp: Path) -> list[str]:
+    try:
+        return list(scheduler_state(exp).get("errored") or {})
+    except (OSError, ValueError):
+        return []
 
 
 def test_a_search_with_an_exported_program_as_its_teacher(tmp_path, digits_teacher):
