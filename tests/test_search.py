@@ -183,22 +183,25 @@ def _finished_trials(exp: Path) -> dict[str, str]:
     return {**{t: "stopped" for t in st["stopped"]}, **{t: "finished" for t in st["finished"]}}
 
 
-def _wait_for(cond, timeout=180):
+def _wait_for(cond, timeout=180, every=0.5):
     end = time.time() + timeout
     while time.time() < end:
         if cond():
             return True
-        time.sleep(0.5)
+        time.sleep(every)
     return False
 
 
-def _killed_after_two_trials(args, address, exp: Path, finished: int = 2) -> None:
-    """A search started in its own process and killed (SIGKILL) once ``finished`` of its trials have finished."""
+def _killed_after_two_trials(args, address, exp: Path, finished: int = 2, at_once: bool = False) -> None:
+    """A search started in its own process and killed (SIGKILL) once ``finished`` of its trials have finished
+    (``at_once``: within 10 ms, before Tune may have saved them; else a second later, once it has)."""
     proc = _start(args, address)
     try:
-        assert _wait_for(lambda: len(_finished_trials(exp)) >= finished or proc.poll() is not None), "no trial in time"
+        assert _wait_for(lambda: len(_finished_trials(exp)) >= finished or proc.poll() is not None,
+                         every=0.01 if at_once else 0.5), "no trial in time"
         assert proc.poll() is None, proc.communicate()[0][-3000:]  # it did not end (or fail) before the kill
-        time.sleep(1.0)  # let Tune write an experiment checkpoint that includes them
+        if not at_once:
+            time.sleep(1.0)  # let Tune write an experiment checkpoint that includes them
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -271,8 +274,7 @@ def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_addres
     import shutil
 
     def args(storage, resume=False):
-        # one trial at a time: the next is made once one ends, so most are made after the first kill, however fast
-        # this machine runs them
+        # one trial at a time: the next is made once one ends
         return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 8, "--max-concurrent", 1,
                 "--storage", storage, "--name", "s", "--no-report", *(["--resume"] if resume else [])]
 
@@ -281,7 +283,8 @@ def test_a_copied_or_moved_search_resumes_in_its_own_folder(tmp_path, ray_addres
                 if p.is_file()}
 
     src, dst = tmp_path / "a" / "s", tmp_path / "b" / "s"
-    _killed_after_two_trials(args(tmp_path / "a"), ray_address, src, finished=1)  # most trials not yet made
+    # most trials not yet made however fast this machine runs them: killed as soon as the first one has finished
+    _killed_after_two_trials(args(tmp_path / "a"), ray_address, src, finished=1, at_once=True)
     made = {p.name for p in src.glob("trial_*")}
     assert len(made) < 8
     dst.parent.mkdir()
