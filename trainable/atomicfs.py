@@ -54,28 +54,27 @@ class HeldDeletions:
             self.started += 1
             return self.started
 
-    def upload_ended(self, serial: int, fs) -> None:
+    def upload_ended(self, serial: int) -> None:
         with self.lock:
             for h in self.held:
                 h[2] += serial > h[1]
             due = [h[0] for h in self.held if h[2] >= self.UPLOADS]
             self.held = [h for h in self.held if h[2] < self.UPLOADS]
         for path in due:
-            _delete(fs, path)
+            _delete(path)
 
     def release(self) -> list[str]:
         """Delete every held folder (the experiment has ended: its last state is written); the folders deleted."""
         with self.lock:
             due, self.held = [h[0] for h in self.held], []
-        fs = pyarrow.fs.LocalFileSystem()
         for path in due:
-            _delete(fs, path)
+            _delete(path)
         return due
 
 
-def _delete(fs, path: str) -> None:
+def _delete(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        fs.delete_dir(path)
+        pyarrow.fs.LocalFileSystem().delete_dir(path)
 
 
 HELD = HeldDeletions()
@@ -118,7 +117,7 @@ class _AtomicWriter(io.RawIOBase):
             if not self._failed:
                 os.replace(self.tmp, self.path)
                 if self.serial is not None:
-                    HELD.upload_ended(self.serial, pyarrow.fs.LocalFileSystem())
+                    HELD.upload_ended(self.serial)
         except BaseException:
             self._failed = True
             raise
