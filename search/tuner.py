@@ -19,7 +19,7 @@ from search.progress import SearchProgress
 from search.scheduler import RungScheduler, milestones, retry_errored
 from search.searcher import OptunaSearcher
 from trainable import storage
-from trainable.atomicfs import HELD, atomic_local_filesystem
+from trainable.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
 from trainable.tune_trainable import RUN, akd_trial, teacher_payload
 
 URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI storage
@@ -42,7 +42,8 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
     from ray import tune
 
 
-    return tune.RunConfig(name=name, storage_path=storage, storage_filesystem=_filesystem(plan),
+    path, fs = _tune_storage(plan, storage)
+    return tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                           callbacks=[*callbacks, WallClock(str(plan.file(META_FILE)))],
                           # a URI: Tune's experiment state is uploaded every few seconds (Tune's default: 5 minutes),
                           # so a resume on another driver loses little
@@ -73,20 +74,23 @@ def search_progress(plan: SearchPlan):
                           selection=plan.selection_metric)
 
 
-def _filesystem(plan: SearchPlan):
-    """Where the storage is local: the local disk with every file Tune copies there written atomically (a kill in
-    the middle of a copy leaves the old file or the new one); else Tune's own choice for the storage's URI."""
-    if not plan.local:
-        return None
-
-    return atomic_local_filesystem()
+def _tune_storage(plan: SearchPlan, where: str):
+    """(path, ``pyarrow.fs`` filesystem) that Tune is given for ``where``. Local storage: the path, on the local disk
+    with every file Tune copies there written atomically (a kill in the middle of a copy leaves the old file or the
+    new one). A URI: the path inside the URI's filesystem, which writes each object whole by one PUT, with Tune's
+    deletions of older checkpoints held there too (``trainable.atomicfs.HoldingFS``)."""
+    if plan.local:
+        return where, atomic_local_filesystem()
+    fs, path = storage.filesystem(where)
+    return path, holding_filesystem(fs)
 
 
 def _restore(plan: SearchPlan, path: str, trainable, resume_errored: bool = False):
     from ray import tune
 
+    path, fs = _tune_storage(plan, path)
     return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=resume_errored,
-                              restart_errored=False, storage_filesystem=_filesystem(plan))
+                              restart_errored=False, storage_filesystem=fs)
 
 
 def _in_this_folder():

@@ -7,7 +7,8 @@ and moves it over the target once whole (``trainable.files``' temporary names, s
 one's leftovers).
 
 It also holds back Tune's deletion of a trial's older checkpoints (:class:`HeldDeletions`) until the experiment state
-that a resume reads no longer names them.
+that a resume reads no longer names them: on the local disk, and through :class:`HoldingFS` on a URI's filesystem (S3,
+GCS), where every object is written whole by one PUT already.
 """
 from __future__ import annotations
 
@@ -43,11 +44,12 @@ class HeldDeletions:
     def __init__(self):
         self.lock = threading.Lock()
         self.started = 0  # uploads of the experiment state begun
-        self.held: list[list] = []  # [path, uploads begun when it was asked for, uploads since that have ended]
+        # [path, its filesystem (None: the local disk), uploads begun when it was asked for, uploads since then ended]
+        self.held: list[list] = []
 
-    def hold(self, path: str) -> None:
+    def hold(self, path: str, fs=None) -> None:
         with self.lock:
-            self.held.append([path, self.started, 0])
+            self.held.append([path, fs, self.started, 0])
 
     def upload_started(self) -> int:
         with self.lock:
@@ -57,24 +59,24 @@ class HeldDeletions:
     def upload_ended(self, serial: int) -> None:
         with self.lock:
             for h in self.held:
-                h[2] += serial > h[1]
-            due = [h[0] for h in self.held if h[2] >= self.UPLOADS]
-            self.held = [h for h in self.held if h[2] < self.UPLOADS]
-        for path in due:
-            _delete(path)
+                h[3] += serial > h[2]
+            due = [h for h in self.held if h[3] >= self.UPLOADS]
+            self.held = [h for h in self.held if h[3] < self.UPLOADS]
+        for path, fs, _, _ in due:
+            _delete(path, fs)
 
     def release(self) -> list[str]:
         """Delete every held folder (the experiment has ended: its last state is written); the folders deleted."""
         with self.lock:
-            due, self.held = [h[0] for h in self.held], []
-        for path in due:
-            _delete(path)
-        return due
+            due, self.held = self.held, []
+        for path, fs, _, _ in due:
+            _delete(path, fs)
+        return [h[0] for h in due]
 
 
-def _delete(path: str) -> None:
+def _delete(path: str, fs=None) -> None:
     with contextlib.suppress(FileNotFoundError):
-        pyarrow.fs.LocalFileSystem().delete_dir(path)
+        (fs or pyarrow.fs.LocalFileSystem()).delete_dir(path)
 
 
 HELD = HeldDeletions()
@@ -204,3 +206,107 @@ class AtomicLocalFS(pyarrow.fs.FileSystemHandler):
 def atomic_local_filesystem():
     """The local filesystem, every file written atomically (:class:`AtomicLocalFS`), as a ``pyarrow.fs.FileSystem``."""
     return pyarrow.fs.PyFileSystem(AtomicLocalFS())
+
+
+class _CountedUpload(io.RawIOBase):
+    """An upload of Tune's experiment state to a URI: whole once ``close()`` has ended (one PUT of the complete
+    object), which lets :data:`HELD` delete the checkpoints no state names any more."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream, self.serial = stream, HELD.upload_started()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        self.stream.write(b)
+        return len(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.close()
+            HELD.upload_ended(self.serial)
+        finally:
+            super().close()
+
+
+class HoldingFS(pyarrow.fs.FileSystemHandler):
+    """A URI's ``pyarrow.fs`` filesystem (S3, GCS, an S3-compatible store) as Tune's storage filesystem, with Tune's
+    deletion of a trial's older checkpoints held (:class:`HeldDeletions`) as on the local disk: a driver killed
+    between Tune's deletion and its next upload of the experiment state must not leave a state naming a deleted
+    checkpoint. Everything else is the filesystem's own; an object store writes each object whole already.
+    Given to Tune as ``RunConfig(storage_filesystem=holding_filesystem(fs), storage_path=<path inside fs>)``."""
+
+    def __init__(self, fs):
+        self.fs = fs
+
+    def __reduce__(self):  # shipped to the trials' workers with the storage settings
+        return (HoldingFS, (self.fs,))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HoldingFS) and self.fs.equals(other.fs)
+
+    def __hash__(self) -> int:
+        return hash((HoldingFS, self.fs.type_name))
+
+    def equals(self, other) -> bool:
+        return self == other
+
+    def get_type_name(self) -> str:
+        return f"akdtune-holding-{self.fs.type_name}"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        if CHECKPOINT_DIR.fullmatch(path.rstrip("/").rsplit("/", 1)[-1]):  # Tune's deletion of an older checkpoint
+            HELD.hold(path, self.fs)
+        else:
+            self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of the storage's root")
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        stream = self.fs.open_output_stream(path, metadata=metadata)
+        if path.rstrip("/").rsplit("/", 1)[-1].startswith(STATE_FILE):
+            return pyarrow.PythonFile(_CountedUpload(stream), mode="w")
+        return stream
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def holding_filesystem(fs):
+    """``fs`` (a ``pyarrow.fs`` filesystem) with Tune's deletions of older checkpoints held (:class:`HoldingFS`)."""
+    return pyarrow.fs.PyFileSystem(HoldingFS(fs))
