@@ -179,9 +179,9 @@ def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> f
     torch.set_num_threads(1)
     cfg = build_config({**config, "seed": run_seed})
     if search_seed not in _CACHE:
-        teacher, _ = prepare_teacher(cfg.task, cfg.teacher, teacher_path, search_seed, data_root, log=None)
+        teacher, _ = prepare_teacher(cfg.task_spec, cfg.teacher, teacher_path, search_seed, data_root, log=None)
         with data_free():
-            _CACHE[search_seed] = (teacher, load_eval_data(cfg.task, search_seed, cfg.val_fraction, data_root))
+            _CACHE[search_seed] = (teacher, load_eval_data(cfg.task_spec, search_seed, cfg.val_fraction, data_root))
     teacher, data = _CACHE[search_seed]
     return fit_and_test(cfg, teacher, data, data_root=data_root)
 
@@ -244,9 +244,9 @@ def measure(argv: list[str] | None) -> int:
     n_seeds = max(1, args.confirm_seeds or space.confirm_seeds)
     base = {"task": space.task or "digits", "epochs": epochs, **space.fixed}
     check_grid(space, grid, base)
-    teacher, _ = prepare_teacher(base["task"], build_config(base).teacher, args.teacher, args.seeds[0], args.data_root,
-                                 log=None)
-    check = BudgetCheck(base, count_params(teacher), dict(space.limits))
+    arch = build_config(base, task=space.task_spec).teacher
+    teacher, _ = prepare_teacher(space.task_spec, arch, args.teacher, args.seeds[0], args.data_root, log=None)
+    check = BudgetCheck(base, count_params(teacher), dict(space.limits), space.task_spec)
     sizing, size = largest_within(space, check)
     settings = [{**base, **s} for s in grid_settings(space, sizing, grid)]
     run_seeds = {s: [s + SEED_STRIDE * i for i in range(n_seeds)] for s in args.seeds}

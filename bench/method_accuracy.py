@@ -24,7 +24,7 @@ import torch
 from trainable.akd import default_device
 from trainable.config import build_config
 from trainable.measure import fit_and_test
-from trainable.tasks import data_free, load_eval_data
+from trainable.tasks import data_free, get_task, load_eval_data
 from trainable.teacher import prepare_teacher
 
 VARIANTS = {"dfad": {}, "features": {"w_feature": 1.0}, "dafl": {"method": "dafl"}, "avkd": {"method": "avkd"}}
@@ -32,10 +32,10 @@ VARIANTS = {"dfad": {}, "features": {"w_feature": 1.0}, "dafl": {"method": "dafl
 
 def one_run(seed: int, values: dict, device) -> tuple[float, float]:
     cfg = build_config({"task": "digits", "seed": seed, **values})
-    teacher, _ = prepare_teacher("digits", cfg.teacher, None, seed, log=None)
+    teacher, _ = prepare_teacher(get_task("digits"), cfg.teacher, None, seed, log=None)
     start = time.perf_counter()
     with data_free():
-        data = load_eval_data("digits", seed)
+        data = load_eval_data(get_task("digits"), seed)
     acc = fit_and_test(cfg, teacher, data, device)
     return acc, time.perf_counter() - start
 

@@ -32,11 +32,11 @@ def _worker(threads: int, iters: int, speed: dict, start, out) -> None:
     from trainable.akd import AKDRun
     from trainable.config import build_config
     from trainable.speed import Speed
-    from trainable.tasks import EvalData
+    from trainable.tasks import EvalData, get_task
     from trainable.teacher import prepare_teacher
 
     cfg = build_config({"task": "digits"})
-    teacher, _ = prepare_teacher("digits", log=None)
+    teacher, _ = prepare_teacher(get_task("digits"), log=None)
     empty = torch.zeros(1, 1, 8, 8)
     data = EvalData(empty, torch.zeros(1, dtype=torch.long), empty, torch.zeros(1, dtype=torch.long))
     run = AKDRun(cfg, teacher, data, torch.device("cpu"), speed=Speed.from_record(speed))
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     from trainable.config import build_config
     from trainable.measure import choose_speed
     from trainable.speed import machine_description
-    from trainable.tasks import load_eval_data
+    from trainable.tasks import get_task, load_eval_data
     from trainable.teacher import prepare_teacher
 
     torch.set_num_threads(1)  # the choice a one-thread trial would get
-    teacher, _ = prepare_teacher("digits", log=None)
-    speed = choose_speed(build_config({"task": "digits"}), teacher, load_eval_data("digits"), torch.device("cpu"))
+    teacher, _ = prepare_teacher(get_task("digits"), log=None)
+    speed = choose_speed(build_config({"task": "digits"}), teacher, load_eval_data(get_task("digits")), torch.device("cpu"))
     cores = os.cpu_count() or 1
     print(f"{machine_description(torch.device('cpu'))}; {cores} cores; digits default run at {speed.name}; "
           f"{args.iters} iterations per process, {args.repeats} repeats")

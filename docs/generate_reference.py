@@ -80,6 +80,8 @@ def config_fields() -> list[tuple[str, str, str]]:
         if not isinstance(node, ast.AnnAssign):
             continue
         name, line = node.target.id, source[node.lineno - 1]
+        if name not in C.FIELDS:  # the resolved task beside the keys: not a key of the config
+            continue
         what = line.split("  # ", 1)[1].strip() if "  # " in line else ""
         if not what:  # the comment above it
             above, i = [], node.lineno - 2

@@ -39,11 +39,13 @@ class BudgetCheck:
         base: the trial configuration the searched values are laid over (the plan's ``trial_config``).
         teacher_params: the teacher's parameter count (``param_ratio``'s denominator).
         limits: the space's budget {metric: upper limit}; only ``param_ratio`` and ``flops`` are checked here.
+        task: the search's task, resolved once (``SearchPlan.task_spec``); None: resolved from ``base``.
     """
 
     base: dict[str, Any]
     teacher_params: int
     limits: dict[str, float] = field(default_factory=dict)
+    task: Any = None
 
     @property
     def active(self) -> bool:
@@ -54,7 +56,7 @@ class BudgetCheck:
         then fails with the configuration's own message)."""
 
         try:
-            return student_costs(build_config({**self.base, **suggested}), self.teacher_params)
+            return student_costs(build_config({**self.base, **suggested}, task=self.task), self.teacher_params)
         except (ConfigError, ValueError, KeyError):
             return None
 

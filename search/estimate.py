@@ -32,7 +32,7 @@ from trainable.measure import duration, one_line_failure, time_candidates
 from trainable.models import build_classifier, count_params
 from trainable.proxy import agreement_selected, classes_of, generator_images
 from trainable.speed import machine_description, torch_threads
-from trainable.tasks import data_free, get_task
+from trainable.tasks import data_free
 
 SIZE_KNOBS = ("student_fraction", "student_width")  # searched numbers that set the student's size
 STARTUP_S = 10.0  # Ray's start and the first trial's process, measured on the development machines (8-12 s)
@@ -81,7 +81,7 @@ def from_speed(plan: SearchPlan, speed) -> float | None:
     seconds = speed.seconds.get(speed.name)
     if not seconds:
         return None
-    cfg = build_config(plan.trial_config)
+    cfg = build_config(plan.trial_config, task=plan.task_spec)
     return wall_seconds(plan, seconds * cfg.iters_per_epoch, trials_at_once(plan))["total_s"]
 
 
@@ -123,15 +123,15 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     import torch
 
 
-    device, task, teacher_params = trial_device(plan), get_task(plan.task), count_params(teacher.model)
+    device, task, teacher_params = trial_device(plan), plan.task_spec, count_params(teacher.model)
     out = []
     with torch_threads(trial_threads(plan)):
         for label, setting in extremes(plan, check):
-            cfg = build_config({**plan.trial_config, **setting})
+            cfg = build_config({**plan.trial_config, **setting}, task=plan.task_spec)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             it = time_candidates(cfg, teacher.model, teacher.data, device, [(speed.precision, speed.channels_last)],
-                                 rounds=2, data_root=plan.data_root)[speed.name]
+                                 rounds=2, data_root=plan.data_root, log=None)[speed.name]
             with one_line_failure(cfg, f"while the estimate times its evaluation ({label} student)"):
                 student = build_classifier(cfg.student, task.num_classes, task.channels, task.image_size,
                                            student_width(cfg, teacher_params)).to(device)
@@ -154,6 +154,7 @@ def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
 
 
     device = trial_device(plan)
+    print(f"timing the smallest and the largest student's iterations at {speed.name} (a few seconds each)", flush=True)
     with data_free():
         students = measure(plan, teacher, speed, check)
     at_once = trials_at_once(plan)

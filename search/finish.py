@@ -52,26 +52,27 @@ from trainable.tune_trainable import CANDIDATE, RUN
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
-def restore_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> AKDRun:
+def restore_run(ckpt_path: Path, task, teacher, data, data_root: str | None = None) -> AKDRun:
+    """The run a checkpoint of a trial of ``task`` (the search's, resolved once) holds, restored."""
     ckpt = load_checkpoint(ckpt_path)
-    cfg = build_config(ckpt["config"], task_defaults=False)
+    cfg = build_config(ckpt["config"], task_defaults=False, task=task)
     speed = Speed.from_record(ckpt["speed"]) if isinstance(ckpt.get("speed"), dict) else None  # as it trained
     run = AKDRun(cfg, teacher, data, default_device(), data_root=data_root, speed=speed)
     run.load_state_dict(ckpt)
     return run
 
 
-def evaluate_run(ckpt_path: Path, teacher, data, data_root: str | None = None) -> dict[str, Any]:
+def evaluate_run(ckpt_path: Path, task, teacher, data, data_root: str | None = None) -> dict[str, Any]:
     """Validation and held-out test accuracy (agreement, where the run selects on it) of the student in a
     checkpoint, with its epochs and size."""
-    run = restore_run(ckpt_path, teacher, data, data_root)
+    run = restore_run(ckpt_path, task, teacher, data, data_root)
     val, test = run.measure("val"), run.measure("test")
     val.pop(M.VAL_LOSS, None)
     return {"seed": run.cfg.seed, "epochs": run.epoch, "checkpoint": str(ckpt_path), **val, **test,
             M.STUDENT_PARAMS: run.student_params, M.PARAM_RATIO: run.student_params / run.teacher_params}
 
 
-def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: dict, wall_s: float,
+def export_best(exp: Path, winner: dict[str, Any], task, teacher, data, teacher_acc: dict, wall_s: float,
                 data_root: str | None = None, selection: str = M.VAL_ACC) -> dict[str, Any]:
     """Write ``best/``: the winner's student (its seed with the highest ``selection`` metric) and the confirmed
     metrics.
@@ -82,7 +83,7 @@ def export_best(exp: Path, winner: dict[str, Any], teacher, data, teacher_acc: d
     ``student_test_acc`` (``student_test_agreement``).
     """
     chosen = max(winner["runs"], key=lambda r: (r[selection], -r["seed"]))
-    run = restore_run(exp / chosen["checkpoint"], teacher, data, data_root)
+    run = restore_run(exp / chosen["checkpoint"], task, teacher, data, data_root)
     out = exp / BEST_PARTIAL  # written here, then renamed to best/ in one step once complete
     if out.exists():
         shutil.rmtree(out)  # left by a kill during an earlier export
@@ -206,7 +207,7 @@ def finish_search(plan: SearchPlan, trainable, teacher: Teacher, started: float)
         return _stop(plan, line, EXIT_ERROR, "no trial succeeded: no candidate finished max_epochs in confirmation; "
                                              "see summary/trials.parquet")
     wall_s = update_wall(str(exp / META_FILE)) or (time.time() - started)
-    final = export_best(exp, winner, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root,
+    final = export_best(exp, winner, plan.task_spec, teacher.model, teacher.data, teacher.accuracy, wall_s, plan.data_root,
                         e.selection)
     e = load_experiment(exp)
     write_summaries(e)
@@ -299,7 +300,7 @@ def _confirmed_runs(plan: SearchPlan, teacher: Teacher, cand: dict[str, Any],
             ckpt = checkpoint_of(exp / cand["trial_dir"])  # train
         if ckpt is None:
             continue
-        r = evaluate_run(ckpt, teacher.model, teacher.data, plan.data_root)
+        r = evaluate_run(ckpt, plan.task_spec, teacher.model, teacher.data, plan.data_root)
         r["checkpoint"] = os.path.relpath(ckpt, exp)  # the records hold paths inside the search folder
         if r["epochs"] >= plan.max_epochs:
             runs.append(r)

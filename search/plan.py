@@ -35,7 +35,7 @@ from trainable import storage
 from trainable.errors import UserError
 from trainable.proxy import selection_metric
 from trainable.sources import as_spec
-from trainable.tasks import get_task
+from trainable.tasks import Task
 
 # --smoke: the whole pipeline at a size a test suite can afford.
 SMOKE_CONFIG = dict(iters_per_epoch=2, batch_size=32, eval_batch_size=512)
@@ -86,6 +86,11 @@ class SearchPlan:
         return self.space.task
 
     @property
+    def task_spec(self) -> Task:
+        """The search's task, resolved once (where its space was read): every config of the search is built with it."""
+        return self.space.task_spec
+
+    @property
     def local(self) -> bool:
         """Whether the search's storage is a local (or NFS) folder, not a URI."""
         return not storage.is_uri(self.path)
@@ -112,7 +117,7 @@ class SearchPlan:
     def selection_metric(self) -> str:
         """What the search selects on: ``val_acc``, or ``val_agreement`` where it selects without labels."""
 
-        return selection_metric(self.trial_config.get("selection", "auto"), get_task(self.task))
+        return selection_metric(self.trial_config.get("selection", "auto"), self.task_spec)
 
     @property
     def objectives(self) -> tuple[tuple[str, str], ...]:

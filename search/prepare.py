@@ -20,7 +20,7 @@ from trainable.models import count_params
 from trainable.outputs import teacher_metrics
 from trainable.sources import check_student
 from trainable.speed import Speed, torch_threads
-from trainable.tasks import data_free, get_task, load_eval_data
+from trainable.tasks import data_free, load_eval_data
 from trainable.teacher import prepare_teacher
 
 
@@ -38,12 +38,12 @@ class Teacher:
 def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     """Train (digits, cached) or load the teacher, load the evaluation data, and check a resume's teacher."""
 
-    cfg = build_config(plan.trial_config)
+    cfg = build_config(plan.trial_config, task=plan.task_spec)
     batch = largest_batch(plan, cfg.batch_size)
-    model, info = prepare_teacher(plan.task, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root, batch_size=batch)
+    model, info = prepare_teacher(plan.task_spec, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root, batch_size=batch)
     check_students(plan, cfg.student, batch)
     with data_free():
-        data = load_eval_data(plan.task, plan.seed, cfg.val_fraction, plan.data_root, plan.download)
+        data = load_eval_data(plan.task_spec, plan.seed, cfg.val_fraction, plan.data_root, plan.download)
     teacher = Teacher(model, info["arch"], data, teacher_metrics(model, data), fingerprint(model))
     recorded = (plan.record or {}).get("teacher_fingerprint")
     if recorded not in (None, teacher.fingerprint):
@@ -65,7 +65,7 @@ def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
     """Every foreign student the search can train (the config's, or each choice of a searched ``student``) runs as
     a trial runs it (``trainable.sources.check_student``): refused here, in one line, before Ray starts."""
 
-    task = get_task(plan.task)
+    task = plan.task_spec
     specs = {fixed} | {c for p in plan.space.params if p.name == "student" for c in p.choices}
     for spec in sorted(s for s in specs if isinstance(s, str)):
         check_student(spec, task.num_classes, task.channels, task.image_size, batch_size)
@@ -75,7 +75,7 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
     """The ``BudgetCheck`` of a new search's space and teacher; first refuse (exit 2) a space in which no setting
     fits the budget."""
 
-    check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits))
+    check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits), plan.task_spec)
     check_reachable(plan.space.params, check, plan.seed)
     return check
 
@@ -84,7 +84,7 @@ def typical_trial_config(plan: SearchPlan):
     """The config of a typical trial of the search (``search.space.typical_config``): the one the door check builds
     and the speed measurement times."""
 
-    return typical_config(plan.trial_config, plan.space.params)
+    return typical_config(plan.trial_config, plan.space.params, plan.task_spec)
 
 
 def check_trial_builds(plan: SearchPlan, teacher: Teacher, cfg) -> None:

@@ -34,7 +34,7 @@ from trainable import sources
 from trainable.config import FIELDS, build_config
 from trainable.errors import ConfigError, UserError, unknown
 from trainable.images import as_task_name
-from trainable.tasks import task_problem
+from trainable.tasks import Task, resolve_task
 from trainable.yamlfile import read_yaml, short
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "search", "limits", "fixed", "params", "seed"}
@@ -97,6 +97,7 @@ class Space:
     params: tuple[Param, ...]
     seed: int = 0
     raw: dict = field(default_factory=dict, compare=False)
+    task_spec: Task | None = field(default=None, compare=False, repr=False)  # ``task`` resolved once, here
     notes: tuple[str, ...] = ()  # what a user should know about the file (older key names), said once
 
     @property
@@ -187,18 +188,18 @@ def _parse_choices(name: str, spec: dict, when: dict, errs: list[str]) -> Param 
     return Param(name, "categorical", choices=tuple(choices), when=when)
 
 
-def _check_against_config(task: str, fixed: dict, params: list[Param], errs: list[str]) -> None:
+def _check_against_config(task: Task, fixed: dict, params: list[Param], errs: list[str]) -> None:
     """Each fixed value and each parameter's bounds/choices must make a valid run config."""
-    base = {"task": task, **fixed}
+    base = {"task": task.name, **fixed}
     try:
-        build_config(base)
+        build_config(base, task=task)
     except ConfigError as e:
         errs.append(f"fixed: {str(e).removeprefix('invalid config: ')}")
         return
     for p in params:
         for v in p.corners():
             try:
-                build_config({**base, p.name: v})
+                build_config({**base, p.name: v}, task=task)
             except ConfigError as e:
                 errs.append(f"params.{p.name}: value {short(v)} is invalid ({str(e).removeprefix('invalid config: ')})")
                 break
@@ -214,7 +215,7 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a YAML mapping at the top level, got {type(raw).__name__}")
     errs = [f"{key}: unknown top-level key; valid: {sorted(TOP_KEYS)}" for key in sorted(set(raw) - TOP_KEYS - OLD_KEYS)]
-    task = _parse_task(raw, task_override, errs)
+    task = _parse_task(raw, task_override, errs)  # resolved once: the search's every config is built with it
     objectives = _parse_objectives(raw, errs)
     section, settings = _parse_settings(raw, errs)
     limits = _parse_limits(raw, section, errs)
@@ -232,8 +233,9 @@ def parse_space(raw: Any, path: str = "<space>", task_override: str | None = Non
         raise SpaceError(f"{path}: " + "; ".join(errs))
     notes = (f"{path} uses the older keys {sorted(set(raw) & OLD_KEYS)}: read as search: (the search's settings) and "
              "limits: (the student's); rename them to keep this note away",) if set(raw) & OLD_KEYS else ()
-    return Space(path=path, description=str(raw.get("description", "")), task=task, objectives=tuple(objectives),
-                 limits=limits, fixed=fixed, params=tuple(params), seed=seed, raw=raw, notes=notes, **settings)
+    return Space(path=path, description=str(raw.get("description", "")), task=task.name, objectives=tuple(objectives),
+                 limits=limits, fixed=fixed, params=tuple(params), seed=seed, raw=raw, notes=notes, task_spec=task,
+                 **settings)
 
 
 def _refuse_untrusted_code(path: str, fixed: dict, params: list[Param], trusted_specs: frozenset[str]) -> None:
@@ -250,12 +252,11 @@ def _refuse_untrusted_code(path: str, fixed: dict, params: list[Param], trusted_
                          f"file's author like your own code{f', or pass --teacher-model {spec}' if 'teacher' in where else ''}")
 
 
-def _parse_task(raw: dict, task_override: str | None, errs: list[str]) -> str:
-    task = as_task_name(task_override or raw.get("task") or "digits")
-    problem = task_problem(task)
+def _parse_task(raw: dict, task_override: str | None, errs: list[str]) -> Task:
+    task, problem = resolve_task(as_task_name(task_override or raw.get("task") or "digits"))
     if problem:
         errs.append(problem if len(problem) < 400 else short(problem, 400))
-        return "digits"
+        return resolve_task("digits")[0]
     return task
 
 
@@ -424,13 +425,13 @@ def middle_setting(params: tuple[Param, ...]) -> dict[str, Any]:
     return chosen
 
 
-def typical_config(base: dict[str, Any], params: tuple[Param, ...]):
+def typical_config(base: dict[str, Any], params: tuple[Param, ...], task: Task | None = None):
     """The config of a typical trial: ``base`` with the middle setting laid over it, or ``base`` alone where the
-    middles of the ranges are not a valid combination (the fixed settings are)."""
+    middles of the ranges are not a valid combination (the fixed settings are). ``task``: resolved already."""
     try:
-        return build_config({**base, **middle_setting(params)})
+        return build_config({**base, **middle_setting(params)}, task=task)
     except ConfigError:
-        return build_config(base)
+        return build_config(base, task=task)
 
 
 def limit_violation(result: dict[str, Any], limits: dict[str, float]) -> float:

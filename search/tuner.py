@@ -33,6 +33,7 @@ def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
 
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
+                             task=plan.task_spec,
                              threads=trial_threads(plan), data_root=plan.data_root, speed=speed.record(),
                              search_dir=plan.path),
         resources={"cpu": plan.cpus_per_trial, "gpu": gpus_per_trial(plan)})

@@ -35,17 +35,18 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def digits_teacher():
+    from trainable.tasks import get_task
     from trainable.teacher import prepare_teacher
 
-    teacher, _ = prepare_teacher("digits", log=None)
+    teacher, _ = prepare_teacher(get_task("digits"), log=None)
     return teacher
 
 
 @pytest.fixture(scope="session")
 def digits_data():
-    from trainable.tasks import load_eval_data
+    from trainable.tasks import get_task, load_eval_data
 
-    return load_eval_data("digits")
+    return load_eval_data(get_task("digits"))
 
 
 def tiny_values(**overrides):

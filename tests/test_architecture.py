@@ -143,3 +143,20 @@ def test_metric_names_are_written_only_as_their_constants():
                     and node.value in names and (rel, node.value) not in NOT_A_METRIC:
                 found.append(f"{rel}:{node.lineno} {node.value!r}")
     assert not found, "metric names written out (use trainable.metrics' constant): " + ", ".join(found)
+
+
+# Where a task's name is resolved into a ``Task``: where a name comes in as text (a command's arguments, a config's
+# or a space's keys). Everything below is handed the ``Task`` (``AKDConfig.task_spec``, ``SearchPlan.task_spec``).
+TASK_DOORS = {"trainable/tasks.py", "trainable/config.py", "trainable/train_teacher.py", "search/space.py"}
+
+
+def test_a_task_is_resolved_by_its_name_only_where_the_name_comes_in():
+    found = []
+    for path in _modules().values():
+        rel = path.relative_to(ROOT).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and rel not in TASK_DOORS:
+                name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+                if name in ("get_task", "resolve_task", "folder_task"):
+                    found.append(f"{rel}:{node.lineno} {name}")
+    assert not found, "a task resolved again by name (hand the Task down instead): " + ", ".join(found)

@@ -58,3 +58,20 @@ def test_parse_value_types():
     assert parse_value("student_fraction", "none") is None
     assert parse_value("milestones", "0.3,0.6") == (0.3, 0.6)
     assert set(FIELDS) >= {"lr_student", "lr_generator", "student_fraction", "n_student", "n_generator"}
+
+
+def test_a_config_carries_the_task_it_was_built_with_and_never_resolves_it_again(monkeypatch):
+    """The task is resolved once (by a command, a space, a plan) and handed down: a config built with it keeps that
+    very ``Task`` (a folder task's folder need not exist where a trial runs), not a key of the config; a name that is
+    not the task handed down is refused."""
+    import trainable.tasks as tasks
+    from trainable.config import config_to_dict, recipe_value
+
+    task = TASKS["digits"]
+    monkeypatch.setattr(tasks, "get_task", lambda name: pytest.fail(f"{name} resolved again"))
+    cfg = build_config({"lr_student": 0.05}, task=task)
+    assert cfg.task_spec is task and cfg.task == "digits" and cfg.batch_size == task.defaults["batch_size"]
+    assert "task_spec" not in config_to_dict(cfg) and "task_spec" not in FIELDS
+    assert recipe_value(cfg, "w_bn") == task.defaults["w_bn"]
+    with pytest.raises(ConfigError, match="'mnist' is not the run's task 'digits'"):
+        build_config({"task": "mnist"}, task=task)

@@ -106,6 +106,6 @@ def test_a_continuation_with_nothing_left_to_train_counts_the_trials_own_full_ru
     monkeypatch.setattr(finish, "evaluate_run", lambda ckpt, *a: {"seed": 0, "epochs": 20, "checkpoint": str(ckpt)})
     cand = {"trial_id": "a", "seeds": [0, 1000], "trial_dir": "trial_a", "epochs_run": 19}
     ctrials = [{"status": "TERMINATED", "run": {"candidate": "a", "seed": 0}, "dir": tmp_path / "confirm" / "trial_c0"}]
-    plan = SimpleNamespace(path=str(tmp_path), folder=str(tmp_path), max_epochs=20, data_root=None)
+    plan = SimpleNamespace(path=str(tmp_path), folder=str(tmp_path), max_epochs=20, data_root=None, task_spec=None)
     runs = finish._confirmed_runs(plan, SimpleNamespace(model=None, data=None), cand, ctrials)
     assert [r["checkpoint"] for r in runs] == ["trial_a/checkpoint_000019/checkpoint.pt"]

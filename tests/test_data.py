@@ -7,7 +7,7 @@ import torch
 from conftest import run_cli, tiny_values
 from datasets import skip_md5, write_cifar100, write_mnist
 from trainable.errors import DataFreeViolation, UserError
-from trainable.tasks import _digits_split, data_free, load_eval_data, load_teacher_train
+from trainable.tasks import _digits_split, data_free, get_task, load_eval_data, load_teacher_train
 
 
 def test_digits_split_is_disjoint_and_seeded():
@@ -19,12 +19,12 @@ def test_digits_split_is_disjoint_and_seeded():
 
 
 def test_teacher_data_refused_inside_a_data_free_run():
-    x, _ = load_teacher_train("digits")
+    x, _ = load_teacher_train(get_task("digits"))
     assert len(x) > 1000
     with data_free():
         with pytest.raises(DataFreeViolation):
-            load_teacher_train("digits")
-    load_teacher_train("digits")  # allowed again outside
+            load_teacher_train(get_task("digits"))
+    load_teacher_train(get_task("digits"))  # allowed again outside
 
 
 def test_a_run_never_reads_training_data(monkeypatch, digits_teacher):
@@ -42,7 +42,7 @@ def test_a_run_never_reads_training_data(monkeypatch, digits_teacher):
 
     monkeypatch.setattr(tasks, "_digits_split", spy)
     with data_free():
-        data = load_eval_data("digits")
+        data = load_eval_data(get_task("digits"))
         AKDRun(build_config(tiny_values()), digits_teacher, data, torch.device("cpu")).fit()
     assert calls and all(calls)
 
@@ -61,27 +61,27 @@ def test_cifar100_through_the_real_torchvision_loader(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvd.CIFAR100, "__init__", record)
     with data_free():
-        data = load_eval_data("cifar100", seed=0, val_fraction=0.2, data_root=str(tmp_path))
+        data = load_eval_data(get_task("cifar100"), seed=0, val_fraction=0.2, data_root=str(tmp_path))
     assert seen == [False]  # only the official test split
     assert data.val_x.shape == (10, 3, 32, 32) and data.test_x.shape == (40, 3, 32, 32)
     assert data.val_y.dtype == torch.int64 and int(data.test_y.max()) < 100
-    other = load_eval_data("cifar100", seed=1, data_root=str(tmp_path))
+    other = load_eval_data(get_task("cifar100"), seed=1, data_root=str(tmp_path))
     assert not torch.equal(other.val_y, data.val_y)  # the split is seeded
-    x, y = load_teacher_train("cifar100", data_root=str(tmp_path))
+    x, y = load_teacher_train(get_task("cifar100"), data_root=str(tmp_path))
     assert x.shape == (64, 3, 32, 32) and seen[-1] is True
 
 
 def test_mnist_through_the_real_torchvision_loader(tmp_path):
     write_mnist(tmp_path)
-    data = load_eval_data("mnist", data_root=str(tmp_path))
+    data = load_eval_data(get_task("mnist"), data_root=str(tmp_path))
     assert data.val_x.shape == (4, 1, 28, 28) and data.test_x.shape == (16, 1, 28, 28)
 
 
 def test_missing_data_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="--data-root"):
-        load_eval_data("cifar100", data_root=None)
+        load_eval_data(get_task("cifar100"), data_root=None)
     with pytest.raises(UserError, match="not found or corrupted"):
-        load_eval_data("cifar10", data_root=str(tmp_path))
+        load_eval_data(get_task("cifar10"), data_root=str(tmp_path))
 
 
 @pytest.mark.slow

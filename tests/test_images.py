@@ -23,7 +23,6 @@ def write_folder(root, classes=("ant", "bee", "cat"), n=5, size=16, mode="RGB", 
 
 
 def task_of(root):
-    folder_task.cache_clear()  # a test changes its folder between calls
     return get_task(as_task_name(f"folder:{root}"))
 
 
@@ -50,10 +49,10 @@ def test_a_folder_without_task_yaml_reads_its_classes_size_and_mode(tmp_path):
     task = task_of(tmp_path / "imgs")
     assert (task.num_classes, task.channels, task.image_size, task.classes) == (3, 1, 20, ("ant", "bee", "cat"))
     assert task.mean == (0.5,) and any("normalising" in n for n in task.notes)
-    data = load_eval_data(task.name, seed=0, val_fraction=0.2)
+    data = load_eval_data(task, seed=0, val_fraction=0.2)
     assert len(data.val_y) + len(data.test_y) == 15 and len(data.val_y) == 3
     assert data.val_x.shape[1:] == (1, 20, 20)
-    other = load_eval_data(task.name, seed=1, val_fraction=0.2)
+    other = load_eval_data(task, seed=1, val_fraction=0.2)
     assert not torch.equal(data.val_y, other.val_y) or not torch.equal(data.val_x, other.val_x)
     cfg = build_config({"task": task.name, "teacher": "cnn", "student": "cnn", "student_width": 0.5})
     assert cfg.task == task.name
@@ -66,7 +65,7 @@ def test_task_yaml_sets_the_class_order_size_and_normalisation(tmp_path):
     task = task_of(root)
     assert task.classes == ("cat", "ant", "bee") and task.image_size == 16
     assert len(task.notes) == 1 and "names no recipe: small images (16 px, 3 channel(s)) take the digits recipe" in task.notes[0]
-    data = load_eval_data(task.name, seed=0, val_fraction=0.5)
+    data = load_eval_data(task, seed=0, val_fraction=0.5)
     assert data.test_x.shape[1:] == (3, 16, 16)
     x = np.asarray(Image.open(root / "cat" / "0.png").convert("RGB").resize((16, 16), Image.BILINEAR),
                    dtype=np.float32) / 255.0
@@ -92,16 +91,15 @@ def test_task_yaml_sets_the_class_order_size_and_normalisation(tmp_path):
 def test_a_bad_folder_is_one_line(tmp_path, setup, message):
     root = tmp_path / "imgs"
     setup(root)
-    folder_task.cache_clear()
     with pytest.raises(UserError, match=message) as e:
-        load_eval_data(as_task_name(f"folder:{root}"))
+        load_eval_data(get_task(as_task_name(f"folder:{root}")))
     assert "\n" not in str(e.value)
 
 
 def test_a_folder_task_has_no_teacher_training_data(tmp_path):
     task = task_of(write_folder(tmp_path / "imgs"))
     with pytest.raises(UserError, match="held-out images only"):
-        load_teacher_train(task.name)
+        load_teacher_train(task)
 
 
 def test_run_akd_refuses_a_teacher_whose_classes_differ_from_the_folders(tmp_path):
@@ -109,7 +107,6 @@ def test_run_akd_refuses_a_teacher_whose_classes_differ_from_the_folders(tmp_pat
 
     root = write_folder(tmp_path / "imgs", size=32)
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp_path / "r18.pt")
-    folder_task.cache_clear()
     r = run_main("trainable/run_akd.py", "--task", f"folder:{root}", "--teacher-model", "torchvision:resnet18",
                  "--teacher", tmp_path / "r18.pt", "--out", tmp_path / "out")
     assert r.returncode == 2 and "checkpoint has 5 output classes" in r.stderr and "needs 3" in r.stderr
@@ -141,13 +138,13 @@ def test_tinyimagenet_reads_its_official_layout(tmp_path):
     write_tiny_imagenet(tmp_path)
     task = get_task("tinyimagenet")
     assert (task.num_classes, task.channels, task.image_size) == (200, 3, 64)
-    data = load_eval_data("tinyimagenet", seed=0, val_fraction=0.5, data_root=str(tmp_path))
+    data = load_eval_data(get_task("tinyimagenet"), seed=0, val_fraction=0.5, data_root=str(tmp_path))
     assert data.val_x.shape[1:] == (3, 64, 64) and len(data.val_y) + len(data.test_y) == 6
     assert set(torch.cat([data.val_y, data.test_y]).tolist()) == {0, 1, 2}  # sorted wnids
-    x, y = load_teacher_train("tinyimagenet", data_root=str(tmp_path))
+    x, y = load_teacher_train(get_task("tinyimagenet"), data_root=str(tmp_path))
     assert x.shape == (6, 3, 64, 64) and y.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(UserError, match="wnids.txt is missing"):
-        load_eval_data("tinyimagenet", data_root=str(tmp_path / "nowhere"))
+        load_eval_data(get_task("tinyimagenet"), data_root=str(tmp_path / "nowhere"))
 
 
 @pytest.mark.slow
@@ -160,7 +157,6 @@ def test_one_run_with_a_torchvision_teacher_and_student_on_a_folder_and_one_on_t
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pt")
     fast = ["--set", "epochs=1", "--set", "iters_per_epoch=1", "--set", "batch_size=4", "--set", "precision=fp32",
             "--set", "channels_last=false"]
-    folder_task.cache_clear()
     r = run_main("trainable/run_akd.py", "--task", f"folder:{root}", "--teacher-model", "torchvision:resnet18",
                  "--teacher", tmp_path / "r18.pt", "--set", "student=torchvision:mobilenet_v3_small", *fast,
                  "--out", tmp_path / "tv")
@@ -208,16 +204,14 @@ def test_task_yaml_is_read_like_a_space_file_with_exact_types(tmp_path, task_yam
 
     root = write_folder(tmp_path / "imgs")
     (root / "task.yaml").write_text(task_yaml)
-    folder_task.cache_clear()
     with bounded(120), pytest.raises(UserError, match=message) as e:  # a bomb is refused while counted, not expanded
-        load_eval_data(as_task_name(f"folder:{root}"))
+        load_eval_data(get_task(as_task_name(f"folder:{root}")))
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
 
 
 def test_a_nan_mean_on_the_command_line_is_exit_2_not_a_run_on_nan_images(tmp_path):
     root = write_folder(tmp_path / "imgs", size=8, mode="L")
     (root / "task.yaml").write_text("mean: [.nan]\nstd: [0.5]\n")
-    folder_task.cache_clear()
     r = run_main("trainable/run_akd.py", "--task", f"folder:{root}", "--teacher-model", "cnn", "--out", tmp_path / "o")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "finite" in r.stderr
     assert not (tmp_path / "o").exists()
@@ -233,9 +227,8 @@ def test_a_nan_mean_on_the_command_line_is_exit_2_not_a_run_on_nan_images(tmp_pa
 def test_images_and_folders_that_cannot_be_read_are_refused_by_name(tmp_path, setup, message):
     root = write_folder(tmp_path / "imgs")
     setup(root)
-    folder_task.cache_clear()
     with pytest.raises(UserError, match=message) as e:
-        load_eval_data(as_task_name(f"folder:{root}"))
+        load_eval_data(get_task(as_task_name(f"folder:{root}")))
     assert "\n" not in str(e.value)
 
 
@@ -254,7 +247,6 @@ def test_an_unreadable_folder_is_one_line(tmp_path, monkeypatch):
         images.image_files(root)
     monkeypatch.undo()
     monkeypatch.setattr(type(root), "iterdir", denied)
-    folder_task.cache_clear()
     with pytest.raises(UserError, match=r"cannot read task folder .*imgs \(Permission denied\)"):
         folder_task(str(root))
     assert os.path.isdir(root)
@@ -272,7 +264,7 @@ def test_hidden_files_and_folders_are_skipped_with_a_note_and_a_linked_class_is_
     task = task_of(root)
     assert task.classes == ("ant", "bee", "cat")
     assert any("skipped 3 hidden image file(s)" in n for n in task.notes)
-    data = load_eval_data(task.name, seed=0, val_fraction=0.5)
+    data = load_eval_data(task, seed=0, val_fraction=0.5)
     assert len(data.val_y) + len(data.test_y) == 13
 
 
@@ -296,7 +288,7 @@ def test_tinyimagenet_needs_its_200_ids_and_refuses_unknown_annotations(tmp_path
     ann = base / "val" / "val_annotations.txt"
     ann.write_text(ann.read_text() + "val_x.JPEG\tn99999999\t0\t0\t63\t63\nval_y.JPEG\tn99999998\t0\t0\t63\t63\n")
     with pytest.raises(UserError, match=r"2 of the 8 lines of .*val_annotations.txt name no class of wnids.txt"):
-        load_eval_data("tinyimagenet", data_root=str(tmp_path))
+        load_eval_data(get_task("tinyimagenet"), data_root=str(tmp_path))
     (base / "wnids.txt").write_text("n00000000\nn00000001\nn00000002\n")
     with pytest.raises(UserError, match=r"wnids.txt lists 3 ids .3 distinct.; Tiny-ImageNet has 200"):
-        load_eval_data("tinyimagenet", data_root=str(tmp_path))
+        load_eval_data(get_task("tinyimagenet"), data_root=str(tmp_path))

@@ -12,7 +12,7 @@ from trainable import metrics as M
 from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.errors import ConfigError, UserError
-from trainable.images import as_task_name, folder_task
+from trainable.images import as_task_name
 from trainable.proxy import PROXY_SEED, build_proxy, classes_of, generator_images
 from trainable.tasks import get_task, load_eval_data
 
@@ -26,7 +26,6 @@ def unlabelled_task(root, text=DIGITS_YAML, images=0):
     rng = np.random.default_rng(0)
     for i in range(images):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(root / f"{i}.png")
-    folder_task.cache_clear()
     return as_task_name(f"folder:{root}")
 
 
@@ -36,7 +35,7 @@ def test_a_task_yaml_with_the_class_count_and_no_images_is_a_task_without_labels
     assert not task.labelled and task.num_classes == 10 and (task.channels, task.image_size) == (1, 8)
     assert task.defaults["teacher"] == "cnn"  # recipe: digits
     assert any("no labels" in n and "no accuracy is measured" in n for n in task.notes)
-    data = load_eval_data(name)
+    data = load_eval_data(get_task(name))
     assert not data.labelled and data.val_y is None and len(data.val_x) == 0
 
 
@@ -45,7 +44,7 @@ def test_unlabelled_images_are_split_and_become_the_proxy(tmp_path):
                            images=40)
     task = get_task(name)
     assert not task.labelled and task.classes[0] == "a"
-    data = load_eval_data(name)
+    data = load_eval_data(get_task(name))
     assert len(data.val_x) + len(data.test_x) == 40 and data.test_y is None
     proxy = build_proxy(build_config({"task": name}), task, data)
     assert "40 unlabelled images" in proxy.source and len(proxy.val_x) == 20
@@ -75,10 +74,10 @@ def test_selection_settings_are_checked(tmp_path):
 
 
 def test_the_generator_proxy_is_fixed_and_spread_over_the_teachers_classes(digits_teacher):
-    a, b = generator_images("digits", 512), generator_images("digits", 512, PROXY_SEED)
+    a, b = generator_images(get_task("digits"), 512), generator_images(get_task("digits"), 512, PROXY_SEED)
     assert torch.equal(a, b) and a.shape == (512, 1, 8, 8)
     before = torch.get_rng_state()
-    generator_images("digits", 64, seed=5)
+    generator_images(get_task("digits"), 64, seed=5)
     assert torch.equal(torch.get_rng_state(), before)  # a run's own random stream is untouched
     classes = classes_of(digits_teacher, a, torch.device("cpu"))
     assert len(classes.unique()) >= 5  # not one class (a random generator in eval mode gives one)

@@ -13,7 +13,7 @@ from trainable.errors import ConfigError, UserError
 from trainable.losses import FeatureProjector, FeatureTap, feature_loss
 from trainable.models import CLASSIFIERS, Discriminator, build_classifier, build_generator, feature_layers
 from trainable.priors import CIFAR100_VEHICLES, load_prior
-from trainable.tasks import data_free
+from trainable.tasks import data_free, get_task
 
 
 def random_teacher(seed=0):
@@ -79,12 +79,12 @@ def test_cli_unknown_method_flag_exits_2(tmp_path):
 
 # ------------------------------------------------------------------ priors
 def test_embedded_priors_are_shaped_and_normalised_like_the_teacher_inputs():
-    letters = load_prior("letters", "digits")
+    letters = load_prior("letters", get_task("digits"))
     assert letters.shape == (4096, 1, 8, 8) and letters.dtype == torch.float32
     assert letters.min() >= -1.0 - 1e-6 and letters.max() <= 1.0 + 1e-6  # digits: (x - 0.5) / 0.5
-    photos = load_prior("photos", "cifar10")
+    photos = load_prior("photos", get_task("cifar10"))
     assert photos.shape == (4096, 3, 32, 32) and abs(photos.mean().item()) < 1.5
-    assert torch.equal(load_prior("letters", "digits", seed=0), letters)  # seeded
+    assert torch.equal(load_prior("letters", get_task("digits"), seed=0), letters)  # seeded
 
 
 def test_cifar_priors_read_the_other_dataset_and_cifar90_drops_the_vehicles(tmp_path, monkeypatch):
@@ -92,14 +92,14 @@ def test_cifar_priors_read_the_other_dataset_and_cifar90_drops_the_vehicles(tmp_
     write_cifar100(tmp_path, n_train=200)
     skip_md5(monkeypatch)
     with data_free():  # reading another dataset's training split is allowed inside the guard
-        c10 = load_prior("cifar10", "cifar100", data_root=str(tmp_path))
-        c100 = load_prior("cifar100", "cifar10", data_root=str(tmp_path))
-        c90 = load_prior("cifar90", "cifar10", data_root=str(tmp_path))
+        c10 = load_prior("cifar10", get_task("cifar100"), data_root=str(tmp_path))
+        c100 = load_prior("cifar100", get_task("cifar10"), data_root=str(tmp_path))
+        c90 = load_prior("cifar90", get_task("cifar10"), data_root=str(tmp_path))
     assert c10.shape == (60, 3, 32, 32) and c100.shape == (200, 3, 32, 32)
     vehicles = sum(1 for i in range(200) if i % 100 in CIFAR100_VEHICLES)
     assert c90.shape == (200 - vehicles, 3, 32, 32)
     with pytest.raises(UserError, match="needs its data"):
-        load_prior("cifar10", "cifar100", data_root=None)
+        load_prior("cifar10", get_task("cifar100"), data_root=None)
 
 
 def test_folder_prior_reads_images_and_refuses_the_teachers_own_data(tmp_path):
@@ -110,18 +110,18 @@ def test_folder_prior_reads_images_and_refuses_the_teachers_own_data(tmp_path):
     for i in range(5):
         Image.new("RGB", (40, 30), (i * 40, 100, 200)).save(folder / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
-    x = load_prior(f"folder:{tmp_path / 'imgs'}", "digits")
+    x = load_prior(f"folder:{tmp_path / 'imgs'}", get_task("digits"))
     assert x.shape == (5, 1, 8, 8)
-    x3 = load_prior(f"folder:{tmp_path / 'imgs'}", "cifar10")
+    x3 = load_prior(f"folder:{tmp_path / 'imgs'}", get_task("cifar10"))
     assert x3.shape == (5, 3, 32, 32)
     own = tmp_path / "data" / "cifar-100-python" / "pngs"
     own.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(own / "a.png")
     with pytest.raises(UserError, match="teacher's own dataset"):
-        load_prior(f"folder:{own}", "cifar100", data_root=str(tmp_path / "data"))
+        load_prior(f"folder:{own}", get_task("cifar100"), data_root=str(tmp_path / "data"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no readable images"):
-        load_prior(f"folder:{tmp_path / 'empty'}", "digits")
+        load_prior(f"folder:{tmp_path / 'empty'}", get_task("digits"))
 
 
 # ------------------------------------------------------------------ AVKD's terms, one at a time

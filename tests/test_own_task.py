@@ -45,7 +45,6 @@ class NoBatchNorm(nn.Module):
 @pytest.mark.parametrize("side, mode, recipe, epochs", [
     (32, "L", "digits", 30), (8, "RGB", "digits", 30), (32, "RGB", "cifar100", 500), (96, "RGB", "folder", 200)])
 def test_a_folder_without_a_recipe_takes_one_sized_to_its_images_and_says_which(tmp_path, side, mode, recipe, epochs):
-    folder_task.cache_clear()
     task = folder_task(_folder(tmp_path / "imgs", side, mode)[len("folder:"):])
     assert task.defaults["epochs"] == epochs
     said = [n for n in task.notes if "names no recipe" in n]
@@ -55,7 +54,6 @@ def test_a_folder_without_a_recipe_takes_one_sized_to_its_images_and_says_which(
 @pytest.mark.parametrize("recipe", sorted(TASKS))
 def test_every_shipped_recipe_runs_with_a_teacher_without_batchnorm(tmp_path, recipe):
     """The recipe's BatchNorm-statistics term (digits': w_bn 0.1) is dropped with a note; nothing is refused."""
-    folder_task.cache_clear()
     task = _folder(tmp_path / "imgs", 16, "L", recipe=recipe)
     x = torch.randn(4, 1, 16, 16)
     data = EvalData(x, torch.tensor([0, 1, 0, 1]), x, torch.tensor([0, 1, 0, 1]))

@@ -239,7 +239,7 @@ def test_weights_load_into_a_torchvision_teacher_and_must_fit_it(tmp_path):
     with pytest.raises(UserError, match="does not fit teacher architecture 'torchvision:resnet34'"):
         load_teacher(tmp_path / "r18.pt", "torchvision:resnet34", CIFAR10)
     with pytest.raises(UserError, match="needs its trained weights: pass --teacher PATH"):
-        prepare_teacher("cifar10", "torchvision:resnet18", None, log=None)
+        prepare_teacher(get_task("cifar10"), "torchvision:resnet18", None, log=None)
 
 
 def export(model: nn.Module, path, dynamic: bool = True, channels: int = 3, size: int = 32):
@@ -253,7 +253,7 @@ def test_an_exported_program_is_a_teacher_with_no_code_and_no_weights_file(tmp_p
     net = build_classifier("cnn", 10, 1, 8).eval()
     export(net, tmp_path / "teacher.pt2", channels=1, size=8)
     spec = as_spec(str(tmp_path / "teacher.pt2"))
-    teacher, info = prepare_teacher("digits", spec, None, log=None)  # forward + gradient checked at the door
+    teacher, info = prepare_teacher(get_task("digits"), spec, None, log=None)  # forward + gradient checked at the door
     x = torch.randn(5, 1, 8, 8)
     assert torch.allclose(teacher(x), net(x), atol=1e-5) and info["arch"] == spec
     teacher.train()
@@ -263,7 +263,7 @@ def test_an_exported_program_is_a_teacher_with_no_code_and_no_weights_file(tmp_p
     with pytest.raises(ConfigError, match=f"w_bn: .* the teacher {spec} has no BatchNorm layers"):
         AKDRun(build_config(tiny_values(teacher=spec, w_bn=0.5)), load_program(spec), digits_data, torch.device("cpu"))
     with pytest.raises(UserError, match="weights are inside it; drop --teacher"):
-        prepare_teacher("digits", spec, str(tmp_path / "w.pt"), log=None)
+        prepare_teacher(get_task("digits"), spec, str(tmp_path / "w.pt"), log=None)
     with pytest.raises(ConfigError, match="only a teacher can be one"):
         build_config(tiny_values(student=spec))
 
@@ -271,7 +271,7 @@ def test_an_exported_program_is_a_teacher_with_no_code_and_no_weights_file(tmp_p
 def test_a_program_that_fixes_its_batch_or_is_no_program_is_refused(tmp_path):
     export(build_classifier("cnn", 10, 1, 8), tmp_path / "fixed.pt2", dynamic=False, channels=1, size=8)
     with pytest.raises(ModelSourceError, match="a program: export it with dynamic_shapes"):
-        prepare_teacher("digits", str(tmp_path / "fixed.pt2"), None, log=None)
+        prepare_teacher(get_task("digits"), str(tmp_path / "fixed.pt2"), None, log=None)
     (tmp_path / "junk.pt2").write_bytes(b"not a zip")
     with pytest.raises(ModelSourceError, match="is not a torch.export program"):
         load_program(str(tmp_path / "junk.pt2"))

@@ -10,7 +10,7 @@ in ``trainable.tune_trainable``.
 
 Example::
 
-    run = AKDRun(cfg, teacher, load_eval_data("digits"))
+    run = AKDRun(cfg, teacher, load_eval_data(cfg.task_spec))
     run.fit(on_epoch=lambda metrics, run: print(metrics))
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ from trainable.priors import load_prior
 from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
-from trainable.tasks import EvalData, data_free, get_task
+from trainable.tasks import EvalData, data_free
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
 CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint: in a run's --out folder, in each of Tune's checkpoint folders
@@ -158,14 +158,14 @@ def student_width(cfg: AKDConfig, teacher_params: int) -> float:
     """The student's width multiplier: ``student_width``, or the one closest to ``student_fraction`` of the teacher."""
     if cfg.student_fraction is None:
         return cfg.student_width
-    t = get_task(cfg.task)
+    t = cfg.task_spec
     return width_for_fraction(cfg.student, cfg.student_fraction, teacher_params, t.num_classes, t.channels, t.image_size)
 
 
 def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
     """The student's ``param_ratio`` and ``flops``, exactly as its run will report them, without training or
     allocating it (built on the meta device): what a search checks against its budget before a trial starts."""
-    t = get_task(cfg.task)
+    t = cfg.task_spec
     width = student_width(cfg, teacher_params)
     with torch.device("meta"):
         student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size, width)
@@ -190,7 +190,7 @@ class AKDRun:
                  prior: torch.Tensor | None = None, data_root: str | None = None, speed: Speed | None = None):
         self.cfg = cfg
         self.device = device or default_device()
-        self.task = get_task(cfg.task)
+        self.task = cfg.task_spec  # resolved once, where the config was built
         self.data = data
         self.notes: list[str] = []  # what a user should know about this run (the CLI prints them)
         self._setup_seeds()
@@ -292,7 +292,7 @@ class AKDRun:
         self.opt_discriminator = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.lr_discriminator,
                                                   betas=(cfg.beta1, cfg.beta2))
         self.sched_discriminator = _make_scheduler(cfg, self.opt_discriminator)
-        self.prior = load_prior(cfg.prior, cfg.task, data_root, cfg.seed) if prior is None else prior
+        self.prior = load_prior(cfg.prior, self.task, data_root, cfg.seed) if prior is None else prior
         weights = torch.tensor(cfg.class_prior) if cfg.class_prior else torch.ones(t.num_classes)
         self.class_weights = weights.float()
 

@@ -10,7 +10,7 @@ import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trainable import sources
@@ -28,7 +28,7 @@ from trainable.models import (
 from trainable.priors import check_prior, folder_prior_problem
 from trainable.proxy import selection_problem
 from trainable.sources import is_foreign, is_program
-from trainable.tasks import get_task, task_problem
+from trainable.tasks import Task, resolve_task
 
 SCHEDULERS = ("multistep", "cosine", "exponential", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -122,13 +122,16 @@ class AKDConfig:
     # PyTorch's deterministic algorithms where they exist, cuDNN benchmarking off (a GPU's runs repeat bit for bit,
     # a little slower; a CPU's do already)
     deterministic: bool = False
+    # The task, resolved once where the config is built (``build_config``): not a key (never set, never written);
+    # every part of a run reads the task's shape, classes and recipe here rather than resolving its name again.
+    task_spec: Task | None = field(default=None, compare=False, repr=False)
 
     @property
     def lr_milestone_epochs(self) -> list[int]:
         return sorted({max(1, int(round(m * self.epochs))) for m in self.milestones})
 
 
-FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(AKDConfig)}
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in fields(AKDConfig) if f.name != "task_spec"}
 _HINTS = typing.get_type_hints(AKDConfig)
 
 
@@ -212,8 +215,8 @@ def parse_value(key: str, text: str) -> Any:
     return t
 
 
-def _check_values(c: dict[str, Any]) -> list[str]:
-    """Range and registry checks on coerced values."""
+def _check_values(c: dict[str, Any], task: Task | None, problem: str | None) -> list[str]:
+    """Range and registry checks on coerced values; ``task`` the task resolved (None: ``problem`` says why not)."""
 
     errs = []
 
@@ -221,7 +224,6 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         if not ok:
             errs.append(msg)
 
-    problem = task_problem(c["task"])
     if problem:
         errs.append(problem)
     for key, table in (("method", METHODS), ("generator", GENERATORS), ("student_loss", STUDENT_LOSSES),
@@ -229,7 +231,7 @@ def _check_values(c: dict[str, Any]) -> list[str]:
         need(c[key] in table, unknown(f"{key}: unknown {c[key]!r}", sorted(table)))
     for role in ("teacher", "student"):
         errs.extend(_check_model(role, c[role]))
-        size = None if problem or c[role] not in CLASSIFIERS else size_problem(c[role], get_task(c["task"]).image_size)
+        size = None if problem or c[role] not in CLASSIFIERS else size_problem(c[role], task.image_size)
         need(size is None, f"{role}: {size}")
     if c["student_fraction"] is not None and not _check_model("student", c["student"]):
         need(is_widthable(c["student"]), f"student_fraction: the student {c['student']} has no width multiplier to "
@@ -256,9 +258,9 @@ def _check_values(c: dict[str, Any]) -> list[str]:
     need(not (c["nesterov"] and c["momentum"] == 0), "nesterov: needs momentum > 0")
     need(8 <= c["proxy_images"] <= 100_000, f"proxy_images: must be in [8, 100000], got {c['proxy_images']}")
 
-    errs.extend(selection_problem(c["selection"], c["proxy"], None if problem else get_task(c["task"])))
+    errs.extend(selection_problem(c["selection"], c["proxy"], task))
     if not problem:
-        errs.extend(_check_method(c, get_task(c["task"])))
+        errs.extend(_check_method(c, task))
     return errs
 
 
@@ -277,7 +279,7 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
 
     errs = []
-    problem = check_prior(c["prior"], task.name) or folder_prior_problem(c["prior"])
+    problem = check_prior(c["prior"], task) or folder_prior_problem(c["prior"])
     if problem:
         errs.append(problem)
     cp = c["class_prior"]
@@ -321,29 +323,39 @@ def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
 def recipe_value(cfg: AKDConfig, key: str) -> Any:
     """The value of ``key`` that the task's recipe and the method give (what a run of ``cfg`` gets where it sets none
     itself)."""
-    values = {f.name: f.default for f in fields(AKDConfig)}
-    if not task_problem(cfg.task):
-        values.update(get_task(cfg.task).defaults)
+    values = {k: f.default for k, f in FIELDS.items()}
+    if cfg.task_spec is not None:
+        values.update(cfg.task_spec.defaults)
     values.update(METHODS.get(cfg.method, {}))
     return values[key]
 
 
-def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfig:
+def build_config(values: dict[str, Any], task_defaults: bool = True, task: Task | None = None) -> AKDConfig:
     """Build and validate an ``AKDConfig``.
 
     Args:
         values: flat dict of overrides (from ``--set``, a Tune config, a checkpoint...).
         task_defaults: apply the task's defaults beneath ``values``.
+        task: the task, where the caller resolved it already (a search's plan, a trial): not resolved again by name;
+            None: resolved here from ``values``' ``task``.
 
     Raises:
         ConfigError: listing every unknown key, wrong type and impossible value.
     """
 
     errs = [f"{k}: unknown key; valid keys are {sorted(FIELDS)}" for k in values if k not in FIELDS]
-    merged: dict[str, Any] = {f.name: f.default for f in fields(AKDConfig)}
-    task = values.get("task", merged["task"])
-    if task_defaults and not task_problem(task):
-        merged.update(get_task(task).defaults)
+    merged: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
+    name = values.get("task", task.name if task is not None else merged["task"])
+    if task is not None and name != task.name:
+        errs.append(f"task: {name!r} is not the run's task {task.name!r}; drop it or name {task.name!r}")
+        problem = None
+    elif task is None:
+        task, problem = resolve_task(name)
+    else:
+        problem = None
+    merged["task"] = name
+    if task_defaults and task is not None:
+        merged.update(task.defaults)
     method = values.get("method", merged["method"])
     if task_defaults and isinstance(method, str) and method in METHODS:
         merged.update(METHODS[method])
@@ -361,12 +373,12 @@ def build_config(values: dict[str, Any], task_defaults: bool = True) -> AKDConfi
         except ValueError as e:
             errs.append(str(e))
     if not errs:
-        errs.extend(_check_values(coerced))
+        errs.extend(_check_values(coerced, task, problem))
     if errs:
         raise ConfigError("invalid config: " + "; ".join(errs))
-    return AKDConfig(**coerced)
+    return AKDConfig(**coerced, task_spec=task)
 
 
 def config_to_dict(cfg: AKDConfig) -> dict[str, Any]:
-    """Plain data (tuples as lists): what config.json and checkpoints hold."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    """Plain data (tuples as lists): what config.json and checkpoints hold (the resolved task is not a key)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k in FIELDS for v in [getattr(cfg, k)]}

@@ -20,7 +20,6 @@ line. ``read_image`` is also how AVKD's ``folder:PATH`` priors are read.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -187,7 +186,6 @@ def _numbers(raw: dict, key: str, n: int, path: Path) -> tuple[float, ...] | Non
     return tuple(float(x) for x in v)
 
 
-@functools.lru_cache(maxsize=8)
 def folder_task(root_text: str):
     """The ``Task`` of a folder of images (see the module docstring): labelled, one sub-folder per class, or without
     labels (``classes`` in task.yaml and no class sub-folders). Raises UserError."""

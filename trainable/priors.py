@@ -20,7 +20,6 @@ teacher's own input normalisation. A prior that is the teacher's dataset is refu
 """
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
-from trainable.tasks import Task, get_task, normalise
+from trainable.tasks import Task, normalise
 
 EMBEDDED = ("letters", "photos")
 CIFAR_PRIORS = ("cifar10", "cifar100", "cifar90")
@@ -51,8 +50,9 @@ def prior_names() -> list[str]:
     return [*EMBEDDED, *CIFAR_PRIORS, f"{FOLDER}PATH"]
 
 
-def check_prior(prior: str, task_name: str) -> str | None:
-    """Why ``prior`` cannot serve ``task_name``'s run (one line), or None when it can."""
+def check_prior(prior: str, task: Task) -> str | None:
+    """Why ``prior`` cannot serve a run of ``task`` (one line), or None when it can."""
+    task_name = task.name
     if not isinstance(prior, str) or not (prior in EMBEDDED or prior in CIFAR_PRIORS or
                                           (prior.startswith(FOLDER) and len(prior) > len(FOLDER))):
         return unknown(f"prior: unknown {prior!r}", prior_names())
@@ -75,18 +75,26 @@ def folder_prior_problem(prior: str) -> str | None:
     return None
 
 
-def load_prior(prior: str, task_name: str, data_root: str | None = None, seed: int = 0,
+def load_prior(prior: str, task: Task, data_root: str | None = None, seed: int = 0,
                download: bool = False) -> torch.Tensor:
-    """The prior images for a task: (N, C, H, W) float32, normalised like the teacher's inputs, on the CPU."""
-    problem = check_prior(prior, task_name)
+    """The prior images for a task: (N, C, H, W) float32, normalised like the teacher's inputs, on the CPU. Read
+    once per process for each prior and task shape (an actor runs several trials), a copy returned."""
+    problem = check_prior(prior, task)
     if problem:
         raise UserError(problem)
-    return _load(prior, task_name, data_root, seed, download).clone()
+    key = (prior, task.name, task.channels, task.image_size, task.mean, task.std, data_root, seed, download)
+    if key not in _LOADED:
+        if len(_LOADED) >= LOADED_KEPT:
+            _LOADED.pop(next(iter(_LOADED)))  # the oldest
+        _LOADED[key] = _load(prior, task, data_root, seed, download)
+    return _LOADED[key].clone()
 
 
-@functools.lru_cache(maxsize=4)
-def _load(prior: str, task_name: str, data_root: str | None, seed: int, download: bool) -> torch.Tensor:
-    task = get_task(task_name)
+LOADED_KEPT = 4  # priors kept in memory per process
+_LOADED: dict[tuple, torch.Tensor] = {}
+
+
+def _load(prior: str, task: Task, data_root: str | None, seed: int, download: bool) -> torch.Tensor:
     if prior == "letters":
         x = _letters(seed)
     elif prior == "photos":

@@ -22,7 +22,6 @@ on them are computed once per run.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files
 from trainable.models import build_generator
 from trainable.priors import load_prior
-from trainable.tasks import get_task
+from trainable.tasks import Task
 
 SELECTIONS = ("auto", "accuracy", "agreement")
 PROXY_SEED = 1_000_003  # the generator proxy's seed: apart from every run's (trials use small seeds)
@@ -91,12 +90,20 @@ def _halves(x: torch.Tensor, source: str) -> Proxy:
     return Proxy(x[perm[:half]].contiguous(), x[perm[half:]].contiguous(), source)
 
 
-@functools.lru_cache(maxsize=4)
-def generator_images(task_name: str, n: int, seed: int = PROXY_SEED) -> torch.Tensor:
+def generator_images(task: Task, n: int, seed: int = PROXY_SEED) -> torch.Tensor:
     """``n`` images of the task's default generator at random initialisation (fixed ``seed``), normalised like the
-    teacher's inputs: the same images in every process."""
+    teacher's inputs: the same images in every process (made once per process: an actor runs several trials)."""
+    key = (task.name, task.channels, task.image_size, n, seed)
+    if key not in _MADE:
+        _MADE.clear()  # one run's proxy at a time
+        _MADE[key] = _generator_images(task, n, seed)
+    return _MADE[key]
 
-    task = get_task(task_name)
+
+_MADE: dict[tuple, torch.Tensor] = {}
+
+
+def _generator_images(task: Task, n: int, seed: int) -> torch.Tensor:
     d = task.defaults
     latent = int(d.get("latent_dim", 100))
     out = []
@@ -121,9 +128,9 @@ def build_proxy(cfg, task, data, data_root: str | None = None) -> Proxy:
         else:
             spec = "generator"
     if spec == "generator":
-        return _halves(generator_images(task.name, 2 * cfg.proxy_images),
+        return _halves(generator_images(task, 2 * cfg.proxy_images),
                        f"{2 * cfg.proxy_images} images of a frozen generator (seed {PROXY_SEED})")
-    x = load_prior(spec, task.name, data_root)
+    x = load_prior(spec, task, data_root)
     if len(x) < 2:
         raise UserError(f"proxy {spec}: fewer than 2 readable images; add images or use proxy: generator")
     return _halves(x, f"the {len(x)} images of {spec}")

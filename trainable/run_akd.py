@@ -32,7 +32,7 @@ from trainable.images import FOLDER, as_task_name, is_folder_task
 from trainable.measure import choose_speed, expected_line, iteration_seconds
 from trainable.outputs import finish_run, teacher_metrics, write_config
 from trainable.sources import as_spec, check_student
-from trainable.tasks import TASKS, data_free, get_task, load_eval_data
+from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
 
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
                                    ("teacher", as_spec(args.teacher_model))) if v is not None}
     cfg = build_config({"task": as_task_name(args.task), **shortcuts, **parse_sets(args.sets)})
-    task = get_task(cfg.task)
+    task = cfg.task_spec  # resolved once, by build_config
     for note in task.notes:
         print(f"note: {note}")
     short = Path(cfg.task[len(FOLDER):]).name if is_folder_task(cfg.task) else cfg.task
@@ -128,11 +128,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
     """The run itself, once its settings and output folder are checked: the door checks, then the epochs."""
     ckpt_path = out / CHECKPOINT_FILE
-    teacher, teacher_info = prepare_teacher(cfg.task, cfg.teacher, args.teacher, cfg.seed, args.data_root,
+    teacher, teacher_info = prepare_teacher(task, cfg.teacher, args.teacher, cfg.seed, args.data_root,
                                             batch_size=cfg.batch_size)
     check_student(cfg.student, task.num_classes, task.channels, task.image_size, cfg.batch_size)  # a foreign one
     with data_free():  # from here on, the teacher's training data cannot be read
-        data = load_eval_data(cfg.task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
+        data = load_eval_data(task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
         device = default_device()
         speed = choose_speed(cfg, teacher, data, device, data_root=args.data_root)  # cached after the first time
         print(speed.describe(), flush=True)

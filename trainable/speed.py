@@ -37,7 +37,6 @@ from typing import Any
 import torch
 
 from trainable import metrics as M
-from trainable.tasks import get_task
 
 AUTO = "auto"
 BF16_MARGIN = 1.10  # bf16 must beat the best fp32 candidate by this factor to be chosen
@@ -180,7 +179,7 @@ def cache_key(cfg, device: torch.device, teacher_params: int) -> str:
     """What decides which candidate is fastest: the device and its model, torch, threads, the models and the
     loop's shape. Learning rates and seeds do not."""
 
-    t = get_task(cfg.task)
+    t = cfg.task_spec
     parts = {
         "v": CACHE_VERSION, "device": device.type, "device_name": device_name(device), "torch": torch.__version__,
         "isa": [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in ISA_VARIABLES)],

@@ -21,7 +21,8 @@ from trainable import images
 from trainable.errors import DataFreeViolation, UserError, unknown
 from trainable.tasklist import TASK_FORMS, TASKS, Task
 
-__all__ = ["TASKS", "Task", "EvalData", "get_task", "task_problem", "load_eval_data", "load_teacher_train", "data_free"]
+__all__ = ["TASKS", "Task", "EvalData", "get_task", "resolve_task", "task_problem", "load_eval_data",
+           "load_teacher_train", "data_free"]
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,22 @@ def get_task(name: str) -> Task:
 
 
 
+def resolve_task(name: Any) -> tuple[Task | None, str | None]:
+    """(the task ``name`` names, None), or (None, why it names none, in one line): a command resolves its task once,
+    here or with ``get_task``, and passes the ``Task`` down."""
+    if not isinstance(name, str):
+        return None, f"task: expected a name, got {name!r}"
+    if not images.is_folder_task(name) and name not in TASKS:
+        return None, unknown(f"task: unknown {name!r}", sorted(TASKS), TASK_FORMS)
+    try:
+        return get_task(name), None
+    except UserError as e:
+        return None, f"task: {e}"
+
+
 def task_problem(name: Any) -> str | None:
     """Why ``name`` names no task, in one line, or None."""
-    if not isinstance(name, str):
-        return f"task: expected a name, got {name!r}"
-    if not images.is_folder_task(name) and name not in TASKS:
-        return unknown(f"task: unknown {name!r}", sorted(TASKS), TASK_FORMS)
-    try:
-        get_task(name)
-    except UserError as e:
-        return f"task: {e}"
-    return None
+    return resolve_task(name)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,19 +145,18 @@ def _dataset_tensors(ds, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
     return normalise(x, task), y
 
 
-def load_eval_data(task_name: str, seed: int = 0, val_fraction: float = 0.2, data_root: str | None = None,
+def load_eval_data(task: Task, seed: int = 0, val_fraction: float = 0.2, data_root: str | None = None,
                    download: bool = False) -> EvalData:
     """Validation and test data of a task; never touches the teacher's training data.
 
     Args:
-        task_name: a key of ``TASKS``.
+        task: the run's task, resolved once (``get_task``).
         seed: seeds the validation/test split.
         val_fraction: for torchvision tasks, the share of the official test split used for
             validation (selection); the rest is the held-out test. digits uses its fixed split.
         data_root: folder of the torchvision dataset.
         download: let torchvision download when online.
     """
-    task = get_task(task_name)
     if task.name == "digits":
         split = _digits_split(seed)
         vx, vy = _digits_tensors(split["val"], task)
@@ -180,12 +185,11 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, val_fraction: float) -> 
     return EvalData(x[perm[:n_val]], y[perm[:n_val]], x[perm[n_val:]], y[perm[n_val:]])
 
 
-def load_teacher_train(task_name: str, seed: int = 0, data_root: str | None = None,
+def load_teacher_train(task: Task, seed: int = 0, data_root: str | None = None,
                        download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's training data. Refuses inside a data-free run."""
     if in_data_free_run():
-        raise DataFreeViolation(f"a data-free run tried to read {task_name}'s teacher-training data")
-    task = get_task(task_name)
+        raise DataFreeViolation(f"a data-free run tried to read {task.name}'s teacher-training data")
     if task.name == "digits":
         return _digits_tensors(_digits_split(seed)["teacher_train"], task)
     if images.is_folder_task(task.name):

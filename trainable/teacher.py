@@ -21,7 +21,7 @@ from trainable.errors import CheckpointError, UserError
 from trainable.files import cache_dir, torch_save
 from trainable.models import CLASSIFIERS, build_classifier, classifier_head
 from trainable.outputs import teacher_metrics
-from trainable.tasks import Task, get_task, load_eval_data, load_teacher_train
+from trainable.tasks import Task, load_eval_data, load_teacher_train
 
 
 def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -109,7 +109,7 @@ def _augment(x: torch.Tensor, task: Task) -> torch.Tensor:
     return out
 
 
-def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, lr: float = 0.1,
+def train_teacher(task: Task, arch: str, seed: int = 0, epochs: int = 200, lr: float = 0.1,
                   batch_size: int = 128, weight_decay: float = 5e-4, data_root: str | None = None,
                   device: torch.device | None = None, log=print,
                   train_data: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = False) -> nn.Module:
@@ -125,9 +125,8 @@ def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, l
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, unit="epoch", desc="teacher", dynamic_ncols=True)
-    task = get_task(task_name)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    x, y = train_data if train_data is not None else load_teacher_train(task_name, seed, data_root)
+    x, y = train_data if train_data is not None else load_teacher_train(task, seed, data_root)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = build_classifier(arch, task.num_classes, task.channels, task.image_size).to(device)
@@ -162,7 +161,7 @@ def train_teacher(task_name: str, arch: str, seed: int = 0, epochs: int = 200, l
 DIGITS_TEACHER_RECIPE = dict(epochs=60, lr=0.05, batch_size=64, weight_decay=5e-4)
 
 
-def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str | None = None, seed: int = 0,
+def prepare_teacher(task: Task, arch: str | None = None, teacher_path: str | None = None, seed: int = 0,
                     data_root: str | None = None, log=print, batch_size: int = 64) -> tuple[nn.Module, dict[str, Any]]:
     """The teacher of a run or search, prepared once.
 
@@ -174,7 +173,6 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
         (teacher in eval mode on CPU, info dict with ``arch``, ``source``).
     """
 
-    task = get_task(task_name)
     arch = arch or task.teacher
     if sources.is_program(arch):
         if teacher_path:
@@ -205,15 +203,15 @@ def prepare_teacher(task_name: str, arch: str | None = None, teacher_path: str |
         log(f"training the {task.name} teacher on first use ({arch}, seed {seed}; about 10 s on 2 CPU cores); "
             f"cached at {path} for later runs")
     start = time.perf_counter()
-    model = train_teacher(task.name, arch, seed, device=torch.device("cpu"), log=None, **DIGITS_TEACHER_RECIPE)
+    model = train_teacher(task, arch, seed, device=torch.device("cpu"), log=None, **DIGITS_TEACHER_RECIPE)
     if log:
         log(f"teacher trained in {time.perf_counter() - start:.0f} s")
     torch_save(model.state_dict(), path)  # atomic: concurrent preparers never see a partial file
     return model.eval(), {"arch": arch, "source": str(path)}
 
 
-def teacher_accuracy(teacher: nn.Module, task_name: str, seed: int = 0,
+def teacher_accuracy(teacher: nn.Module, task: Task, seed: int = 0,
                      data_root: str | None = None) -> dict[str, float | None]:
     """``teacher_val_acc`` and ``teacher_test_acc`` of a teacher on the task's evaluation data (None without labels)."""
 
-    return teacher_metrics(teacher, load_eval_data(task_name, seed, data_root=data_root))
+    return teacher_metrics(teacher, load_eval_data(task, seed, data_root=data_root))

@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         parent = os.path.dirname(os.path.abspath(args.out))
         if os.path.exists(parent) and not os.path.isdir(parent):
             raise UserError(f"--out {args.out}: {parent} is a file, not a folder; pass another path")
-        model = train_teacher(task.name, arch, args.seed, args.epochs, args.lr, args.batch_size,
+        model = train_teacher(task, arch, args.seed, args.epochs, args.lr, args.batch_size,
                               args.weight_decay, args.data_root, progress=True)
         model = model.cpu()
         torch_save(model.state_dict(), args.out)
-        acc = teacher_accuracy(model, task.name, args.seed, args.data_root)
+        acc = teacher_accuracy(model, task, args.seed, args.data_root)
         print(f"teacher {arch} on {task.name}: val_acc {acc[M.TEACHER_VAL_ACC]:.4f} test_acc {acc[M.TEACHER_TEST_ACC]:.4f}; "
               f"saved {args.out}")
     except UserError as e:

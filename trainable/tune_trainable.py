@@ -21,7 +21,7 @@ from trainable.errors import NonFiniteLossError
 from trainable.models import build_classifier
 from trainable.speed import Speed
 from trainable.storage import local_file
-from trainable.tasks import EvalData, data_free, get_task
+from trainable.tasks import EvalData, Task, data_free
 
 
 def teacher_payload(teacher: torch.nn.Module, arch: str) -> dict[str, Any]:
@@ -29,8 +29,7 @@ def teacher_payload(teacher: torch.nn.Module, arch: str) -> dict[str, Any]:
     return {"arch": arch, "state_dict": {k: v.detach().cpu() for k, v in teacher.state_dict().items()}}
 
 
-def rebuild_teacher(payload: dict[str, Any], task_name: str) -> torch.nn.Module:
-    task = get_task(task_name)
+def rebuild_teacher(payload: dict[str, Any], task: Task) -> torch.nn.Module:
     model = build_classifier(payload["arch"], task.num_classes, task.channels, task.image_size)
     model.load_state_dict(payload["state_dict"])
     return model
@@ -42,9 +41,10 @@ CANDIDATE = "candidate"  # the search trial a confirmation trial belongs to
 RUN = "run"  # a confirmation trial's config is {RUN: {AKDConfig keys, CONTINUE_FROM, CANDIDATE}}
 
 
-def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, threads: int = 1,
+def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, task: Task, threads: int = 1,
               data_root: str | None = None, speed: dict[str, Any] | None = None, search_dir: str = ".") -> None:
-    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys; ``threads`` is the
+    """One Tune trial = one AKD run. ``config`` is a flat dict of ``AKDConfig`` keys; ``task`` the search's task,
+    resolved once on the driver (a folder task's folder need not exist on a worker node); ``threads`` is the
     trial's CPUs (torch's intra-op threads, so trials side by side do not oversubscribe the cores);
     ``speed`` the precision and layout the search measured once on the driver (``Speed.record()``);
     ``search_dir`` the search folder where it is now (a confirmation trial's ``continue_from`` is relative to it).
@@ -57,9 +57,9 @@ def akd_trial(config: dict[str, Any], teacher: dict[str, Any], data: EvalData, t
     config = dict(config.get(RUN, config))
     continue_from = config.pop(CONTINUE_FROM, None)
     config.pop(CANDIDATE, None)
-    cfg = build_config(config)  # a bad combination raises: the trial is recorded as errored, with the reason
+    cfg = build_config(config, task=task)  # a bad combination raises: the trial is recorded as errored, with the reason
     with data_free():
-        run = AKDRun(cfg, rebuild_teacher(teacher, cfg.task), data, default_device(), data_root=data_root,
+        run = AKDRun(cfg, rebuild_teacher(teacher, task), data, default_device(), data_root=data_root,
                      speed=chosen)
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
