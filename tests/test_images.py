@@ -292,3 +292,16 @@ def test_tinyimagenet_needs_its_200_ids_and_refuses_unknown_annotations(tmp_path
     (base / "wnids.txt").write_text("n00000000\nn00000001\nn00000002\n")
     with pytest.raises(UserError, match=r"wnids.txt lists 3 ids .3 distinct.; Tiny-ImageNet has 200"):
         load_eval_data(get_task("tinyimagenet"), data_root=str(tmp_path))
+
+
+def test_a_trials_config_of_a_folder_task_is_built_where_the_folder_is_not(tmp_path):
+    """A search resolves its folder task once, on the driver, and ships the Task with every trial: a trial on a node
+    without the folder builds its config from that Task (the images themselves travel as the evaluation data)."""
+    import shutil
+
+    task = task_of(write_folder(tmp_path / "imgs", size=8, mode="L"))
+    shutil.rmtree(tmp_path / "imgs")
+    cfg = build_config({"task": task.name, "epochs": 1}, task=task)
+    assert cfg.task_spec is task and cfg.task == task.name
+    with pytest.raises(UserError, match="is not a folder"):
+        get_task(task.name)  # resolved again by name, it would need the folder
