@@ -133,3 +133,13 @@ def test_ceiling_bench_refuses_a_space_it_cannot_measure_in_one_line(space, mess
 
     r = run_main("bench/capacity_ceiling.py", "--space", space, "--seeds", "0")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_digits_recipe_compares_a_variant_with_the_shipped_recipe():
+    r = run_cli("bench/digits_recipe.py", "--seeds", "0", "--repeats", "1", "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
+    assert any(ln.startswith("shipped ") and "ms/iteration" in ln for ln in lines)
+    assert any(ln.startswith("batch_size=64,generator_width=16") and "against shipped" in ln for ln in lines)
