@@ -44,10 +44,10 @@ class HeldDeletions:
     def __init__(self):
         self.lock = threading.Lock()
         self.started = 0  # uploads of the experiment state begun
-        # [path, its filesystem (None: the local disk), uploads begun when it was asked for, uploads since then ended]
+        # [path, the filesystem it is on, uploads begun when it was asked for, uploads since then ended]
         self.held: list[list] = []
 
-    def hold(self, path: str, fs=None) -> None:
+    def hold(self, path: str, fs) -> None:
         with self.lock:
             self.held.append([path, fs, self.started, 0])
 
@@ -74,9 +74,9 @@ class HeldDeletions:
         return [h[0] for h in due]
 
 
-def _delete(path: str, fs=None) -> None:
+def _delete(path: str, fs) -> None:
     with contextlib.suppress(FileNotFoundError):
-        (fs or pyarrow.fs.LocalFileSystem()).delete_dir(path)
+        fs.delete_dir(path)
 
 
 HELD = HeldDeletions()
@@ -130,84 +130,6 @@ class _AtomicWriter(io.RawIOBase):
             super().close()
 
 
-class AtomicLocalFS(pyarrow.fs.FileSystemHandler):
-    """A ``pyarrow.fs.FileSystemHandler`` over the local disk whose every written file is atomic: what Ray Tune copies
-    into a local search folder (its experiment state, searcher and callback states, a trial's params.json and
-    result.json, checkpoints) is, after a kill at any moment, the old file or the new one, never a cut or 0-byte one.
-    Given to Tune as ``RunConfig(storage_filesystem=atomic_local_filesystem())``; everything but writing is the local
-    filesystem's own."""
-
-    def __init__(self):
-        self.fs = pyarrow.fs.LocalFileSystem()
-
-    def __reduce__(self):  # shipped to the trials' workers with the storage settings
-        return (AtomicLocalFS, ())
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, AtomicLocalFS)
-
-    def __hash__(self) -> int:
-        return hash(AtomicLocalFS)
-
-    def equals(self, other) -> bool:
-        return isinstance(other, AtomicLocalFS)
-
-    def get_type_name(self) -> str:
-        return "akdtune-atomic-local"
-
-    def normalize_path(self, path):
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths):
-        return self.fs.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.fs.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        self.fs.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        if CHECKPOINT_DIR.fullmatch(Path(path).name):  # Tune's deletion of an older checkpoint: held (HeldDeletions)
-            HELD.hold(path)
-        else:
-            self.fs.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        raise OSError("refusing to delete the contents of the root folder")
-
-    def delete_file(self, path):
-        self.fs.delete_file(path)
-
-    def move(self, src, dest):
-        self.fs.move(src, dest)
-
-    def copy_file(self, src, dest):
-        with self.fs.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
-            while chunk := source.read(1 << 20):
-                target.write(chunk)
-
-    def open_input_stream(self, path):
-        return self.fs.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.fs.open_input_file(path)
-
-    def open_output_stream(self, path, metadata):
-        return pyarrow.PythonFile(_AtomicWriter(path), mode="w")
-
-    def open_append_stream(self, path, metadata):
-        return self.fs.open_append_stream(path)
-
-
-def atomic_local_filesystem():
-    """The local filesystem, every file written atomically (:class:`AtomicLocalFS`), as a ``pyarrow.fs.FileSystem``."""
-    return pyarrow.fs.PyFileSystem(AtomicLocalFS())
-
-
 class _CountedUpload(io.RawIOBase):
     """An upload of Tune's experiment state to a URI: whole once ``close()`` has ended (one PUT of the complete
     object), which lets :data:`HELD` delete the checkpoints no state names any more."""
@@ -238,7 +160,8 @@ class HoldingFS(pyarrow.fs.FileSystemHandler):
     deletion of a trial's older checkpoints held (:class:`HeldDeletions`) as on the local disk: a driver killed
     between Tune's deletion and its next upload of the experiment state must not leave a state naming a deleted
     checkpoint. Everything else is the filesystem's own; an object store writes each object whole already.
-    Given to Tune as ``RunConfig(storage_filesystem=holding_filesystem(fs), storage_path=<path inside fs>)``."""
+    Given to Tune as ``RunConfig(storage_filesystem=holding_filesystem(fs), storage_path=<path inside fs>)``; the local
+    disk's :class:`AtomicLocalFS` is one, with atomic writes."""
 
     def __init__(self, fs):
         self.fs = fs
@@ -310,3 +233,39 @@ class HoldingFS(pyarrow.fs.FileSystemHandler):
 def holding_filesystem(fs):
     """``fs`` (a ``pyarrow.fs`` filesystem) with Tune's deletions of older checkpoints held (:class:`HoldingFS`)."""
     return pyarrow.fs.PyFileSystem(HoldingFS(fs))
+
+
+class AtomicLocalFS(HoldingFS):
+    """A ``pyarrow.fs.FileSystemHandler`` over the local disk whose every written file is atomic: what Ray Tune copies
+    into a local search folder (its experiment state, searcher and callback states, a trial's params.json and
+    result.json, checkpoints) is, after a kill at any moment, the old file or the new one, never a cut or 0-byte one.
+    Given to Tune as ``RunConfig(storage_filesystem=atomic_local_filesystem())``; Tune's deletions of older
+    checkpoints are held as by :class:`HoldingFS`, and everything but writing is the local filesystem's own."""
+
+    def __init__(self):
+        super().__init__(pyarrow.fs.LocalFileSystem())
+
+    def __reduce__(self):  # shipped to the trials' workers with the storage settings
+        return (AtomicLocalFS, ())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AtomicLocalFS)
+
+    def __hash__(self) -> int:
+        return hash(AtomicLocalFS)
+
+    def get_type_name(self) -> str:
+        return "akdtune-atomic-local"
+
+    def copy_file(self, src, dest):
+        with self.fs.open_input_stream(src) as source, self.open_output_stream(dest, None) as target:
+            while chunk := source.read(1 << 20):
+                target.write(chunk)
+
+    def open_output_stream(self, path, metadata):
+        return pyarrow.PythonFile(_AtomicWriter(path), mode="w")  # counts an upload of the experiment state itself
+
+
+def atomic_local_filesystem():
+    """The local filesystem, every file written atomically (:class:`AtomicLocalFS`), as a ``pyarrow.fs.FileSystem``."""
+    return pyarrow.fs.PyFileSystem(AtomicLocalFS())

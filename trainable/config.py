@@ -346,13 +346,11 @@ def build_config(values: dict[str, Any], task_defaults: bool = True, task: Task 
     errs = [f"{k}: unknown key; valid keys are {sorted(FIELDS)}" for k in values if k not in FIELDS]
     merged: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
     name = values.get("task", task.name if task is not None else merged["task"])
-    if task is not None and name != task.name:
-        errs.append(f"task: {name!r} is not the run's task {task.name!r}; drop it or name {task.name!r}")
-        problem = None
-    elif task is None:
+    problem = None
+    if task is None:
         task, problem = resolve_task(name)
-    else:
-        problem = None
+    elif name != task.name:
+        errs.append(f"task: {name!r} is not the run's task {task.name!r}; drop it or name {task.name!r}")
     merged["task"] = name
     if task_defaults and task is not None:
         merged.update(task.defaults)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
-from trainable.tasks import Task, normalise
+from trainable.tasks import Task, kept, normalise
 
 EMBEDDED = ("letters", "photos")
 CIFAR_PRIORS = ("cifar10", "cifar100", "cifar90")
@@ -83,15 +83,10 @@ def load_prior(prior: str, task: Task, data_root: str | None = None, seed: int =
     if problem:
         raise UserError(problem)
     key = (prior, task.name, task.channels, task.image_size, task.mean, task.std, data_root, seed, download)
-    if key not in _LOADED:
-        if len(_LOADED) >= LOADED_KEPT:
-            _LOADED.pop(next(iter(_LOADED)))  # the oldest
-        _LOADED[key] = _load(prior, task, data_root, seed, download)
-    return _LOADED[key].clone()
+    return kept(_LOADED, key, lambda: _load(prior, task, data_root, seed, download)).clone()
 
 
-LOADED_KEPT = 4  # priors kept in memory per process
-_LOADED: dict[tuple, torch.Tensor] = {}
+_LOADED: dict[tuple, torch.Tensor] = {}  # the priors read in this process (trainable.tasks.kept)
 
 
 def _load(prior: str, task: Task, data_root: str | None, seed: int, download: bool) -> torch.Tensor:

@@ -33,7 +33,7 @@ from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files
 from trainable.models import build_generator
 from trainable.priors import load_prior
-from trainable.tasks import Task
+from trainable.tasks import Task, kept
 
 SELECTIONS = ("auto", "accuracy", "agreement")
 PROXY_SEED = 1_000_003  # the generator proxy's seed: apart from every run's (trials use small seeds)
@@ -93,14 +93,10 @@ def _halves(x: torch.Tensor, source: str) -> Proxy:
 def generator_images(task: Task, n: int, seed: int = PROXY_SEED) -> torch.Tensor:
     """``n`` images of the task's default generator at random initialisation (fixed ``seed``), normalised like the
     teacher's inputs: the same images in every process (made once per process: an actor runs several trials)."""
-    key = (task.name, task.channels, task.image_size, n, seed)
-    if key not in _MADE:
-        _MADE.clear()  # one run's proxy at a time
-        _MADE[key] = _generator_images(task, n, seed)
-    return _MADE[key]
+    return kept(_MADE, (task.name, task.channels, task.image_size, n, seed), lambda: _generator_images(task, n, seed))
 
 
-_MADE: dict[tuple, torch.Tensor] = {}
+_MADE: dict[tuple, torch.Tensor] = {}  # the proxy images made in this process (trainable.tasks.kept)
 
 
 def _generator_images(task: Task, n: int, seed: int) -> torch.Tensor:

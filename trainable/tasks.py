@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,16 @@ def resolve_task(name: Any) -> tuple[Task | None, str | None]:
         return get_task(name), None
     except UserError as e:
         return None, f"task: {e}"
+
+
+def kept(store: dict, key: tuple, make: Callable[[], Any], size: int = 4) -> Any:
+    """``make()``'s result for ``key``, made once per process and kept in ``store`` among the ``size`` newest: what the
+    trials an actor runs one after another share (a prior's images, a proxy set). Callers do not change it."""
+    if key not in store:
+        if len(store) >= size:
+            store.pop(next(iter(store)))  # the oldest
+        store[key] = make()
+    return store[key]
 
 
 def task_problem(name: Any) -> str | None:
