@@ -142,4 +142,4 @@ def test_digits_recipe_compares_a_variant_with_the_shipped_recipe():
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
     assert any(ln.startswith("shipped ") and "ms/iteration" in ln for ln in lines)
-    assert any(ln.startswith("batch_size=64,generator_width=16") and "against shipped" in ln for ln in lines)
+    assert any(ln.startswith("batch_size=128,generator_width=32") and "against shipped" in ln for ln in lines)
