@@ -42,14 +42,17 @@ from trainable.akd import AKDRun, default_device
 from trainable.config import build_config
 from trainable.models import build_classifier, build_generator
 from trainable.speed import cpu_bf16_native, machine_description
+from trainable.tasklist import TASKS
 from trainable.tasks import EvalData, get_task
 
 # Per shape: the task, models, batch and how many iterations one timed measurement runs.
+_DIGITS = TASKS["digits"].defaults
 SHAPES = {
     "cifar100": dict(task="cifar100", teacher="resnet34", student="resnet18", latent_dim=256, generator_width=64,
                      batch=32, iters=1),
+    # the digits recipe's generator and batch, as the quick start runs them
     "digits": dict(task="digits", teacher="cnn", student="cnn", student_width=0.28125, latent_dim=64,
-                   generator_width=32, batch=128, iters=10),
+                   generator_width=_DIGITS["generator_width"], batch=_DIGITS["batch_size"], iters=10),
     # ImageNet-shaped (224 x 224, 1000 classes): Fast-Datafree's kind of pair, torchvision ResNet-50 -> MobileNetV3,
     # models named as a user names them; the task is a folder task made on the fly (one tiny image per class).
     "imagenet": dict(task="imagenet", teacher="torchvision:resnet50", student="torchvision:mobilenet_v3_small",
