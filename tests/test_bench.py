@@ -8,12 +8,18 @@ import torch
 from conftest import run_cli
 
 
-@pytest.mark.slow
-def test_step_throughput_runs_and_prints_a_ratio():
-    r = run_cli("bench/step_throughput.py", "--shapes", "digits", "--repeats", "1", "--batch", "16")
+def _bench_lines(script: str, *args: str) -> list[str]:
+    """The lines a benchmark printed, once it has exited cleanly and ended with its ``ratio=<number>`` line."""
+    r = run_cli(script, *args)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
+    return lines
+
+
+@pytest.mark.slow
+def test_step_throughput_runs_and_prints_a_ratio():
+    lines = _bench_lines("bench/step_throughput.py", "--shapes", "digits", "--repeats", "1", "--batch", "16")
     assert any("straightforward" in ln for ln in lines) and any("project bf16 channels_last" in ln for ln in lines)
     assert any(ln.startswith("matmul peak") for ln in lines)
     rows = [ln for ln in lines if "img/s" not in ln and re.search(r"% \((fp32|bf16)\)$", ln)]
@@ -137,9 +143,6 @@ def test_ceiling_bench_refuses_a_space_it_cannot_measure_in_one_line(space, mess
 
 @pytest.mark.slow
 def test_digits_recipe_compares_a_variant_with_the_shipped_recipe():
-    r = run_cli("bench/digits_recipe.py", "--seeds", "0", "--repeats", "1", "--epochs", "1")
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.strip().splitlines()
-    assert re.fullmatch(r"ratio=\d+\.\d+", lines[-1])
+    lines = _bench_lines("bench/digits_recipe.py", "--seeds", "0", "--repeats", "1", "--epochs", "1")
     assert any(ln.startswith("shipped ") and "ms/iteration" in ln for ln in lines)
     assert any(ln.startswith("batch_size=128,generator_width=32") and "against shipped" in ln for ln in lines)
