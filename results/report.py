@@ -44,6 +44,7 @@ from trainable import metrics as M
 from trainable import storage
 from trainable.errors import UserError, full_disk, full_disk_line
 from trainable.files import write_text
+from trainable.verdict import verdict_line
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
 
@@ -100,6 +101,9 @@ h1 { margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 1px solid #ddd;
 table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { background: #f4f4f4; cursor: pointer; } td.l, th.l { text-align: left; }
 .partial { background: #fff3cd; border: 1px solid #e0b000; padding: 10px; margin: 12px 0; font-weight: 600; }
+.verdict { padding: 10px; margin: 12px 0; font-weight: 600; border: 1px solid; }
+.verdict.reached { background: #e6f4ea; border-color: #34a853; }
+.verdict.below { background: #fce8e6; border-color: #d93025; }
 .note { color: #777; font-style: italic; } .grid { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
 tr.best td { background: #e8f4e8; }
 </style>
@@ -436,9 +440,24 @@ def _header(e: Experiment, counts: dict[str, int], refused: int, best_id: str | 
         ("trials", f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early by the scheduler, "
                    f"{counts[DIVERGED]} diverged, {counts[ERRORED]} errored, {counts[UNFINISHED]} unfinished "
                    f"(of {num_samples})"),
+        ("generator", _spread(e)),
         ("epochs spent", f"{spent} of {full} for a full-budget search ({spent / full:.0%})" if full else str(spent)),
         ("wall time", f"{best['wall_s']:.0f} s" if best else ""),
     ]
+
+
+def _spread(e: Experiment) -> str:
+    """How the generated images spread over the teacher's classes at each trial's last epoch; collapses named."""
+    if M.GEN_CLASSES not in e.epochs or e.epochs[M.GEN_CLASSES].isna().all():
+        return "not measured (a search of an earlier version)"
+    last = e.epochs.dropna(subset=[M.GEN_CLASSES]).sort_values(M.EPOCH).groupby("trial_id").last()
+    spread = (f"the teacher saw the generated images as {last[M.GEN_CLASSES].min():.1f} to "
+              f"{last[M.GEN_CLASSES].max():.1f} effective classes at the trials' last epochs")
+    gone = sorted(last.index[last[M.GEN_COLLAPSED].fillna(0) > 0])
+    if not gone:
+        return spread + "; no trial's generator collapsed"
+    return (f"COLLAPSED in {len(gone)} trial(s) ({', '.join(gone[:8])}{', ...' if len(gone) > 8 else ''}): their "
+            f"images fell into a few of the teacher's classes; {spread}")
 
 
 def _sizes(e: Experiment, best: dict) -> list[tuple[str, str]]:
@@ -461,6 +480,15 @@ def _sizes(e: Experiment, best: dict) -> list[tuple[str, str]]:
                                                        "torch.export.load(path).module() runs it)"),
         ]
     return sizes
+
+
+def _verdict(best: dict) -> str:
+    """Did the distillation work? The winner's share of its teacher and, below the bar, why: first on the page."""
+    line = verdict_line(best, "the teacher's held-out accuracy (mean over the seeds)" if best.get(M.TEST_ACC) is not None
+                        else "agreement with the teacher on held-out images")
+    if not line:
+        return ""
+    return f"<div class='verdict {html.escape(best[M.VERDICT])}' id='verdict'>{html.escape(line)}</div>"
 
 
 def _banner(e: Experiment, counts: dict[str, int], in_progress: str | None) -> str:
@@ -486,7 +514,7 @@ def render(e: Experiment, in_progress: str | None = None) -> str:
     refused = count_refused(real)
     parts = [f"<h1>Search report: {html.escape(e.path.name)}</h1>",
              f"<p>{html.escape(str((e.meta.get('space') or {}).get('description', '')))}</p>",
-             _banner(e, counts, in_progress), _kv_table(_header(e, counts, refused, best_id, best))]
+             _banner(e, counts, in_progress), _verdict(best), _kv_table(_header(e, counts, refused, best_id, best))]
     what = "Accuracy" if e.selection == M.VAL_ACC else "Agreement with the teacher"
     parts.append(_section(f"{what} versus student size", _pareto_plot(e, best_id)))
     by_method = _method_plot(e)

@@ -48,6 +48,7 @@ from trainable.outputs import finish_run
 from trainable.speed import Speed
 from trainable.storage import push_changed
 from trainable.tune_trainable import CANDIDATE, RUN
+from trainable.verdict import judge, verdict_line
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
@@ -93,6 +94,7 @@ def export_best(exp: Path, winner: dict[str, Any], task, teacher, data, teacher_
         if f"{key}_mean" in winner:
             final.update({key: winner[f"{key}_mean"], f"{key}_std": winner[f"{key}_std"]})
     final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
+    final.update(judge(final, run.history, task.num_classes))  # on the means over the seeds
     write_json(out / Path(BEST_METRICS).name, final)
     write_json(out / Path(BEST_TRIAL).name, {"trial_id": winner["trial_id"],
                                     "checkpoint": chosen["checkpoint"],
@@ -139,6 +141,10 @@ def print_result(best: dict[str, Any], params: dict[str, Any], final: dict[str, 
             print(f" {mark} {r['trial_id']}  params {r['param_ratio']:.1%}  val {r[f'val_{key}_mean']:.4f} ± "
                   f"{r[f'val_{key}_std']:.4f}  test {r[f'test_{key}_mean']:.4f} ± {r[f'test_{key}_std']:.4f}  "
                   f"seeds {r['seeds']}" + ("" if key == "acc" else "  (agreement with the teacher)"))
+    line = verdict_line(final, "the teacher's held-out accuracy (mean over the seeds)" if final.get(M.TEST_ACC) is not None
+                        else "agreement with the teacher on held-out images")
+    if line:
+        print(line)
     print(f"best student: {storage.join(exp, BEST_DIR)}")
     print(f"summaries:    {storage.join(exp, SUMMARY_DIR)}")
     if report is not None:

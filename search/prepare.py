@@ -5,6 +5,7 @@ Every check here runs before anything is written, so a refused command leaves no
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from search.space import typical_config
 from trainable.akd import AKDRun, fingerprint
 from trainable.config import build_config
 from trainable.errors import UserError
+from trainable.fitting import fit_task
 from trainable.measure import choose_speed
 from trainable.models import count_params
 from trainable.outputs import teacher_metrics
@@ -49,6 +51,14 @@ def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     if recorded not in (None, teacher.fingerprint):
         raise UserError(f"the teacher differs from the one search {plan.name!r} started with; pass the same --teacher")
     return teacher
+
+
+def fit_to_teacher(plan: SearchPlan, teacher: Teacher) -> SearchPlan:
+    """The plan with its task's recipe fitted to the teacher (``trainable.fitting``), said in one line; every trial,
+    the estimate and the checks below build their configs on it."""
+    fitted = fit_task(plan.task_spec, teacher.model, teacher.arch)
+    print(fitted.line, flush=True)
+    return dataclasses.replace(plan, space=dataclasses.replace(plan.space, task_spec=fitted.task))
 
 
 def largest_batch(plan: SearchPlan, fixed: int) -> int:

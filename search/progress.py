@@ -318,7 +318,8 @@ class SearchProgress(Callback):
         acc = last.get(self.selection)
         ratio = last.get(M.PARAM_RATIO)
         detail = (f"{self.selection} {acc:.4f}" if isinstance(acc, (int, float)) else f"no {self.selection}") + (
-            f" params {ratio:.1%}" if isinstance(ratio, (int, float)) else "")
+            f" params {ratio:.1%}" if isinstance(ratio, (int, float)) else "") + (
+            f" GENERATOR COLLAPSED ({last[M.GEN_CLASSES]:.1f} effective classes)" if last.get(M.GEN_COLLAPSED) else "")
         line = (f"[{len(self.finished):>{len(str(self.num_samples))}}/{self.num_samples}] {self.label} "
                 f"{trial.trial_id} {what}: {detail}  {short_params(trial.config, self.params)}").rstrip()
         if self.bar is not None:

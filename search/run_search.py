@@ -27,6 +27,7 @@ from search.prepare import (
     budget_check,
     check_trial_builds,
     choose_trial_speed,
+    fit_to_teacher,
     prepare_teacher_for,
     typical_trial_config,
 )
@@ -129,6 +130,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
         relocate(folders_of(plan.record), plan.folder)
         remove_stale_lock(plan.file(STUDY_FILE))  # a kill while the study was being appended to
     teacher = prepare_teacher_for(plan)
+    plan = fit_to_teacher(plan, teacher)  # the recipe fitted to what the teacher offers, said in one line
     # A resumed search is restored from what Tune saved of it; one killed before Tune saved anything starts its
     # trials again (its study, scheduler and search records are kept).
     restored = plan.resume and tune_saved_state(plan)

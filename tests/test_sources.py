@@ -260,8 +260,15 @@ def test_an_exported_program_is_a_teacher_with_no_code_and_no_weights_file(tmp_p
     assert not teacher.training  # a program's mode is fixed; train() does not reach into it
     run = AKDRun(build_config(tiny_values(teacher=spec, w_bn=0.0)), teacher, digits_data, torch.device("cpu"))
     assert run.fit()[-1]["epoch"] == 2
-    with pytest.raises(ConfigError, match=f"w_bn: .* the teacher {spec} has no BatchNorm layers"):
-        AKDRun(build_config(tiny_values(teacher=spec, w_bn=0.5)), load_program(spec), digits_data, torch.device("cpu"))
+    # Its batch-norm operations are matched by the BatchNorm-statistics term, as the module's BatchNorm layers are.
+    bn = AKDRun(build_config(tiny_values(teacher=spec, w_bn=0.5)), load_program(spec), digits_data, torch.device("cpu"))
+    assert bn.iteration()[1] != 0.0
+    plain = build_classifier("lenet5", 10, 1, 16).eval()
+    export(plain, tmp_path / "plain.pt2", channels=1, size=16)
+    plain_spec = as_spec(str(tmp_path / "plain.pt2"))
+    with pytest.raises(ConfigError, match=f"w_bn: .* the teacher {plain_spec} has no BatchNorm layers"):
+        AKDRun(build_config(tiny_values(teacher=plain_spec, w_bn=0.5, task="mnist", student="lenet5")),
+               load_program(plain_spec), digits_data, torch.device("cpu"))
     with pytest.raises(UserError, match="weights are inside it; drop --teacher"):
         prepare_teacher(get_task("digits"), spec, str(tmp_path / "w.pt"), log=None)
     with pytest.raises(ConfigError, match="only a teacher can be one"):

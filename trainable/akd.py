@@ -41,6 +41,7 @@ from trainable.losses import (
     activation_loss,
     balance_loss,
     feature_loss,
+    has_batch_norm,
     onehot_loss,
 )
 from trainable.models import (
@@ -58,6 +59,7 @@ from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free
+from trainable.verdict import collapsed
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
 CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint: in a run's --out folder, in each of Tune's checkpoint folders
@@ -144,6 +146,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return out
 
 
+def effective_classes(counts: torch.Tensor) -> float:
+    """The effective number of classes in a histogram of predicted classes: exp of its entropy (K when all K classes
+    are equally frequent, 1 when all images fall into one)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
 def _make_scheduler(cfg: AKDConfig, opt: torch.optim.Optimizer):
     if cfg.scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestone_epochs, cfg.gamma)
@@ -201,11 +210,16 @@ class AKDRun:
         self._setup_avkd(prior, data_root)
         self._setup_losses()
         self._setup_selection(data_root)
+        self._count_classes()
         self.epoch = 0  # epochs completed
         self.best_selected = -math.inf  # the best value of the selection metric so far, and its epoch
         self.best_epoch = 0
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
+
+    def _count_classes(self) -> None:
+        """From here on, count the teacher's predicted classes of the images the student trains on (M.GEN_CLASSES)."""
+        self.class_counts = torch.zeros(self.task.num_classes, dtype=torch.int64, device=self.device)  # (K,)
 
     def _setup_seeds(self) -> None:
         if self.cfg.deterministic:
@@ -246,7 +260,7 @@ class AKDRun:
         """The BatchNorm-statistics term needs BatchNorm layers in the teacher: where the teacher has none, the
         task's recipe value of ``w_bn`` is dropped with a note; any other value is refused, naming this teacher."""
         cfg = self.cfg
-        if cfg.w_bn <= 0 or any(isinstance(m, nn.BatchNorm2d) for m in self.teacher.modules()):
+        if cfg.w_bn <= 0 or has_batch_norm(self.teacher):
             return
         if cfg.w_bn == recipe_value(cfg, "w_bn"):
             self.cfg = dataclasses.replace(cfg, w_bn=0.0)
@@ -254,7 +268,7 @@ class AKDRun:
                               f"{cfg.teacher} has no BatchNorm layers to match")
             return
         raise ConfigError(f"w_bn: the BatchNorm-statistics term matches the teacher's BatchNorm statistics, and the "
-                          f"teacher {cfg.teacher} has no BatchNorm layers (an exported program has none to hook): set "
+                          f"teacher {cfg.teacher} has no BatchNorm layers (nor batch-norm operations in its program): set "
                           "w_bn=0")
 
     def _setup_models(self) -> None:
@@ -473,6 +487,7 @@ class AKDRun:
         cfg = self.cfg
         sum_s = sum_g = sum_d = 0.0
         for k, (fake, t_logits, t_feats) in enumerate(self.synthesize(cfg.n_student)):
+            self.class_counts += torch.bincount(t_logits.argmax(1), minlength=self.task.num_classes)
             ls = self.student_step(fake, t_logits, t_feats)[M.LOSS_STUDENT]
             self._check(ls, M.LOSS_STUDENT, f"{where} student step {k + 1}")
             sum_s += ls
@@ -495,6 +510,7 @@ class AKDRun:
         lr_g = self.opt_generator.param_groups[0]["lr"]
         sum_s = sum_g = sum_d = 0.0
         n_d = cfg.n_discriminator if self.avkd else 0
+        self._count_classes()
         start = time.perf_counter()
         for it in range(cfg.iters_per_epoch):
             ls, lg, ld = self.iteration(f"epoch {self.epoch + 1} iteration {it + 1}")
@@ -510,6 +526,7 @@ class AKDRun:
         if val[self.selection] > self.best_selected:
             self.best_selected, self.best_epoch = val[self.selection], self.epoch
         images = cfg.batch_size * (cfg.n_student + cfg.n_generator + n_d) * cfg.iters_per_epoch
+        spread = effective_classes(self.class_counts.cpu())
         metrics = {
             M.EPOCH: self.epoch,
             **val,
@@ -523,6 +540,8 @@ class AKDRun:
             M.TRAIN_THREADS: torch.get_num_threads(),
             M.LR_STUDENT: lr_s,
             M.LR_GENERATOR: lr_g,
+            M.GEN_CLASSES: spread,
+            M.GEN_COLLAPSED: float(collapsed(spread, self.task.num_classes)),
         }
         if n_d:
             metrics[M.LOSS_DISCRIMINATOR] = sum_d / (cfg.iters_per_epoch * n_d)

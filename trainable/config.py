@@ -359,8 +359,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True, task: Task 
         merged.update(METHODS[method])
     merged.update({k: v for k, v in values.items() if k in FIELDS})
 
-    if "w_bn" not in values and isinstance(merged["teacher"], str) and is_program(merged["teacher"]):
-        merged["w_bn"] = 0.0  # a program has no BatchNorm layers to hook: the task's default term does not apply
     if ("student_fraction" not in values and isinstance(merged["student"], str) and is_foreign(merged["student"])
             and not _check_model("student", merged["student"]) and not is_widthable(merged["student"])):
         merged["student_fraction"] = None  # the task's default size does not apply to a student without a width

@@ -69,6 +69,51 @@ def balance_loss(t: torch.Tensor) -> torch.Tensor:
     return math.log(t.shape[1]) + (p * torch.log(p.clamp_min(1e-12))).sum()
 
 
+class BatchNormTap(nn.Module):
+    """Marks the input of a batch-norm operation inside a ``torch.export`` program's graph (``tap_batch_norms``):
+    returns the input unchanged; a forward hook (``TeacherProbe``) reads the input and the running statistics the
+    operation normalises it with, as it reads an ``nn.BatchNorm2d``'s."""
+
+    def forward(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# The ATen batch-norm operations a program's graph holds in eval mode; their arguments 0, 3 and 4 are the input, the
+# running mean and the running variance.
+BATCH_NORM_OPS = frozenset(("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
+                            "cudnn_batch_norm", "miopen_batch_norm"))
+
+
+def tap_batch_norms(program: torch.fx.GraphModule) -> int:
+    """Put a ``BatchNormTap`` before each batch-norm operation (with running statistics) of a program's graph, so
+    the BatchNorm-statistics term can match them as it matches a module's; returns how many. The program computes
+    exactly what it did."""
+    graph, n = program.graph, 0
+    for node in list(graph.nodes):
+        packet = getattr(node.target, "overloadpacket", None)
+        if node.op != "call_function" or getattr(packet, "__name__", None) not in BATCH_NORM_OPS or len(node.args) < 5:
+            continue
+        x, mean, var = node.args[0], node.args[3], node.args[4]
+        if not all(isinstance(a, torch.fx.Node) for a in (x, mean, var)):
+            continue  # no running statistics to match (a batch-statistics-only norm)
+        name = f"akdtune_bn_tap_{n}"
+        program.add_submodule(name, BatchNormTap())
+        with graph.inserting_before(node):
+            tapped = graph.call_module(name, (x, mean, var))
+        node.update_arg(0, tapped)
+        n += 1
+    if n:
+        program.recompile()
+    return n
+
+
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether the BatchNorm-statistics term has something to match in ``model``: BatchNorm layers with running
+    statistics, or batch-norm operations of a program's graph (tapped)."""
+    return any((isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats) or isinstance(m, BatchNormTap)
+               for m in model.modules())
+
+
 class TeacherProbe:
     """Forward hooks on the frozen teacher that collect what the optional terms need.
 
@@ -84,18 +129,23 @@ class TeacherProbe:
         self.active = False
         if want_bn:
             for m in teacher.modules():
-                if isinstance(m, nn.BatchNorm2d):
+                if isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNormTap)):
                     self._handles.append(m.register_forward_hook(self._bn_hook))
         if want_features:
             self._handles.append(head.register_forward_hook(self._head_hook))
 
-    def _bn_hook(self, module: nn.BatchNorm2d, inputs, output):
+    def _bn_hook(self, module: nn.Module, inputs, output):
         if not self.active:
             return
-        x = inputs[0].float()  # (B, C, H, W)
-        mean = x.mean((0, 2, 3))
-        var = x.var((0, 2, 3), unbiased=False)
-        self.bn_terms.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+        x = inputs[0].float()  # (B, C, ...): (B, C, H, W) for a 2-d BatchNorm
+        if isinstance(module, BatchNormTap):
+            running_mean, running_var = inputs[1], inputs[2]  # (C,), (C,): the program's own buffers
+        else:
+            running_mean, running_var = module.running_mean, module.running_var
+        dims = [d for d in range(x.dim()) if d != 1]  # every dimension but the channels
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        self.bn_terms.append(torch.norm(mean - running_mean, 2) + torch.norm(var - running_var, 2))
 
     def _head_hook(self, module: nn.Linear, inputs, output):
         if self.active:

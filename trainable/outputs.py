@@ -16,6 +16,7 @@ from trainable.config import config_to_dict
 from trainable.files import atomic_path, torch_save, write_json, write_text
 from trainable.programs import read_program
 from trainable.tasks import EvalData
+from trainable.verdict import judge
 
 CONFIG_FILE = "config.json"  # in a run folder and in best/
 
@@ -146,6 +147,7 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
     export_student(run.student, t.channels, t.image_size, out)
     final.update(inference_cost(run.student, t.channels, t.image_size, run.student_flops,
                                 (out / "student.pt2").stat().st_size))
+    final.update(judge(final, run.history, t.num_classes))
     save_image_grid(run, out / "generated.png")
     if "confusion" in test:  # a task without labels has none
         conf = test["confusion"]

@@ -28,12 +28,14 @@ from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoi
 from trainable.config import METHODS, build_config, parse_value
 from trainable.errors import UserError
 from trainable.files import write_json, write_text
+from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
 from trainable.measure import choose_speed, expected_line, iteration_seconds
 from trainable.outputs import finish_run, teacher_metrics, write_config
 from trainable.sources import as_spec, check_student
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
+from trainable.verdict import collapse_words, collapsed, verdict_line
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -104,7 +106,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(args.threads)
     shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
                                    ("teacher", as_spec(args.teacher_model))) if v is not None}
-    cfg = build_config({"task": as_task_name(args.task), **shortcuts, **parse_sets(args.sets)})
+    values = {"task": as_task_name(args.task), **shortcuts, **parse_sets(args.sets)}
+    cfg = build_config(values)
     task = cfg.task_spec  # resolved once, by build_config
     for note in task.notes:
         print(f"note: {note}")
@@ -120,16 +123,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.resume and not args.estimate and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     try:
-        return _run(args, cfg, task, out, start)
+        return _run(args, values, cfg, task, out, start)
     except KeyboardInterrupt:
         return interrupted(out, argv)
 
 
-def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
-    """The run itself, once its settings and output folder are checked: the door checks, then the epochs."""
+def _run(args: argparse.Namespace, values: dict, cfg, task, out: Path, start: float) -> int:
+    """The run itself, once its settings and output folder are checked: the door checks, the recipe fitted to the
+    teacher, then the epochs."""
     ckpt_path = out / CHECKPOINT_FILE
     teacher, teacher_info = prepare_teacher(task, cfg.teacher, args.teacher, cfg.seed, args.data_root,
                                             batch_size=cfg.batch_size)
+    fitted = fit_task(task, teacher, teacher_info["arch"])
+    print(fitted.line)
+    task = fitted.task
+    cfg = build_config(values, task=task)  # the settings given, over the recipe fitted to this teacher
     check_student(cfg.student, task.num_classes, task.channels, task.image_size, cfg.batch_size)  # a foreign one
     with data_free():  # from here on, the teacher's training data cannot be read
         data = load_eval_data(task, cfg.seed, cfg.val_fraction, args.data_root, args.download)
@@ -164,7 +172,11 @@ def _run(args: argparse.Namespace, cfg, task, out: Path, start: float) -> int:
         final = finish_run(akd, out, t_acc, time.time() - start)
     write_json(out / "final.json", final)
     print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
-                                if v is not None))
+                                if v is not None and k not in M.VERDICT_KEYS))
+    line = verdict_line(final, "the teacher's held-out accuracy" if final.get(M.TEST_ACC) is not None
+                        else "agreement with the teacher on held-out images")
+    if line:
+        print(line)
     return 0
 
 
@@ -187,6 +199,9 @@ def _epoch_output(cfg, akd: AKDRun, out: Path, ckpt_path: Path):
                                                           M.LOSS_GENERATOR) if k in m})
             return
         loss_d = f"  loss_D {m[M.LOSS_DISCRIMINATOR]:.4f}" if M.LOSS_DISCRIMINATOR in m else ""
+        spread = m.get(M.GEN_CLASSES)
+        loss_d += (f"  {collapse_words(spread, akd.task.num_classes)}" if collapsed(spread, akd.task.num_classes)
+                   else f"  classes {spread:.1f}")
         val = "".join(f"  {k} {m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.VAL_LOSS) if k in m)
         print(f"epoch {m['epoch']:>4}/{cfg.epochs}{val}  "
               f"loss_S {m['loss_student']:.4f}  loss_G {m['loss_generator']:.4f}{loss_d}  "

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from trainable.errors import UserError, unknown
+from trainable.losses import tap_batch_norms
 from trainable.programs import ProgramError, load_module
 
 TORCHVISION, TIMM = "torchvision:", "timm:"
@@ -184,6 +185,8 @@ class ExportedTeacher(nn.Module):
     def __init__(self, program: nn.Module):
         super().__init__()
         self.program = program
+        if isinstance(program, torch.fx.GraphModule):
+            tap_batch_norms(program)  # the BatchNorm-statistics term reaches its batch-norm operations
 
     def train(self, mode: bool = True) -> ExportedTeacher:
         self.training = False  # always evaluates: BatchNorm uses its running statistics, as exported
