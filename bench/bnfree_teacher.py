@@ -151,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="the search at smoke size")
     p.add_argument("--keep", help="keep the user's folder here (default: a temporary folder)")
     p.add_argument("--user-side-only", action="store_true", help="write the user's folder and stop")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="passed to the search as --set (to compare a setting against the default)")
+    p.add_argument("--address", help="passed to the search: join this running Ray cluster")
     args = p.parse_args(argv)
     tmp = None if args.keep else tempfile.TemporaryDirectory()
     work = Path(args.keep or tmp.name).resolve()
@@ -163,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd = [sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(Path(args.space).resolve()),
            "--task", "folder:imgs", *teacher_args, "--seed", str(args.seed), "--storage", "runs", "--name", "bnfree",
-           *(["--smoke"] if args.smoke else []), *(a for s in args.sets for a in ("--set", s))]
+           *(["--smoke"] if args.smoke else []), *(["--address", args.address] if args.address else [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     start = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -146,3 +146,15 @@ def test_digits_recipe_compares_a_variant_with_the_shipped_recipe():
     lines = _bench_lines("bench/digits_recipe.py", "--seeds", "0", "--repeats", "1", "--epochs", "1")
     assert any(ln.startswith("shipped ") and "ms/iteration" in ln for ln in lines)
     assert any(ln.startswith("batch_size=128,generator_width=32") and "against shipped" in ln for ln in lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form, recipe", [
+    ("pt2", "has no BatchNorm statistics to match (no normalisation layers): KL between teacher and student"),
+    ("bn-pt2", "the BatchNorm-statistics term (w_bn 0.1), for the teacher"),
+])
+def test_the_bnfree_bench_runs_the_default_command_and_says_the_recipe_and_the_verdict(ray_address, form, recipe):
+    """A program without batch-norm operations gets the BatchNorm-free recipe; one with them keeps w_bn (tapped)."""
+    lines = _bench_lines("bench/bnfree_teacher.py", "--smoke", "--teacher-form", form, "--address", ray_address)
+    assert any(ln.startswith("recipe: ") and recipe in ln for ln in lines), lines
+    assert any(ln.startswith("verdict: ") for ln in lines), lines

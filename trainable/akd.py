@@ -411,6 +411,8 @@ class AKDRun:
             loss = loss + self.cfg.w_feature * feature_loss(self.projector(s_feats), t_feats)
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.student_grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.opt_student.param_groups[0]["params"], self.cfg.student_grad_clip)
         self.opt_student.step()
         return {M.LOSS_STUDENT: loss.item()}
 
