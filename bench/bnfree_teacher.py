@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from own_teacher import run_user_search  # bench/: run as a script, its folder is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("code", "pt2", "bn-code", "bn-pt2")
@@ -163,15 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(Path(args.space).resolve()),
            "--task", "folder:imgs", *teacher_args, "--seed", str(args.seed), "--storage", "runs", "--name", "bnfree",
            *(["--smoke"] if args.smoke else []), *(["--address", args.address] if args.address else [])]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    start = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, cwd=work, env=env, text=True, capture_output=True)
-    wall = time.time() - start
-    tail = [ln for ln in r.stdout.splitlines() if not ln.startswith(("[", " "))]
-    print("\n".join(tail[-30:]))
+    r, wall = run_user_search(cmd, work, lines=30)
     if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
         return r.returncode
     best = json.loads((work / "runs" / "bnfree" / "best" / "metrics.json").read_text())
     print(f"\nwinner: {best['student_params']:,} params ({best['param_ratio']:.1%} of the teacher's "

@@ -100,6 +100,22 @@ def user_side(work: Path, seed: int) -> float:
         return float((model(norm(held)).argmax(1) == torch.from_numpy(d.target[held])).float().mean())
 
 
+def run_user_search(cmd: list[str], work: Path, lines: int = 24) -> tuple[subprocess.CompletedProcess, float]:
+    """The search command as a user runs it from their own folder (the project on PYTHONPATH): it is printed, then
+    the last ``lines`` of its summary (not the per-trial lines), and its stderr where it failed. Returns the finished
+    process and the command's wall seconds."""
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    start = time.time()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, cwd=work, env=env, text=True, capture_output=True)
+    wall = time.time() - start
+    tail = [ln for ln in r.stdout.splitlines() if not ln.startswith(("[", " "))]
+    print("\n".join(tail[-lines:]))
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+    return r, wall
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
@@ -117,15 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, str(ROOT / "search" / "run_search.py"), "--space", "capacity_own.yaml", "--task",
            "folder:imgs", "--teacher-model", "mynets:DigitsNet", "--teacher", "teacher.pt", "--seed", str(args.seed),
            "--storage", "runs", *(["--smoke"] if args.smoke else [])]
-    print("$ " + " ".join(cmd[1:]), flush=True)
-    start = time.time()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run(cmd, cwd=work, env=env, text=True, capture_output=True)
-    wall = time.time() - start
-    tail = [ln for ln in r.stdout.splitlines() if not ln.startswith(("[", " "))]
-    print("\n".join(tail[-24:]))
+    r, wall = run_user_search(cmd, work)
     if r.returncode != 0:
-        print(r.stderr[-3000:], file=sys.stderr)
         return r.returncode
     exp = work / "runs" / "capacity_own"
     best = json.loads((exp / "best" / "metrics.json").read_text())

@@ -55,6 +55,17 @@ def test_report_is_self_contained(finished_search):
         assert title in text, title
 
 
+def test_the_verdict_is_at_the_top_and_the_generators_spread_in_the_header(finished_search):
+    text = (finished_search / "report.html").read_text()
+    best = json.loads((finished_search / "best" / "metrics.json").read_text())
+    assert best[M.VERDICT] in ("reached", "below") and 0 < best[M.TEACHER_SHARE] <= 1.2
+    verdict = re.search(r"<div class='verdict (reached|below)' id='verdict'>verdict: ([^<]*)</div>", text)
+    assert verdict and verdict.group(1) == best[M.VERDICT]
+    assert text.index("id='verdict'") < text.index("<table")  # above everything else on the page
+    assert f"{best[M.TEACHER_SHARE]:.1%} of the teacher" in verdict.group(2).replace("&#x27;", "'")
+    assert re.search(r"<th class='l'>generator</th><td>(COLLAPSED in|the teacher saw the generated images as)", text)
+
+
 def test_optuna_plots_show_every_trial_at_one_stated_fidelity(finished_search):
     text = (finished_search / "report.html").read_text()
     trials = pd.read_parquet(finished_search / "summary" / "trials.parquet")
