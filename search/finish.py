@@ -42,7 +42,7 @@ from search.tuner import confirm_tuner, fit
 from trainable import metrics as M
 from trainable import storage
 from trainable.akd import AKDRun, default_device, load_checkpoint
-from trainable.config import build_config
+from trainable.config import build_config, config_to_dict
 from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.speed import Speed
@@ -94,7 +94,7 @@ def export_best(exp: Path, winner: dict[str, Any], task, teacher, data, teacher_
         if f"{key}_mean" in winner:
             final.update({key: winner[f"{key}_mean"], f"{key}_std": winner[f"{key}_std"]})
     final.update({"seeds": winner["seeds"], "epochs": winner["epochs"], "student_seed": chosen["seed"], **own})
-    final.update(judge(final, run.history, task.num_classes))  # on the means over the seeds
+    final.update(judge(final, run.history, task.num_classes, config_to_dict(run.cfg)))  # on the means over the seeds
     write_json(out / Path(BEST_METRICS).name, final)
     write_json(out / Path(BEST_TRIAL).name, {"trial_id": winner["trial_id"],
                                     "checkpoint": chosen["checkpoint"],

@@ -43,12 +43,16 @@ class NoBatchNorm(nn.Module):
 
 
 @pytest.mark.parametrize("side, mode, recipe, epochs", [
-    (32, "L", "digits", 30), (8, "RGB", "digits", 30), (32, "RGB", "cifar100", 500), (96, "RGB", "folder", 200)])
+    (32, "L", "MNIST-sized digits", 30), (31, "L", "digits", 30), (8, "RGB", "digits", 30), (32, "RGB", "cifar100", 500),
+    (96, "RGB", "folder", 200)])
 def test_a_folder_without_a_recipe_takes_one_sized_to_its_images_and_says_which(tmp_path, side, mode, recipe, epochs):
     task = folder_task(_folder(tmp_path / "imgs", side, mode)[len("folder:"):])
     assert task.defaults["epochs"] == epochs
     said = [n for n in task.notes if "names no recipe" in n]
     assert len(said) == 1 and f"take the {recipe} recipe ({epochs} epochs" in said[0] and f"{side} px" in said[0]
+    # MNIST's sizes: a LeNet-5 student without BatchNorm, KL for both players, a clipped gradient, w_bn 1
+    mnist_sized = [task.defaults.get(k) for k in ("student", "student_loss", "w_bn")] == ["lenet5", "kl", 1.0]
+    assert mnist_sized == recipe.startswith("MNIST")
 
 
 @pytest.mark.parametrize("recipe", sorted(TASKS))

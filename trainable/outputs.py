@@ -147,7 +147,7 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
     export_student(run.student, t.channels, t.image_size, out)
     final.update(inference_cost(run.student, t.channels, t.image_size, run.student_flops,
                                 (out / "student.pt2").stat().st_size))
-    final.update(judge(final, run.history, t.num_classes))
+    final.update(judge(final, run.history, t.num_classes, config_to_dict(run.cfg)))
     save_image_grid(run, out / "generated.png")
     if "confusion" in test:  # a task without labels has none
         conf = test["confusion"]

@@ -1,6 +1,8 @@
 """The shipped tasks as data: ``Task`` (what is distilled: classes, image shape, normalisation, the teacher family,
 the config defaults) and ``TASKS``, with each recipe's defaults. Folder tasks (``trainable.images``) are ``Task``s
-too, and may take a shipped task's recipe; resolving a name and loading data is ``trainable.tasks``.
+too, and may take a shipped task's recipe; resolving a name and loading data is ``trainable.tasks``. Before a run, a
+recipe is fitted to its teacher (``trainable.fitting``): a teacher without BatchNorm statistics (MNIST's LeNet-5
+among them) takes the BatchNorm-free terms and student instead of these.
 """
 from __future__ import annotations
 

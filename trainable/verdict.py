@@ -58,19 +58,21 @@ def teacher_share(final: dict[str, Any]) -> float | None:
     return None if agreement is None else float(agreement)
 
 
-def judge(final: dict[str, Any], history: list[dict[str, Any]], num_classes: int) -> dict[str, Any]:
-    """``{teacher_share, verdict, verdict_cause}`` of a finished run (or a search's winner) from its final metrics and
-    its epochs."""
+def judge(final: dict[str, Any], history: list[dict[str, Any]], num_classes: int,
+          setting: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{teacher_share, verdict, verdict_cause}`` of a finished run (or a search's winner) from its final metrics,
+    its epochs and (for the advice) its config ``setting``."""
     share = teacher_share(final)
     if share is None:
         return {M.TEACHER_SHARE: None, M.VERDICT: UNKNOWN, M.VERDICT_CAUSE: None}
     if share >= SHARE_BAR:
         return {M.TEACHER_SHARE: share, M.VERDICT: REACHED, M.VERDICT_CAUSE: None}
-    return {M.TEACHER_SHARE: share, M.VERDICT: BELOW, M.VERDICT_CAUSE: likeliest_cause(history, num_classes)}
+    return {M.TEACHER_SHARE: share, M.VERDICT: BELOW, M.VERDICT_CAUSE: likeliest_cause(history, num_classes, setting)}
 
 
-def likeliest_cause(history: list[dict[str, Any]], num_classes: int) -> str:
-    """Why a student stayed below its teacher, read off its epochs, and what to try (one line)."""
+def likeliest_cause(history: list[dict[str, Any]], num_classes: int, setting: dict[str, Any] | None = None) -> str:
+    """Why a student stayed below its teacher, read off its epochs, and what to try (one line), the advice fitted to
+    the run's config ``setting`` where given."""
     last = history[-1] if history else {}
     spread = last.get(M.GEN_CLASSES)
     if collapsed(spread, num_classes):
@@ -79,10 +81,15 @@ def likeliest_cause(history: list[dict[str, Any]], num_classes: int) -> str:
     key = M.VAL_ACC if any(h.get(M.VAL_ACC) is not None for h in history) else M.VAL_AGREEMENT
     curve = [float(h[key]) for h in history if h.get(key) is not None]
     if key == M.VAL_ACC and curve and max(curve) < 2.0 / num_classes:
+        kl = (setting or {}).get("student_loss") == "kl"
         return ("the student never rose clearly above chance (best val_acc "
-                f"{max(curve):.3f}, chance {1 / num_classes:.3f}): the generated images do not carry what the teacher "
-                "knows; a teacher without BatchNorm needs generator terms that do (method=dafl), a longer run, or "
-                "AVKD's prior images (method=avkd)")
+                f"{max(curve):.3f}, chance {1 / num_classes:.3f}): what it learned on the generated images does not "
+                "hold on real ones; try " + (
+                    "another learning rate, a longer run (epochs, iters_per_epoch) or AVKD's prior images "
+                    "(method=avkd)" if kl else
+                    "KL for both players (student_loss=kl, generator_loss=neg_kl) with a student without BatchNorm "
+                    "(student=lenet5 where it takes the images) and student_grad_clip=1, which lifted LeNet-5 "
+                    "students from chance (docs/methods.md)"))
     tail = max(1, len(curve) // 5)
     if len(curve) > tail and curve.index(max(curve)) >= len(curve) - tail and curve[-1] > curve[-1 - tail]:
         return (f"it was still improving when it ended ({key} {curve[-1 - tail]:.3f} -> {curve[-1]:.3f} over its last "
