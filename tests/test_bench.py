@@ -151,7 +151,7 @@ def test_digits_recipe_compares_a_variant_with_the_shipped_recipe():
 @pytest.mark.slow
 @pytest.mark.parametrize("form, recipe", [
     ("pt2", "has no BatchNorm statistics to match (no normalisation layers): KL between teacher and student"),
-    ("bn-pt2", "the BatchNorm-statistics term (w_bn 0.1), for the teacher"),
+    ("bn-pt2", "the BatchNorm-statistics term (w_bn 1), for the teacher"),
 ])
 def test_the_bnfree_bench_runs_the_default_command_and_says_the_recipe_and_the_verdict(ray_address, form, recipe):
     """A program without batch-norm operations gets the BatchNorm-free recipe; one with them keeps w_bn (tapped)."""
