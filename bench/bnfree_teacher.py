@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from own_teacher import run_user_search  # bench/: run as a script, its folder is on the path
+from own_teacher import fit_users_teacher, run_user_search  # bench/: run as a script, its folder is on the path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("code", "pt2", "bn-code", "bn-pt2")
@@ -91,7 +91,6 @@ def user_side(work: Path, seed: int, form: str = "code") -> tuple[float, list[st
     """Train the user's teacher on teacher-train and write the held-out images; returns the teacher's held-out
     accuracy and the command-line arguments naming the teacher."""
     import torch
-    import torch.nn.functional as F
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -108,16 +107,7 @@ def user_side(work: Path, seed: int, form: str = "code") -> tuple[float, list[st
     torch.manual_seed(seed)
     cls = "LeNet5BN" if form.startswith("bn") else "LeNet5"
     model = getattr(mynets, cls)(10)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(40):
-        model.train()
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    model.eval()
+    fit_users_teacher(model, x, y, torch.optim.Adam(model.parameters(), lr=1e-3), 40)
     torch.save(model.state_dict(), work / "teacher.pt")
     held = np.concatenate([split["val"], split["test"]])
     pixels = (render(d.images[held]) * 255).round().astype(np.uint8)

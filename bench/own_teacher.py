@@ -59,10 +59,26 @@ DIGITS_RECIPE = dict(student="cnn", generator="dfad", latent_dim=64, generator_w
                      batch_size=128, n_student=5, n_generator=1, scheduler="cosine", w_bn=0.1)
 
 
+def fit_users_teacher(model, x, y, opt, epochs: int, batch: int = 64) -> None:
+    """The user's own training loop, outside the tool: shuffled mini-batches of cross-entropy for ``epochs`` epochs;
+    the model is left in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    for _ in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), batch):
+            b = perm[i:i + batch]
+            opt.zero_grad()
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    model.eval()
+
+
 def user_side(work: Path, seed: int) -> float:
     """Train the user's teacher on teacher-train, write the held-out images; returns the teacher's held-out acc."""
     import torch
-    import torch.nn.functional as F
     from PIL import Image
     from sklearn.datasets import load_digits
 
@@ -78,15 +94,7 @@ def user_side(work: Path, seed: int) -> float:
     x, y = norm(split["teacher_train"]), torch.from_numpy(d.target[split["teacher_train"]])
     torch.manual_seed(seed)
     model = mynets.DigitsNet(10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    for _ in range(60):
-        perm = torch.randperm(len(y))
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[b]), y[b]).backward()
-            opt.step()
-    model.eval()
+    fit_users_teacher(model, x, y, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4), 60)
     torch.save(model.state_dict(), work / "teacher.pt")
     held = np.concatenate([split["val"], split["test"]])
     for n, i in enumerate(held):  # the held-out images as a user has them: PNG files, a folder per class
