@@ -10,7 +10,7 @@ from conftest import tiny_values
 from trainable import metrics as M
 from trainable.akd import AKDRun, effective_classes
 from trainable.config import build_config
-from trainable.fitting import BN_FREE, BN_FREE_STUDENT, fit_task, normalisation
+from trainable.fitting import BN_FREE, fit_task, normalisation
 from trainable.losses import TeacherProbe, has_batch_norm
 from trainable.models import build_classifier
 from trainable.outputs import finish_run, teacher_metrics
@@ -76,18 +76,27 @@ def test_a_teacher_with_batchnorm_keeps_the_recipe_and_says_so():
 
 
 def test_a_teacher_without_batchnorm_takes_the_measured_recipe_and_a_student_without_batchnorm():
-    task = get_task("mnist")  # 28 px: a LeNet-5 student takes it
+    import dataclasses
+
+    mnist = get_task("mnist")  # 28 px; its recipe's student is LeNet-5 already
+    task = dataclasses.replace(mnist, defaults={**mnist.defaults, "student": "cnn", "w_bn": 0.1})  # the small recipe's
     fitted = fit_task(task, build_classifier("lenet5", 10, 1, 28), "lenet5")
     assert fitted.norm == "none"
     assert {k: fitted.task.defaults[k] for k in BN_FREE} == BN_FREE
-    assert fitted.task.defaults["student"] == BN_FREE_STUDENT and not has_batch_norm(
-        build_classifier(BN_FREE_STUDENT, 10, 1, 28))
+    assert fitted.task.defaults["student"] == "lenet5" and not has_batch_norm(build_classifier("lenet5", 10, 1, 28))
     assert "no BatchNorm statistics to match (no normalisation layers)" in fitted.line and "lenet5 student" in fitted.line
     cfg = build_config({"task": "mnist"}, task=fitted.task)
-    assert (cfg.student_loss, cfg.generator_loss, cfg.w_bn, cfg.student) == ("kl", "neg_kl", 0.0, "lenet5")
+    assert (cfg.student_loss, cfg.generator_loss, cfg.w_bn, cfg.student, cfg.student_grad_clip) == (
+        "kl", "neg_kl", 0.0, "lenet5", 1.0)
     # A value the user sets is never overridden.
     mine = build_config({"task": "mnist", "student_loss": "l1", "student": "cnn", "w_onehot": 0.5}, task=fitted.task)
     assert (mine.student_loss, mine.student, mine.w_onehot) == ("l1", "cnn", 0.5)
+
+
+def test_a_teacher_without_batchnorm_keeps_a_student_the_project_has_no_stand_in_for():
+    fitted = fit_task(get_task("cifar100"), WithLayerNorm(), "timm:vit_tiny")  # a ResNet-18 student, 32 px colour
+    assert fitted.task.defaults["student"] == "resnet18" and fitted.task.defaults["student_loss"] == "kl"
+    assert "the recipe's resnet18 student (its gradient clipped at 1)" in fitted.line
 
 
 def test_where_no_student_without_batchnorm_takes_the_images_the_line_says_so():
