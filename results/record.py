@@ -46,6 +46,8 @@ CONFIRM_DIR = "confirm"  # the confirmation phase: a Ray experiment of its own, 
 CONFIRM_PLAN = "akdtune/confirm.json"  # candidates and seeds of the confirmation phase
 CONFIRM_RESULTS = "akdtune/confirmed.json"  # per candidate: seeds, val/test accuracy per seed, mean and std
 RESULTS_DIR = "akdtune/results"  # every result each search trial reported: <trial id>.jsonl (append_result)
+LOCK_FILE = "akdtune/driver.lock"  # a local search: flock'ed by its driver, names it (search.lease)
+LEASE_DIR = "akdtune/lease"  # a search on a URI: each driver's claim or lease, <token>.json (search.lease)
 LIVE_REPORT_FILE = "akdtune/live_report.json"  # how often and how long the live report was rewritten
 SUMMARY_DIR = "summary"  # trials.parquet, epochs.parquet (results.summary.write_summaries)
 REPORT_FILE = "report.html"  # results.report.build_report
@@ -75,7 +77,7 @@ OWN = (META_FILE.split("/")[0] + "/", BEST_DIR + "/", SUMMARY_DIR + "/", REPORT_
 def is_own(rel: str) -> bool:
     """Whether the path ``rel`` (relative to the search folder) is one of the tool's own files; a file being written
     (``best.partial``) is not yet."""
-    return rel.startswith(OWN) and not rel.startswith(BEST_PARTIAL + "/")
+    return rel.startswith(OWN) and not rel.startswith((BEST_PARTIAL + "/", LEASE_DIR + "/", LOCK_FILE))
 
 
 def tune_started(folder: str | Path) -> bool:

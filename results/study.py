@@ -30,6 +30,14 @@ def load_study(exp: str | Path) -> optuna.Study | None:
     return open_study(Path(exp) / STUDY_FILE)
 
 
+def newest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials by number, a Ray trial's newest record only (a trial a resume trained again after it
+    errored has its FAIL record and the retry's: ``search.searcher.reopen_for_retry``)."""
+    ordered = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    last = {t.user_attrs["ray_trial_id"]: t.number for t in ordered if "ray_trial_id" in t.user_attrs}
+    return [t for t in ordered if "ray_trial_id" not in t.user_attrs or last[t.user_attrs["ray_trial_id"]] == t.number]
+
+
 def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:
     """A single-objective (the selection metric, max) study with one COMPLETE trial per trial that reached ``epoch``.
 
@@ -44,7 +52,7 @@ def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[
         sel = e.epochs[e.epochs[M.EPOCH] == epoch]
         at = {tid: v for tid, v in zip(sel["trial_id"], sel[e.selection]) if v is not None and not pd.isna(v)}
     included, left_out, trials = [], 0, set(e.trials["trial_id"])
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+    for t in newest_records(study):
         if OVER_BUDGET in t.user_attrs:  # never trained: not a trial of the search
             continue
         if t.user_attrs.get("ray_trial_id") not in trials:  # a trial whose record Tune lost to a kill (the resumed

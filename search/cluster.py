@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from search.lease import check_proof
 from search.plan import SearchPlan
 from trainable.errors import UserError
 from trainable.sources import kind, user_folder_importable
@@ -75,8 +76,10 @@ def check_cluster(plan: SearchPlan) -> None:
     check_resources(plan, total.get("CPU", 0), total.get("GPU", 0))
 
 
-def start_ray(plan: SearchPlan) -> None:
-    """Start a local Ray (or join ``--address``) unless one is running in this process, then check resources."""
+def start_ray(plan: SearchPlan, lease=None) -> None:
+    """Start a Ray instance of the search's own on this machine, or join the cluster at ``--address`` (the project
+    and the user's modules shipped to it, every node checked, ``lease``'s search folder seen from each); say which
+    in one line. A cluster already running on this machine is never joined without ``--address``."""
     import ray
 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -88,6 +91,7 @@ def start_ray(plan: SearchPlan) -> None:
         # Tune's own error lines too: a failed trial is reported once by the progress view, in one line, and its
         # traceback is in its error.txt (--verbose shows Tune's logging).
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    joined = "the Ray instance this process already runs"
     if not ray.is_initialized():
         # A teacher or student given as package.module:callable is imported by every trial: the folder the
         # search runs from is importable there as it is here (a local Ray's workers inherit this environment).
@@ -96,15 +100,22 @@ def start_ray(plan: SearchPlan) -> None:
             os.environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, paths)])
         if plan.address:
             check_address(plan.address)
-        init = (dict(address=plan.address, runtime_env={"py_modules": shipped_code(plan), "excludes": SHIP_EXCLUDES})
-                if plan.address else dict(num_cpus=plan.num_cpus, include_dashboard=False))
+            init = dict(address=plan.address, runtime_env={"py_modules": shipped_code(plan), "excludes": SHIP_EXCLUDES})
+        else:  # "local": a new instance, even where `ray start` left a cluster running on this machine
+            init = dict(address="local", num_cpus=plan.num_cpus, include_dashboard=False)
         try:  # workers' logs (a line per checkpoint) reach the terminal only with --verbose
             ray.init(log_to_driver=plan.verbose, configure_logging=False, **init)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise UserError(f"cannot start or join Ray ({str(e).splitlines()[0][:200]}); check --address") from None
+        joined = f"joined the cluster at {plan.address}" if plan.address else "a Ray instance of its own on this machine"
     check_cluster(plan)
     if plan.address:
-        check_nodes(plan)
+        check_nodes(plan, lease)
+    total, nodes = ray.cluster_resources(), [n for n in ray.nodes() if n.get("Alive")]
+    where = (f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, " if plan.address else "") + \
+        f"{total.get('CPU', 0):g} CPUs" + (f", {total.get('GPU', 0):g} GPUs" if total.get("GPU") else "")
+    print(f"ray: {joined} ({where})" + ("; the project and your modules shipped, every node checked" if plan.address
+                                       else "; a running cluster is joined only with --address"), flush=True)
 
 
 PROJECT_PACKAGES = ("trainable", "search", "results")
@@ -166,16 +177,30 @@ def shipped_code(plan: SearchPlan) -> list[str]:
         path = _module_path(spec.partition(":")[0].split(".")[0])
         if path is not None and not _installed(path) and path not in project and path not in own:
             own.append(path)
+    # a file of theirs imports a sibling file (``import helpers`` beside ``mynets.py``): the modules the driver
+    # imported from the same folders go too
+    folders = {p.parent for p in own if p.is_file()}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if "." in name or not file:
+            continue
+        path = Path(file).resolve()
+        path = path.parent if path.name == "__init__.py" else path
+        if path.parent in folders and path not in own and path not in project and not _installed(path):
+            own.append(path)
     return [str(p) for p in [*project, *own]]
 
 
-def _imports(specs: list[str]) -> dict:
-    """On one node: the project's trial code and every spec imported, and the versions that must match the driver's."""
+def _node_check(specs: list[str], folder: str | None = None, proof: tuple[str, str] | None = None) -> dict:
+    """On one node: the project's trial code and every spec imported, the versions that must match the driver's,
+    and the search ``folder`` seen as the driver sees it (its lease, ``proof``) and writable."""
     import importlib
 
     import torch
 
-    out = {"torch": torch.__version__, "errors": []}
+    out = {"torch": torch.__version__, "errors": [], "storage": None}
+    if folder is not None and proof is not None:
+        out["storage"] = check_proof(folder, *proof)
     for spec in ["trainable.tune_trainable:akd_trial", *specs]:
         module, _, attr = spec.partition(":")
         try:
@@ -186,7 +211,7 @@ def _imports(specs: list[str]) -> dict:
     return out
 
 
-def check_nodes(plan: SearchPlan, timeout_s: float = 300.0) -> None:
+def check_nodes(plan: SearchPlan, lease=None, timeout_s: float = 300.0) -> None:
     """The door check of a cluster: on every live node, one task imports the trials' code and the search's teacher
     and student specs (shipped with the runtime environment) and reports its torch version. A node that cannot run
     a trial stops the search here in one line, before any trial starts."""
@@ -195,10 +220,12 @@ def check_nodes(plan: SearchPlan, timeout_s: float = 300.0) -> None:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     specs = code_specs(plan)
-    task = ray.remote(num_cpus=0)(_imports)
+    task = ray.remote(num_cpus=0)(_node_check)
+    proof = lease.proof() if lease is not None else None
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     refs = {n["NodeManagerAddress"] + " (" + n["NodeID"][:8] + ")": task.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(specs) for n in nodes}
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(specs, plan.path, proof)
+        for n in nodes}
     try:
         answers = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s)))
     except ray.exceptions.GetTimeoutError:
@@ -208,6 +235,11 @@ def check_nodes(plan: SearchPlan, timeout_s: float = 300.0) -> None:
         raise UserError(f"a node of the cluster at {plan.address} cannot start this search's code "
                         f"({str(e).splitlines()[0][:200]}); every node needs the packages of requirements.txt") from None
     for node, answer in answers.items():
+        if answer.get("storage"):
+            shared = "a URI every node can reach" if not plan.local else \
+                "a folder every node mounts (NFS), or a URI such as s3://bucket/runs"
+            raise UserError(f"node {node} cannot use the search's storage: {answer['storage']}; --storage with "
+                            f"--address must be {shared}")
         if answer["errors"]:
             raise UserError(f"node {node} cannot run a trial: {answer['errors'][0]}; every node needs the packages "
                             "of requirements.txt (this project and your own modules are shipped to it)")

@@ -143,8 +143,14 @@ def experiment_path(where: str, name: str) -> str:
 
 
 def resume_command(argv: list[str]) -> str:
+    """The command that finishes this search, run from the folder this one runs in (its paths are relative to it)."""
+    script = Path(__file__).resolve().with_name("run_search.py")
+    try:
+        shown = str(script.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        shown = str(script)
     args = [a for a in argv if a != "--resume"]
-    return "python search/run_search.py " + " ".join(shlex.quote(a) for a in args) + " --resume"
+    return f"python {shlex.quote(shown)} " + " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -168,6 +174,9 @@ def check_options(args: argparse.Namespace) -> None:
         bad("--max-failures", args.max_failures, "must be >= 0")
     if args.num_cpus is not None and args.num_cpus < 1:
         bad("--num-cpus", args.num_cpus, "must be >= 1")
+    if args.address and args.address.startswith("ray://"):
+        raise UserError(f"--address {args.address}: Ray Client (ray://) is not supported; run the search on a node of "
+                        "the cluster with --address auto (or the head's host:port, e.g. 10.0.0.1:6379)")
     if args.num_cpus is not None and args.address:
         raise UserError("--num-cpus sets up a local Ray; it cannot be combined with --address")
     if not math.isfinite(args.report_every) or args.report_every < 0:
@@ -191,6 +200,12 @@ def check_options(args: argparse.Namespace) -> None:
             raise UserError(f"{storage / name} is a file; pass another --name")
         if args.resume and (storage / name).is_dir() and not os.access(storage / name, os.W_OK | os.X_OK):
             raise UserError(f"cannot resume: {storage / name} is read-only; make it writable or copy it")
+
+
+def cluster_address(args: argparse.Namespace) -> str | None:
+    """The cluster the search joins: ``--address``, else ``$RAY_ADDRESS`` (set by the user, or by Ray for a job
+    submitted to a cluster); None: a Ray instance of the search's own."""
+    return args.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def search_name(args: argparse.Namespace) -> str:
@@ -279,7 +294,7 @@ def resolve_plan(args: argparse.Namespace, argv: list[str]) -> SearchPlan:
         selection=_selection(args, record, name),
         data_root=args.data_root or (record or {}).get("data_root"), download=args.download, smoke=args.smoke,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-        max_failures=args.max_failures, address=args.address, num_cpus=args.num_cpus, report=not args.no_report,
+        max_failures=args.max_failures, address=cluster_address(args), num_cpus=args.num_cpus, report=not args.no_report,
         verbose=args.verbose, report_every_s=args.report_every,
         resume=args.resume, resume_command=resume_command(argv), record=record,
         finished=bool(record is not None and Path(folder, CONFIRM_RESULTS).exists() and Path(folder, BEST_TRIAL).is_file()),

@@ -22,7 +22,8 @@ from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, 
 from search.cluster import check_local_resources, start_ray
 from search.estimate import estimate
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
-from search.plan import experiment_path, resolve_plan, resume_command, search_name
+from search.lease import held
+from search.plan import check_options, experiment_path, resolve_plan, resume_command, search_name
 from search.prepare import (
     budget_check,
     check_trial_builds,
@@ -62,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, fractional packs trials (default 1 if CUDA else 0)")
     p.add_argument("--max-concurrent", type=int, default=0, help="cap on trials running at once (0: as resources allow)")
     p.add_argument("--max-failures", type=int, default=1, help="retries of a crashed trial from its checkpoint")
-    p.add_argument("--address", help="join an existing Ray cluster (e.g. auto, or ray://host:10001)")
+    p.add_argument("--address", help="join a running Ray cluster from one of its nodes: auto, or the head's host:port "
+                   "(without it the search starts a Ray instance of its own on this machine; $RAY_ADDRESS counts as "
+                   "--address)")
+    p.add_argument("--take-over", action="store_true", help="take the search from a driver that holds its lease but "
+                   "is gone (e.g. on a machine that was switched off); without it such a lease is taken over after "
+                   "it has not been renewed for a few minutes")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--no-early-stopping", action="store_true", help="no early stopping: every trial runs max_epochs")
     p.add_argument("--asynchronous", action="store_true", help="take each decision as soon as its results arrive "
@@ -117,6 +123,16 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     started = time.time()
     if args.estimate and args.resume:
         raise UserError("--estimate plans a new search; drop --resume (an interrupted search shows its ETA as it runs)")
+    check_options(args)
+    if args.estimate:  # writes nothing: no lease
+        return _run_search(args, argv, started, None)
+    # One driver per search: nothing of the search is read or written before its lease is this driver's
+    with held(experiment_path(args.storage, search_name(args)), search_name(args), resume_command(argv),
+              args.take_over) as lease:
+        return _run_search(args, argv, started, lease)
+
+
+def _run_search(args: argparse.Namespace, argv: list[str], started: float, lease) -> int:
     plan = resolve_plan(args, argv)  # every setting and every check that needs no Ray; nothing written yet
     for note in plan.space.notes:
         print(f"note: {note}")
@@ -145,7 +161,7 @@ def run_search(args: argparse.Namespace, argv: list[str]) -> int:
     if args.estimate:
         estimate(plan, teacher, speed, check)
         return EXIT_OK
-    start_ray(plan)
+    start_ray(plan, lease)
     record_session(plan, teacher, speed, started)
     trainable = make_trainable(plan, teacher, speed)
     tuner = restore_tuner(plan, trainable) if restored else build_tuner(plan, trainable, check)

@@ -360,3 +360,36 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
             study.tell(ft.number, state=optuna.trial.TrialState.FAIL)
             n += 1
     return n
+
+
+RETRY_OF = "retry_of"  # a trial a resume trains again after it errored: the number of its FAIL record in the study
+
+
+def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Param]) -> int:
+    """Errored trials a resume trains again (``search.scheduler.retry_errored``): each whose newest record in the
+    study is FAIL gets a new RUNNING record with the same setting, user attributes and intermediate values (and
+    ``retry_of``), so that the study ends with the retry's own outcome as the trials table does. A finished record
+    of the study cannot change: the FAIL one stays as the history of the failed attempt. Returns how many."""
+    import optuna
+
+    study = open_study(study_path)
+    if study is None or not trial_ids:
+        return 0
+    newest = {}
+    for ft in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if ft.user_attrs.get(RAY_ID) in trial_ids:
+            newest[ft.user_attrs[RAY_ID]] = ft
+    n = 0
+    for ray_id in trial_ids:
+        ft = newest.get(ray_id)
+        if ft is None or ft.state != optuna.trial.TrialState.FAIL:
+            continue
+        told = {M.PARAM_RATIO, *(k for k in ft.user_attrs if k.endswith("_budget_told"))}  # told again by the retry
+        study.enqueue_trial(ft.params, user_attrs={**{k: v for k, v in ft.user_attrs.items()
+                                                      if k != "error" and k not in told}, RETRY_OF: ft.number})
+        trial = study.ask()
+        DefineByRun(params)(trial)  # the enqueued values, with their distributions
+        for step, value in sorted(ft.intermediate_values.items()):
+            trial.report(value, step)
+        n += 1
+    return n

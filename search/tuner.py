@@ -17,7 +17,7 @@ from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.progress import SearchProgress
 from search.scheduler import RungScheduler, milestones, retry_errored
-from search.searcher import OptunaSearcher
+from search.searcher import OptunaSearcher, reopen_for_retry
 from trainable import storage
 from trainable.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
 from trainable.tune_trainable import RUN, akd_trial, teacher_payload
@@ -206,6 +206,7 @@ def restore_tuner(plan: SearchPlan, trainable):
     print(f"resuming {plan.path}")
     errored = retry_errored(str(plan.file(SCHEDULER_FILE)))
     if errored:  # a trial whose retries a lost node (or any crash) used up: the resume gives it its retries again
+        reopen_for_retry(str(plan.file(STUDY_FILE)), errored, plan.space.params)  # the study follows the retry
         print(f"retrying {len(errored)} errored trial(s) from their last checkpoint, with --max-failures "
               f"{plan.max_failures} retries again: {', '.join(errored)}")
     return _restore(plan, plan.path, trainable, resume_errored=True)

@@ -36,11 +36,11 @@ def test_the_project_and_the_users_own_module_are_shipped_and_installed_packages
 def test_the_door_check_on_a_node_names_what_it_cannot_import():
     import torch
 
-    from search.cluster import _imports
+    from search.cluster import _node_check
 
-    ok = _imports(["json:loads"])
-    assert ok == {"torch": torch.__version__, "errors": []}
-    bad = _imports(["nosuchmodule:Net", "json:nothing"])
+    ok = _node_check(["json:loads"])
+    assert ok == {"torch": torch.__version__, "errors": [], "storage": None}
+    bad = _node_check(["nosuchmodule:Net", "json:nothing"])
     assert bad["errors"][0].startswith("cannot import 'nosuchmodule' for 'nosuchmodule:Net' (ModuleNotFoundError")
     assert bad["errors"][1] == "'json' has no callable 'nothing' for 'json:nothing'"
     assert Path(os.getcwd()).exists()

@@ -19,11 +19,18 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from pyarrow.lib import ArrowException
 
 from trainable.errors import UserError
+
+# What a store's calls raise: OSError for most, pyarrow's own ArrowException for some (a bad credentials file of gs://)
+STORE_ERRORS = (OSError, ArrowException)
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")  # Tune's checkpoint folders (results.record.CHECKPOINT_PREFIX)
 DEFAULT_WORK_ROOT = "~/.cache/akdtune/work"
@@ -49,7 +56,7 @@ def filesystem(uri: str):
 
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (OSError, ValueError, TypeError) as e:
+    except (*STORE_ERRORS, ValueError, TypeError) as e:
         raise UserError(f"cannot open the storage {uri}: {_first_line(e)}; check the URI (s3://bucket/folder, "
                         "gs://bucket/folder; an S3-compatible store: ?endpoint_override=host:port&scheme=http)") from None
 
@@ -72,8 +79,49 @@ def exists(uri: str, rel: str) -> bool:
     fs, base = filesystem(uri)
     try:
         return fs.get_file_info(f"{base}/{rel}").type != pafs.FileType.NotFound
-    except OSError as e:
+    except STORE_ERRORS as e:
         raise unreachable(uri, e, "read") from None
+
+
+def bounded(call: Callable[..., Any], seconds: float, uri: str, *args) -> Any:
+    """``call(*args)``, where a store that does not answer within ``seconds`` (a cloud SDK looking for credentials
+    it will never find, an endpoint that takes the connection and says nothing) is one line instead of a silent
+    wait: UserError. What ``call`` raises is raised here."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            out["error"] = e
+
+    worker = threading.Thread(target=run, name="akdtune-storage", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise UserError(f"the storage {uri} did not answer within {seconds:.0f} s; check the endpoint, the network "
+                        "and the credentials (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                        "GOOGLE_APPLICATION_CREDENTIALS)")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+def check_bucket(uri: str, fs=None, base: str | None = None) -> None:
+    """Refuse in one line a URI whose bucket (its first folder) does not exist."""
+    import pyarrow.fs as pafs
+
+    if fs is None:
+        fs, base = filesystem(uri)
+    bucket = base.strip("/").split("/")[0]
+    if fs.type_name == "local":  # a file:// URI: its first folder, from the root
+        bucket = "/" + bucket
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except STORE_ERRORS as e:
+        raise unreachable(uri, e, "read") from None
+    if not found:
+        raise UserError(f"the storage {uri} has no bucket {bucket!r}; create it (or pass another --storage)")
 
 
 def work_folder(uri: str, name: str, root: str | None = None) -> Path:
@@ -99,15 +147,7 @@ class Mirror:
 
     def check(self) -> None:
         """Refuse in one line, before anything is written, a URI whose bucket (its first folder) does not exist."""
-        import pyarrow.fs as pafs
-
-        bucket = self.base.strip("/").split("/")[0]
-        try:
-            found = self.fs.get_file_info(bucket).type != pafs.FileType.NotFound
-        except OSError as e:
-            raise unreachable(self.uri, e, "read") from None
-        if not found:
-            raise UserError(f"the storage {self.uri} has no bucket {bucket!r}; create it (or pass another --storage)")
+        check_bucket(self.uri, self.fs, self.base)
 
     def reset(self) -> None:
         """Empty the working copy (the URI is the record; nothing local from an earlier session is used)."""
@@ -123,7 +163,7 @@ class Mirror:
         top = self.remote(under).rstrip("/")
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(top, recursive=True, allow_not_found=True))
-        except OSError as e:
+        except STORE_ERRORS as e:
             raise unreachable(self.uri, e, "list") from None
         start = self.base.strip("/")
         return sorted((info.path.strip("/")[len(start):].lstrip("/"), info.size) for info in infos
@@ -150,7 +190,7 @@ class Mirror:
             with self.fs.open_input_stream(self.remote(rel)) as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             os.replace(tmp, local)
-        except OSError as e:
+        except STORE_ERRORS as e:
             tmp.unlink(missing_ok=True)
             raise unreachable(self.uri, e, "download from") from None
         if self.own(rel):
@@ -174,7 +214,7 @@ class Mirror:
                 self.fs.create_dir(self.remote(rel).rsplit("/", 1)[0], recursive=True)
             with self.fs.open_output_stream(self.remote(rel)) as out:
                 out.write(data)
-        except OSError as e:
+        except STORE_ERRORS as e:
             raise unreachable(self.uri, e, "upload to") from None
         self.synced[rel] = stamp
         return True
@@ -189,7 +229,7 @@ class Mirror:
             self.fs.delete_dir(self.remote(rel))
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except STORE_ERRORS as e:
             raise unreachable(self.uri, e, "delete from") from None
 
     def latest_checkpoint_of(self, trial_rel: str) -> None:
@@ -288,7 +328,7 @@ def local_file(folder: str, rel: str) -> tuple[Path, Callable[[], None]]:
     try:
         with fs.open_input_stream(f"{base.rstrip('/')}/{rel}") as src, open(local, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-    except OSError as e:
+    except STORE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise unreachable(folder, e, "download from") from None
     return local, lambda: shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Every reliance on Ray Tune's internals (``search.internals``), each checked against the installed Ray: where an
+upgrade changes one, its test fails in one line naming it. And what the search does with them."""
+import inspect
+from types import SimpleNamespace
+
+from search import internals
+
+
+def test_tune_saves_and_restores_its_cached_decisions_with_the_experiment_state():
+    """The assumption behind ``forget_cached_decision``: the controller keeps cached decisions in a dict attribute
+    that its saved state (``__getstate__``) carries and a restore (``__setstate__``) puts back."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    init, getstate = inspect.getsource(TuneController.__init__), inspect.getsource(TuneController.__getstate__)
+    assert f"self.{internals.CACHED_DECISIONS} = {{}}" in init, \
+        f"Ray changed TuneController: no {internals.CACHED_DECISIONS} dict (search.internals: cached decisions)"
+    assert internals.CACHED_DECISIONS not in getstate, \
+        f"Ray changed TuneController: its saved state leaves out {internals.CACHED_DECISIONS} (search.internals " \
+        "may no longer be needed)"
+
+
+def test_a_schedulers_hooks_get_the_controller_behind_the_wrapper():
+    from ray.tune.execution.tune_controller import TrialRunnerWrapper
+
+    assert f"self.{internals.WRAPPED_CONTROLLER} = tune_controller" in inspect.getsource(TrialRunnerWrapper.__init__), \
+        f"Ray changed TrialRunnerWrapper: no {internals.WRAPPED_CONTROLLER} (search.internals: cached decisions)"
+
+
+def test_a_restored_trial_forgets_the_decision_cached_before_the_kill():
+    from ray.tune.execution.tune_controller import TrialRunnerWrapper
+
+    controller = SimpleNamespace(**{internals.CACHED_DECISIONS: {"a": "STOP", "b": "PAUSE"}})
+    wrapped = TrialRunnerWrapper(controller, trial_executor=SimpleNamespace())
+    assert internals.forget_cached_decision(wrapped, "a") == "STOP"
+    assert internals.forget_cached_decision(wrapped, "a") is None
+    assert getattr(controller, internals.CACHED_DECISIONS) == {"b": "PAUSE"}
+    assert internals.forget_cached_decision(SimpleNamespace(), "b") is None  # a controller without the dict
+
+
+def test_the_rung_scheduler_forgets_a_cached_decision_when_tune_adds_a_restored_trial():
+    from ray.tune.execution.tune_controller import TrialRunnerWrapper
+
+    from search.scheduler import RungScheduler
+
+    controller = SimpleNamespace(**{internals.CACHED_DECISIONS: {"t1": "STOP"}})
+    scheduler = RungScheduler([("val_acc", "max")], max_epochs=4, grace_period=1, reduction_factor=2)
+    scheduler.on_trial_add(TrialRunnerWrapper(controller, trial_executor=SimpleNamespace()),
+                           SimpleNamespace(trial_id="t1", evaluated_params={}, config={}))
+    assert getattr(controller, internals.CACHED_DECISIONS) == {}
+
+
+def test_an_errored_trial_that_a_resume_retries_is_running_again_in_the_study(tmp_path):
+    import optuna
+
+    from results.record import journal_storage, open_study
+    from results.study import newest_records
+    from search.searcher import RAY_ID, RETRY_OF, reopen_for_retry
+    from search.space import Param
+
+    params = [Param("lr_student", "float", low=0.01, high=0.1, log=True)]
+    path = tmp_path / "study.journal"
+    study = optuna.create_study(study_name="akdtune", storage=journal_storage(str(path)), direction="maximize")
+    t = study.ask()
+    t.suggest_float("lr_student", 0.01, 0.1, log=True)
+    t.set_user_attr(RAY_ID, "abc")
+    t.set_user_attr("index", 0)
+    t.report(0.3, 1)
+    t.set_user_attr("error", "error")
+    study.tell(t, state=optuna.trial.TrialState.FAIL)
+    assert reopen_for_retry(str(path), ["abc"], params) == 1
+    assert reopen_for_retry(str(path), ["abc"], params) == 0  # its newest record is running: nothing to do
+    again = open_study(path)
+    old, new = sorted(again.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert new.state == optuna.trial.TrialState.RUNNING and new.params == old.params
+    assert new.user_attrs[RAY_ID] == "abc" and new.user_attrs[RETRY_OF] == old.number and "error" not in new.user_attrs
+    assert new.intermediate_values == {1: 0.3} and new.distributions == old.distributions
+    assert [t.number for t in newest_records(again)] == [new.number]
