@@ -19,7 +19,7 @@ import sys
 import time
 
 from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
-from search.cluster import check_local_resources, start_ray
+from search.cluster import check_address, check_local_resources, start_ray
 from search.estimate import estimate
 from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
 from search.lease import held
@@ -142,6 +142,8 @@ def _run_search(args: argparse.Namespace, argv: list[str], started: float, lease
         print(f"search {plan.name!r} is finished; nothing to resume. Its results: {plan.path}")
         return EXIT_OK
     check_local_resources(plan)  # a trial bigger than this machine: one line, before anything starts
+    if plan.address:  # a cluster address that does not answer: one line before the teacher and the speed step
+        check_address(plan.address)
     if plan.resume:  # a copied or moved search: what Tune restores writes here, never where it was copied from
         relocate(folders_of(plan.record), plan.folder)
         remove_stale_lock(plan.file(STUDY_FILE))  # a kill while the study was being appended to

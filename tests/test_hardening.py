@@ -66,6 +66,7 @@ def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path):
     # time asserted here failed on a loaded machine; speed belongs in benchmarks).
     r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--address", "127.0.0.1:9")
     one_line_exit_2(r, "nothing answers there within 10 s")
+    assert "teacher" not in r.stdout and "speed" not in r.stdout  # checked before the teacher and the speed step
     assert not (tmp_path / "ratios").exists()
 
 

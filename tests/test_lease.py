@@ -187,3 +187,14 @@ def test_ray_client_addresses_are_refused_and_the_resume_command_works_from_the_
     monkeypatch.chdir(tmp_path)
     assert resume_command(["--space", "s.yaml"]) == \
         f"python {ROOT / 'search' / 'run_search.py'} --space s.yaml --resume"
+
+
+def test_a_bad_credentials_file_for_gcs_is_one_line(tmp_path, monkeypatch):
+    """pyarrow raises its own ArrowException, not an OSError, for some stores' errors: one line all the same."""
+    creds = tmp_path / "creds.json"
+    creds.write_text('{"type": "service_account"}')
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(creds))
+    monkeypatch.setattr(L, "FIRST_CALL_S", 60.0)
+    r = run_main("search/run_search.py", "--space", ROOT / "spaces" / "lr.yaml", "--storage", "gs://no-bucket/runs")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: ") and "gs://no-bucket/runs/lr" in r.stderr

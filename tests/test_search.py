@@ -742,6 +742,15 @@ def test_a_resume_retries_the_trials_that_errored_for_good(tmp_path, ray_address
     trials = trials_table(exp)
     assert len(trials) == 6 and set(trials["outcome"]) <= {"completed", "stopped_early"}
     assert errored[0] in set(trials["trial_id"]) and not _errored(exp)
+    # the study ends with the retry's outcome, as the table does (its FAIL record stays, the older one)
+    from results.record import open_study
+    from results.study import newest_records
+
+    study = {t.user_attrs["ray_trial_id"]: t.state.name for t in newest_records(open_study(exp / "akdtune" /
+                                                                                            "study.journal"))
+             if "ray_trial_id" in t.user_attrs}
+    words = {"completed": "COMPLETE", "stopped_early": "PRUNED"}
+    assert study == {tid: words[o] for tid, o in zip(trials["trial_id"], trials["outcome"])}
 
 
 def _errored(exp: Path) -> list[str]:

@@ -44,3 +44,22 @@ def test_the_door_check_on_a_node_names_what_it_cannot_import():
     assert bad["errors"][0].startswith("cannot import 'nosuchmodule' for 'nosuchmodule:Net' (ModuleNotFoundError")
     assert bad["errors"][1] == "'json' has no callable 'nothing' for 'json:nothing'"
     assert Path(os.getcwd()).exists()
+
+
+def test_a_sibling_file_that_the_users_module_imports_is_shipped_with_it(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    from search.cluster import shipped_code
+
+    (tmp_path / "helpers_for_ship.py").write_text("WIDTH = 3\n")
+    (tmp_path / "mynets_ship.py").write_text("import helpers_for_ship\n\nclass Net:\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        importlib.import_module("mynets_ship")  # as the driver's teacher check imports it
+        shipped = shipped_code(_plan("mynets_ship:Net"))
+    finally:
+        sys.modules.pop("mynets_ship", None)
+        sys.modules.pop("helpers_for_ship", None)
+    assert shipped[3:] == [str(tmp_path / "mynets_ship.py"), str(tmp_path / "helpers_for_ship.py")]
