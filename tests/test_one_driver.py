@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_cluster import two_nodes  # noqa: F401 - the fixture
+from test_cluster import RAY, _kill, _node_processes, two_nodes  # noqa: F401 - the fixture
 from test_search import REPEAT_ARGS, _wait_for, trials_table
 from test_storage import BUCKET, _downloaded, _free_port, s3_storage  # noqa: F401 - the fixture
 
@@ -222,3 +222,41 @@ def test_a_trial_retried_after_a_kill_runs_to_its_end_whatever_tune_had_cached_f
                                                                                              "study.journal"))}
     assert states == {tid: "COMPLETE" for tid in table.index}
     assert Path(exp / "best" / "trial.json").is_file()
+
+
+@pytest.fixture
+def unshared_folder(tmp_path):
+    """A head node and a worker node on this machine, the worker in a mount namespace of its own where the folder
+    ``tmp_path/runs`` is an empty tmpfs: a local folder the worker node does not share (as on a second machine)."""
+    import shutil
+    import tempfile
+
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (a mount namespace) to give one node a folder of its own")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    port, env = _free_port(), {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    base = Path(tempfile.mkdtemp(prefix="akd-ray-", dir="/tmp"))
+    head, worker = base / "h", base / "w"
+    common = ["--num-cpus", "1", "--object-store-memory", str(80 * 1024 ** 2), "--disable-usage-stats"]
+    try:
+        subprocess.run([*RAY, "start", "--head", "--port", str(port), "--temp-dir", str(head),
+                        "--include-dashboard", "false", *common], check=True, env=env, capture_output=True, timeout=180)
+        start = " ".join([*RAY, "start", "--address", f"127.0.0.1:{port}", "--temp-dir", str(worker), *common])
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                        f"mount -t tmpfs none {runs} && exec {start}"], check=True, env=env, capture_output=True,
+                       timeout=180)
+        yield f"127.0.0.1:{port}", runs
+    finally:
+        _kill(_node_processes(worker) | _node_processes(head))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_local_folder_that_a_node_does_not_share_is_one_line_and_nothing_is_written(unshared_folder):
+    address, runs = unshared_folder
+    r = _run(["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--storage", runs, "--address", address], timeout=600)
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "cannot use the search's storage: it does not see " in r.stderr
+    assert "--storage with --address must be a folder every node mounts (NFS), or a URI" in r.stderr
+    assert list(runs.iterdir()) == []  # nothing written: not even the driver's lease is left
