@@ -42,7 +42,7 @@ from results.study import at_fidelity, load_study
 from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
 from trainable import storage
-from trainable.errors import UserError, full_disk, full_disk_line
+from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
 from trainable.files import write_text
 from trainable.verdict import verdict_line
 
@@ -561,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        line = unwritable_line(e, "the report is written into the search folder (and --out): copy a read-only "
+                                  "search somewhere writable (cp -a) and pass the copy, and pass an --out you can write to")
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            return 2
         if full_disk(e) is None:
             raise
         print(f"error: {full_disk_line(e, args.run_dir, 'the same command again')}", file=sys.stderr)

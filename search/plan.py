@@ -153,6 +153,9 @@ def resume_command(argv: list[str]) -> str:
     return f"python {shlex.quote(shown)} " + " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
+MAX_NAME_BYTES = 200  # a folder name (most filesystems allow 255 bytes; the working copy of a URI adds 13)
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Every option that can be checked without Ray, before anything is written. Raises UserError."""
 
@@ -189,6 +192,9 @@ def check_options(args: argparse.Namespace) -> None:
     if not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
         raise UserError(f"--name {name!r} is invalid: a search name is one folder name inside --storage "
                         "(letters, digits, '-', '_'; no '/' or '..')")
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        raise UserError(f"--name is {len(name.encode('utf-8'))} bytes long: a folder name may have at most "
+                        f"{MAX_NAME_BYTES}; pass a shorter --name")
     if "://" not in args.storage:
         storage = Path(args.storage).expanduser()
         if storage.exists() and not storage.is_dir():

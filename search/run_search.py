@@ -34,7 +34,7 @@ from search.prepare import (
 )
 from search.session import record_session
 from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
-from trainable.errors import UserError, full_disk, full_disk_line
+from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted before the search started; run the same command again", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
+        line = unwritable_line(e, "pass a --storage (and --name) you can write to")
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            return EXIT_USAGE
         full = full_disk(e)
         if full is None:
             raise

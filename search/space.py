@@ -24,6 +24,7 @@ Anything not searched or fixed takes the task's default. Every problem is report
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,8 +378,9 @@ def load_space(path: str | Path, task_override: str | None = None, trust_code: b
     """Read and validate a space file: data only (``yaml.safe_load``), UTF-8, bounded in size, depth and
     alias expansion, no duplicate keys; code it names refused unless trusted (``parse_space``)."""
     p = Path(path)
-    if not p.is_file():
-        raise SpaceError(f"space file not found: {p}; pass --space spaces/NAME.yaml (see spaces/)")
+    if not p.exists():
+        dangling = f" (a link to {os.readlink(p)}, which does not exist)" if p.is_symlink() else ""
+        raise SpaceError(f"space file not found: {p}{dangling}; pass --space spaces/NAME.yaml (see spaces/)")
     raw = read_yaml(p, MAX_SPACE_BYTES, "a space file", SpaceError)
     return parse_space(raw, str(p), task_override, trust_code, trusted_specs)
 

@@ -201,3 +201,36 @@ def test_a_space_whose_fixed_settings_cannot_make_a_run_is_refused_before_ray(tm
                  "--no-report")
     one_line_exit_2(r, needle)
     assert files_under(tmp_path / "runs") == []  # no tuner.pkl: the corrected command is not refused as existing
+
+
+# ------------------------------------------------------------------ targets that cannot be written, hostile factories
+def test_a_search_folder_on_a_read_only_filesystem_is_one_line_for_the_report(tmp_path, monkeypatch):
+    import errno
+
+    import results.report as report
+
+    def read_only(run_dir, copy_to=None):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "s" / "summary" / "trials.parquet"))
+
+    monkeypatch.setattr(report, "report_of", read_only)
+    r = run_main("results/report.py", tmp_path / "s")
+    one_line_exit_2(r, f"cannot write {tmp_path / 's' / 'summary' / 'trials.parquet'} (Read-only file system); ")
+    assert "copy a read-only search somewhere writable (cp -a)" in r.stderr
+
+
+def test_an_out_that_cannot_be_made_and_bad_threads_are_one_line_before_any_work(tmp_path):
+    one_line_exit_2(run_main("trainable/run_akd.py", "--out", "/proc/x"), "cannot write /proc/x (")
+    one_line_exit_2(run_main("trainable/run_akd.py", "--out", tmp_path / ("b" * 300)), "(File name too long)")
+    one_line_exit_2(run_main("trainable/run_akd.py", "--threads", "-5", "--out", tmp_path / "o"),
+                    "--threads -5 is invalid: must be >= 1")
+    r = run_main("search/run_search.py", "--space", SPACE, "--storage", tmp_path, "--name", "n" * 300)
+    one_line_exit_2(r, "--name is 300 bytes long: a folder name may have at most 200")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_factory_that_calls_sys_exit_is_its_failure_in_one_line(tmp_path, monkeypatch):
+    """sys.exit(0) inside a user's factory once ended run_akd.py with exit 0 and nothing printed."""
+    (tmp_path / "exits_here.py").write_text("import sys\n\n\ndef Net(num_classes=10):\n    sys.exit(0)\n")
+    monkeypatch.chdir(tmp_path)
+    r = run_main("trainable/run_akd.py", "--set", "student=exits_here:Net", "--out", tmp_path / "o")
+    one_line_exit_2(r, "building exits_here:Net with num_classes=10 raised SystemExit: 0")

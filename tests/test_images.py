@@ -1,4 +1,6 @@
 """Your own images as the task (folder:PATH, ImageFolder layout), Tiny-ImageNet's layout, generators at any size."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -220,7 +222,7 @@ def test_a_nan_mean_on_the_command_line_is_exit_2_not_a_run_on_nan_images(tmp_pa
 @pytest.mark.parametrize("setup, message", [
     (lambda r: png_header_only(r / "bee" / "2.png", 20000, 20000), r"image .*bee/2.png is a decompression bomb"),
     (lambda r: png_header_only(r / "bee" / "2.png", 9000, 9000), r"image .*bee/2.png is 9000 x 9000 pixels, over"),
-    (lambda r: (r / "task.yaml").mkdir(), r"task.yaml: cannot be read"),
+    (lambda r: (r / "task.yaml").mkdir(), r"task.yaml: a task.yaml must be a regular file, and this is a folder"),
     (lambda r: (r / "cat" / "loop").symlink_to(r), r"cat/loop links back to .*imgs, a folder that holds it .a loop."),
     (lambda r: (r / "loop").symlink_to(r), r"loop links back to .*imgs, a folder that holds it .a loop."),
 ], ids=["20000x20000 png", "9000x9000 png", "task.yaml unreadable", "loop in a class", "loop as a class"])
@@ -305,3 +307,29 @@ def test_a_trials_config_of_a_folder_task_is_built_where_the_folder_is_not(tmp_p
     assert cfg.task_spec is task and cfg.task == task.name
     with pytest.raises(UserError, match="is not a folder"):
         get_task(task.name)  # resolved again by name, it would need the folder
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.symlink_to("/dev/zero"), r"must be a regular file, and this is a device or socket \(through a link"),
+    (lambda p: os.mkfifo(p), "must be a regular file, and this is a pipe"),
+    (lambda p: p.mkdir(), "must be a regular file, and this is a folder"),
+    (lambda p: p.symlink_to(p.parent / "gone.yaml"), "is a link to .*gone.yaml, which does not exist"),
+], ids=["link to /dev/zero", "named pipe", "folder", "dangling link"])
+def test_a_task_yaml_that_is_not_a_regular_file_is_one_line_not_a_hang_or_a_memory_error(tmp_path, make, message):
+    """``/dev/zero`` has size 0 and was read to a MemoryError; a named pipe blocked for ever; a dangling link was
+    taken as no task.yaml at all."""
+    root = write_folder(tmp_path / "imgs")
+    make(root / "task.yaml")
+    with bounded(60), pytest.raises(UserError, match=message) as e:
+        load_eval_data(get_task(as_task_name(f"folder:{root}")))
+    assert "\n" not in str(e.value)
+
+
+def test_a_space_file_that_is_not_a_regular_file_is_one_line_exit_2(tmp_path):
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.yaml")
+    for name, said in (("zero.yaml", "a device or socket"), ("pipe.yaml", "a pipe")):
+        with bounded(60):
+            r = run_main("search/run_search.py", "--space", tmp_path / name, "--storage", tmp_path / "runs")
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and said in r.stderr
+    assert not (tmp_path / "runs").exists()

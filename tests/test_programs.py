@@ -223,3 +223,64 @@ def test_every_place_that_reads_a_program_goes_through_the_checked_loader():
              for p in sorted((ROOT / d).glob("*.py")) if p.name != "programs.py"
              for node in ast.walk(ast.parse(p.read_text())) if loads_programs(node)]
     assert calls == []
+
+
+def _with_expression(m, expr_str):
+    def edit(graph):
+        expr = next(v["sizes"][0]["as_expr"] for v in graph["graph_module"]["graph"]["tensor_values"].values()
+                    if v["sizes"] and "as_expr" in v["sizes"][0])  # the batch size, a symbol
+        expr["expr_str"] = expr_str
+    edit_graph(m, edit)
+
+
+@pytest.mark.parametrize("expr, needle", [
+    ("Symbol('s77', positive=True, integer=True) + 9**9**9", "raises to a power other than a number up to 64"),
+    ("Symbol('s77', positive=True, integer=True) + ((9**64)**64)**64", "makes a number of up to 1,048,577 bits"),
+    ("Symbol('s77', positive=True, integer=True) + PowByNatural(9, 387420489)", "a number up to 64 written out"),
+])
+def test_a_shape_expression_whose_numbers_sympy_would_compute_for_ever_is_refused_at_once(program_file, tmp_path,
+                                                                                        expr, needle):
+    """sympy computes the numbers of an expression as it reads it: 9**9**9 has 370 million digits (the tool once
+    ran at 100% CPU with nothing printed, for ever). The check bounds them from the syntax tree, in a child process
+    here so that a regression fails the test instead of hanging it."""
+    import subprocess
+    import sys
+
+    path, _ = program_file
+    m = members(path)
+    _with_expression(m, expr)
+    crafted = tmp_path / "crafted.pt2"
+    rezip(crafted, m)
+    code = ("import sys; from trainable.programs import ProgramError, read_program\n"
+            "try:\n    read_program(sys.argv[1])\nexcept ProgramError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(crafted)], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert needle in r.stdout and r.stdout.count("\n") == 1, r.stdout + r.stderr[-2000:]
+
+
+def test_extra_members_are_judged_by_their_declared_size_and_never_unpacked(program_file, tmp_path, monkeypatch):
+    """An extra/ member under the zip bomb's ratio but large (the crafted file held four of 512 MiB, 158 to one, and
+    peaked at 5.8 GB before its refusal) is refused by its declared size before anything is unpacked; a small one is
+    left packed, out of the copy torch loads (bench/hostile_program.py measures the peak)."""
+    import random
+
+    path, net = program_file
+    m = members(path)
+    rng = random.Random(0)
+    chunk = bytes(rng.getrandbits(8) for _ in range(6_000)) + bytes(2 ** 20 - 6_000)  # about 150 to one packed
+    m[inner(m, "extra/big.txt")] = chunk * 20  # 20 MiB declared
+    crafted = tmp_path / "crafted.pt2"
+    rezip(crafted, m)
+    unpacked = []
+    original = zipfile.ZipFile.read
+    monkeypatch.setattr(zipfile.ZipFile, "read", lambda self, name, pwd=None: (unpacked.append(name),
+                                                                                original(self, name, pwd))[1])
+    with pytest.raises(ProgramError, match="holds extra/big.txt of 20,971,520 bytes, where torch.export writes small"):
+        read_program(crafted)
+    assert unpacked == []  # refused before any member was read
+    m[inner(m, "extra/big.txt")] = b"a note"
+    rezip(crafted, m)
+    module = load_module(crafted)
+    assert not any(name.endswith("extra/big.txt") for name in unpacked)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(module(x), net(x), atol=1e-5)

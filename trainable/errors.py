@@ -81,3 +81,16 @@ def full_disk_line(err: OSError, folder: str, then: str) -> str:
         mount = os.path.dirname(mount)
     writing = f" while writing {err.filename}" if err.filename else ""
     return f"no space left on {mount}{writing}; every record written so far is whole: free space and run: {then}"
+
+
+# A target the tool cannot write to: not a bug, not a full disk; one line and exit 2 (nothing already written is lost)
+UNWRITABLE_ERRNOS = (1, 2, 13, 20, 21, 30, 36)  # EPERM, ENOENT, EACCES, ENOTDIR, EISDIR, EROFS, ENAMETOOLONG
+
+
+def unwritable_line(err: BaseException, then: str) -> str | None:
+    """One line for a write refused by the filesystem (read-only, permission, a name too long, a path that is not a
+    folder), or None where ``err`` is something else. ``then``: what to do about it."""
+    if not isinstance(err, OSError) or err.errno not in UNWRITABLE_ERRNOS:
+        return None
+    target = f" {err.filename}" if err.filename else ""
+    return f"cannot write{target} ({err.strerror or err}); {then}"

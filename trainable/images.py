@@ -163,6 +163,8 @@ MAX_TASK_VALUES = 400_000  # values once aliases are expanded: 100,000 class nam
 def _task_yaml(root: Path) -> dict[str, Any]:
     """``task.yaml`` read by the reader of space files (data only, bounded, no key twice), or {} when absent."""
     path = root / TASK_FILE
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a link to {os.readlink(path)}, which does not exist; fix the link or remove it")
     if not path.exists():
         return {}
     raw = read_yaml(path, MAX_TASK_BYTES, f"a {TASK_FILE}", max_values=MAX_TASK_VALUES) or {}

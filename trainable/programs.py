@@ -44,6 +44,10 @@ from trainable.errors import UserError
 MAX_UNPACKED_BYTES = 16 * 1024 ** 3  # a program's tensors unpacked; a zip bomb declares more
 MAX_GRAPH_BYTES = 512 * 1024 ** 2  # one graph's JSON
 MAX_PACKING = 200  # a member unpacking to over 200 times its packed size (and over 1 MiB) is a zip bomb
+MAX_EXTRA_BYTES = 16 * 1024 ** 2  # an extra/ member (text torch.export.save writes when asked; never read here)
+# Where a member may be, judged by its name before any member is unpacked; extra/ is left packed and out of the copy
+# torch loads (it reads extra files only when asked for them).
+MEMBER_FOLDERS = (C.MODELS_DIR, C.WEIGHTS_DIR, C.CONSTANTS_DIR, "data/sample_inputs/")
 PLAIN_TEXT = re.compile(r"[A-Za-z0-9_.+\-]*\Z")  # names, fqns, dtypes, versions: nothing Python could run
 SYMBOL = re.compile(r"[a-z]+[0-9]+\Z")  # s0, u3, ...: the symbols export names shape variables
 OPERATOR = re.compile(r"torch\.ops\.(aten|prims|higher_order)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?\Z")
@@ -151,7 +155,7 @@ def check_archive(data: bytes, where: str) -> dict[str, bytes]:
             if not prefix or any(not n.startswith(prefix) or n.endswith("/") for n in names):
                 raise ProgramError(f"{where} is not a torch.export program (its files are not in one folder); "
                                    "write one with torch.export.save(torch.export.export(model, (x,)), PATH)")
-            members = {n[len(prefix):]: z.read(n) for n in names}
+            members = _read_members(z, infos, prefix, where)
     except zipfile.BadZipFile:
         raise ProgramError(f"{where} is not a torch.export program (not a zip archive: empty, cut short or another "
                            "kind of file); write one with torch.export.save(torch.export.export(model, (x,)), "
@@ -186,6 +190,24 @@ def check_archive(data: bytes, where: str) -> dict[str, bytes]:
             raise _refuse(where, f"holds {name}, which this tool does not load (AOTInductor, ExecuTorch and pickled "
                                  "payloads are native code or pickles)")
     return {prefix + n: v for n, v in members.items()}
+
+
+def _read_members(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo], prefix: str, where: str) -> dict[str, bytes]:
+    """The members torch loads, by their names inside the folder ``prefix``: every member judged by its name and
+    declared size before any is unpacked, then read one at a time; ``extra/`` is never unpacked."""
+    for info in infos:
+        rel = info.filename[len(prefix):]
+        if rel.startswith(C.EXTRA_DIR):
+            if info.file_size > MAX_EXTRA_BYTES:
+                raise _refuse(where, f"holds {rel} of {info.file_size:,} bytes, where torch.export writes small text")
+            continue
+        if rel not in PLAIN_MEMBERS and not rel.startswith(MEMBER_FOLDERS):
+            raise _refuse(where, f"holds {rel}, which this tool does not load (AOTInductor, ExecuTorch and pickled "
+                                 "payloads are native code or pickles)")
+        if rel.startswith(C.MODELS_DIR) and info.file_size > MAX_GRAPH_BYTES:
+            raise _refuse(where, f"holds a graph {rel} of {info.file_size:,} bytes")
+    return {info.filename[len(prefix):]: z.read(info.filename) for info in infos
+            if not info.filename[len(prefix):].startswith(C.EXTRA_DIR)}
 
 
 def _check_payloads(members: dict[str, bytes], config_name: str, folder: str, where: str) -> set[str]:
@@ -294,9 +316,59 @@ def _check_treespec(text: str, where: str, at: str) -> None:
             raise _refuse(where, f"holds {node[:60]!r} in an input/output spec at {at}, where a spec holds names")
 
 
+# sympy computes the numbers of an expression as it reads it (``9**9**9`` is 9**387420489: hours and gigabytes). A
+# shape expression's numbers are small: its value's size is bounded from its syntax tree before sympy sees it.
+MAX_EXPRESSION_BITS = 4096  # the bound on the size of any number an expression can make (a shape is under 2**63)
+MAX_EXPONENT = 64  # an exponent (or a shift) is a number written out, at most this
+SYMBOL_BITS = 64  # a symbol stands for a size: at most 2**63
+POWERS = frozenset(("Pow", "FloatPow", "PowByNatural"))
+SHIFTS = frozenset(("LShift",))
+
+
+def _bits(node: ast.AST) -> float:
+    """An upper bound on the size in bits of the number ``node`` (checked against ``SAFE_AST``) can make; raises
+    ValueError for an exponent or a shift that is not a small number written out."""
+    def exponent(e: ast.AST) -> float:
+        if isinstance(e, ast.UnaryOp) and isinstance(e.op, (ast.USub, ast.UAdd)):
+            e = e.operand
+        v = e.args[0] if isinstance(e, ast.Call) and getattr(e.func, "id", "") in ("Integer", "Float", "Rational") \
+            and e.args else e
+        if not isinstance(v, ast.Constant) or isinstance(v.value, bool) or not isinstance(v.value, (int, float)) \
+                or not abs(v.value) <= MAX_EXPONENT:
+            raise ValueError("an exponent that is not a small number")
+        return abs(float(v.value))
+
+    if isinstance(node, ast.Expression):
+        return _bits(node.body)
+    if isinstance(node, ast.Constant):
+        v = node.value
+        return float(abs(int(v)).bit_length()) if isinstance(v, (bool, int)) else (
+            SYMBOL_BITS if isinstance(v, str) else 1100.0)  # a float: at most about 2**1024
+    if isinstance(node, ast.Name):
+        return float(SYMBOL_BITS)
+    if isinstance(node, ast.BinOp):
+        if isinstance(node.op, ast.Pow):
+            return _bits(node.left) * max(1.0, exponent(node.right))
+        left, right = _bits(node.left), _bits(node.right)
+        return left + right if isinstance(node.op, (ast.Mult, ast.Div, ast.FloorDiv)) else max(left, right) + 1
+    if isinstance(node, ast.UnaryOp):
+        return _bits(node.operand)
+    if isinstance(node, ast.Call):
+        name = getattr(node.func, "id", "")
+        if name == "Symbol":
+            return float(SYMBOL_BITS)
+        if name in POWERS and len(node.args) == 2:
+            return _bits(node.args[0]) * max(1.0, exponent(node.args[1]))
+        if name in SHIFTS and len(node.args) == 2:
+            return _bits(node.args[0]) + exponent(node.args[1])
+        parts = [_bits(a) for a in node.args]
+        return sum(parts) + len(parts) if parts else 1.0  # products and sums alike: at most the sum of the sizes
+    return float(sum(_bits(c) for c in ast.iter_child_nodes(node)) + 1)  # relations, and/or: their parts
+
+
 def _check_expression(text: Any, where: str, at: str) -> None:
     """A shape expression (``sympy.sympify`` evaluates it): symbols, numbers, arithmetic and the functions listed
-    in ``SYMPY_FUNCTIONS``, by its Python syntax tree."""
+    in ``SYMPY_FUNCTIONS``, by its Python syntax tree; no number it can make over ``MAX_EXPRESSION_BITS`` bits."""
 
     def bad(why: str) -> ProgramError:
         return _refuse(where, f"has a shape expression at {at} that {why}: {str(text)[:80]!r}")
@@ -323,6 +395,12 @@ def _check_expression(text: Any, where: str, at: str) -> None:
             v = node.value
             if not (isinstance(v, (bool, int, float)) or (isinstance(v, str) and SYMBOL.match(v))):
                 raise bad("holds a constant other than a number or a symbol's name")
+    try:
+        size = _bits(tree)
+    except (ValueError, RecursionError):
+        raise bad(f"raises to a power other than a number up to {MAX_EXPONENT} written out") from None
+    if size > MAX_EXPRESSION_BITS:
+        raise bad(f"makes a number of up to {size:,.0f} bits (a shape is under {SYMBOL_BITS})")
 
 
 def _repack(members: dict[str, bytes]) -> bytes:

@@ -14,6 +14,7 @@ prints the --resume command), 1 other.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -26,7 +27,7 @@ import torch
 from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
-from trainable.errors import UserError
+from trainable.errors import UserError, unwritable_line
 from trainable.files import write_json, write_text
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
@@ -87,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the output folder was chosen
         print("interrupted before the run started; run the same command again", file=sys.stderr)
         return 1
+    except OSError as e:
+        line = unwritable_line(e, "pass an --out you can write to")
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 2
 
 
 def interrupted(out: Path, argv: list[str]) -> int:
@@ -100,8 +107,25 @@ def interrupted(out: Path, argv: list[str]) -> int:
     return EXIT_INTERRUPTED
 
 
+def check_makeable(out: Path) -> None:
+    """``out`` can be made: it is made and the folders it took are removed again (nothing is left for bad input)."""
+    made = [p for p in (*reversed(out.absolute().parents), out.absolute()) if not p.exists()]
+    try:
+        for p in made:
+            p.mkdir()
+    except OSError as e:
+        raise UserError(unwritable_line(e, "pass an --out you can write to") or f"cannot make --out {out} ({e})") \
+            from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     start = time.time()
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads} is invalid: must be >= 1 (0: torch's default)")
     if args.threads:
         torch.set_num_threads(args.threads)
     shortcuts = {k: v for k, v in (("method", args.method), ("prior", args.prior),
@@ -122,6 +146,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
     if not args.resume and not args.estimate and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    check_makeable(out)  # a folder that cannot be made (/proc/x, a name too long): one line before any work
     try:
         return _run(args, values, cfg, task, out, start)
     except KeyboardInterrupt:

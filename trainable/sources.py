@@ -117,7 +117,7 @@ def _builder(spec: str):
         except ImportError as e:
             raise ModelSourceError(f"cannot import {module_name!r} for {spec!r} ({e}); run from the folder that "
                                    "holds it or add it to PYTHONPATH") from None
-        except Exception as e:  # the user's module raised while importing
+        except (Exception, SystemExit) as e:  # the user's module raised (or called sys.exit) while importing
             raise ModelSourceError(f"importing {module_name!r} for {spec!r} raised {type(e).__name__}: "
                                    f"{str(e).splitlines()[0][:200] if str(e) else ''}") from None
         fn = getattr(module, attr, None)
@@ -170,7 +170,7 @@ def build_foreign(spec: str, num_classes: int, in_channels: int, image_size: int
         kwargs = {k2: v for k2, v in kwargs.items() if v is not None}
     try:
         model = fn(**kwargs)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a factory is its failure, not the command's end
         raise ModelSourceError(f"building {spec} with num_classes={num_classes} raised {type(e).__name__}: "
                                f"{(str(e).splitlines() or [''])[0][:200]}") from None
     if not isinstance(model, nn.Module):

@@ -6,6 +6,7 @@ naming the file.
 """
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,19 @@ def read_yaml(path: str | Path, max_bytes: int, what: str, error: type[UserError
     errors ("a space file"); ``max_values`` bounds its values once aliases are expanded. Raises ``error``."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > max_bytes:
-            raise error(f"{p}: {size:,} bytes is too large for {what} (limit {max_bytes:,})")
-        text = p.read_bytes().decode("utf-8")
+        st = p.stat()  # follows a link: what would be read
+        if not stat.S_ISREG(st.st_mode):  # a device (/dev/zero reads for ever), a pipe (blocks), a folder
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a pipe" if stat.S_ISFIFO(st.st_mode) else \
+                "a device or socket"
+            raise error(f"{p}: {what} must be a regular file, and this is {kind}"
+                        f"{' (through a link to ' + str(p.resolve()) + ')' if p.is_symlink() else ''}; pass a file")
+        if st.st_size > max_bytes:
+            raise error(f"{p}: {st.st_size:,} bytes is too large for {what} (limit {max_bytes:,})")
+        with open(p, "rb") as f:
+            data = f.read(max_bytes + 1)  # never more than the limit, whatever the size said
+        if len(data) > max_bytes:
+            raise error(f"{p}: over {max_bytes:,} bytes is too large for {what} (it grew as it was read)")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise error(f"{p}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except OSError as e:
