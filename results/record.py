@@ -54,6 +54,7 @@ REPORT_FILE = "report.html"  # results.report.build_report
 BEST_DIR = "best"  # the winner: a run's outputs (trainable.outputs.finish_run), metrics.json, trial.json
 BEST_METRICS = "best/metrics.json"  # the winner's confirmed metrics
 BEST_TRIAL = "best/trial.json"  # which trial and checkpoint it is
+BEST_MANIFEST = "best/manifest.json"  # every other file of best/ (size, sha256) and the winner checkpoint's
 BEST_PARTIAL = "akdtune/best.partial"  # best/ while it is written; renamed to best/ once complete, so a search
 # killed during its export has no best/ and is not finished (the resume exports again)
 TRIALS_TABLE = f"{SUMMARY_DIR}/trials.parquet"
@@ -128,6 +129,7 @@ REPAIRS = {
     STUDY_FILE: "the cut record is dropped: never complete, Optuna never read it",
     "params.json": "it is written again from Tune's experiment state",
     ".pkl": "it is made again from the scheduler's order",  # the searcher's state (check_tune_state names the others)
+    "/" + BEST_DIR: "best/ is exported again from the winner's checkpoint",
 }
 RECORD_FORMAT = "akdtune.record/1"
 RECORD_KEY = "_record"
@@ -517,6 +519,69 @@ def repair_journal(path: str | Path) -> int:
     return len(data) - keep
 
 
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_entries(folder: Path, under: Path) -> dict[str, dict[str, Any]]:
+    """Size and checksum of the file ``under``, or of every file in the folder ``under``, by path in ``folder``."""
+    files = [under] if under.is_file() else sorted(p for p in under.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+            for p in files if not p.name.startswith(".")}
+
+
+def write_best_manifest(best: str | Path, folder: str | Path, checkpoint: str) -> None:
+    """``manifest.json`` of the ``best/`` being written at ``best`` (in the search ``folder``): the size and checksum
+    of each of its files and of the winner's checkpoint (``checkpoint``, relative to the folder), so that
+    ``report.py`` and ``--resume`` tell a changed or missing one from a whole one."""
+    best, folder = Path(best), Path(folder)
+    files = {p.relative_to(best).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(best.rglob("*")) if p.is_file() and p.name != Path(BEST_MANIFEST).name}
+    ck = folder / checkpoint
+    write_record(best / Path(BEST_MANIFEST).name, {
+        "files": files, "checkpoint": checkpoint,
+        "checkpoint_files": _manifest_entries(folder, ck) if ck.exists() else {}})
+
+
+def check_best(folder: str | Path) -> list[DamagedRecord]:
+    """The winner a finished search hands over (``best/``) and the checkpoint it was made from, against
+    ``best/manifest.json``. A search exported before manifests were written has none: nothing to check. The winner's
+    checkpoint is checked where its trial's checkpoints are on this disk (a working copy of a search on a URI holds
+    none)."""
+    folder = Path(folder)
+    if not (folder / BEST_TRIAL).is_file():
+        return []
+    try:
+        manifest = read_record(folder / BEST_MANIFEST)
+    except DamagedRecord as e:
+        return [DamagedRecord(folder / BEST_DIR, str(e).split(" is damaged (", 1)[-1].split("); nothing", 1)[0])]
+    if manifest is None:
+        return []
+    found = []
+    for rel, want in sorted((manifest.get("files") or {}).items()):
+        path = folder / BEST_DIR / rel
+        if not path.is_file():
+            found.append(DamagedRecord(folder / BEST_DIR, f"its {rel} is missing"))
+        elif path.stat().st_size != want.get("size") or file_digest(path) != want.get("sha256"):
+            found.append(DamagedRecord(folder / BEST_DIR, f"its {rel} does not match its checksum in {BEST_MANIFEST}: "
+                                                          "changed since the export"))
+    ck = folder / str(manifest.get("checkpoint") or "")
+    trial = next((p for p in ck.parents if p.name.startswith(TRIAL_PREFIX)), None)
+    here = list(trial.glob(f"{CHECKPOINT_PREFIX}*")) if trial is not None and manifest.get("checkpoint") else []
+    for rel, want in sorted((manifest.get("checkpoint_files") or {}).items()):
+        path = folder / rel
+        if here and (not path.is_file() or path.stat().st_size != want.get("size")
+                     or file_digest(path) != want.get("sha256")):
+            found.append(DamagedRecord(path, f"the winner's checkpoint that best/ was made from is "
+                                             f"{'missing' if not path.is_file() else 'changed'}", repairable=False))
+            break
+    return found[:1]
+
+
 def check_records(folder: str | Path) -> list[DamagedRecord]:
     """Every record of the search at ``folder`` that is damaged (each with what to do): the tool's own records, the
     study journal, Tune's state files, then whether they agree on the trials (only once each is whole)."""
@@ -531,6 +596,7 @@ def check_records(folder: str | Path) -> list[DamagedRecord]:
     except DamagedRecord as e:
         found.append(e)
     found += check_tune_state(folder)
+    found += check_best(folder)
     return found or check_agreement(folder)
 
 
@@ -543,7 +609,8 @@ def repair_records(folder: str | Path) -> list[str]:
 
     folder = Path(folder)
     found = [*(e for e in (_try(read_record, folder / n) for n in RECORDS) if e),
-             *(e for e in [_try(check_journal, folder / STUDY_FILE)] if e), *check_tune_state(folder)]
+             *(e for e in [_try(check_journal, folder / STUDY_FILE)] if e), *check_tune_state(folder),
+             *check_best(folder)]
     fatal = [d for d in found if not d.repairable]
     if fatal:
         raise fatal[0]
@@ -567,6 +634,12 @@ def repair_records(folder: str | Path) -> list[str]:
             order = scheduler_record(folder / SCHEDULER_FILE).get("order") or []
             write_json(d.path, {"study": STUDY_FILE, "asked": list(order)})
             done.append(f"{rel}: made again from the scheduler's order of the {len(order)} trials proposed")
+        elif d.path == folder / BEST_DIR:
+            import shutil
+
+            shutil.rmtree(d.path)  # the search is then finished again by the resume: the same export, made again
+            done.append(f"{BEST_DIR}/: removed ({str(d).split(' is damaged (', 1)[-1].split('); nothing', 1)[0]}); "
+                        "the winner is exported again from its checkpoint")
         elif d.path.name == "params.json":
             config = next(t["config"] for t in tune_trials(folder) if t["dir"] == d.path.parent)
             write_json(d.path, config)

@@ -29,6 +29,7 @@ from results.record import (
     has_tune_state,
     latest_checkpoint,
     outcomes_line,
+    write_best_manifest,
     write_record,
 )
 from results.report import build_report
@@ -99,6 +100,7 @@ def export_best(exp: Path, winner: dict[str, Any], task, teacher, data, teacher_
     write_json(out / Path(BEST_TRIAL).name, {"trial_id": winner["trial_id"],
                                     "checkpoint": chosen["checkpoint"],
                                     "epochs": run.epoch, "within_budget": bool(winner["within_budget"])})
+    write_best_manifest(out, exp, chosen["checkpoint"])  # what report.py and --resume check it against
     if (exp / BEST_DIR).exists():
         shutil.rmtree(exp / BEST_DIR)  # a best/ without its trial.json: not a finished export
     os.replace(out, exp / BEST_DIR)

@@ -944,3 +944,52 @@ def test_a_trial_paused_at_its_rung_resumes_from_its_checkpoint_and_every_result
     assert [r["resumed_at"] for r in logged[first]] == [0] * 6  # never waited
     assert [r["resumed_at"] for r in logged[second]] == [0, 0, 0, 3, 3, 3]  # paused at its rung, went on from there
     assert scheduler.stopped == {} and scheduler.state["waiting"] == {}
+
+
+def test_damage_to_the_winner_is_found_by_report_and_resume_and_repair_exports_it_again(tmp_path, ray_address):
+    """A flipped byte in best/student.pt, or the winner's checkpoint deleted, in a finished search: both refused in
+    one line by results/report.py and --resume (checked against best/manifest.json), nothing changed; --repair
+    exports the winner again from its checkpoint, the same metrics."""
+    import shutil
+
+    from conftest import run_main
+
+    def args(name):
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 3, "--storage", tmp_path,
+                "--name", name, "--no-report"]
+
+    assert search(*args("s")) == 0
+    src = tmp_path / "s"
+    manifest = json.loads((src / "best" / "manifest.json").read_text())
+    assert {"student.pt", "student.pt2", "metrics.json", "trial.json"} <= set(manifest["files"])
+    before = json.loads((src / "best" / "metrics.json").read_text())
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(src, flipped, symlinks=True)
+    data = bytearray((flipped / "best" / "student.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (flipped / "best" / "student.pt").write_bytes(bytes(data))
+    files = {p: p.read_bytes() for p in flipped.rglob("*") if p.is_file()}
+    for script, argv in (("results/report.py", [flipped]), ("search/run_search.py", [*args("flipped"), "--resume"])):
+        r = run_main(script, *argv)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (script, r.stderr)
+        assert f"{flipped / 'best'} is damaged (its student.pt does not match its checksum in best/manifest.json" \
+               in r.stderr and "resume the search with --repair (best/ is exported again" in r.stderr
+        assert {p: p.read_bytes() for p in flipped.rglob("*") if p.is_file()} == files
+    r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args("flipped")), "--resume",
+                        "--repair", "--address", ray_address], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "repaired best/: removed (its student.pt does not match" in r.stdout
+    after = json.loads((flipped / "best" / "metrics.json").read_text())
+    for key in ("val_acc", "test_acc", "student_test_acc", "param_ratio", "seeds"):
+        assert after[key] == before[key], key
+    assert run_main("results/report.py", flipped).returncode == 0
+
+    gone = tmp_path / "gone"
+    shutil.copytree(src, gone, symlinks=True)
+    assert manifest["checkpoint_files"]
+    shutil.rmtree((gone / manifest["checkpoint"]).parent)  # its checkpoint folder
+    r = run_main("results/report.py", gone)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "is damaged (the winner's checkpoint that best/ was made from is missing)" in r.stderr
+    assert "restore it from a copy of the search folder" in r.stderr
