@@ -138,10 +138,10 @@ RECORD_KEY = "_record"
 class DamagedRecord(UserError):
     """A record of a search folder that is not what this tool wrote: one line naming it and what to do."""
 
-    def __init__(self, path: str | Path, why: str, repairable: bool = True):
+    def __init__(self, path: str | Path, why: str, repairable: bool = True, repair: str | None = None):
         self.path = Path(path)
-        self.repair = next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)), None) \
-            if repairable else None
+        self.repair = repair or next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)),
+                                     None) if repairable else None
         what = (f"resume the search with --repair ({self.repair})" if self.repair
                 else "restore it from a copy of the search folder")
         super().__init__(f"{path} is damaged ({why}); nothing was changed: {what}")
@@ -339,6 +339,25 @@ def _study_ray_ids(path: str | Path) -> set[str] | None:
     return {str(t.user_attrs[RAY_ID]) for t in study.get_trials(deepcopy=False) if RAY_ID in t.user_attrs}
 
 
+RETELL = "each finished trial's outcome is told to the study again from the scheduler's record"
+
+
+def running_but_finished(folder: str | Path, journal: str | Path | None = None) -> list[str]:
+    """The trials the scheduler recorded as finished or stopped whose newest record in the study is still running (a
+    study journal cut short after they were told, or a kill between the scheduler's record and the study's)."""
+    folder = Path(folder)
+    study = open_study(journal or folder / STUDY_FILE)
+    if study is None:
+        return []
+    scheduler = scheduler_record(folder / SCHEDULER_FILE)
+    newest = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if RAY_ID in t.user_attrs:
+            newest[str(t.user_attrs[RAY_ID])] = t
+    return [tid for tid in [*scheduler["finished"], *scheduler["stopped"]]
+            if tid in newest and newest[tid].state.name == "RUNNING"]
+
+
 def check_agreement(folder: str | Path, journal: str | Path | None = None) -> list[DamagedRecord]:
     """The study, the scheduler's record and Tune's trials name the same trials: every trial Tune recorded, and every
     trial the scheduler ordered or decided on, is in the study (its setting is asked there before Tune or the
@@ -359,6 +378,10 @@ def check_agreement(folder: str | Path, journal: str | Path | None = None) -> li
         have = len(set(named) & (study or set()))
         found.append(DamagedRecord(folder / STUDY_FILE, f"it holds {have} of the {len(named)} trials that Tune and "
                                    "the scheduler recorded: cut short or replaced", repairable=False))
+    running = running_but_finished(folder, journal) if not found and (folder / BEST_TRIAL).is_file() else []
+    if running:  # a finished search: nothing will tell them again
+        found.append(DamagedRecord(folder / STUDY_FILE, f"it has {len(running)} trial(s) running that the scheduler "
+                                   f"recorded as finished, e.g. {running[0]}: cut short", repair=RETELL))
     order = scheduler.get("order")
     if order is not None and not set(tune_ids) <= set(order):
         found.append(DamagedRecord(folder / SCHEDULER_FILE, f"its order names {len(set(tune_ids) & set(order))} of "
@@ -623,6 +646,7 @@ def repair_records(folder: str | Path) -> list[str]:
             disagree = check_agreement(folder, journal=mended)
     else:
         disagree = check_agreement(folder)
+    disagree = [d for d in disagree if d.repair != RETELL]  # told again by the resume (search.searcher.mend_study)
     if disagree:
         raise disagree[0]
     done = []

@@ -23,6 +23,7 @@ from results.record import (
     BEST_TRIAL,
     CONFIRM_RESULTS,
     META_FILE,
+    RETELL,
     check_records,
     is_own,
     read_record,
@@ -225,7 +226,8 @@ def _read_record(path: Path, name: str, repair: bool) -> dict:
     if repair:
         for line in repair_records(folder):
             print(f"repaired {line}")
-    damaged = check_records(folder)
+    # --repair: finished trials the study still has running are told again as the resume starts (mend_study)
+    damaged = [d for d in check_records(folder) if not (repair and d.repair == RETELL)]
     if damaged:
         raise damaged[0]
     found = read_record(path)

@@ -32,6 +32,7 @@ from search.prepare import (
     prepare_teacher_for,
     typical_trial_config,
 )
+from search.searcher import mend_study
 from search.session import record_session
 from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
 from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
@@ -140,6 +141,11 @@ def _run_search(args: argparse.Namespace, argv: list[str], started: float, lease
     plan = resolve_plan(args, argv)  # every setting and every check that needs no Ray; nothing written yet
     for note in plan.space.notes:
         print(f"note: {note}")
+    if plan.resume:  # a trial's end that reached the scheduler's record and not the study's (a kill, a cut journal)
+        told = mend_study(plan.folder, plan.objectives)
+        if told:
+            print(f"told the study how {len(told)} finished trial(s) ended, from the scheduler's record: "
+                  f"{', '.join(told)}")
     if plan.finished:
         if bring_up_to_date(plan):  # killed after its winner's export, before its summaries
             print("the summaries were older than the winner in best/: written again")

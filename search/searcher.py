@@ -31,7 +31,7 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from results.limits import OVER_BUDGET
-from results.record import STUDY_FILE, here, journal_storage, open_study
+from results.record import SCHEDULER_FILE, STUDY_FILE, here, journal_storage, open_study, running_but_finished, scheduler_record
 from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
 from trainable import metrics as M
@@ -393,3 +393,31 @@ def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Par
             trial.report(value, step)
         n += 1
     return n
+
+
+def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
+    """Tell the study how each trial ended that the scheduler recorded as finished or stopped but the study still has
+    running (``results.record.running_but_finished``: a kill between the two records, or a study journal whose
+    end ``--repair`` dropped), as the searcher tells it when a trial ends: never lose a finished trial's result.
+    Returns their Ray ids."""
+    import optuna
+
+    running = running_but_finished(folder)
+    if not running:
+        return []
+    study, scheduler = open_study(f"{folder}/{STUDY_FILE}"), scheduler_record(f"{folder}/{SCHEDULER_FILE}")
+    TS = optuna.trial.TrialState
+    newest = {str(t.user_attrs[RAY_ID]): t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+              if RAY_ID in t.user_attrs}
+    for tid in running:
+        number, stopped = newest[tid].number, scheduler["stopped"].get(tid)
+        values = [(scheduler["finished"].get(tid) or {}).get(m) for m, _ in objectives]
+        if stopped and stopped.get("reason") == "diverged":
+            study.tell(number, state=TS.FAIL)
+        elif stopped:
+            study.tell(number, state=TS.PRUNED)
+        elif all(v is not None and math.isfinite(float(v)) for v in values):
+            study.tell(number, [float(v) for v in values])
+        else:
+            study.tell(number, state=TS.FAIL)
+    return running

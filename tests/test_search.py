@@ -993,3 +993,54 @@ def test_damage_to_the_winner_is_found_by_report_and_resume_and_repair_exports_i
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "is damaged (the winner's checkpoint that best/ was made from is missing)" in r.stderr
     assert "restore it from a copy of the search folder" in r.stderr
+
+
+def test_a_study_journal_that_lost_its_last_records_is_found_and_repair_tells_it_again(tmp_path, ray_address):
+    """A finished search whose study journal lost its last lines (trials lose their final state, none disappears), or
+    was cut inside its last record: report.py and --resume refuse it in one line; --repair never drops a finished
+    trial's result: each is told to the study again from the scheduler's record, as the table has it."""
+    import shutil
+
+    from conftest import run_main
+    from results.record import open_study, running_but_finished
+    from results.study import newest_records
+
+    def args(name):
+        return ["--space", ROOT / "spaces" / "lr.yaml", "--smoke", "--num-samples", 3, "--storage", tmp_path,
+                "--name", name, "--no-report"]
+
+    assert search(*args("s")) == 0
+    journal = Path("akdtune") / "study.journal"
+    lines = (tmp_path / "s" / journal).read_bytes().splitlines(keepends=True)
+    cuts = {}
+    for k in range(1, 8):  # the fewest last lines whose loss leaves a finished trial running in the study
+        exp = tmp_path / f"lines-{k}"
+        shutil.copytree(tmp_path / "s", exp, symlinks=True)
+        (exp / journal).write_bytes(b"".join(lines[:-k]))
+        if running_but_finished(exp) and {t.user_attrs.get("ray_trial_id") for t in
+                                          open_study(exp / journal).get_trials()} >= set(trials_table(exp)["trial_id"]):
+            cuts["lines"] = exp
+            break
+        shutil.rmtree(exp)
+    assert "lines" in cuts, "no cut of the journal's last lines left a finished trial running"
+    exp = tmp_path / "inside"
+    shutil.copytree(cuts["lines"], exp, symlinks=True)
+    (exp / journal).write_bytes((exp / journal).read_bytes() + lines[-len(lines) + len(
+        (cuts["lines"] / journal).read_bytes().splitlines())][:10])  # and the next record, cut inside
+    cuts["inside"] = exp
+    for name, exp in cuts.items():
+        r = run_main("results/report.py", exp)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (name, r.stderr)
+        assert "study.journal is damaged" in r.stderr and "--repair" in r.stderr, (name, r.stderr)
+        r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, args(exp.name)),
+                            "--resume", "--repair", "--address", ray_address], capture_output=True, text=True,
+                           cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert "told the study how" in r.stdout, (name, r.stdout[-2000:])
+        table = trials_table(exp)
+        words = {"completed": "COMPLETE", "stopped_early": "PRUNED"}
+        states = {t.user_attrs["ray_trial_id"]: t.state.name for t in newest_records(open_study(exp / journal))
+                  if "ray_trial_id" in t.user_attrs}
+        assert {t: states[t] for t in table["trial_id"]} == {t: words[o] for t, o in zip(table["trial_id"],
+                                                                                         table["outcome"])}
+        assert run_main("results/report.py", exp).returncode == 0
