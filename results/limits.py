@@ -15,6 +15,8 @@ from trainable import metrics as M
 # Limits (the space's budget on the student) and the settings refused over them
 # ---------------------------------------------------------------------------------------------
 OVER_BUDGET = "over_budget"  # Optuna user attribute of a setting refused before training: why, in words
+# A repeatable search's refused setting: the proposal it was drawn for and its try (a resume may draw it again)
+PROPOSAL, ATTEMPT = "proposal", "attempt"
 
 
 def space_limits(raw: dict[str, Any]) -> dict[str, float]:
@@ -39,8 +41,14 @@ def within_limits(result: dict[str, Any], limits: dict[str, float]) -> bool:
 
 
 def count_refused(study) -> int:
-    """How many proposed settings an Optuna study's search refused before training, over its budget."""
-    return 0 if study is None else sum(OVER_BUDGET in t.user_attrs for t in study.get_trials(deepcopy=False))
+    """How many proposed settings an Optuna study's search refused before training, over its budget; one drawn again
+    for the same proposal and try (a resume drawing the proposal a kill cut short) counts once, as in a search
+    that was never interrupted."""
+    if study is None:
+        return 0
+    refused = [t for t in study.get_trials(deepcopy=False) if OVER_BUDGET in t.user_attrs]
+    return len({(t.user_attrs[PROPOSAL], t.user_attrs.get(ATTEMPT, 0)) if PROPOSAL in t.user_attrs else ("n", t.number)
+                for t in refused})
 
 
 def refused_over_budget(path: str | Path) -> int:

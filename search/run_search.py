@@ -36,6 +36,7 @@ from search.searcher import mend_study
 from search.session import record_session
 from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
 from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
+from trainable.files import sweep_strays
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +158,7 @@ def _run_search(args: argparse.Namespace, argv: list[str], started: float, lease
     if plan.resume:  # a copied or moved search: what Tune restores writes here, never where it was copied from
         relocate(folders_of(plan.record), plan.folder)
         remove_stale_lock(plan.file(STUDY_FILE))  # a kill while the study was being appended to
+        sweep_strays(plan.folder)  # temporary files a kill left where no writer comes again (abandoned trials)
     teacher = prepare_teacher_for(plan)
     plan = fit_to_teacher(plan, teacher)  # the recipe fitted to what the teacher offers, said in one line
     # A resumed search is restored from what Tune saved of it; one killed before Tune saved anything starts its

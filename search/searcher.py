@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from results.limits import OVER_BUDGET
+from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
 from results.record import SCHEDULER_FILE, STUDY_FILE, here, journal_storage, open_study, running_but_finished, scheduler_record
 from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 RAY_ID = "ray_trial_id"
 CONSTRAINT = "param_budget"
 INDEX = "index"  # repeatable: a trial's place in the order of proposals (0, 1, ...)
-PROPOSAL, ATTEMPT = "proposal", "attempt"  # repeatable: the proposal a refused setting was drawn for, and its try
 
 
 class OptunaSearcher(Searcher):
@@ -328,10 +327,14 @@ class OptunaSearcher(Searcher):
             self.scheduler.set_order(self.proposed())
 
     def proposed(self) -> list[str]:
-        """The trials proposed so far, in order: the scheduler's record where it runs ahead of this searcher's own list
-        (it is written as each trial is proposed, and Tune saves the searcher's list only now and then), else the list."""
+        """The trials proposed so far, in order: the scheduler's record, written as each trial is proposed (and cut back
+        by :meth:`agree_with` as a resume starts), so always the newest; this searcher's own list only where the record
+        has none (a search started before it kept the order). Tune saves the searcher's list only now and then, and
+        may restore one from an earlier session: after a resume that proposed ``d`` in place of a lost ``c`` and was
+        killed in turn, that list still says ``c`` where the record says ``d``, and trusting it proposed the same
+        place again while Tune ran ``d``: one proposal trained twice."""
         order = list(self.scheduler.state.get("order") or []) if self.scheduler is not None else []
-        return order if len(order) > len(self.asked) and order[:len(self.asked)] == self.asked else list(self.asked)
+        return order or list(self.asked)
 
     def agree_with(self, known: list[str]) -> None:
         """After a restore: the trials proposed are those Tune restored (``known``), in the order they were proposed:

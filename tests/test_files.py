@@ -221,3 +221,22 @@ def test_the_checkpoint_tunes_saved_state_names_is_never_deleted(tmp_path, ray_a
     for d in exp.glob("trial_*"):  # what was held is deleted at the end: Tune's two newest are left
         assert sorted(c.name for c in d.glob("checkpoint_*")) == ["checkpoint_000004", "checkpoint_000005"]
     assert atomicfs.HELD.held == []
+
+
+def test_a_resume_sweeps_the_temporary_files_of_dead_writers_left_in_abandoned_trial_folders(tmp_path):
+    import subprocess
+    import sys
+
+    from trainable.files import sweep_strays
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    trial = tmp_path / "trial_abc" / "checkpoint_000001"
+    trial.mkdir(parents=True)
+    stray = [trial / f".checkpoint.{dead}.tmp.pt", tmp_path / "trial_abc" / f".result.{dead}.tmp.json"]
+    live = trial / f".checkpoint.{os.getpid()}.tmp.pt"  # a writer that is running: left alone
+    kept = [trial / "checkpoint.pt", tmp_path / "trial_abc" / "result.json"]
+    for p in [*stray, live, *kept]:
+        p.write_bytes(b"x")
+    assert sorted(sweep_strays(tmp_path)) == sorted(stray)
+    assert all(p.exists() for p in [live, *kept]) and not any(p.exists() for p in stray)

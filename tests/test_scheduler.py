@@ -327,3 +327,40 @@ def test_after_a_restore_the_proposals_are_the_trials_tune_restored(tmp_path):
     assert s.asked == ["a", "b"] and s.scheduler.state["order"] == ["a", "b"]
     s.suggest("d")
     assert s.scheduler.state["order"] == ["a", "b", "d"]
+
+
+
+def test_a_stale_list_of_proposals_from_an_earlier_session_never_makes_a_proposal_twice(tmp_path):
+    """Session 1 proposed a, b, c; Tune saved a and b only; the kill. Session 2 (the resume) proposed d in c's place,
+    Tune saved its trials with d, and the kill came before Tune saved session 2's searcher. Session 3 restores Tune's
+    trials a, b, d with session 1's list a, b, c: the proposals are a, b, d (the scheduler's record), d is not proposed
+    again, and the next proposal takes the fourth place."""
+    s = make_searcher(tmp_path)
+    for tid in ["a", "b", "c"]:
+        s.suggest(tid)
+    s.save(str(tmp_path / "session-1.pkl"))  # saved with c (after the experiment state that lacks it)
+    s.agree_with(["a", "b"])  # session 2: Tune lost c
+    s.suggest("d")
+    assert s.scheduler.state["order"] == ["a", "b", "d"]
+    s.restore(str(tmp_path / "session-1.pkl"))  # session 3: the searcher's newest saved list is session 1's
+    assert s.asked == ["a", "b", "c"] and s.proposed() == ["a", "b", "d"]
+    s.agree_with(["a", "b", "d"])
+    assert s.asked == ["a", "b", "d"]
+    s.suggest("e")
+    assert s.scheduler.state["order"] == ["a", "b", "d", "e"]
+
+
+def test_a_refused_setting_drawn_again_by_a_resume_counts_once():
+    import optuna
+
+    from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL, count_refused
+
+    study = optuna.create_study()
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for proposal, attempt in [(3, 0), (3, 1), (3, 0), (3, 1), (5, 0)]:  # proposal 3 drawn again after a kill
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"x": 0.5},
+                                                  distributions=dist, user_attrs={OVER_BUDGET: "over",
+                                                                                  PROPOSAL: proposal, ATTEMPT: attempt}))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"x": 0.5},
+                                              distributions=dist, user_attrs={OVER_BUDGET: "over"}))  # not repeatable
+    assert count_refused(study) == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,24 @@ def remove_strays(path: str | Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path.parent / name)
             gone.append(path.parent / name)
+    return gone
+
+
+STRAY = re.compile(r"\..+\.(\d+)\.tmp(\.[^.]*)?\Z")  # temporary_beside's names: .<stem>.<pid>.tmp<suffix>
+
+
+def sweep_strays(folder: str | Path) -> list[Path]:
+    """Remove every temporary file under ``folder`` left by a writer on this machine that is no longer running (a kill
+    in the middle of a write in a trial folder Tune then abandoned: no writer of that target comes again to remove
+    it). The files removed."""
+    gone = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            m = STRAY.match(name)
+            if m and int(m.group(1)) != os.getpid() and not _running(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(root, name))
+                    gone.append(Path(root, name))
     return gone
 
 
