@@ -138,8 +138,9 @@ def _in_this_folder():
             if hasattr(searcher, "agree_with"):
                 searcher.agree_with(list(trials))
             self.set_state({**self.get_state(), "counter": len(trials), "finished": False})
-            if limiter is not None:
-                live = {t for t, status in trials.items() if status not in ("TERMINATED", "ERROR")}
+            if limiter is not None:  # an errored trial is live: the resume retries it (resume_errored), and the
+                # limiter passes on only a live trial's end, so the study is told how its retry ended
+                live = {t for t, status in trials.items() if status != "TERMINATED"}
                 limiter.set_state({**limiter.get_state(), "live_trials": live, "num_unfinished_live_trials": len(live)})
 
         def set_state(self, state: dict) -> None:
