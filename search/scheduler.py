@@ -374,6 +374,15 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+class ConfirmScheduler(FIFOScheduler):
+    """The confirmation's runs in order, as Tune's FIFO runs them; a run that failed for want of disk space stops the
+    confirmation (and the search) in one line, as in the search's trials, before the failure is recorded."""
+
+    def on_trial_error(self, tune_controller, trial: Trial) -> None:
+        stop_if_disk_full(trial)
+        super().on_trial_error(tune_controller, trial)
+
+
 def stop_if_disk_full(trial: Trial) -> None:
     """Raise DiskFull where ``trial`` failed for want of disk space (its error, as Tune wrote it, says so; or Tune
     could not even write it): the search stops before the failure is recorded anywhere."""

@@ -16,7 +16,7 @@ from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.progress import SearchProgress
-from search.scheduler import RungScheduler, milestones, retry_errored
+from search.scheduler import ConfirmScheduler, RungScheduler, milestones, retry_errored
 from search.searcher import OptunaSearcher, reopen_for_retry
 from trainable import storage
 from trainable.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
@@ -233,6 +233,7 @@ def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folde
                               selection=plan.selection_metric)
     return tune.Tuner(trainable, param_space={RUN: tune.grid_search(runs)},
                       tune_config=tune.TuneConfig(max_concurrent_trials=plan.max_concurrent or None,
+                                                  scheduler=ConfirmScheduler(),  # a full disk: one line, as above
                                                   trial_dirname_creator=trial_dirname),
                       run_config=_run_config(plan, folder.name, plan.path if not plan.local else str(folder.parent),
                                              [progress]))

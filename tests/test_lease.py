@@ -198,3 +198,10 @@ def test_a_bad_credentials_file_for_gcs_is_one_line(tmp_path, monkeypatch):
     r = run_main("search/run_search.py", "--space", ROOT / "spaces" / "lr.yaml", "--storage", "gs://no-bucket/runs")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "gs://no-bucket/runs/lr" in r.stderr
+
+
+def test_a_file_uri_to_an_existing_folder_is_storage_like_any_other(tmp_path):
+    """``--storage file:///existing/dir`` was refused as "has no bucket 'tmp'" (its first folder read as relative)."""
+    L.storage.check_bucket(f"file://{tmp_path}/runs")
+    with pytest.raises(UserError, match="has no bucket '/no-such-root-folder'"):
+        L.storage.check_bucket("file:///no-such-root-folder/runs")

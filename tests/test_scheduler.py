@@ -364,3 +364,19 @@ def test_a_refused_setting_drawn_again_by_a_resume_counts_once():
     study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, params={"x": 0.5},
                                               distributions=dist, user_attrs={OVER_BUDGET: "over"}))  # not repeatable
     assert count_refused(study) == 4
+
+
+def test_a_confirmation_run_that_failed_for_a_full_disk_stops_the_search_like_a_search_trial(tmp_path):
+    """The confirmation's runs once ended errored on a full disk, without the documented "no space left on" line:
+    its scheduler raises DiskFull (the search's one line, exit 3) where a run's error says the disk was full."""
+    from types import SimpleNamespace
+
+    from search.scheduler import ConfirmScheduler
+    from trainable.errors import DiskFull
+
+    error = tmp_path / "error.txt"
+    error.write_text("OSError: [Errno 28] No space left on device: '/runs/s/confirm/trial_x/checkpoint.pt'\n")
+    with pytest.raises(DiskFull):
+        ConfirmScheduler().on_trial_error(None, SimpleNamespace(error_file=str(error)))
+    error.write_text("RuntimeError: something else\n")
+    ConfirmScheduler().on_trial_error(None, SimpleNamespace(error_file=str(error), trial_id="x"))  # not a full disk
