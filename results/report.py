@@ -43,7 +43,7 @@ from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
 from trainable import storage
 from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
-from trainable.files import write_text
+from trainable.files import check_makeable, write_text
 from trainable.verdict import verdict_line
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
@@ -556,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--open", action="store_true", help="open the report in the web browser")
     args = p.parse_args(argv)
     try:
+        if args.out:
+            check_makeable(args.out, "--out")  # before the summaries are built: one line, nothing written
         out, summaries, report = report_of(args.run_dir, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trainable.errors import UserError, unwritable_line
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -127,3 +129,21 @@ def cache_dir() -> Path:
     """The project's cache: trained digits teachers and the measured speed choices (``$AKDTUNE_CACHE``, else
     ``~/.cache/akdtune``)."""
     return Path(os.environ.get("AKDTUNE_CACHE", Path.home() / ".cache" / "akdtune"))
+
+
+def check_makeable(folder: str | Path, flag: str) -> None:
+    """``folder`` can be made (or is there): it is made and the folders it took are removed again, so that bad input
+    leaves nothing. Raises UserError in one line (``flag`` names the option) for /proc/x, a read-only place, a name
+    too long."""
+    out = Path(folder).absolute()
+    made = [p for p in (*reversed(out.parents), out) if not p.exists()]
+    try:
+        for p in made:
+            p.mkdir()
+    except OSError as e:
+        raise UserError(unwritable_line(e, f"pass a {flag} you can write to") or f"cannot make {flag} {folder} ({e})") \
+            from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()

@@ -14,7 +14,6 @@ prints the --resume command), 1 other.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -28,7 +27,7 @@ from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
 from trainable.errors import UserError, unwritable_line
-from trainable.files import write_json, write_text
+from trainable.files import check_makeable, write_json, write_text
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
 from trainable.measure import choose_speed, expected_line, iteration_seconds
@@ -107,21 +106,6 @@ def interrupted(out: Path, argv: list[str]) -> int:
     return EXIT_INTERRUPTED
 
 
-def check_makeable(out: Path) -> None:
-    """``out`` can be made: it is made and the folders it took are removed again (nothing is left for bad input)."""
-    made = [p for p in (*reversed(out.absolute().parents), out.absolute()) if not p.exists()]
-    try:
-        for p in made:
-            p.mkdir()
-    except OSError as e:
-        raise UserError(unwritable_line(e, "pass an --out you can write to") or f"cannot make --out {out} ({e})") \
-            from None
-    finally:
-        for p in reversed(made):
-            with contextlib.suppress(OSError):
-                p.rmdir()
-
-
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     start = time.time()
     if args.threads < 0:
@@ -146,7 +130,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
     if not args.resume and not args.estimate and (ckpt_path.exists() or (out / "final.json").exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    check_makeable(out)  # a folder that cannot be made (/proc/x, a name too long): one line before any work
+    check_makeable(out, "--out")  # a folder that cannot be made (/proc/x, a name too long): one line before any work
     try:
         return _run(args, values, cfg, task, out, start)
     except KeyboardInterrupt:
