@@ -42,7 +42,15 @@ from results.study import at_fidelity, load_study
 from results.summary import Experiment, load_experiment, write_summaries
 from trainable import metrics as M
 from trainable import storage
-from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
+from trainable.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    full_disk,
+    full_disk_line,
+    unwritable_line,
+)
 from trainable.files import check_makeable, write_text
 from trainable.verdict import verdict_line
 
@@ -561,17 +569,17 @@ def main(argv: list[str] | None = None) -> int:
         out, summaries, report = report_of(args.run_dir, args.out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as e:
         line = unwritable_line(e, "the report is written into the search folder (and --out): copy a read-only "
                                   "search somewhere writable (cp -a) and pass the copy, and pass an --out you can write to")
         if line is not None:
             print(f"error: {line}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         if full_disk(e) is None:
             raise
         print(f"error: {full_disk_line(e, args.run_dir, 'the same command again')}", file=sys.stderr)
-        return 3
+        return EXIT_INTERRUPTED
     print(f"summaries: {summaries}\nreport:    {report}")
     if args.out:
         print(f"copied to: {Path(args.out, REPORT_FILE)}")
@@ -580,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not webbrowser.open(out.resolve().as_uri()):
             print(f"no web browser found here; open {out} yourself")
-    return 0
+    return EXIT_OK
 
 
 def report_of(run_dir: str, copy_to: str | None = None) -> tuple[Path, str, str]:

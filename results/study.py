@@ -17,7 +17,7 @@ import optuna
 import pandas as pd
 
 from results.limits import OVER_BUDGET
-from results.record import STUDY_FILE, open_study
+from results.record import RAY_ID, STUDY_FILE, open_study
 from results.summary import Experiment
 from trainable import metrics as M
 
@@ -34,8 +34,8 @@ def newest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's trials by number, a Ray trial's newest record only (a trial a resume trained again after it
     errored has its FAIL record and the retry's: ``search.searcher.reopen_for_retry``)."""
     ordered = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    last = {t.user_attrs["ray_trial_id"]: t.number for t in ordered if "ray_trial_id" in t.user_attrs}
-    return [t for t in ordered if "ray_trial_id" not in t.user_attrs or last[t.user_attrs["ray_trial_id"]] == t.number]
+    last = {t.user_attrs[RAY_ID]: t.number for t in ordered if RAY_ID in t.user_attrs}
+    return [t for t in ordered if RAY_ID not in t.user_attrs or last[t.user_attrs[RAY_ID]] == t.number]
 
 
 def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:
@@ -55,14 +55,14 @@ def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[
     for t in newest_records(study):
         if OVER_BUDGET in t.user_attrs:  # never trained: not a trial of the search
             continue
-        if t.user_attrs.get("ray_trial_id") not in trials:  # a trial whose record Tune lost to a kill (the resumed
+        if t.user_attrs.get(RAY_ID) not in trials:  # a trial whose record Tune lost to a kill (the resumed
             continue  # search ran its setting again) or one asked just before a kill: not a trial of the table
-        v = at.get(t.user_attrs.get("ray_trial_id"))
+        v = at.get(t.user_attrs.get(RAY_ID))
         if v is None or not math.isfinite(float(v)) or not t.distributions:
             left_out += 1
             continue
         included.append(optuna.trial.create_trial(
             state=optuna.trial.TrialState.COMPLETE, params=t.params, distributions=t.distributions, value=float(v),
-            user_attrs={"ray_trial_id": t.user_attrs.get("ray_trial_id"), "state": t.state.name}))
+            user_attrs={RAY_ID: t.user_attrs.get(RAY_ID), "state": t.state.name}))
     out.add_trials(included)
     return out, len(included), left_out

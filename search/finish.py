@@ -44,14 +44,13 @@ from trainable import metrics as M
 from trainable import storage
 from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config, config_to_dict
+from trainable.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.speed import Speed
 from trainable.storage import push_changed
 from trainable.tune_trainable import CANDIDATE, RUN
 from trainable.verdict import judge, verdict_line
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
 
 
 def restore_run(ckpt_path: Path, task, teacher, data, data_root: str | None = None) -> AKDRun:

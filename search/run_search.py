@@ -21,7 +21,7 @@ import time
 from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
 from search.cluster import check_address, check_local_resources, start_ray
 from search.estimate import estimate
-from search.finish import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, bring_up_to_date, finish_search
+from search.finish import bring_up_to_date, finish_search
 from search.lease import held
 from search.plan import check_options, experiment_path, resolve_plan, resume_command, search_name
 from search.prepare import (
@@ -35,7 +35,15 @@ from search.prepare import (
 from search.searcher import mend_study
 from search.session import record_session
 from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
-from trainable.errors import UserError, full_disk, full_disk_line, unwritable_line
+from trainable.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    full_disk,
+    full_disk_line,
+    unwritable_line,
+)
 from trainable.files import sweep_strays
 
 

@@ -31,13 +31,22 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
-from results.record import SCHEDULER_FILE, STUDY_FILE, here, journal_storage, open_study, running_but_finished, scheduler_record
+from results.record import (
+    RAY_ID,
+    SCHEDULER_FILE,
+    STUDY_FILE,
+    here,
+    journal_storage,
+    open_study,
+    running_but_finished,
+    scheduler_record,
+)
 from search.budget import MAX_REFUSALS
+from search.internals import running_trial
 from search.space import DefineByRun, Param
 from trainable import metrics as M
 
 log = logging.getLogger(__name__)
-RAY_ID = "ray_trial_id"
 CONSTRAINT = "param_budget"
 INDEX = "index"  # repeatable: a trial's place in the order of proposals (0, 1, ...)
 
@@ -132,10 +141,7 @@ class OptunaSearcher(Searcher):
 
         for ft in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if ft.user_attrs.get(RAY_ID) == trial_id:
-                storage = self._storage
-                tid = storage.get_trial_id_from_study_id_trial_number(
-                    storage.get_study_id_from_name(self.study_name), ft.number)
-                self._live[trial_id] = optuna.trial.Trial(self.study, tid)
+                self._live[trial_id] = running_trial(self.study, self._storage, ft.number)
                 self._steps[trial_id] = set(ft.intermediate_values)
                 return self._live[trial_id]
         return None

@@ -6,13 +6,13 @@ the Tune callbacks, ``search.callbacks``. Nothing here decides a setting: the pl
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started, tune_trials
 from search.callbacks import ResultLog, SearchStateCallback, WallClock, trial_dirname
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
+from search.internals import generator_made, limiter_running, repoint_generator
 from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.progress import SearchProgress
@@ -137,18 +137,16 @@ def _in_this_folder():
                 searcher = searcher.searcher
             if hasattr(searcher, "agree_with"):
                 searcher.agree_with(list(trials))
-            self.set_state({**self.get_state(), "counter": len(trials), "finished": False})
+            self.set_state(generator_made(self.get_state(), len(trials)))
             if limiter is not None:  # an errored trial is live: the resume retries it (resume_errored), and the
                 # limiter passes on only a live trial's end, so the study is told how its retry ended
                 live = {t for t, status in trials.items() if status != "TERMINATED"}
-                limiter.set_state({**limiter.get_state(), "live_trials": live, "num_unfinished_live_trials": len(live)})
+                limiter.set_state(limiter_running(limiter.get_state(), live))
 
         def set_state(self, state: dict) -> None:
             super().set_state(state)
-            storage = state["experiment"].storage  # where Tune's experiment says its trials go
-            parent, name = os.path.split(os.path.normpath(self.folder))
-            if self.repoint and os.path.normpath(storage.experiment_fs_path) != os.path.normpath(self.folder):
-                storage.storage_fs_path, storage.experiment_dir_name = parent, name
+            if self.repoint:
+                repoint_generator(state, self.folder)
 
     return InThisFolder
 

@@ -75,3 +75,67 @@ def test_an_errored_trial_that_a_resume_retries_is_running_again_in_the_study(tm
     assert new.user_attrs[RAY_ID] == "abc" and new.user_attrs[RETRY_OF] == old.number and "error" not in new.user_attrs
     assert new.intermediate_values == {1: 0.3} and new.distributions == old.distributions
     assert [t.number for t in newest_records(again)] == [new.number]
+
+
+def test_a_search_generators_and_a_concurrency_limiters_state_have_the_keys_the_search_sets():
+    from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
+
+    class Nothing(Searcher):
+        def suggest(self, trial_id):
+            return None
+
+    state = SearchGenerator(Nothing()).get_state()
+    for key in (internals.GENERATOR_COUNTER, internals.GENERATOR_FINISHED, "experiment"):
+        assert key in state, f"Ray changed SearchGenerator.get_state(): no {key!r} (search.internals: a restored " \
+                             "generator agrees with Tune's trials)"
+    limiter = ConcurrencyLimiter(Nothing(), max_concurrent=2).get_state()
+    for key in (internals.LIMITER_LIVE, internals.LIMITER_UNFINISHED):
+        assert key in limiter, f"Ray changed ConcurrencyLimiter.get_state(): no {key!r} (search.internals)"
+    assert internals.limiter_running(limiter, {"a"})[internals.LIMITER_UNFINISHED] == 1
+    assert internals.generator_made(state, 7)[internals.GENERATOR_COUNTER] == 7
+
+
+def test_a_storage_context_has_the_fields_a_copied_search_is_repointed_by(tmp_path):
+    from ray.train._internal.storage import StorageContext
+
+    ctx = StorageContext(storage_path=str(tmp_path / "old"), experiment_dir_name="s")
+    for field in internals.STORAGE_FIELDS:
+        assert hasattr(ctx, field), f"Ray changed StorageContext: no {field!r} (search.internals: a copied search's " \
+                                    "generator is re-pointed)"
+    internals.repoint_generator({"experiment": SimpleNamespace(storage=ctx)}, str(tmp_path / "new" / "t"))
+    assert ctx.experiment_fs_path.rstrip("/").endswith("new/t")
+
+
+def test_an_optuna_trial_is_reached_from_its_storage_id(tmp_path):
+    import optuna
+
+    from results.record import journal_storage
+
+    storage = journal_storage(str(tmp_path / "j"))
+    study = optuna.create_study(study_name="s", storage=storage)
+    asked = study.ask()
+    trial = internals.running_trial(study, storage, asked.number)
+    assert isinstance(trial, optuna.trial.Trial), "Optuna changed optuna.trial.Trial(study, trial_id) (search.internals)"
+    trial.report(0.5, 1)
+    study.tell(trial, 0.7)
+    assert study.trials[0].value == 0.7 and study.trials[0].intermediate_values == {1: 0.5}
+
+
+def test_tunes_file_names_are_the_ones_the_run_folder_names():
+    """``results.record`` names Tune's files once; each name is pinned here against the installed Ray."""
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.callback import CallbackList
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.impl.tuner_internal import _TUNER_PKL
+    from ray.tune.search import SearchGenerator, Searcher
+
+    from results import record
+
+    pinned = {"tuner.pkl": (_TUNER_PKL, record.TUNER_FILE),
+              "experiment state": (TuneController.CKPT_FILE_TMPL.format("*"), record.EXPERIMENT_STATE),
+              "search generator state": (SearchGenerator.CKPT_FILE_TMPL.format("*"), record.TUNE_STATE[1]),
+              "searcher state": (Searcher.CKPT_FILE_TMPL.format("*"), record.SEARCHER_STATE),
+              "callback state": (CallbackList.CKPT_FILE_TMPL.format("*"), record.TUNE_STATE[3]),
+              "checkpoint folder": (StorageContext._make_checkpoint_dir_name(0)[:-6], record.CHECKPOINT_PREFIX)}
+    for what, (tunes, ours) in pinned.items():
+        assert tunes == ours, f"Ray changed the name of its {what}: {tunes!r}, where results.record says {ours!r}"

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# Every command's exit codes (docs/exit-codes.md): done; anything else; bad input (a UserError's one line); interrupted
+# and resumable (the command that finishes it is printed).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 3
+
 
 class UserError(Exception):
     """Bad input (config, space, checkpoint, path): one line saying what is wrong and what to do."""

@@ -26,7 +26,7 @@ import torch
 from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
-from trainable.errors import UserError, unwritable_line
+from trainable.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unwritable_line
 from trainable.files import check_makeable, write_json, write_text
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
@@ -73,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-EXIT_INTERRUPTED = 3  # Ctrl-C with a checkpoint to continue from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,16 +82,16 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:  # before the output folder was chosen
         print("interrupted before the run started; run the same command again", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     except OSError as e:
         line = unwritable_line(e, "pass an --out you can write to")
         if line is None:
             raise
         print(f"error: {line}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def interrupted(out: Path, argv: list[str]) -> int:

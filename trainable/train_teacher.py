@@ -17,7 +17,7 @@ import os
 import sys
 
 from trainable import metrics as M
-from trainable.errors import UserError, unknown
+from trainable.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UserError, unknown
 from trainable.files import torch_save
 from trainable.models import CLASSIFIERS
 from trainable.tasks import TASKS, get_task
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
               f"saved {args.out}")
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"interrupted; no teacher was saved (nothing is written to {args.out} until training ends): run the "
               "same command again", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_ERROR
+    return EXIT_OK
 
 
 if __name__ == "__main__":
