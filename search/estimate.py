@@ -23,7 +23,7 @@ from typing import Any
 
 from search.cluster import trial_device, trial_threads, trials_at_once
 from search.plan import SearchPlan
-from search.scheduler import milestones
+from search.scheduler import expected_epochs, milestones
 from search.space import middle_setting
 from trainable import metrics as M
 from trainable.akd import evaluate, student_costs, student_width
@@ -46,20 +46,6 @@ class Student:
     iteration_s: float
     epoch_s: float
     peak_bytes: int  # CUDA: max allocated; CPU: the process's peak resident memory
-
-
-def expected_epochs(max_epochs: int, rungs: list[int], reduction_factor: float, trials: int) -> float:
-    """Mean epochs per trial under asynchronous successive halving: every trial runs to the first rung; a trial
-    reaching a rung as the k-th of its n arrivals goes on when it ranks in the top ceil(k / eta) of the k seen so
-    far, which in random order happens with probability ceil(k / eta) / k, so early arrivals are promoted more
-    often than 1/eta (about 0.42 of 16 trials at eta 3). Without rungs, ``max_epochs``."""
-    total, n, last = 0.0, float(trials), 0
-    for r in [*rungs, max_epochs]:
-        total += n * (r - last)
-        k = max(1, round(n))
-        n *= sum(math.ceil(i / reduction_factor) / i for i in range(1, k + 1)) / k
-        last = r
-    return total / trials
 
 
 def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, float]:

@@ -35,6 +35,7 @@ from results.record import (
     stop_decisions,
 )
 from results.report import build_report
+from search.scheduler import expected_epochs
 from trainable import metrics as M
 from trainable import storage
 from trainable.files import write_json
@@ -47,18 +48,6 @@ def fmt_duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
-
-
-def expected_epochs(max_epochs: int, milestones: list[int], reduction_factor: float) -> float:
-    """Epochs a trial runs on average under successive halving: all reach the first rung, 1/eta of them
-    the next, and so on; without rungs, every trial runs ``max_epochs``."""
-    if not milestones:
-        return float(max_epochs)
-    total, prev, survive = 0.0, 0, 1.0
-    for m in [*milestones, max_epochs]:
-        total += survive * (m - prev)
-        prev, survive = m, survive / reduction_factor
-    return total
 
 
 def short_params(config: dict[str, Any], names: list[str]) -> str:
@@ -104,7 +93,7 @@ class SearchProgress(Callback):
         self.num_samples = num_samples
         self.selection = selection
         self.max_epochs = max_epochs
-        self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor)
+        self.per_trial = expected_epochs(max_epochs, milestones, reduction_factor, num_samples)
         self.limits = dict(limits or {})
         self.params = params
         self.state_file = state_file

@@ -5,7 +5,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, run_main
-from search.estimate import expected_epochs, wall_seconds
+from search.estimate import wall_seconds
+from search.scheduler import expected_epochs
 
 
 def test_without_rungs_every_trial_runs_max_epochs():

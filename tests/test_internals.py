@@ -78,7 +78,7 @@ def test_an_errored_trial_that_a_resume_retries_is_running_again_in_the_study(tm
 
 
 def test_a_search_generators_and_a_concurrency_limiters_state_have_the_keys_the_search_sets():
-    from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
+    from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 
     class Nothing(Searcher):
         def suggest(self, trial_id):
@@ -127,7 +127,7 @@ def test_tunes_file_names_are_the_ones_the_run_folder_names():
     from ray.tune.callback import CallbackList
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.impl.tuner_internal import _TUNER_PKL
-    from ray.tune.search import SearchGenerator, Searcher
+    from ray.tune.search import Searcher, SearchGenerator
 
     from results import record
 
