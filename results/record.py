@@ -562,8 +562,7 @@ def write_best_manifest(best: str | Path, folder: str | Path, checkpoint: str) -
     of each of its files and of the winner's checkpoint (``checkpoint``, relative to the folder), so that
     ``report.py`` and ``--resume`` tell a changed or missing one from a whole one."""
     best, folder = Path(best), Path(folder)
-    files = {p.relative_to(best).as_posix(): {"size": p.stat().st_size, "sha256": file_digest(p)}
-             for p in sorted(best.rglob("*")) if p.is_file() and p.name != Path(BEST_MANIFEST).name}
+    files = {rel: v for rel, v in _manifest_entries(best, best).items() if rel != Path(BEST_MANIFEST).name}
     ck = folder / checkpoint
     write_record(best / Path(BEST_MANIFEST).name, {
         "files": files, "checkpoint": checkpoint,

@@ -38,6 +38,7 @@ from typing import Any
 from results.record import LEASE_DIR, LOCK_FILE, tune_started
 from trainable import storage
 from trainable.errors import UserError
+from trainable.files import running
 
 HEARTBEAT_S = float(os.environ.get("AKDTUNE_LEASE_HEARTBEAT_S", 20))  # a holder on a URI rewrites its lease this often
 STALE_S = float(os.environ.get("AKDTUNE_LEASE_STALE_S", 180))  # ... and is taken over after this long without
@@ -76,7 +77,7 @@ class Holder:
             return False
         if self.boot and _boot_id() and self.boot != _boot_id():
             return True
-        return not _alive(self.pid) or (bool(self.pid_started) and _started(self.pid) not in ("", self.pid_started))
+        return not running(self.pid) or (bool(self.pid_started) and _started(self.pid) not in ("", self.pid_started))
 
     def words(self) -> str:
         return f"pid {self.pid} on {self.host} (user {self.user}, since {self.since})"
@@ -95,16 +96,6 @@ def _started(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _gen(data: dict[str, Any]) -> int:

@@ -56,7 +56,7 @@ def remove_strays(path: str | Path) -> list[Path]:
         return gone
     for name in names:
         pid = name[len(prefix):len(name) - len(suffix)]
-        if not pid.isdigit() or int(pid) == os.getpid() or _running(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or running(int(pid)):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path.parent / name)
@@ -75,14 +75,15 @@ def sweep_strays(folder: str | Path) -> list[Path]:
     for root, _, names in os.walk(folder):
         for name in names:
             m = STRAY.match(name)
-            if m and int(m.group(1)) != os.getpid() and not _running(int(m.group(1))):
+            if m and int(m.group(1)) != os.getpid() and not running(int(m.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(Path(root, name))
                     gone.append(Path(root, name))
     return gone
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
