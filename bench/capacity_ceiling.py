@@ -204,6 +204,27 @@ def parse_grid(items: list[str]) -> dict[str, tuple]:
     return out
 
 
+def run_settings(settings: list[dict], jobs: list[tuple], run_seeds: dict[int, list[int]], searched: list[str],
+                 num_cpus: int) -> tuple[list[float], list[dict[int, list[float]]]]:
+    """Train every job in a pool; per setting, in order: its mean held-out test_acc over the seeds (a line printed as
+    its runs are in), and each seed's runs' test_acc."""
+    means: list[float] = []
+    per_setting: list[dict[int, list[float]]] = []  # each setting's seed -> its runs' test_acc
+    with ProcessPoolExecutor(max_workers=max(1, num_cpus), mp_context=get_context("spawn")) as pool:
+        results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
+        for cfg in settings:
+            per_seed = {s: [next(results) for _ in runs] for s, runs in run_seeds.items()}
+            seed_means = [statistics.mean(v) for v in per_seed.values()]
+            means.append(statistics.mean(seed_means))
+            per_setting.append(per_seed)
+            runs = [a for v in per_seed.values() for a in v]
+            sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
+            print(f"{', '.join(f'{k}={show(cfg[k])}' for k in searched):<40} test_acc per seed "
+                  f"{' / '.join(f'{m:.4f}' for m in seed_means)}  mean {means[-1]:.4f}  (runs' std {sd:.4f})",
+                  flush=True)
+    return means, per_setting
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return measure(argv)
@@ -212,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def measure(argv: list[str] | None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--space", default=str(ROOT / "spaces" / "capacity.yaml"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -225,7 +246,11 @@ def measure(argv: list[str] | None) -> int:
     p.add_argument("--teacher", help="teacher checkpoint (state_dict); required except for digits")
     p.add_argument("--data-root", help="folder of the torchvision dataset (tasks other than digits)")
     p.add_argument("--against", type=float, help="a search's mean best feasible test_acc to compare with")
-    args = p.parse_args(argv)
+    return p
+
+
+def measure(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
 
     from search.budget import BudgetCheck
     from search.confirm import SEED_STRIDE
@@ -257,20 +282,7 @@ def measure(argv: list[str] | None) -> int:
     jobs = [(cfg, s, r, args.teacher, args.data_root) for cfg in settings for s in args.seeds for r in run_seeds[s]]
     searched = [p.name for p in space.params if p.name not in sizing]
     start = time.time()
-    means: list[float] = []
-    per_setting: list[dict[int, list[float]]] = []  # each setting's seed -> its runs' test_acc
-    with ProcessPoolExecutor(max_workers=max(1, args.num_cpus), mp_context=get_context("spawn")) as pool:
-        results = pool.map(train_one, jobs)  # in the jobs' order: each setting's line prints once its runs are in
-        for cfg in settings:
-            per_seed = {s: [next(results) for _ in run_seeds[s]] for s in args.seeds}
-            seed_means = [statistics.mean(v) for v in per_seed.values()]
-            means.append(statistics.mean(seed_means))
-            per_setting.append(per_seed)
-            runs = [a for v in per_seed.values() for a in v]
-            sd = statistics.stdev(runs) if len(runs) > 1 else 0.0
-            print(f"{', '.join(f'{k}={show(cfg[k])}' for k in searched):<40} test_acc per seed "
-                  f"{' / '.join(f'{m:.4f}' for m in seed_means)}  mean {means[-1]:.4f}  (runs' std {sd:.4f})",
-                  flush=True)
+    means, per_setting = run_settings(settings, jobs, run_seeds, searched, args.num_cpus)
     wall = time.time() - start
     best = max(range(len(means)), key=lambda i: means[i])
     ceiling = means[best]

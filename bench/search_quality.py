@@ -60,9 +60,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from search.finish import evaluate_run, latest_checkpoint
     from search.space import load_space, typical_config
-    from trainable import metrics as M
     from trainable.config import build_config
     from trainable.measure import choose_speed
     from trainable.tasks import data_free, load_eval_data
@@ -100,7 +98,15 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
         grid = tuner.fit()
     finally:
         ray.shutdown()
-    wall = time.time() - start
+    return {**stock_pick(grid, space, teacher, data), "wall": time.time() - start}
+
+
+def stock_pick(grid, space, teacher, data) -> dict:
+    """Stock's result grid judged as the project's: its best feasible trial by val_acc, evaluated on the test split,
+    and its configuration over the project's seeds."""
+    from search.finish import evaluate_run, latest_checkpoint
+    from trainable import metrics as M
+
     rows = [(r.metrics or {}, Path(r.path)) for r in grid]
     feasible = [(m, p) for m, p in rows if m.get(M.PARAM_RATIO) is not None and m[M.PARAM_RATIO] <= space.param_budget
                 and m.get(M.VAL_ACC) is not None]
@@ -110,8 +116,7 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     config = next(dict(r.config) for r in grid if Path(r.path) == best_p)
     return {"test_acc": final[M.TEST_ACC], "param_ratio": final[M.PARAM_RATIO], "epochs": final["epochs"],
             "feasible_full": sum(1 for m, p in feasible if int(m.get(M.EPOCH, 0)) >= space.max_epochs),
-            "trial_epochs": sum(epochs.values()), "wall": wall,
-            "seed_runs": seed_runs(config, final, space, teacher, data)}
+            "trial_epochs": sum(epochs.values()), "seed_runs": seed_runs(config, final, space, teacher, data)}
 
 
 def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{res['param_ratio']:.1%}  its epochs {res['epochs']:>2}  feasible trials at max_epochs "
                       f"{res['feasible_full']:>2}  trial-epochs {res['trial_epochs']:>4}  wall {res['wall']:6.1f} s",
                       flush=True)
+    return summary(out, max_epochs, args.project_only)
+
+
+def summary(out: dict[str, list[dict]], max_epochs: int, project_only: bool) -> int:
+    """The means over the seeds, the project against stock, and the ratio line."""
     mean = {k: {f: sum(r[f] for r in v) / len(v) for f in ("test_acc", "epochs", "feasible_full", "trial_epochs", "wall")}
             for k, v in out.items()}
     for k, m in mean.items():
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
               f"trials at max_epochs {m['feasible_full']:.1f}  trial-epochs {m['trial_epochs']:.0f}  wall {m['wall']:.0f} s")
     own = statistics.mean(r["student_test_acc"] for r in out["project"])
     full = all(r["epochs"] >= max_epochs for r in out["project"])
-    if args.project_only:
+    if project_only:
         accs = [r["test_acc"] for r in out["project"]]
         print(f"mean     project  exported student's own test_acc {own:.4f} (one run)")
         print(f"project winner over {len(accs)} seed(s): lowest {min(accs):.4f}, highest {max(accs):.4f}"
