@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import optuna
+
 from results.limits import describe_limits, within_limits
 from search.space import DefineByRun, Param
 from trainable import metrics as M
@@ -41,7 +43,6 @@ class BudgetCheck:
         limits: the space's budget {metric: upper limit}; only ``param_ratio`` and ``flops`` are checked here.
         task: the search's task, resolved once (``SearchPlan.task_spec``); None: resolved from ``base``.
     """
-
     base: dict[str, Any]
     teacher_params: int
     limits: dict[str, float] = field(default_factory=dict)
@@ -54,7 +55,6 @@ class BudgetCheck:
     def costs(self, suggested: dict[str, Any]) -> dict[str, float] | None:
         """``param_ratio`` and ``flops`` of the setting; None when its configuration is invalid (the trial
         then fails with the configuration's own message)."""
-
         try:
             return student_costs(build_config({**self.base, **suggested}, task=self.task), self.teacher_params)
         except (ConfigError, ValueError, KeyError):
@@ -82,8 +82,6 @@ def check_reachable(params: Sequence[Param], check: BudgetCheck, seed: int, draw
     """Raise ``UserError`` when none of ``draws`` settings drawn at random from the space fits the budget.
 
     Stops at the first setting that fits (usually the first), so a sound space costs one check."""
-    import optuna
-
     if not check.active:
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line in the search's output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from ray.tune import Callback
 
@@ -75,8 +76,6 @@ class WallClock(Callback):
         self.meta_file = here(self.meta_file)  # a copied or moved search writes into its new folder
 
     def tick(self, force: bool = False) -> None:
-        import time
-
         now = time.time()
         if not force and now - self._last < self.every_s:
             return
@@ -93,9 +92,6 @@ class WallClock(Callback):
 
 def update_wall(meta_file: str) -> float:
     """Set ``wall_s`` of the search record to the time before this session plus this session's time."""
-    import time
-
-
     try:
         meta = read_record(meta_file)
     except DamagedRecord:  # changed behind the search's back: left as it is (a resume or the report says so)

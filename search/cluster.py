@@ -2,9 +2,19 @@
 cluster, and a trial's device and threads."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import logging
 import os
+import site
+import socket
 import sys
+import sysconfig
 from pathlib import Path
+
+import ray
+import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search.lease import check_proof
 from search.plan import SearchPlan
@@ -19,14 +29,10 @@ def trial_threads(plan: SearchPlan) -> int:
 
 def trial_device(plan: SearchPlan):
     """Where a trial computes: CUDA where the trials get GPUs and CUDA is present, else the CPU."""
-    import torch
-
     return torch.device("cuda") if gpus_per_trial(plan) > 0 and torch.cuda.is_available() else torch.device("cpu")
 
 
 def gpus_per_trial(plan: SearchPlan) -> float:
-    import torch
-
     if plan.gpus_per_trial is not None:
         return plan.gpus_per_trial
     return 1.0 if torch.cuda.is_available() else 0.0
@@ -34,8 +40,6 @@ def gpus_per_trial(plan: SearchPlan) -> float:
 
 def check_address(address: str, timeout_s: float = 10.0) -> None:
     """Fail fast, in one line, when a cluster address given as host:port does not answer."""
-    import socket
-
     hostport = address.removeprefix("ray://")
     if address in ("auto", "local") or ":" not in hostport:
         return
@@ -60,9 +64,6 @@ def check_resources(plan: SearchPlan, cpus: float, gpus: float) -> None:
 def check_local_resources(plan: SearchPlan) -> None:
     """Where the search starts its own Ray, the cluster is this machine: a trial that asks for more than it has is
     refused at once, before the teacher, the speed measurement or Ray start."""
-    import ray
-    import torch
-
     if plan.address or ray.is_initialized():
         return
     check_resources(plan, plan.num_cpus or os.cpu_count() or 1, torch.cuda.device_count())
@@ -70,8 +71,6 @@ def check_local_resources(plan: SearchPlan) -> None:
 
 def check_cluster(plan: SearchPlan) -> None:
     """The resources a trial asks for exist in the running Ray cluster."""
-    import ray
-
     total = ray.cluster_resources()
     check_resources(plan, total.get("CPU", 0), total.get("GPU", 0))
 
@@ -80,12 +79,9 @@ def start_ray(plan: SearchPlan, lease=None) -> None:
     """Start a Ray instance of the search's own on this machine, or join the cluster at ``--address`` (the project
     and the user's modules shipped to it, every node checked, ``lease``'s search folder seen from each); say which
     in one line. A cluster already running on this machine is never joined without ``--address``."""
-    import ray
-
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # a diverged run reports no val_acc
     if not plan.verbose:  # our progress lines instead of Tune's tables, banners and per-trial warnings
-        import logging
 
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's legacy output engine: silent at verbose=0
         # Tune's own error lines too: a failed trial is reported once by the progress view, in one line, and its
@@ -125,9 +121,6 @@ SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
 def _installed(path: Path) -> bool:
     """Whether ``path`` belongs to the Python installation (the standard library or an installed package): a node has
     it from its own pip packages."""
-    import site
-    import sysconfig
-
     roots = {sys.prefix, sys.base_prefix, *site.getsitepackages(), site.getusersitepackages(),
              *(sysconfig.get_paths()[k] for k in ("stdlib", "purelib", "platlib"))}
     return any(path.is_relative_to(Path(r).resolve()) for r in roots if r)
@@ -135,8 +128,6 @@ def _installed(path: Path) -> bool:
 
 def _module_path(name: str) -> Path | None:
     """The file or folder of the top-level module ``name`` as this driver imports it, or None."""
-    import importlib.util
-
     try:
         found = importlib.util.find_spec(name)
     except (ImportError, ValueError):
@@ -151,7 +142,6 @@ def _module_path(name: str) -> Path | None:
 
 def code_specs(plan: SearchPlan) -> list[str]:
     """The teacher and student specs of the search that name code (``package.module:callable``)."""
-
     found, stack = [], [plan.teacher_model, plan.space.raw]
     while stack:
         v = stack.pop()
@@ -169,7 +159,6 @@ def shipped_code(plan: SearchPlan) -> list[str]:
     """What reaches every node of the cluster through Ray's runtime environment (``py_modules``): this project's
     packages as this driver runs them, and the user's own modules that the specs name (a file or folder of theirs,
     not an installed package). A node then needs only the same pip packages."""
-
     user_folder_importable()  # the specs' modules are found as the trials' build finds them
     project = [p for p in (_module_path(n) for n in PROJECT_PACKAGES) if p is not None]
     own = []
@@ -194,10 +183,6 @@ def shipped_code(plan: SearchPlan) -> list[str]:
 def _node_check(specs: list[str], folder: str | None = None, proof: tuple[str, str] | None = None) -> dict:
     """On one node: the project's trial code and every spec imported, the versions that must match the driver's,
     and the search ``folder`` seen as the driver sees it (its lease, ``proof``) and writable."""
-    import importlib
-
-    import torch
-
     out = {"torch": torch.__version__, "errors": [], "storage": None}
     if folder is not None and proof is not None:
         out["storage"] = check_proof(folder, *proof)
@@ -215,10 +200,6 @@ def check_nodes(plan: SearchPlan, lease=None, timeout_s: float = 300.0) -> None:
     """The door check of a cluster: on every live node, one task imports the trials' code and the search's teacher
     and student specs (shipped with the runtime environment) and reports its torch version. A node that cannot run
     a trial stops the search here in one line, before any trial starts."""
-    import ray
-    import torch
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     specs = code_specs(plan)
     task = ray.remote(num_cpus=0)(_node_check)
     proof = lease.proof() if lease is not None else None
@@ -251,9 +232,6 @@ def check_nodes(plan: SearchPlan, lease=None, timeout_s: float = 300.0) -> None:
 def trials_at_once(plan: SearchPlan) -> int:
     """Trials side by side: the CPUs (or GPUs) of the running Ray cluster, or of this machine before Ray starts,
     over a trial's share, capped by --max-concurrent."""
-    import ray
-    import torch
-
     gpus = gpus_per_trial(plan)
     if ray.is_initialized():
         total = ray.cluster_resources()

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from search.cluster import trial_device, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.scheduler import expected_epochs, milestones
@@ -50,7 +52,6 @@ class Student:
 
 def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, float]:
     """The search's phases in seconds for a trial epoch of ``epoch_s``: search, confirmation, start-up, total."""
-
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
     per_trial = expected_epochs(plan.max_epochs, rungs, plan.reduction_factor, plan.num_samples)
     search = plan.num_samples * per_trial * epoch_s / min(at_once, plan.num_samples)
@@ -63,7 +64,6 @@ def wall_seconds(plan: SearchPlan, epoch_s: float, at_once: int) -> dict[str, fl
 def from_speed(plan: SearchPlan, speed) -> float | None:
     """The whole search's expected seconds from the speed measurement's own timing of a typical trial (free: no
     extra measurement); None where nothing was measured (precision and layout both set)."""
-
     seconds = speed.seconds.get(speed.name)
     if not seconds:
         return None
@@ -78,7 +78,6 @@ def _size_param(plan: SearchPlan):
 def extremes(plan: SearchPlan, check) -> list[tuple[str, dict[str, Any]]]:
     """(label, searched values) of the smallest student and the largest within the budget (a typical setting
     where the space does not search the size)."""
-
     middle = middle_setting(plan.space.params)
     knob = _size_param(plan)
     students = next((p for p in plan.space.params if p.name == "student" and p.type == "categorical"), None)
@@ -106,9 +105,6 @@ def extremes(plan: SearchPlan, check) -> list[tuple[str, dict[str, Any]]]:
 def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
     """Time each extreme student's iterations (and one evaluation) at the search's precision and layout, with a
     trial's threads on a trial's device."""
-    import torch
-
-
     device, task, teacher_params = trial_device(plan), plan.task_spec, count_params(teacher.model)
     out = []
     with torch_threads(trial_threads(plan)):
@@ -136,9 +132,6 @@ def measure(plan: SearchPlan, teacher, speed, check) -> list[Student]:
 
 def estimate(plan: SearchPlan, teacher, speed, check) -> dict[str, Any]:
     """Measure and print the estimate of a new search; returns it as plain data."""
-    import torch
-
-
     device = trial_device(plan)
     print(f"timing the smallest and the largest student's iterations at {speed.name} (a few seconds each)", flush=True)
     with data_free():

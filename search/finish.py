@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray.tune import ExperimentAnalysis
+
 from results.limits import describe_limits, refused_over_budget
 from results.record import (
     BEST_DIR,
@@ -177,8 +179,6 @@ def _trials_line(e) -> str:
 
 def _confirm_trials(cdir: Path) -> list[dict[str, Any]]:
     """(status, run config, folder) of each confirmation trial."""
-    from ray.tune import ExperimentAnalysis
-
     if not has_tune_state(cdir):
         return []
     return [{"status": t.status, "run": dict(t.config).get(RUN, {}), "dir": Path(t.path)}

@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import optuna
+
 CACHED_DECISIONS = "_cached_trial_decisions"  # TuneController: trial id -> a decision waiting for a save
 WRAPPED_CONTROLLER = "_tune_controller"  # TrialRunnerWrapper: the controller a scheduler's hooks are given
 
@@ -68,7 +70,5 @@ def repoint_generator(state: dict[str, Any], folder: str) -> None:
 def running_trial(study, storage, number: int):
     """The running Optuna trial ``number`` of ``study`` (whose storage is ``storage``), to report to and tell, from
     any process."""
-    import optuna
-
     tid = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
     return optuna.trial.Trial(study, tid)

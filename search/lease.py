@@ -22,6 +22,8 @@ taken depends on what the storage offers:
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import getpass
 import json
 import os
 import random
@@ -34,6 +36,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.fs as pafs
 
 from results.record import LEASE_DIR, LOCK_FILE, tune_started
 from trainable import storage
@@ -49,7 +53,6 @@ CLAIM_TRIES = 6
 @dataclass(frozen=True)
 class Holder:
     """Who holds (or claims) a lease: plain data, written into the lease as JSON."""
-
     token: str
     host: str
     boot: str  # the machine's boot id: a holder on this host from before a reboot is gone
@@ -107,7 +110,6 @@ def _gen(data: dict[str, Any]) -> int:
 
 def _user() -> str:
     try:
-        import getpass
 
         return getpass.getuser()
     except (KeyError, OSError):
@@ -129,8 +131,6 @@ class LocalLease:
         self.made: list[Path] = []  # folders this lease created (removed again where the search never started)
 
     def acquire(self, take_over: bool = False) -> None:
-        import fcntl
-
         missing = [p for p in (*reversed(self.path.parent.parents), self.path.parent) if not p.exists()]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,8 +211,6 @@ class UriLease:
 
     def _others(self) -> list[tuple[str, float, dict[str, Any]]]:
         """(path, modification time, content) of every other lease object ({} where it cannot be read)."""
-        import pyarrow.fs as pafs
-
         out = []
         for info in self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True)):
             if info.type != pafs.FileType.File or info.path.rstrip("/").endswith(f"/{self.holder.token}.json"):

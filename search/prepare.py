@@ -5,9 +5,12 @@ Every check here runs before anything is written, so a refused command leaves no
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from search.budget import BudgetCheck, check_reachable
 from search.cluster import trial_device, trial_threads
@@ -29,7 +32,6 @@ from trainable.teacher import prepare_teacher
 @dataclass(frozen=True)
 class Teacher:
     """The search's teacher, prepared once: the model, its architecture, the evaluation data and its accuracy."""
-
     model: Any  # torch.nn.Module in eval mode on the CPU
     arch: str
     data: Any  # trainable.tasks.EvalData
@@ -39,7 +41,6 @@ class Teacher:
 
 def prepare_teacher_for(plan: SearchPlan) -> Teacher:
     """Train (digits, cached) or load the teacher, load the evaluation data, and check a resume's teacher."""
-
     cfg = build_config(plan.trial_config, task=plan.task_spec)
     batch = largest_batch(plan, cfg.batch_size)
     model, info = prepare_teacher(plan.task_spec, cfg.teacher, plan.teacher_path, plan.seed, plan.data_root, batch_size=batch)
@@ -74,7 +75,6 @@ def largest_batch(plan: SearchPlan, fixed: int) -> int:
 def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
     """Every foreign student the search can train (the config's, or each choice of a searched ``student``) runs as
     a trial runs it (``trainable.sources.check_student``): refused here, in one line, before Ray starts."""
-
     task = plan.task_spec
     specs = {fixed} | {c for p in plan.space.params if p.name == "student" for c in p.choices}
     for spec in sorted(s for s in specs if isinstance(s, str)):
@@ -84,7 +84,6 @@ def check_students(plan: SearchPlan, fixed: str, batch_size: int) -> None:
 def budget_check(plan: SearchPlan, teacher: Teacher):
     """The ``BudgetCheck`` of a new search's space and teacher; first refuse (exit 2) a space in which no setting
     fits the budget."""
-
     check = BudgetCheck(dict(plan.trial_config), count_params(teacher.model), dict(plan.space.limits), plan.task_spec)
     check_reachable(plan.space.params, check, plan.seed)
     return check
@@ -93,7 +92,6 @@ def budget_check(plan: SearchPlan, teacher: Teacher):
 def typical_trial_config(plan: SearchPlan):
     """The config of a typical trial of the search (``search.space.typical_config``): the one the door check builds
     and the speed measurement times."""
-
     return typical_config(plan.trial_config, plan.space.params, plan.task_spec)
 
 
@@ -101,11 +99,6 @@ def check_trial_builds(plan: SearchPlan, teacher: Teacher, cfg) -> None:
     """One run of the typical trial's config ``cfg`` is built here, on the CPU, before Ray starts: a setting that
     cannot make a run (an AVKD prior folder without images, feature widths that need the projection switched off,
     ...) is refused in one line instead of erroring in every trial."""
-    import copy
-
-    import torch
-
-
     with data_free():
         AKDRun(cfg, copy.deepcopy(teacher.model), teacher.data, torch.device("cpu"), data_root=plan.data_root)
 
@@ -114,7 +107,6 @@ def choose_trial_speed(plan: SearchPlan, teacher: Teacher, cfg):
     """The precision and layout every trial computes in (``trainable.speed``): measured once here, on the driver
     before Ray starts, with a trial's threads on a trial's device, for the typical trial's config ``cfg`` (cached
     per machine and models). A resumed search keeps the choice it started with."""
-
     if plan.record is not None and plan.record.get("speed"):
         return Speed.from_record({**plan.record["speed"], "source": "as the search started"})
     with torch_threads(trial_threads(plan)):

@@ -17,9 +17,11 @@ import math
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from tqdm import tqdm
 
 from results.limits import refused_over_budget, within_limits
 from results.record import (
@@ -198,8 +200,6 @@ class SearchProgress(Callback):
     def _restore_earlier_sessions(self) -> None:
         """The outcomes, epochs and best results of the trials of earlier sessions, from the scheduler's record and
         the search's own log of every result (epochs after a rung's stop decision do not count, as in the table)."""
-        from pathlib import Path
-
         state = scheduler_record(self.state_file)
         for tid, decision in state["stopped"].items():
             self.finished[tid] = DIVERGED if decision.get("reason") == DIVERGED else STOPPED_EARLY
@@ -233,7 +233,6 @@ class SearchProgress(Callback):
                       file=self.stream, flush=True)
         self._count_refused()
         if self.tty:
-            from tqdm import tqdm
 
             self.bar = tqdm(total=self.num_samples, initial=len(self.finished), unit="trial", file=self.stream,
                             dynamic_ncols=True,
@@ -328,7 +327,6 @@ class SearchProgress(Callback):
             self.bar = None
         self._stop_worker()
         if self.report_dir is not None:  # what the live report cost (bench/report_overhead.py reads it)
-            from pathlib import Path
 
 
             write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,

@@ -23,11 +23,13 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
+import optuna
 from ray.tune.search import Searcher
 
 from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
@@ -116,7 +118,6 @@ class OptunaSearcher(Searcher):
     @property
     def study(self):
         if self._study is None:
-            import optuna
 
             # Repeatable: settings come from views of the study (see suggest); its own sampler picks nothing.
             sampler = optuna.samplers.RandomSampler(seed=self.seed) if self.repeatable else self._sampler(self.seed)
@@ -128,8 +129,6 @@ class OptunaSearcher(Searcher):
         return self._study
 
     def _sampler(self, seed: int):
-        import optuna
-
         n_startup = max(2, min(10, self.num_samples // 3))
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_startup, multivariate=True, constant_liar=True)
 
@@ -137,7 +136,6 @@ class OptunaSearcher(Searcher):
         """The running Optuna trial of a Ray trial (rebuilt from storage after a restore), or None."""
         if trial_id in self._live:
             return self._live[trial_id]
-        import optuna
 
         for ft in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             if ft.user_attrs.get(RAY_ID) == trial_id:
@@ -160,8 +158,6 @@ class OptunaSearcher(Searcher):
         """Ask ``study`` for settings until one is within the budget; each refused one is told PRUNED (with its
         constraint values and ``over_budget``) and passed to ``on_refused(attempt)``. (trial, its setting, its
         costs where the budget check knows them)."""
-        import optuna
-
         check = self.budget_check if self.budget_check is not None and self.budget_check.active else None
         for attempt in range(MAX_REFUSALS + 1):
             trial = study.ask()
@@ -185,8 +181,6 @@ class OptunaSearcher(Searcher):
 
     def _suggest_in_order(self, trial_id: str) -> dict[str, Any] | None:
         """Repeatable: trial k's setting from the view of the study at k (None until trials 0..k-c-1 finished)."""
-        import optuna
-
         k = len(self.asked)
         view = self._view(k)
         if view is None:
@@ -244,8 +238,6 @@ class OptunaSearcher(Searcher):
         trial.set_user_attr("epochs", epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        import optuna
-
         trial = self._trial(trial_id)
         if trial is None:  # already told (e.g. before a restore), or never asked
             return
@@ -281,8 +273,6 @@ class OptunaSearcher(Searcher):
         """The study as repeatable proposal ``k`` sees it (an in-memory copy): every setting refused for proposals
         0..k-1, trials 0..k-c-1 as they finished, trials k-c..k-1 running; None while one of trials 0..k-c-1 is
         still running."""
-        import optuna
-
         TS = optuna.trial.TrialState
         mine = {t: i for i, t in enumerate(self.asked)}
         by_index, refused = {}, {}
@@ -315,14 +305,11 @@ class OptunaSearcher(Searcher):
     def save(self, checkpoint_path: str) -> None:
         # Tune saves this with its experiment state: the trials proposed so far, in order (the study's record is
         # its journal file).
-        import json
 
         with open(checkpoint_path, "w") as f:
             json.dump({"study": STUDY_FILE if self.study_path else None, "asked": self.asked}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        import json
-
         self._study, self._live = None, {}
         try:
             with open(checkpoint_path) as f:
@@ -358,8 +345,6 @@ def fail_abandoned(study_path: str, known_trial_ids: set[str]) -> int:
     """Tell FAIL (reason ``abandoned``) for every Optuna trial still RUNNING whose Ray trial Tune never
     recorded (asked just before the driver was killed; the resumed search asked another in its place).
     Returns how many."""
-    import optuna
-
     study = open_study(study_path)
     if study is None:
         return 0
@@ -379,8 +364,6 @@ def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Par
     study is FAIL gets a new RUNNING record with the same setting, user attributes and intermediate values (and
     ``retry_of``), so that the study ends with the retry's own outcome as the trials table does. A finished record
     of the study cannot change: the FAIL one stays as the history of the failed attempt. Returns how many."""
-    import optuna
-
     study = open_study(study_path)
     if study is None or not trial_ids:
         return 0
@@ -409,8 +392,6 @@ def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
     running (``results.record.running_but_finished``: a kill between the two records, or a study journal whose
     end ``--repair`` dropped), as the searcher tells it when a trial ends: never lose a finished trial's result.
     Returns their Ray ids."""
-    import optuna
-
     running = running_but_finished(folder)
     if not running:
         return []

@@ -6,8 +6,12 @@ the Tune callbacks, ``search.callbacks``. Nothing here decides a setting: the pl
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
+
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started, tune_trials
 from search.callbacks import ResultLog, SearchStateCallback, WallClock, trial_dirname
@@ -28,9 +32,6 @@ URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI st
 def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
     """``akd_trial`` with the teacher, the data and the measured ``speed`` attached (shipped once through the
     object store) and resources."""
-    from ray import tune
-
-
     return tune.with_resources(
         tune.with_parameters(akd_trial, teacher=teacher_payload(teacher.model, teacher.arch), data=teacher.data,
                              task=plan.task_spec,
@@ -40,9 +41,6 @@ def make_trainable(plan: SearchPlan, teacher: Teacher, speed):
 
 
 def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
-    from ray import tune
-
-
     path, fs = _tune_storage(plan, storage)
     return tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                           callbacks=[*callbacks, WallClock(str(plan.file(META_FILE)))],
@@ -63,7 +61,6 @@ def fit(tuner) -> None:
 
 def search_progress(plan: SearchPlan):
     """The compact live view of the search's trials (and the live report where the storage is local)."""
-
     rungs = milestones(plan.grace_period, plan.reduction_factor, plan.max_epochs) if plan.early_stopping else []
     return SearchProgress(plan.num_samples, plan.max_epochs, rungs, plan.reduction_factor, plan.space.limits,
                           [p.name for p in plan.space.params],
@@ -87,8 +84,6 @@ def _tune_storage(plan: SearchPlan, where: str):
 
 
 def _restore(plan: SearchPlan, path: str, trainable, resume_errored: bool = False):
-    from ray import tune
-
     path, fs = _tune_storage(plan, path)
     return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=resume_errored,
                               restart_errored=False, storage_filesystem=fs)
@@ -105,7 +100,6 @@ def _in_this_folder():
     - Tune re-points the trials it restores when a search folder was copied or moved, but not the storage kept in
       the generator's own state: without this, every trial made after the restore of a copy wrote its checkpoints
       into the folder it was copied from."""
-    from ray.tune.search import SearchGenerator
 
     class InThisFolder(SearchGenerator):
         def __init__(self, searcher, folder: str, repoint: bool = True):
@@ -125,9 +119,6 @@ def _in_this_folder():
             the searcher's state newer (or older) than the experiment state Tune restores its trials from. What was
             proposed is made to be what Tune restored: the searcher's proposals, the count of trials made and the
             trials the concurrency limit counts as running."""
-            from ray.tune.search import ConcurrencyLimiter
-
-
             if not has_tune_state(self.folder):
                 return
             trials = {t["trial_id"]: t["status"] for t in tune_trials(self.folder)}
@@ -159,8 +150,6 @@ def _search_algorithm(searcher, plan: SearchPlan, max_concurrent: int | None):
     """Our searcher as Tune runs it: limited to ``max_concurrent`` trials at once (what Tune does itself for
     ``max_concurrent_trials``), in a generator that restores from the search's own files (in its folder, or the
     working copy of a search on a URI) and keeps new trials in the search's current folder (local storage)."""
-    from ray.tune.search import ConcurrencyLimiter
-
     wrapped = ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
     return _in_this_folder()(wrapped, plan.folder, plan.local)
 
@@ -168,9 +157,6 @@ def _search_algorithm(searcher, plan: SearchPlan, max_concurrent: int | None):
 def build_tuner(plan: SearchPlan, trainable, check=None):
     """A new search: our Optuna searcher (refusing settings over the budget with ``check``, a
     ``BudgetCheck``) and rung scheduler, ``num_samples`` trials."""
-    from ray import tune
-
-
     repeatable, at_once = not plan.asynchronous, trials_at_once(plan)
     scheduler = RungScheduler(plan.objectives, max_epochs=plan.max_epochs, grace_period=plan.grace_period,
                               reduction_factor=plan.reduction_factor, limits=plan.space.limits,
@@ -213,16 +199,12 @@ def restore_tuner(plan: SearchPlan, trainable):
 
 def confirm_tuner(plan: SearchPlan, trainable, runs: list[dict[str, Any]], folder: Path):
     """The confirmation phase: one trial per (candidate, seed) in ``runs``, in ``folder`` (restored if it exists)."""
-    from ray import tune
-
-
     mirror = storage.mirror_of(plan.folder)  # a search on a URI: the confirmation's files as Tune left them there
     if mirror is not None:
         mirror.pull(folder.name, own=False)
     if tune_started(folder) and has_tune_state(folder):
         return _restore(plan, storage.join(plan.path, folder.name), trainable)
     if folder.exists():  # killed before Tune saved any state of it: nothing there can be resumed, so it starts again
-        import shutil
 
         shutil.rmtree(folder)
         if mirror is not None:
