@@ -28,8 +28,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import optuna
+from optuna.storages.journal import JournalFileBackend
 
 from trainable import storage
 from trainable.errors import UserError
@@ -104,8 +110,6 @@ def trial_folders(folder: str | Path) -> list[Path]:
 
 def latest_checkpoint(trial_dir: str | Path) -> Path | None:
     """The newest ``checkpoint_NNNNNN/checkpoint.pt`` of a trial folder."""
-    import re
-
     found = []
     for d in Path(trial_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", d.name)
@@ -116,7 +120,6 @@ def latest_checkpoint(trial_dir: str | Path) -> Path | None:
 
 def best_files(folder: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The exported winner's ``best/metrics.json`` and ``best/trial.json`` ({} each where there is none yet)."""
-
     return read_json(Path(folder) / BEST_METRICS, {}), read_json(Path(folder) / BEST_TRIAL, {})
 
 
@@ -464,11 +467,8 @@ def stop_decisions(path: str | Path) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 def journal_storage(path: str | None):
     """Optuna's journal storage on the file at ``path`` (in memory when None): the one way the study is opened."""
-    import optuna
-
     if path is None:
         return optuna.storages.InMemoryStorage()
-    from optuna.storages.journal import JournalFileBackend
 
     class UploadedJournal(JournalFileBackend):
         """The journal file; in a working copy of a search on a URI, uploaded whole after each append."""
@@ -484,8 +484,6 @@ def open_study(path: str | Path):
     """The search's Optuna study, read from its journal file ``path`` (checked first; for reading: a search's sampler
     opens it with ``optuna.create_study(..., load_if_exists=True)`` on :func:`journal_storage`); None when there
     is none yet."""
-    import optuna
-
     if not Path(path).is_file():
         return None
     check_journal(path)
@@ -627,8 +625,6 @@ def repair_records(folder: str | Path) -> list[str]:
     DamagedRecord that cannot be mended, before anything is changed: damage of its own kind that cannot be rebuilt, a
     study journal that would still miss trials once its cut record is dropped (a cut longer than one record), or
     records that do not agree on the trials."""
-    import tempfile
-
     folder = Path(folder)
     found = [*(e for e in (_try(read_record, folder / n) for n in RECORDS) if e),
              *(e for e in [_try(check_journal, folder / STUDY_FILE)] if e), *check_tune_state(folder),
@@ -658,7 +654,6 @@ def repair_records(folder: str | Path) -> list[str]:
             write_json(d.path, {"study": STUDY_FILE, "asked": list(order)})
             done.append(f"{rel}: made again from the scheduler's order of the {len(order)} trials proposed")
         elif d.path == folder / BEST_DIR:
-            import shutil
 
             shutil.rmtree(d.path)  # the search is then finished again by the resume: the same export, made again
             done.append(f"{BEST_DIR}/: removed ({str(d).split(' is damaged (', 1)[-1].split('); nothing', 1)[0]}); "

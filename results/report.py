@@ -10,11 +10,15 @@ folder. Exit codes: 0 done, 2 bad input (not an experiment folder), 1 other.
 """
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import math
+import shutil
 import sys
+import tempfile
 import warnings
+import webbrowser
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +153,7 @@ def _fidelity(e: Experiment) -> int:
 def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
     """Optuna's plots over every trial of the study ``real`` at one stated fidelity (``refused``: settings refused
     over the budget, said in the note); a note instead of a plot where data is too thin."""
-    import optuna.visualization as ov
+    import optuna.visualization as ov  # noqa: PLC0415 - optuna's plots import plotly: only where a figure is drawn
 
 
     epoch = _fidelity(e)
@@ -187,7 +191,7 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
 
 
 def _all_curves(e: Experiment):
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     if e.epochs.empty:
         raise ValueError("no trial has reported an epoch yet")
@@ -208,7 +212,7 @@ def _all_curves(e: Experiment):
 
 def _pareto_plot(e: Experiment, best_id: str | None) -> str:
     """Accuracy versus size: every trial at its last epoch (marked with its epochs); the front from full runs only."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     sel, col = e.selection, e.selected
     t = e.trials[e.trials[col].notna() & e.trials[M.STUDENT_PARAMS].notna()]
@@ -270,7 +274,7 @@ def method_labels(trials: pd.DataFrame) -> pd.Series | None:
 def _method_plot(e: Experiment) -> str | None:
     """The selection metric by method: every trial at the first rung (one fidelity), full-length runs, confirmed test
     means."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     t = e.trials.copy()
     labels = method_labels(t)
@@ -331,7 +335,7 @@ def _confirm_table(e: Experiment) -> str:
 
 
 def _curves_plot(e: Experiment) -> str:
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     t = e.trials[e.trials[e.selected].notna()].sort_values(e.selected, ascending=False).head(TOP_CURVES)
     if t.empty:
@@ -346,7 +350,7 @@ def _curves_plot(e: Experiment) -> str:
 
 
 def _confusion_plot(best_dir: Path) -> str:
-    import plotly.express as px
+    import plotly.express as px  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     path = best_dir / "confusion_test.csv"
     if not path.exists():
@@ -512,7 +516,7 @@ def _banner(e: Experiment, counts: dict[str, int], in_progress: str | None) -> s
 
 
 def render(e: Experiment, in_progress: str | None = None) -> str:
-    from plotly.offline import get_plotlyjs
+    from plotly.offline import get_plotlyjs  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
     best_dir = e.path / BEST_DIR
     best, best_info = best_files(e.path)
@@ -556,8 +560,6 @@ def build_report(path: str | Path, in_progress: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(description="Build Parquet summaries and the HTML report of a search.")
     p.add_argument("run_dir", help="the search: its folder <storage>/<name>, or its URI (s3://bucket/runs/<name>, ...)")
     p.add_argument("--out", metavar="DIR", help="also copy the report and the summaries into DIR")
@@ -584,7 +586,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         print(f"copied to: {Path(args.out, REPORT_FILE)}")
     if args.open:
-        import webbrowser
 
         if not webbrowser.open(out.resolve().as_uri()):
             print(f"no web browser found here; open {out} yourself")
@@ -595,9 +596,6 @@ def report_of(run_dir: str, copy_to: str | None = None) -> tuple[Path, str, str]
     """Build the summaries and the report of the search at ``run_dir`` (a folder, or a URI: read into a working copy,
     and the two written back there); copy both into ``copy_to`` if given. (The report's local file, where the
     summaries are, where the report is.)"""
-    import shutil
-    import tempfile
-
     if not storage.is_uri(run_dir):
         out = build_report(run_dir)
         where = (str(Path(run_dir) / SUMMARY_DIR), str(out))

@@ -16,17 +16,21 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import math
+import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.optimization import fuse
 
 from trainable import metrics as M
 from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict, recipe_value
@@ -75,8 +79,6 @@ def default_device() -> torch.device:
 def use_deterministic_algorithms() -> None:
     """PyTorch's deterministic algorithms where an operation has one (a warning names any that has not), cuDNN's
     benchmarking off, and cuBLAS's fixed workspace (read when CUDA starts)."""
-    import os
-
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -97,10 +99,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     Exact up to float rounding in eval mode (BN is then an affine map); gradients still flow to the
     input. Models that cannot be traced are returned unchanged.
     """
-    import copy
-
-    from torch.fx.experimental.optimization import fuse
-
     try:
         fused = fuse(copy.deepcopy(model).eval())
     except Exception:  # not symbolically traceable: run it as it is
@@ -663,7 +661,6 @@ class AKDRun:
 def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
     """A checkpoint's config as this version reads it: a key it predates takes the value the run then had (the
     dataclass default: the feature did not exist), and AVKD-only keys are moot unless the method is AVKD."""
-
     out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
     out.update({k: v for k, v in saved.items() if k not in FIELDS})
     if method != "avkd" and out["method"] != "avkd":
@@ -674,17 +671,13 @@ def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
 
 def save_checkpoint(run: AKDRun, path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-
     torch_save(run.state_dict(), path)
 
 
 def load_checkpoint(path) -> dict[str, Any]:
-    import os
-
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path}; pass the path of a checkpoint.pt")
     try:
-        import warnings
 
         with warnings.catch_warnings():  # our one line says what is wrong; torch's warnings would bury it
             warnings.simplefilter("ignore")

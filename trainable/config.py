@@ -220,7 +220,6 @@ def parse_value(key: str, text: str) -> Any:
 
 def _check_values(c: dict[str, Any], task: Task | None, problem: str | None) -> list[str]:
     """Range and registry checks on coerced values; ``task`` the task resolved (None: ``problem`` says why not)."""
-
     errs = []
 
     def need(ok: bool, msg: str):
@@ -269,7 +268,6 @@ def _check_values(c: dict[str, Any], task: Task | None, problem: str | None) -> 
 
 def _check_model(role: str, spec: str) -> list[str]:
     """A teacher or student spec: a registered name or a foreign model that can be found (not built yet)."""
-
     if sources.is_foreign(spec):
         problem = sources.check_spec(spec, role)
         return [problem] if problem else []
@@ -280,7 +278,6 @@ def _check_model(role: str, spec: str) -> list[str]:
 
 def _check_method(c: dict[str, Any], task) -> list[str]:
     """AVKD's prior and class prior, and feature alignment's layers, against the task and the models."""
-
     errs = []
     problem = check_prior(c["prior"], task) or folder_prior_problem(c["prior"])
     if problem:
@@ -297,7 +294,7 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
 
 
 def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
-    import torch
+    import torch  # noqa: PLC0415 - torch only to check feature layers: the space's checks run without it otherwise
 
 
     found = {}
@@ -345,7 +342,6 @@ def build_config(values: dict[str, Any], task_defaults: bool = True, task: Task 
     Raises:
         ConfigError: listing every unknown key, wrong type and impossible value.
     """
-
     errs = [f"{k}: unknown key; valid keys are {sorted(FIELDS)}" for k in values if k not in FIELDS]
     merged: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
     name = values.get("task", task.name if task is not None else merged["task"])

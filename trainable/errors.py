@@ -1,6 +1,8 @@
 """Exceptions, and the one registry lookup. A ``UserError`` is bad input: the CLIs print its one line and exit 2."""
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 # Every command's exit codes (docs/exit-codes.md): done; anything else; bad input (a UserError's one line); interrupted
@@ -56,8 +58,6 @@ class DiskFull(OSError):
 def full_disk(exc: BaseException | None) -> OSError | None:
     """The full-disk error in ``exc`` or anything it was raised from (a trial's error on a worker comes back as
     text inside Ray's and Tune's errors); None when it is something else."""
-    import re
-
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -74,8 +74,6 @@ def full_disk(exc: BaseException | None) -> OSError | None:
 
 def full_disk_line(err: OSError, folder: str, then: str) -> str:
     """One line: which filesystem is full, while writing what, and what to run once there is room."""
-    import os
-
     where = err.filename or folder
     mount = os.path.abspath(where if os.path.exists(where) else folder)
     while not os.path.exists(mount) and mount != os.path.dirname(mount):

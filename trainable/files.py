@@ -112,7 +112,7 @@ def read_json(path: str | Path, default: Any = None) -> Any:
 
 
 def torch_save(obj: Any, path: str | Path) -> None:
-    import torch
+    import torch  # noqa: PLC0415 - results/ reads a search through this module without importing torch
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

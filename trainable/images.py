@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from trainable.errors import UserError
 from trainable.models import LENET_SIZES
@@ -114,8 +115,6 @@ def _walk_quietly(folder: Path) -> list[Path]:
 def _open_image(path: Path):
     """``PIL.Image.open`` (the header only), with Pillow's decompression-bomb warning and error refused by name.
     Raises UserError."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -133,8 +132,6 @@ def read_image(path: Path, channels: int, side: int | None) -> np.ndarray:
     given; a large image is decoded at a reduced size where its format allows (JPEG's draft mode) and halved by box
     filtering before the resize. Raises UserError naming the file when it cannot be read or is too large (a
     decompression bomb: a few KB on disk that decode to gigabytes)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with _open_image(path) as im:
             w, h = im.size
@@ -302,7 +299,6 @@ def _folder_classes(root: Path, raw: dict, folders: list[str]) -> tuple[list[str
 def _first_image_shape(root: Path, classes: list[str] | None, channels: int | None,
                        side: int | None) -> tuple[int, int]:
     """(channels, side) where task.yaml leaves them out: read off the task's first image."""
-
     found = image_files(root / classes[0]) if classes else image_files(root)
     if not found:
         raise UserError(f"{root / TASK_FILE}: give channels and image_size (the folder has no image to read them "

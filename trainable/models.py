@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainable import sources
 from trainable.errors import lookup, unknown
@@ -80,7 +81,7 @@ def cifar_resnet(arch: Arch, num_classes: int, in_channels: int, image_size: int
 
 def torchvision_resnet34(arch: Arch, num_classes: int, in_channels: int, image_size: int, width: float) -> nn.Module:
     """torchvision's ResNet-34 (7x7 stem with max-pool)."""
-    import torchvision
+    import torchvision  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
     if width != 1.0:
         raise ValueError("torchvision resnet34 has no width multiplier; use resnet34_w")
@@ -298,7 +299,6 @@ class Arch:
     ``base`` is the channel count of the first stage at width 1.0: the grid a width multiplier (and
     so ``student_fraction``) moves on. ``None``: the architecture has no width multiplier.
     """
-
     family: Callable[..., nn.Module]  # builder(arch, num_classes, in_channels, image_size, width)
     base: int | None
     depths: tuple[int, ...] = ()  # ResNets: blocks per stage
@@ -337,7 +337,6 @@ MODEL_FORMS = "torchvision:NAME, timm:NAME, package.module:callable or (teacher 
 
 def build_classifier(name: str, num_classes: int, in_channels: int, image_size: int, width: float = 1.0) -> nn.Module:
     """A classifier by spec: a registered name, or a foreign model (``trainable.sources``), untrained."""
-
     if sources.is_foreign(name):
         return sources.build_foreign(name, num_classes, in_channels, image_size, width)
     if name not in CLASSIFIERS:
@@ -348,7 +347,6 @@ def build_classifier(name: str, num_classes: int, in_channels: int, image_size: 
 
 def is_widthable(name: str) -> bool:
     """Whether ``student_fraction``/``student_width`` can size this family (a width multiplier exists)."""
-
     if sources.is_foreign(name):
         return sources.widthable(name)
     return name in CLASSIFIERS and CLASSIFIERS[name].widthable
@@ -395,8 +393,6 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, channels: int, image_size: int) -> int:
     """Floating-point operations of one forward of one image (``torch.utils.flop_counter``; a multiply-add
     counts 2), in eval mode; the model's mode is put back."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     was_training = model.training
     model.eval()
     x = torch.zeros(1, channels, image_size, image_size, device=next(model.parameters()).device)

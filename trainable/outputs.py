@@ -5,7 +5,13 @@ both carry the keys of ``trainable.metrics.FINAL_METRICS``.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib.util
+import io
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,7 +41,7 @@ def save_image_grid(run: AKDRun, path: Path, n: int = 64, seed: int = 0) -> None
     A class-conditional generator (AVKD) gets one row per class, in class order, so a reader can see
     whether it learned the classes.
     """
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import make_grid, save_image  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     k = run.task.num_classes
@@ -66,11 +72,6 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     project code; any batch size), and ``student.onnx`` where the ONNX exporter (``onnx`` and ``onnxscript``,
     ``pip install -e .[onnx]``) is installed: one file, weights inside, any batch size. An ONNX export that
     fails leaves no file and says so in one line on stderr."""
-    import contextlib
-    import copy
-    import importlib.util
-    import io
-
     model = copy.deepcopy(student).float().cpu().eval().to(memory_format=torch.contiguous_format)
     x = torch.zeros(2, channels, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -92,10 +93,6 @@ def inference_cost(student: torch.nn.Module, channels: int, image_size: int, flo
                    latency_repeats: int = 30, throughput_repeats: int = 3) -> dict[str, float]:
     """What the student costs on this machine's CPU: latency at batch 1 and throughput at batch 256 (medians of
     timed runs after a warm-up, fp32), its FLOPs per image and its size on disk."""
-    import copy
-    import statistics
-    import time
-
     model = copy.deepcopy(student).float().cpu().eval()
     one = torch.randn(1, channels, image_size, image_size)
     many = torch.randn(256, channels, image_size, image_size)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 from trainable.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
@@ -114,8 +115,6 @@ def _fit(x: torch.Tensor, task: Task) -> torch.Tensor:
 
 
 def _letters(seed: int, n: int = PRIOR_SIZE, canvas: int = 32) -> torch.Tensor:
-    from PIL import Image, ImageDraw, ImageFont
-
     rng = np.random.default_rng(seed)
     out = np.zeros((n, 1, canvas, canvas), dtype=np.float32)
     fonts = {s: ImageFont.load_default(size=s) for s in range(22, 37, 2)}  # letters fill the frame, like digits
@@ -135,7 +134,7 @@ def _letters(seed: int, n: int = PRIOR_SIZE, canvas: int = 32) -> torch.Tensor:
 
 
 def _photos(seed: int, n: int = PRIOR_SIZE, patch: int = 32) -> torch.Tensor:
-    from sklearn.datasets import load_sample_images
+    from sklearn.datasets import load_sample_images  # noqa: PLC0415 - scikit-learn takes a second to import; only the digits task and the photos prior need it
 
     rng = np.random.default_rng(seed)
     photos = [torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).float() / 255.0
@@ -151,7 +150,7 @@ def _photos(seed: int, n: int = PRIOR_SIZE, patch: int = 32) -> torch.Tensor:
 
 
 def _cifar(prior: str, data_root: str | None, download: bool) -> torch.Tensor:
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
     if data_root is None:
         raise UserError(f"prior {prior} needs its data: pass --data-root DIR holding it (downloaded there when "

@@ -23,6 +23,7 @@ on them are computed once per run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -63,9 +64,6 @@ def selection_problem(selection: Any, proxy: Any, task) -> list[str]:
                                           (proxy.startswith("folder:") and len(proxy) > len("folder:"))):
         errs.append(unknown(f"proxy: unknown {proxy!r}", ["auto", "generator", "folder:PATH"]))
     elif proxy.startswith("folder:"):
-        from pathlib import Path
-
-
         path = Path(proxy[len("folder:"):]).expanduser()
         if not path.is_dir():
             errs.append(f"proxy: {path} is not a folder; pass folder:PATH of unlabelled images")
@@ -78,7 +76,6 @@ def selection_problem(selection: Any, proxy: Any, task) -> list[str]:
 @dataclass(frozen=True)
 class Proxy:
     """The held-out images agreement is measured on (normalised, on the CPU), and where they came from."""
-
     val_x: torch.Tensor
     test_x: torch.Tensor
     source: str
@@ -114,7 +111,6 @@ def _generator_images(task: Task, n: int, seed: int) -> torch.Tensor:
 
 def build_proxy(cfg, task, data, data_root: str | None = None) -> Proxy:
     """The proxy set of a run of ``cfg`` (see the module docstring). Raises UserError (an unreadable folder)."""
-
     spec = cfg.proxy
     if spec == "auto":
         if not data.labelled and min(len(data.val_x), len(data.test_x)) >= MIN_IMAGES // 2:

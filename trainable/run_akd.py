@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from trainable import metrics as M
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
@@ -193,8 +194,6 @@ def _epoch_output(cfg, akd: AKDRun, out: Path, ckpt_path: Path):
     epoch, losses and ETA in a terminal, one line per epoch in logs and pipes."""
     bar = None
     if sys.stdout.isatty():
-        from tqdm import tqdm
-
         bar = tqdm(total=cfg.epochs, initial=akd.epoch, unit="epoch", dynamic_ncols=True)
 
     def on_epoch(m: dict, r: AKDRun) -> None:

@@ -80,7 +80,7 @@ def check_spec(spec: str, role: str) -> str | None:
 
 
 def _torchvision_names() -> list[str]:
-    import torchvision
+    import torchvision  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
@@ -89,7 +89,7 @@ def _builder(spec: str):
     """The callable that builds ``spec`` (not called). Raises ModelSourceError."""
     k = kind(spec)
     if k == "torchvision":
-        import torchvision
+        import torchvision  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
         name = spec[len(TORCHVISION):]
         names = _torchvision_names()
@@ -99,7 +99,7 @@ def _builder(spec: str):
         return torchvision.models.get_model_builder(name)
     if k == "timm":
         try:
-            import timm
+            import timm  # noqa: PLC0415 - timm is an optional extra (pip install timm)
         except ImportError:
             raise ModelSourceError(f"{spec!r} needs timm, which is not installed; pip install timm "
                                    "(or pip install -e .[timm])") from None

@@ -19,12 +19,14 @@ import hashlib
 import os
 import re
 import shutil
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from pyarrow.lib import ArrowException
 
 from trainable.errors import UserError
@@ -52,8 +54,6 @@ def join(base: str, *names: str) -> str:
 
 def filesystem(uri: str):
     """(``pyarrow.fs`` filesystem, path inside it) of a URI. Raises UserError in one line where it cannot be opened."""
-    import pyarrow.fs as pafs
-
     try:
         return pafs.FileSystem.from_uri(uri)
     except (*STORE_ERRORS, ValueError, TypeError) as e:
@@ -74,8 +74,6 @@ def unreachable(uri: str, e: BaseException, doing: str) -> UserError:
 
 def exists(uri: str, rel: str) -> bool:
     """Whether the file or folder ``rel`` exists under the URI."""
-    import pyarrow.fs as pafs
-
     fs, base = filesystem(uri)
     try:
         return fs.get_file_info(f"{base}/{rel}").type != pafs.FileType.NotFound
@@ -109,8 +107,6 @@ def bounded(call: Callable[..., Any], seconds: float, uri: str, *args) -> Any:
 
 def check_bucket(uri: str, fs=None, base: str | None = None) -> None:
     """Refuse in one line a URI whose bucket (its first folder) does not exist."""
-    import pyarrow.fs as pafs
-
     if fs is None:
         fs, base = filesystem(uri)
     bucket = base.strip("/").split("/")[0]
@@ -158,8 +154,6 @@ class Mirror:
 
     def files(self, under: str = "") -> list[tuple[str, int]]:
         """(path relative to the search folder, size) of every file under ``under`` at the URI."""
-        import pyarrow.fs as pafs
-
         top = self.remote(under).rstrip("/")
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(top, recursive=True, allow_not_found=True))
@@ -320,7 +314,6 @@ def local_file(folder: str, rel: str) -> tuple[Path, Callable[[], None]]:
     run continues its search trial's checkpoint)."""
     if not is_uri(folder):
         return Path(folder) / rel, lambda: None
-    import tempfile
 
     fs, base = filesystem(folder)
     tmp = Path(tempfile.mkdtemp(prefix="akdtune-"))

@@ -29,7 +29,6 @@ __all__ = ["TASKS", "Task", "EvalData", "get_task", "resolve_task", "task_proble
 class EvalData:
     """Evaluation tensors of a task: images normalised, (N, C, H, W) float32; labels (N,) int64, or None for a task
     without labels (its images, possibly none, are unlabelled held-out images)."""
-
     val_x: torch.Tensor
     val_y: torch.Tensor | None
     test_x: torch.Tensor
@@ -110,8 +109,8 @@ def normalise(x: torch.Tensor, task: Task) -> torch.Tensor:
 
 def _digits_split(seed: int) -> dict[str, np.ndarray]:
     """Index split of the 1,797 digits: 60% teacher-train, 20% validation, 20% test, stratified."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn takes a second to import; only the digits task and the photos prior need it
+    from sklearn.model_selection import train_test_split  # noqa: PLC0415 - scikit-learn takes a second to import; only the digits task and the photos prior need it
 
     y = load_digits().target
     idx = np.arange(len(y))
@@ -121,7 +120,7 @@ def _digits_split(seed: int) -> dict[str, np.ndarray]:
 
 
 def _digits_tensors(indices: np.ndarray, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - scikit-learn takes a second to import; only the digits task and the photos prior need it
 
     d = load_digits()
     x = torch.from_numpy(d.images[indices].astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
@@ -131,7 +130,7 @@ def _digits_tensors(indices: np.ndarray, task: Task) -> tuple[torch.Tensor, torc
 
 def _torchvision_split(task: Task, data_root: str | None, train: bool, download: bool):
     """The torchvision dataset object for one official split (train=True only for teachers)."""
-    import torchvision.datasets as tvd
+    import torchvision.datasets as tvd  # noqa: PLC0415 - torchvision takes a second to import; only its models, datasets and image writer need it
 
     cls = {"mnist": tvd.MNIST, "cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[task.name]
     if data_root is None:

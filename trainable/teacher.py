@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from trainable import sources
 from trainable.errors import CheckpointError, UserError
@@ -118,12 +120,8 @@ def train_teacher(task: Task, arch: str, seed: int = 0, epochs: int = 200, lr: f
     With the defaults this is the standard CIFAR recipe (SGD 0.1, momentum 0.9, wd 5e-4, 200 epochs).
     ``progress``: a bar with epoch, loss and ETA when stdout is a terminal (else ``log`` lines).
     """
-    import sys
-
     bar = None
     if progress and sys.stdout.isatty():
-        from tqdm import tqdm
-
         bar = tqdm(total=epochs, unit="epoch", desc="teacher", dynamic_ncols=True)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     x, y = train_data if train_data is not None else load_teacher_train(task, seed, data_root)
@@ -172,7 +170,6 @@ def prepare_teacher(task: Task, arch: str | None = None, teacher_path: str | Non
     Returns:
         (teacher in eval mode on CPU, info dict with ``arch``, ``source``).
     """
-
     arch = arch or task.teacher
     if sources.is_program(arch):
         if teacher_path:
@@ -213,5 +210,4 @@ def prepare_teacher(task: Task, arch: str | None = None, teacher_path: str | Non
 def teacher_accuracy(teacher: nn.Module, task: Task, seed: int = 0,
                      data_root: str | None = None) -> dict[str, float | None]:
     """``teacher_val_acc`` and ``teacher_test_acc`` of a teacher on the task's evaluation data (None without labels)."""
-
     return teacher_metrics(teacher, load_eval_data(task, seed, data_root=data_root))
