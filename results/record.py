@@ -142,7 +142,7 @@ class DamagedRecord(UserError):
     """A record of a search folder that is not what this tool wrote: one line naming it and what to do."""
 
     def __init__(self, path: str | Path, why: str, repairable: bool = True, repair: str | None = None):
-        self.path = Path(path)
+        self.path, self.why = Path(path), why
         self.repair = repair or next((what for name, what in REPAIRS.items() if self.path.as_posix().endswith(name)),
                                      None) if repairable else None
         what = (f"resume the search with --repair ({self.repair})" if self.repair
@@ -578,7 +578,7 @@ def check_best(folder: str | Path) -> list[DamagedRecord]:
     try:
         manifest = read_record(folder / BEST_MANIFEST)
     except DamagedRecord as e:
-        return [DamagedRecord(folder / BEST_DIR, str(e).split(" is damaged (", 1)[-1].split("); nothing", 1)[0])]
+        return [DamagedRecord(folder / BEST_DIR, e.why)]
     if manifest is None:
         return []
     found = []
@@ -656,7 +656,7 @@ def repair_records(folder: str | Path) -> list[str]:
         elif d.path == folder / BEST_DIR:
 
             shutil.rmtree(d.path)  # the search is then finished again by the resume: the same export, made again
-            done.append(f"{BEST_DIR}/: removed ({str(d).split(' is damaged (', 1)[-1].split('); nothing', 1)[0]}); "
+            done.append(f"{BEST_DIR}/: removed ({d.why}); "
                         "the winner is exported again from its checkpoint")
         elif d.path.name == "params.json":
             config = next(t["config"] for t in tune_trials(folder) if t["dir"] == d.path.parent)
