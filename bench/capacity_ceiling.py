@@ -51,7 +51,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainable.errors import UserError  # noqa: E402
+from base.errors import UserError  # noqa: E402
 
 DEFAULT_GRID = {"lr_student": (0.12, 0.2, 0.3), "lr_generator": (0.0003, 0.0008)}  # for spaces/capacity.yaml
 PROBES = 64  # values of the size parameter tried (evenly, on its scale) to find the largest student within the budget
@@ -80,7 +80,7 @@ def show(v: Any) -> str:
 def largest_within(space, check) -> tuple[dict[str, Any], float]:
     """The size parameter's value that gives the largest student within the budget, and that student's
     param_ratio. The size parameter is the one numeric parameter whose value changes the student's costs."""
-    from trainable import metrics as M
+    from base import metrics as M
 
     numeric = [p for p in space.params if p.type in ("float", "int")]
     held = {p.name: middle(p) for p in space.params}

@@ -104,8 +104,8 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
 def stock_pick(grid, space, teacher, data) -> dict:
     """Stock's result grid judged as the project's: its best feasible trial by val_acc, evaluated on the test split,
     and its configuration over the project's seeds."""
+    from base import metrics as M
     from search.finish import evaluate_run, latest_checkpoint
-    from trainable import metrics as M
 
     rows = [(r.metrics or {}, Path(r.path)) for r in grid]
     feasible = [(m, p) for m, p in rows if m.get(M.PARAM_RATIO) is not None and m[M.PARAM_RATIO] <= space.param_budget
@@ -123,8 +123,8 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
     """Stock's pick evaluated like the project's winner: held-out test_acc over the same seeds (its own and
     ``seed + 1000``, ...; ``confirm_seeds`` of them), every seed trained to max_epochs. Its own seed is the
     trial itself when it ran max_epochs, else a fresh full run."""
+    from base import metrics as M
     from search.confirm import SEED_STRIDE
-    from trainable import metrics as M
     from trainable.config import build_config
     from trainable.measure import fit_and_test
 

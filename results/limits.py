@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from base import metrics as M
 from results.record import open_study
-from trainable import metrics as M
 
 # ---------------------------------------------------------------------------------------------
 # Limits (the space's budget on the student) and the settings refused over them

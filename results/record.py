@@ -8,9 +8,9 @@ a finished search can be summarised where Ray is not installed.
 Our own files live under ``akdtune/``: Tune re-uploads stale copies of top-level .json/.pkl files of the
 experiment folder after a restore, which would overwrite them. Tune's own files (``experiment_state-*.json``,
 ``tuner.pkl``, trial folders) are Tune's; where the storage is local Tune writes them through
-``trainable.atomicfs`` (atomically).
+``base.atomicfs`` (atomically).
 
-**Damage.** Every JSON record is written atomically (``trainable.files``: a kill leaves the old file or the new
+**Damage.** Every JSON record is written atomically (``base.files``: a kill leaves the old file or the new
 one) and carries ``_record: {format, sha256}``, the checksum of the rest of it, so a file changed or cut by
 anything else is told from a whole one: :func:`read_record` raises :class:`DamagedRecord`, one line naming the
 file and what to do, and changes nothing; a record without a checksum is damage. Optuna's study journal is checked
@@ -37,9 +37,9 @@ from typing import Any
 import optuna
 from optuna.storages.journal import JournalFileBackend
 
-from trainable import storage
-from trainable.errors import UserError
-from trainable.files import jsonable, read_json, write_json
+from base import storage
+from base.errors import UserError
+from base.files import jsonable, read_json, write_json
 
 # ---------------------------------------------------------------------------------------------
 # The files
@@ -77,7 +77,7 @@ CHECKPOINT_NAME = "checkpoint.pt"  # in a checkpoint folder: the run's state (tr
 
 
 # What the tool itself writes into a search folder (the rest is Tune's): what a working copy of a search on a URI
-# uploads (trainable.storage.Mirror).
+# uploads (base.storage.Mirror).
 OWN = (META_FILE.split("/")[0] + "/", BEST_DIR + "/", SUMMARY_DIR + "/", REPORT_FILE)
 
 

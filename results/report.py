@@ -24,6 +24,19 @@ from typing import Any
 
 import pandas as pd
 
+from base import metrics as M
+from base import storage
+from base.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    full_disk,
+    full_disk_line,
+    unwritable_line,
+)
+from base.files import check_makeable, write_text
+from base.verdict import verdict_line
 from results.limits import count_refused, describe_limits, pareto_mask, space_limits
 from results.record import (
     BEST_DIR,
@@ -44,19 +57,6 @@ from results.record import (
 )
 from results.study import at_fidelity, load_study
 from results.summary import Experiment, load_experiment, write_summaries
-from trainable import metrics as M
-from trainable import storage
-from trainable.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    UserError,
-    full_disk,
-    full_disk_line,
-    unwritable_line,
-)
-from trainable.files import check_makeable, write_text
-from trainable.verdict import verdict_line
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
+from base import metrics as M
 from results.limits import OVER_BUDGET
 from results.record import RAY_ID, STUDY_FILE, open_study
 from results.summary import Experiment
-from trainable import metrics as M
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

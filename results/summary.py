@@ -1,7 +1,7 @@
 """Read a Ray experiment folder (finished, interrupted or resumed) into two tidy tables.
 
 ``trials`` — one row per trial (columns documented in ``TRIAL_COLUMNS``), ``epochs`` — one row per
-trial per reported epoch (every metric of ``trainable.metrics.EPOCH_METRICS``). Rows that a resume
+trial per reported epoch (every metric of ``base.metrics.EPOCH_METRICS``). Rows that a resume
 reports twice (an epoch re-run from a checkpoint) are deduplicated, keeping the latest.
 """
 from __future__ import annotations
@@ -12,6 +12,9 @@ from typing import Any
 
 import pandas as pd
 
+from base import metrics as M
+from base.errors import UserError
+from base.files import atomic_path
 from results.limits import pareto_mask, space_limits, within_limits
 from results.record import (  # noqa: F401 (the outcome names, re-exported for readers of the tables)
     BEST_METRICS,
@@ -39,9 +42,6 @@ from results.record import (  # noqa: F401 (the outcome names, re-exported for r
     trial_folders,
     tune_trials,
 )
-from trainable import metrics as M
-from trainable.errors import UserError
-from trainable.files import atomic_path
 
 TRIAL_COLUMNS = {
     "trial": "the trial's place in the order its setting was proposed (0, 1, ...; the table's order)",

@@ -22,12 +22,12 @@ from typing import Any
 
 import optuna
 
+from base import metrics as M
+from base.errors import UserError
 from results.limits import describe_limits, within_limits
 from search.space import DefineByRun, Param
-from trainable import metrics as M
 from trainable.akd import student_costs
 from trainable.config import ConfigError, build_config
-from trainable.errors import UserError
 
 CHECKED = (M.PARAM_RATIO, M.FLOPS)  # the limits a configuration decides before training
 MAX_REFUSALS = 100  # refusals in a row after which a setting is trained anyway (ranked after those within)

@@ -15,9 +15,9 @@ import time
 
 from ray.tune import Callback
 
+from base import metrics as M
+from base.storage import push_changed
 from results.record import DamagedRecord, append_result, here, read_record, trial_folder_name, write_record
-from trainable import metrics as M
-from trainable.storage import push_changed
 
 
 class SearchStateCallback(Callback):

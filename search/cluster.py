@@ -16,9 +16,9 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from base.errors import UserError
 from search.lease import check_proof
 from search.plan import SearchPlan
-from trainable.errors import UserError
 from trainable.sources import kind, user_folder_importable
 
 
@@ -114,7 +114,7 @@ def start_ray(plan: SearchPlan, lease=None) -> None:
                                        else "; a running cluster is joined only with --address"), flush=True)
 
 
-PROJECT_PACKAGES = ("trainable", "search", "results")
+PROJECT_PACKAGES = ("base", "trainable", "search", "results")
 SHIP_EXCLUDES = ["__pycache__", "*.pyc"]
 
 

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
+from base import metrics as M
 from search.cluster import trial_device, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.scheduler import expected_epochs, milestones
 from search.space import middle_setting
-from trainable import metrics as M
 from trainable.akd import evaluate, student_costs, student_width
 from trainable.config import build_config
 from trainable.measure import duration, one_line_failure, time_candidates

@@ -14,6 +14,12 @@ from typing import Any
 
 from ray.tune import ExperimentAnalysis
 
+from base import metrics as M
+from base import storage
+from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
+from base.files import write_json
+from base.storage import push_changed
+from base.verdict import judge, verdict_line
 from results.limits import describe_limits, refused_over_budget
 from results.record import (
     BEST_DIR,
@@ -42,17 +48,11 @@ from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.searcher import fail_abandoned
 from search.tuner import confirm_tuner, fit
-from trainable import metrics as M
-from trainable import storage
 from trainable.akd import AKDRun, default_device, load_checkpoint
 from trainable.config import build_config, config_to_dict
-from trainable.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from trainable.files import write_json
 from trainable.outputs import finish_run
 from trainable.speed import Speed
-from trainable.storage import push_changed
 from trainable.tune_trainable import CANDIDATE, RUN
-from trainable.verdict import judge, verdict_line
 
 
 def restore_run(ckpt_path: Path, task, teacher, data, data_root: str | None = None) -> AKDRun:

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from base import metrics as M
+from base import storage
+from base.errors import UserError
 from results.record import (
     BEST_TRIAL,
     CONFIRM_RESULTS,
@@ -31,9 +34,6 @@ from results.record import (
     tune_started,
 )
 from search.space import CONFIRM_BOUNDS, Space, load_space
-from trainable import metrics as M
-from trainable import storage
-from trainable.errors import UserError
 from trainable.proxy import selection_metric
 from trainable.sources import as_spec
 from trainable.tasks import Task
@@ -80,7 +80,7 @@ class SearchPlan:
     resume_command: str  # the command that finishes this search if it is interrupted
     record: dict[str, Any] | None = None  # the resumed search's akdtune/search.json
     finished: bool = False  # resuming a search that already finished: nothing to do
-    work: str | None = None  # a search on a URI: the driver's working copy of it (trainable.storage.Mirror)
+    work: str | None = None  # a search on a URI: the driver's working copy of it (base.storage.Mirror)
 
     @property
     def task(self) -> str:

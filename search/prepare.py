@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
+from base.errors import UserError
 from search.budget import BudgetCheck, check_reachable
 from search.cluster import trial_device, trial_threads
 from search.plan import SearchPlan
 from search.space import typical_config
 from trainable.akd import AKDRun, fingerprint
 from trainable.config import build_config
-from trainable.errors import UserError
 from trainable.fitting import fit_task
 from trainable.measure import choose_speed
 from trainable.models import count_params

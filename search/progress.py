@@ -23,6 +23,9 @@ from typing import Any
 from ray.tune import Callback
 from tqdm import tqdm
 
+from base import metrics as M
+from base import storage
+from base.files import write_json
 from results.limits import refused_over_budget, within_limits
 from results.record import (
     COMPLETED,
@@ -38,9 +41,6 @@ from results.record import (
 )
 from results.report import build_report
 from search.scheduler import expected_epochs
-from trainable import metrics as M
-from trainable import storage
-from trainable.files import write_json
 
 
 def fmt_duration(seconds: float) -> str:

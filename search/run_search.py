@@ -18,6 +18,16 @@ import os
 import sys
 import time
 
+from base.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UserError,
+    full_disk,
+    full_disk_line,
+    unwritable_line,
+)
+from base.files import sweep_strays
 from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
 from search.cluster import check_address, check_local_resources, start_ray
 from search.estimate import estimate
@@ -35,16 +45,6 @@ from search.prepare import (
 from search.searcher import mend_study
 from search.session import record_session
 from search.tuner import build_tuner, fit, make_trainable, restore_tuner, tune_saved_state
-from trainable.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    UserError,
-    full_disk,
-    full_disk_line,
-    unwritable_line,
-)
-from trainable.files import sweep_strays
 
 
 def build_parser() -> argparse.ArgumentParser:

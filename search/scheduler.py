@@ -31,12 +31,12 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from base import metrics as M
+from base.errors import DiskFull, full_disk
+from base.internals import forget_cached_decision
 from results.limits import dominates
 from results.record import here, scheduler_record, write_record
-from search.internals import forget_cached_decision
 from search.space import limit_violation
-from trainable import metrics as M
-from trainable.errors import DiskFull, full_disk
 
 
 # --------------------------------------------------------------------------- ranking (pure functions)
@@ -319,7 +319,7 @@ class RungScheduler(FIFOScheduler):
     def on_trial_add(self, tune_controller, trial: Trial) -> None:
         """A trial Tune added: a new one, or one it restored. A restored trial carries no decision Tune cached in the
         session before (a STOP cached while its last save was in flight would end its retry at the first checkpoint:
-        ``search.internals``)."""
+        ``base.internals``)."""
         forget_cached_decision(tune_controller, trial.trial_id)
         super().on_trial_add(tune_controller, trial)
 

@@ -32,6 +32,8 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
+from base import metrics as M
+from base.internals import running_trial
 from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
 from results.record import (
     RAY_ID,
@@ -44,9 +46,7 @@ from results.record import (
     scheduler_record,
 )
 from search.budget import MAX_REFUSALS
-from search.internals import running_trial
 from search.space import DefineByRun, Param
-from trainable import metrics as M
 
 log = logging.getLogger(__name__)
 CONSTRAINT = "param_budget"

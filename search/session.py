@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 
+from base import metrics as M
 from results.record import META_FILE, folders_of, write_record
 from search.cluster import trials_at_once
 from search.estimate import from_speed
 from search.plan import SearchPlan
 from search.prepare import Teacher
-from trainable import metrics as M
 
 
 def record_session(plan: SearchPlan, teacher: Teacher, speed, started: float) -> None:

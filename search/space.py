@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from base import metrics as M
+from base.errors import ConfigError, UserError, unknown
+from base.yamlfile import read_yaml, short
 from results.limits import space_limits
-from trainable import metrics as M
 from trainable import sources
 from trainable.config import FIELDS, build_config
-from trainable.errors import ConfigError, UserError, unknown
 from trainable.images import as_task_name
 from trainable.tasks import Task, resolve_task
-from trainable.yamlfile import read_yaml, short
 
 TOP_KEYS = {"description", "task", "objective", "objectives", "search", "limits", "fixed", "params", "seed"}
 OLD_KEYS = {"param_budget", "budget"}  # the older names of limits.param_ratio and search (budget.flops: limits.flops)

@@ -13,17 +13,17 @@ from typing import Any
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
+from base import storage
+from base.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
+from base.internals import generator_made, limiter_running, repoint_generator
 from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started, tune_trials
 from search.callbacks import ResultLog, SearchStateCallback, WallClock, trial_dirname
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
-from search.internals import generator_made, limiter_running, repoint_generator
 from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.progress import SearchProgress
 from search.scheduler import ConfirmScheduler, RungScheduler, milestones, retry_errored
 from search.searcher import OptunaSearcher, reopen_for_retry
-from trainable import storage
-from trainable.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
 from trainable.tune_trainable import RUN, akd_trial, teacher_payload
 
 URI_SYNC_PERIOD_S = 5  # how often Tune uploads its experiment state to a URI storage
@@ -54,7 +54,7 @@ def _run_config(plan: SearchPlan, name: str, storage: str, callbacks: list):
 
 def fit(tuner) -> None:
     """Run ``tuner`` to its end, then delete the older checkpoints whose deletion was held while a resume could
-    still need them (``trainable.atomicfs.HeldDeletions``): the experiment's last state is written."""
+    still need them (``base.atomicfs.HeldDeletions``): the experiment's last state is written."""
     tuner.fit()
     HELD.release()
 
@@ -76,7 +76,7 @@ def _tune_storage(plan: SearchPlan, where: str):
     """(path, ``pyarrow.fs`` filesystem) that Tune is given for ``where``. Local storage: the path, on the local disk
     with every file Tune copies there written atomically (a kill in the middle of a copy leaves the old file or the
     new one). A URI: the path inside the URI's filesystem, which writes each object whole by one PUT, with Tune's
-    deletions of older checkpoints held there too (``trainable.atomicfs.HoldingFS``)."""
+    deletions of older checkpoints held there too (``base.atomicfs.HoldingFS``)."""
     if plan.local:
         return where, atomic_local_filesystem()
     fs, path = storage.filesystem(where)

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 
+from base import metrics as M
+from base.errors import CheckpointError, NonFiniteLossError
 from conftest import tiny_values
-from trainable import metrics as M
 from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
 from trainable.config import build_config
-from trainable.errors import CheckpointError, NonFiniteLossError
 from trainable.models import build_classifier
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("trainable", "search", "results")
+PACKAGES = ("base", "trainable", "search", "results")
 MAX_FUNCTION_LINES = 60
 
 
@@ -81,9 +81,12 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 def test_imports_run_one_way_between_the_packages():
-    """trainable/ (one run) imports neither search/ nor results/; results/ (a finished search read from its files)
-    imports neither search/ nor Ray; within trainable/ only the Tune trainable imports Ray."""
-    rules = {"trainable": ("search", "results", "ray"), "results": ("search", "ray")}
+    """The floors: base/ (the ground floor: errors, files, storage, metric names, the run folder's names, the fence
+    around Tune's internals) imports none of the other three nor Ray; trainable/ (one run) imports neither search/ nor
+    results/; results/ (a finished search read from its files) imports neither trainable/ nor search/ nor Ray; within
+    trainable/ only the Tune trainable imports Ray."""
+    rules = {"base": ("trainable", "search", "results", "ray"), "trainable": ("search", "results", "ray"),
+             "results": ("trainable", "search", "ray")}
     for module, path in _modules().items():
         banned = rules.get(module.split(".")[0], ())
         for name, node, _ in _imports(path):
@@ -121,16 +124,16 @@ NOT_A_METRIC = {("results/report.py", "epoch"), ("trainable/run_akd.py", "epoch"
 
 
 def test_metric_names_are_written_only_as_their_constants():
-    """A metric's name (``val_acc``, ``param_ratio``, ...) appears in the code only as ``trainable.metrics``'
+    """A metric's name (``val_acc``, ``param_ratio``, ...) appears in the code only as ``base.metrics``'
     constant, so one name is one fact."""
-    from trainable import metrics as M
+    from base import metrics as M
     from trainable.config import FIELDS
 
     names = {v for k, v in vars(M).items() if k.isupper() and isinstance(v, str) and v.isidentifier()
              and ("_" in v or v in ("epoch", "flops")) and v not in FIELDS}  # a config key is the config's name
     found = []
     for module, path in _modules().items():
-        if module == "trainable.metrics":
+        if module == "base.metrics":
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         skip = {id(n) for j in ast.walk(tree) if isinstance(j, ast.JoinedStr) for n in ast.walk(j)}
@@ -142,7 +145,7 @@ def test_metric_names_are_written_only_as_their_constants():
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip \
                     and node.value in names and (rel, node.value) not in NOT_A_METRIC:
                 found.append(f"{rel}:{node.lineno} {node.value!r}")
-    assert not found, "metric names written out (use trainable.metrics' constant): " + ", ".join(found)
+    assert not found, "metric names written out (use base.metrics' constant): " + ", ".join(found)
 
 
 # Where a task's name is resolved into a ``Task``: where a name comes in as text (a command's arguments, a config's

@@ -47,8 +47,8 @@ def _capacity_check():
 
 
 def test_ceiling_bench_takes_the_largest_student_within_the_budget():
+    from base import metrics as M
     from bench.capacity_ceiling import grid_settings, largest_within
-    from trainable import metrics as M
 
     space, check = _capacity_check()
     sizing, size = largest_within(space, check)

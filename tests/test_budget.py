@@ -6,11 +6,11 @@ import pickle
 import optuna
 import pytest
 
+from base import metrics as M
+from base.errors import UserError
 from results.limits import OVER_BUDGET
 from search.budget import BudgetCheck, check_reachable
 from search.space import parse_space
-from trainable import metrics as M
-from trainable.errors import UserError
 
 FRACTION = {"student_fraction": {"type": "float", "low": 0.02, "high": 0.5, "log": True}}
 MO = [(M.VAL_ACC, "max"), (M.PARAM_RATIO, "min")]

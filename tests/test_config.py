@@ -1,8 +1,8 @@
 """Config validation: every problem reported together, by key."""
 import pytest
 
+from base.errors import ConfigError
 from trainable.config import FIELDS, build_config, parse_value
-from trainable.errors import ConfigError
 from trainable.tasks import TASKS
 
 

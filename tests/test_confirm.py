@@ -4,9 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from base import metrics as M
 from results.summary import Experiment
 from search.confirm import candidates, choose_winner, confirmation_plan, mean_std, summarise_candidate
-from trainable import metrics as M
 
 
 def experiment(rows):

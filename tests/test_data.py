@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
+from base.errors import DataFreeViolation, UserError
 from conftest import run_cli, tiny_values
 from datasets import skip_md5, write_cifar100, write_mnist
-from trainable.errors import DataFreeViolation, UserError
 from trainable.tasks import _digits_split, data_free, get_task, load_eval_data, load_teacher_train
 
 

@@ -83,7 +83,7 @@ def test_marked_blocks_are_found():
 def test_the_commands_of_the_marked_blocks_run(page, tmp_path, ray_address):
     """Each marked command runs in a folder of its own that holds the project as a checkout does (its runs/ written
     there), one page's commands in order: each exits 0 without a traceback."""
-    for name in ("search", "trainable", "results", "spaces"):
+    for name in ("base", "search", "trainable", "results", "spaces"):
         (tmp_path / name).symlink_to(ROOT / name)
     commands = marked_commands(ROOT / page)
     assert commands, f"{page} has no {MARK} block"

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
+from base import metrics as M
 from conftest import tiny_values
-from trainable import metrics as M
 from trainable.akd import AKDRun
 from trainable.config import build_config
 from trainable.outputs import finish_run
@@ -21,7 +21,7 @@ x, y = torch.load(sys.argv[2], weights_only=True)
 model = torch.export.load(sys.argv[1]).module()
 with torch.no_grad():
     acc = sum((model(x[i:i + 64]).argmax(1) == y[i:i + 64]).sum().item() for i in range(0, len(y), 64)) / len(y)
-project = [m for m in sys.modules if m.split(".")[0] in ("trainable", "search", "results")]
+project = [m for m in sys.modules if m.split(".")[0] in ("base", "trainable", "search", "results")]
 print(json.dumps({"acc": acc, "project_modules": project}))
 """
 

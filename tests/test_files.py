@@ -8,14 +8,14 @@ import sys
 import pyarrow.fs
 import pytest
 
+from base.atomicfs import atomic_local_filesystem, holding_filesystem
+from base.files import remove_strays, write_json, write_text
 from conftest import ROOT
-from trainable.atomicfs import atomic_local_filesystem, holding_filesystem
-from trainable.files import remove_strays, write_json, write_text
 
 # A writer killed (kill -9) halfway through a file: Tune's copy of its state through our filesystem.
 KILLED_MID_COPY = """
 import os, sys
-from trainable.atomicfs import atomic_local_filesystem
+from base.atomicfs import atomic_local_filesystem
 out = atomic_local_filesystem().open_output_stream(sys.argv[1])
 out.write(b'{"half": ')
 out.flush()
@@ -54,8 +54,8 @@ def test_tunes_copies_through_the_atomic_filesystem_are_whole_and_it_travels_to_
 def test_a_write_that_fails_or_is_abandoned_leaves_the_old_file(tmp_path, monkeypatch):
     import builtins
 
-    from trainable import atomicfs
-    from trainable.files import atomic_path
+    from base import atomicfs
+    from base.files import atomic_path
 
     target = tmp_path / "state.json"
     target.write_text("old")
@@ -123,7 +123,7 @@ def test_tunes_deletion_of_an_older_checkpoint_waits_for_two_uploads_of_the_expe
     """Tune deletes a trial's older checkpoint as it registers a newer one, before its experiment state (which a
     resume reads) names the newer one: the deletion is held until two uploads of the state begun after it have
     ended, and what is still held when the experiment ends is deleted then; on local storage and on a URI's."""
-    from trainable import atomicfs
+    from base import atomicfs
 
     monkeypatch.setattr(atomicfs, "HELD", atomicfs.HeldDeletions())
     fs = _storage_filesystem(kind)
@@ -181,7 +181,7 @@ def test_the_checkpoint_tunes_saved_state_names_is_never_deleted(tmp_path, ray_a
 
     from ray import tune
 
-    from trainable import atomicfs
+    from base import atomicfs
 
     def counting(config):
         for i in range(6):
@@ -227,7 +227,7 @@ def test_a_resume_sweeps_the_temporary_files_of_dead_writers_left_in_abandoned_t
     import subprocess
     import sys
 
-    from trainable.files import sweep_strays
+    from base.files import sweep_strays
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)

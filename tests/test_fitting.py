@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from base import metrics as M
+from base.verdict import BELOW, REACHED, SHARE_BAR, collapse_bar, collapsed, judge, likeliest_cause, verdict_line
 from conftest import tiny_values
-from trainable import metrics as M
 from trainable.akd import AKDRun, effective_classes
 from trainable.config import build_config
 from trainable.fitting import BN_FREE, fit_task, normalisation
@@ -16,7 +17,6 @@ from trainable.models import build_classifier
 from trainable.outputs import finish_run, teacher_metrics
 from trainable.sources import ExportedTeacher
 from trainable.tasks import get_task
-from trainable.verdict import BELOW, REACHED, SHARE_BAR, collapse_bar, collapsed, judge, likeliest_cause, verdict_line
 
 
 def program_of(model: nn.Module, channels: int = 1, size: int = 8) -> ExportedTeacher:

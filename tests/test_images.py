@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from base.errors import UserError
 from conftest import bounded, run_main
 from trainable.config import build_config
-from trainable.errors import UserError
 from trainable.images import as_task_name, folder_task
 from trainable.models import build_generator, upsampling_plan
 from trainable.tasks import get_task, load_eval_data, load_teacher_train

@@ -1,9 +1,9 @@
-"""Every reliance on Ray Tune's internals (``search.internals``), each checked against the installed Ray: where an
+"""Every reliance on Ray Tune's internals (``base.internals``), each checked against the installed Ray: where an
 upgrade changes one, its test fails in one line naming it. And what the search does with them."""
 import inspect
 from types import SimpleNamespace
 
-from search import internals
+from base import internals
 
 
 def test_tune_saves_and_restores_its_cached_decisions_with_the_experiment_state():
@@ -13,9 +13,9 @@ def test_tune_saves_and_restores_its_cached_decisions_with_the_experiment_state(
 
     init, getstate = inspect.getsource(TuneController.__init__), inspect.getsource(TuneController.__getstate__)
     assert f"self.{internals.CACHED_DECISIONS} = {{}}" in init, \
-        f"Ray changed TuneController: no {internals.CACHED_DECISIONS} dict (search.internals: cached decisions)"
+        f"Ray changed TuneController: no {internals.CACHED_DECISIONS} dict (base.internals: cached decisions)"
     assert internals.CACHED_DECISIONS not in getstate, \
-        f"Ray changed TuneController: its saved state leaves out {internals.CACHED_DECISIONS} (search.internals " \
+        f"Ray changed TuneController: its saved state leaves out {internals.CACHED_DECISIONS} (base.internals " \
         "may no longer be needed)"
 
 
@@ -23,7 +23,7 @@ def test_a_schedulers_hooks_get_the_controller_behind_the_wrapper():
     from ray.tune.execution.tune_controller import TrialRunnerWrapper
 
     assert f"self.{internals.WRAPPED_CONTROLLER} = tune_controller" in inspect.getsource(TrialRunnerWrapper.__init__), \
-        f"Ray changed TrialRunnerWrapper: no {internals.WRAPPED_CONTROLLER} (search.internals: cached decisions)"
+        f"Ray changed TrialRunnerWrapper: no {internals.WRAPPED_CONTROLLER} (base.internals: cached decisions)"
 
 
 def test_a_restored_trial_forgets_the_decision_cached_before_the_kill():
@@ -86,11 +86,11 @@ def test_a_search_generators_and_a_concurrency_limiters_state_have_the_keys_the_
 
     state = SearchGenerator(Nothing()).get_state()
     for key in (internals.GENERATOR_COUNTER, internals.GENERATOR_FINISHED, "experiment"):
-        assert key in state, f"Ray changed SearchGenerator.get_state(): no {key!r} (search.internals: a restored " \
+        assert key in state, f"Ray changed SearchGenerator.get_state(): no {key!r} (base.internals: a restored " \
                              "generator agrees with Tune's trials)"
     limiter = ConcurrencyLimiter(Nothing(), max_concurrent=2).get_state()
     for key in (internals.LIMITER_LIVE, internals.LIMITER_UNFINISHED):
-        assert key in limiter, f"Ray changed ConcurrencyLimiter.get_state(): no {key!r} (search.internals)"
+        assert key in limiter, f"Ray changed ConcurrencyLimiter.get_state(): no {key!r} (base.internals)"
     assert internals.limiter_running(limiter, {"a"})[internals.LIMITER_UNFINISHED] == 1
     assert internals.generator_made(state, 7)[internals.GENERATOR_COUNTER] == 7
 
@@ -100,7 +100,7 @@ def test_a_storage_context_has_the_fields_a_copied_search_is_repointed_by(tmp_pa
 
     ctx = StorageContext(storage_path=str(tmp_path / "old"), experiment_dir_name="s")
     for field in internals.STORAGE_FIELDS:
-        assert hasattr(ctx, field), f"Ray changed StorageContext: no {field!r} (search.internals: a copied search's " \
+        assert hasattr(ctx, field), f"Ray changed StorageContext: no {field!r} (base.internals: a copied search's " \
                                     "generator is re-pointed)"
     internals.repoint_generator({"experiment": SimpleNamespace(storage=ctx)}, str(tmp_path / "new" / "t"))
     assert ctx.experiment_fs_path.rstrip("/").endswith("new/t")
@@ -115,7 +115,7 @@ def test_an_optuna_trial_is_reached_from_its_storage_id(tmp_path):
     study = optuna.create_study(study_name="s", storage=storage)
     asked = study.ask()
     trial = internals.running_trial(study, storage, asked.number)
-    assert isinstance(trial, optuna.trial.Trial), "Optuna changed optuna.trial.Trial(study, trial_id) (search.internals)"
+    assert isinstance(trial, optuna.trial.Trial), "Optuna changed optuna.trial.Trial(study, trial_id) (base.internals)"
     trial.report(0.5, 1)
     study.tell(trial, 0.7)
     assert study.trials[0].value == 0.7 and study.trials[0].intermediate_values == {1: 0.5}

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from base.errors import UserError
 from conftest import ROOT, run_main
 from results.record import LEASE_DIR, LOCK_FILE
 from search import lease as L
-from trainable.errors import UserError
 
 
 def test_a_local_search_has_one_driver_and_the_refusal_names_the_holder(tmp_path):

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from base import metrics as M
+from base.errors import ConfigError, UserError
 from conftest import run_main, tiny_values
 from datasets import skip_md5, write_cifar10, write_cifar100
-from trainable import metrics as M
 from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config
-from trainable.errors import ConfigError, UserError
 from trainable.losses import FeatureProjector, FeatureTap, feature_loss
 from trainable.models import CLASSIFIERS, Discriminator, build_classifier, build_generator, feature_layers
 from trainable.priors import CIFAR100_VEHICLES, load_prior

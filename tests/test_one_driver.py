@@ -80,7 +80,7 @@ def test_a_killed_drivers_local_search_is_resumed_at_once(tmp_path, ray_address)
 
 def test_a_second_driver_on_a_running_search_on_s3_is_refused_and_the_first_ends_whole(tmp_path, ray_address,
                                                                                       s3_storage):  # noqa: F811
-    from trainable import storage
+    from base import storage
 
     uri = storage.join(s3_storage, "dup")
 

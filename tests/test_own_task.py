@@ -8,10 +8,10 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from base.errors import ConfigError
 from conftest import tiny_values
 from trainable.akd import AKDRun
 from trainable.config import build_config
-from trainable.errors import ConfigError
 from trainable.images import folder_task
 from trainable.models import build_classifier
 from trainable.tasklist import TASKS

@@ -5,11 +5,11 @@ import re
 import pytest
 import yaml
 
+from base.errors import UserError
 from conftest import ROOT
 from results.record import CONFIRM_PLAN, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE, write_record
 from search.plan import SMOKE_BUDGET, SMOKE_CONFIG, resolve_plan
 from search.run_search import build_parser
-from trainable.errors import UserError
 
 SPACE = {"budget": {"num_samples": 7, "max_epochs": 9, "grace_period": 2, "reduction_factor": 3,
                     "confirm_top_k": 2, "confirm_seeds": 4},

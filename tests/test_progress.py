@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from base import metrics as M
 from conftest import ROOT, bounded
 from search.progress import SearchProgress, fmt_duration
-from trainable import metrics as M
 
 
 def fake_trial(tid, status="RUNNING", last=None, config=None):

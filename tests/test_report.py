@@ -8,9 +8,9 @@ import sys
 import pandas as pd
 import pytest
 
+from base import metrics as M
 from conftest import ROOT, run_cli, run_main
 from results.summary import TRIAL_COLUMNS
-from trainable import metrics as M
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

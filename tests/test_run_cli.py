@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from base import metrics as M
 from conftest import run_cli, run_main
-from trainable import metrics as M
 
 SMALL = ["--set", "epochs=2", "--set", "iters_per_epoch=2", "--set", "batch_size=16"]
 

@@ -6,6 +6,7 @@ import pickle
 import optuna
 import pytest
 
+from base import metrics as M
 from results.record import read_record
 from search.scheduler import (
     RungScheduler,
@@ -16,7 +17,6 @@ from search.scheduler import (
     rank_records,
     retry_errored,
 )
-from trainable import metrics as M
 
 MO = [("val_acc", "max"), ("param_ratio", "min")]
 CONTINUE, STOP = RungScheduler.CONTINUE, RungScheduler.STOP
@@ -371,8 +371,8 @@ def test_a_confirmation_run_that_failed_for_a_full_disk_stops_the_search_like_a_
     its scheduler raises DiskFull (the search's one line, exit 3) where a run's error says the disk was full."""
     from types import SimpleNamespace
 
+    from base.errors import DiskFull
     from search.scheduler import ConfirmScheduler
-    from trainable.errors import DiskFull
 
     error = tmp_path / "error.txt"
     error.write_text("OSError: [Errno 28] No space left on device: '/runs/s/confirm/trial_x/checkpoint.pt'\n")

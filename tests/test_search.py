@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from base import metrics as M
 from conftest import ROOT, users_teacher
-from trainable import metrics as M
 
 SPACES = sorted((ROOT / "spaces").glob("*.yaml"))
 pytestmark = [pytest.mark.usefixtures("ray_address"), pytest.mark.slow]

@@ -29,8 +29,8 @@ def test_the_project_and_the_users_own_module_are_shipped_and_installed_packages
     monkeypatch.chdir(tmp_path)
     shipped = shipped_code(_plan("mynets:Net", {"fixed": {"student": "ownpkg.models:S", "x": "json.decoder:JSONDecoder",
                                                           "y": "torch.nn:Linear", "z": "nosuchmodule:X"}}))
-    assert shipped[:3] == [str(ROOT / name) for name in ("trainable", "search", "results")]
-    assert shipped[3:] == [str(tmp_path / "mynets.py"), str(tmp_path / "ownpkg")]  # not json (stdlib) nor torch
+    assert shipped[:4] == [str(ROOT / name) for name in ("base", "trainable", "search", "results")]
+    assert shipped[4:] == [str(tmp_path / "mynets.py"), str(tmp_path / "ownpkg")]  # not json (stdlib) nor torch
 
 
 def test_the_door_check_on_a_node_names_what_it_cannot_import():
@@ -62,4 +62,4 @@ def test_a_sibling_file_that_the_users_module_imports_is_shipped_with_it(tmp_pat
     finally:
         sys.modules.pop("mynets_ship", None)
         sys.modules.pop("helpers_for_ship", None)
-    assert shipped[3:] == [str(tmp_path / "mynets_ship.py"), str(tmp_path / "helpers_for_ship.py")]
+    assert shipped[4:] == [str(tmp_path / "mynets_ship.py"), str(tmp_path / "helpers_for_ship.py")]

@@ -6,10 +6,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from base.errors import ConfigError, UserError
 from conftest import run_main, tiny_values
 from trainable.akd import AKDRun
 from trainable.config import build_config
-from trainable.errors import ConfigError, UserError
 from trainable.models import build_classifier, classifier_params, feature_layers, width_for_fraction
 from trainable.sources import ModelSourceError, as_spec, check_forward, check_spec, check_student, load_program
 from trainable.tasks import get_task

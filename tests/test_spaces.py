@@ -120,10 +120,10 @@ def test_every_problem_reported_together():
 
 
 def test_a_flops_budget_is_a_limit_like_the_parameter_budget():
+    from base import metrics as M
     from results.limits import space_limits as budget_limits
     from results.limits import within_limits
     from search.space import limit_violation
-    from trainable import metrics as M
 
     raw = {**VALID, "param_budget": 0.1, "budget": {**VALID["budget"], "flops": 1000}}
     space = parse_space(raw, "f.yaml")
@@ -140,8 +140,8 @@ NEW = {"search": {"num_samples": 2, "max_epochs": 3, "grace_period": 1}, "limits
 
 
 def test_search_settings_and_student_limits_have_their_own_keys_and_older_spaces_still_read():
+    from base import metrics as M
     from results.limits import space_limits
-    from trainable import metrics as M
 
     new = parse_space(NEW, "new.yaml")
     old = parse_space({**VALID, "param_budget": 0.1, "budget": {**VALID["budget"], "flops": 1000}}, "old.yaml")

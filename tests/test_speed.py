@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
+from base import metrics as M
+from base.errors import ConfigError
 from conftest import tiny_values
-from trainable import metrics as M
 from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
 from trainable.config import build_config, parse_value
-from trainable.errors import ConfigError
 from trainable.measure import choose_speed, time_candidates
 from trainable.models import build_classifier
 from trainable.speed import BF16_MARGIN, Speed, candidates, cpu_bf16_native, pick

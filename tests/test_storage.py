@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from base import storage
+from base.errors import UserError
 from conftest import ROOT, run_main
 from results.record import is_own
-from trainable import storage
-from trainable.errors import UserError
 
 BUCKET = "akdtune-tests"
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+from base.errors import CheckpointError
 from conftest import run_main
-from trainable.errors import CheckpointError
 from trainable.models import build_classifier
 from trainable.tasks import TASKS
 from trainable.teacher import load_teacher

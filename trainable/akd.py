@@ -32,10 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
-from trainable import metrics as M
+from base import metrics as M
+from base.errors import CheckpointError, ConfigError, NonFiniteLossError, lookup
+from base.files import torch_save
+from base.verdict import collapsed
 from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict, recipe_value
-from trainable.errors import CheckpointError, ConfigError, NonFiniteLossError, lookup
-from trainable.files import torch_save
 from trainable.losses import (
     GENERATOR_LOSSES,
     STUDENT_LOSSES,
@@ -63,7 +64,6 @@ from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free
-from trainable.verdict import collapsed
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
 CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint: in a run's --out folder, in each of Tune's checkpoint folders

@@ -13,8 +13,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from base.errors import ConfigError, UserError, unknown
 from trainable import sources
-from trainable.errors import ConfigError, UserError, unknown
 from trainable.losses import GENERATOR_LOSSES, STUDENT_LOSSES
 from trainable.models import (
     CLASSIFIERS,

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from trainable.errors import UserError
+from base.errors import UserError
+from base.yamlfile import read_yaml, short
 from trainable.models import LENET_SIZES
 from trainable.tasklist import TASKS, Task
-from trainable.yamlfile import read_yaml, short
 
 FOLDER = "folder:"
 TASK_FILE = "task.yaml"

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainable import metrics as M
+from base import metrics as M
+from base.errors import UserError
+from base.files import cache_dir, read_json, write_json
 from trainable.akd import AKDRun, default_device
 from trainable.config import AKDConfig
-from trainable.errors import UserError
-from trainable.files import cache_dir, read_json, write_json
 from trainable.models import count_params
 from trainable.speed import CACHE_FILE, Speed, cache_key, candidates, device_name, machine_description, pick, variant_name
 from trainable.tasks import EvalData, data_free

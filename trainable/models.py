@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from base.errors import lookup, unknown
 from trainable import sources
-from trainable.errors import lookup, unknown
 
 
 # ---------------------------------------------------------------------------------------------

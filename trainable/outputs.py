@@ -1,7 +1,7 @@
 """What a finished run leaves behind: final metrics, student weights, an image grid, a confusion matrix.
 
 Used by the single-run CLI (``final.json``) and by the search for its best trial (``best/metrics.json``);
-both carry the keys of ``trainable.metrics.FINAL_METRICS``.
+both carry the keys of ``base.metrics.FINAL_METRICS``.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from trainable import metrics as M
+from base import metrics as M
+from base.files import atomic_path, torch_save, write_json, write_text
+from base.verdict import judge
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
-from trainable.files import atomic_path, torch_save, write_json, write_text
 from trainable.programs import read_program
 from trainable.tasks import EvalData
-from trainable.verdict import judge
 
 CONFIG_FILE = "config.json"  # in a run folder and in best/
 

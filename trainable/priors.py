@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from trainable.errors import UserError, unknown
+from base.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files, read_image
 from trainable.tasks import Task, kept, normalise
 

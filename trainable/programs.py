@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.export.pt2_archive import constants as C
 
-from trainable.errors import UserError
+from base.errors import UserError
 
 MAX_UNPACKED_BYTES = 16 * 1024 ** 3  # a program's tensors unpacked; a zip bomb declares more
 MAX_GRAPH_BYTES = 512 * 1024 ** 2  # one graph's JSON

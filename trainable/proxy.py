@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from trainable import metrics as M
-from trainable.errors import UserError, unknown
+from base import metrics as M
+from base.errors import UserError, unknown
 from trainable.images import IMAGE_SUFFIXES, image_files
 from trainable.models import build_generator
 from trainable.priors import load_prior

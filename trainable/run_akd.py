@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from trainable import metrics as M
+from base import metrics as M
+from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unwritable_line
+from base.files import check_makeable, write_json, write_text
+from base.verdict import collapse_words, collapsed, verdict_line
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
-from trainable.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unwritable_line
-from trainable.files import check_makeable, write_json, write_text
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
 from trainable.measure import choose_speed, expected_line, iteration_seconds
@@ -36,7 +37,6 @@ from trainable.outputs import finish_run, teacher_metrics, write_config
 from trainable.sources import as_spec, check_student
 from trainable.tasks import TASKS, data_free, load_eval_data
 from trainable.teacher import prepare_teacher
-from trainable.verdict import collapse_words, collapsed, verdict_line
 
 
 def parse_sets(items: list[str]) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from trainable.errors import UserError, unknown
+from base.errors import UserError, unknown
 from trainable.losses import tap_batch_norms
 from trainable.programs import ProgramError, load_module
 

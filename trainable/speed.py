@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from trainable import metrics as M
+from base import metrics as M
 
 AUTO = "auto"
 BF16_MARGIN = 1.10  # bf16 must beat the best fp32 candidate by this factor to be chosen

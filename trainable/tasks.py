@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from base.errors import DataFreeViolation, UserError, unknown
 from trainable import images
-from trainable.errors import DataFreeViolation, UserError, unknown
 from trainable.tasklist import TASK_FORMS, TASKS, Task
 
 __all__ = ["TASKS", "Task", "EvalData", "get_task", "resolve_task", "task_problem", "load_eval_data",

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from base.errors import CheckpointError, UserError
+from base.files import cache_dir, torch_save
 from trainable import sources
-from trainable.errors import CheckpointError, UserError
-from trainable.files import cache_dir, torch_save
 from trainable.models import CLASSIFIERS, build_classifier, classifier_head
 from trainable.outputs import teacher_metrics
 from trainable.tasks import Task, load_eval_data, load_teacher_train

@@ -16,9 +16,9 @@ import argparse
 import os
 import sys
 
-from trainable import metrics as M
-from trainable.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UserError, unknown
-from trainable.files import torch_save
+from base import metrics as M
+from base.errors import EXIT_ERROR, EXIT_OK, EXIT_USAGE, UserError, unknown
+from base.files import torch_save
 from trainable.models import CLASSIFIERS
 from trainable.tasks import TASKS, get_task
 from trainable.teacher import teacher_accuracy, train_teacher

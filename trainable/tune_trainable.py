@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from ray import tune
 
-from trainable import metrics as M
+from base import metrics as M
+from base.errors import NonFiniteLossError
+from base.storage import local_file
 from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import build_config
-from trainable.errors import NonFiniteLossError
 from trainable.models import build_classifier
 from trainable.speed import Speed
-from trainable.storage import local_file
 from trainable.tasks import EvalData, Task, data_free
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from trainable.errors import UserError
+from base.errors import UserError
 
 MAX_YAML_NODES = 20_000  # after expanding aliases: refuses "billion laughs" style alias bombs
 MAX_YAML_DEPTH = 20  # a space nests 3 or 4 levels deep, a task.yaml 2

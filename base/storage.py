@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs as pafs
 from pyarrow.lib import ArrowException
 
-from trainable.errors import UserError
+from base.errors import UserError
 
 # What a store's calls raise: OSError for most, pyarrow's own ArrowException for some (a bad credentials file of gs://)
 STORE_ERRORS = (OSError, ArrowException)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainable import metrics as M
+from base import metrics as M
 
 SHARE_BAR = 0.90  # a student under this share of its teacher's held-out accuracy "did not reach the teacher"
 REACHED, BELOW, UNKNOWN = "reached", "below", "unknown"

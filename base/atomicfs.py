@@ -3,7 +3,7 @@
 Tune writes its state to a staging folder and then copies it into the search folder in place; a kill in the middle of
 that copy left a cut or 0-byte ``experiment_state-*.json`` (or searcher state, or ``params.json``) that a resume could
 not read. Given to Tune as its storage filesystem, :class:`AtomicLocalFS` writes each copied file beside its target
-and moves it over the target once whole (``trainable.files``' temporary names, so the next writer removes a killed
+and moves it over the target once whole (``base.files``' temporary names, so the next writer removes a killed
 one's leftovers).
 
 It also holds back Tune's deletion of a trial's older checkpoints (:class:`HeldDeletions`) until the experiment state
@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow
 import pyarrow.fs
 
-from trainable.files import temporary_beside
+from base.files import temporary_beside
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")  # a trial's checkpoint folder, as Tune names it
 STATE_FILE = "experiment_state-"  # how the name of Tune's experiment state (what a resume reads) starts

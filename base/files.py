@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainable.errors import UserError, unwritable_line
+from base.errors import UserError, unwritable_line
 
 
 @contextlib.contextmanager

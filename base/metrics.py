@@ -18,7 +18,7 @@ FLOPS = "flops"  # the student's floating-point operations per image (one forwar
 TRAIN_THREADS = "threads"  # torch intra-op CPU threads the run trained with (a trial: its cpus_per_trial)
 # How the epoch's generated images spread over the teacher's classes: the exponential of the entropy of the teacher's
 # predicted-class histogram on them, i.e. the effective number of classes (K: all classes alike; 1: one class only).
-# Far below K is a generator collapsed to a few classes (trainable/verdict.py).
+# Far below K is a generator collapsed to a few classes (base/verdict.py).
 GEN_CLASSES = "gen_classes"
 GEN_COLLAPSED = "gen_collapsed"  # 1.0 where gen_classes is under the collapse bar (sqrt of the class count), else 0.0
 
@@ -41,7 +41,7 @@ PROXY = "proxy"  # where the agreement's images came from (selection: agreement)
 TEACHER_VAL_ACC = "teacher_val_acc"
 TEACHER_TEST_ACC = "teacher_test_acc"
 WALL_S = "wall_s"
-# Did the distillation work? (trainable/verdict.py) The student's held-out accuracy as a share of the teacher's on the
+# Did the distillation work? (base/verdict.py) The student's held-out accuracy as a share of the teacher's on the
 # same images (its test agreement with the teacher where there are no labels), and the verdict on it.
 TEACHER_SHARE = "teacher_share"
 VERDICT = "verdict"  # "reached" (share >= the bar), "below" (with the likeliest cause), or "unknown"
