@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import threading
 from pathlib import Path
 
@@ -23,9 +22,7 @@ import pyarrow
 import pyarrow.fs
 
 from base.files import temporary_beside
-
-CHECKPOINT_DIR = re.compile(r"checkpoint_\d+")  # a trial's checkpoint folder, as Tune names it
-STATE_FILE = "experiment_state-"  # how the name of Tune's experiment state (what a resume reads) starts
+from base.internals import CHECKPOINT_DIR, EXPERIMENT_STATE_PREFIX  # Tune's names
 
 
 class HeldDeletions:
@@ -91,7 +88,7 @@ class _AtomicWriter(io.RawIOBase):
         super().__init__()
         self._f, self._failed = None, True
         self.path, self.tmp = path, temporary_beside(Path(path))
-        self.serial = HELD.upload_started() if Path(path).name.startswith(STATE_FILE) else None
+        self.serial = HELD.upload_started() if Path(path).name.startswith(EXPERIMENT_STATE_PREFIX) else None
         self._f, self._failed = open(self.tmp, "wb"), False
 
     def writable(self) -> bool:
@@ -222,7 +219,7 @@ class HoldingFS(pyarrow.fs.FileSystemHandler):
 
     def open_output_stream(self, path, metadata):
         stream = self.fs.open_output_stream(path, metadata=metadata)
-        if path.rstrip("/").rsplit("/", 1)[-1].startswith(STATE_FILE):
+        if path.rstrip("/").rsplit("/", 1)[-1].startswith(EXPERIMENT_STATE_PREFIX):
             return pyarrow.PythonFile(_CountedUpload(stream), mode="w")
         return stream
 

@@ -1,8 +1,16 @@
 """Where the search relies on Ray Tune's and Optuna's internals (checked against Ray 2.60 and Optuna 5.0): one place,
 each reliance named, each with a test in ``tests/test_internals.py`` that fails in one line naming it where an
-upgrade changes it. Everything else builds on their public interfaces. Tune's file names in a search folder
-(``experiment_state-*.json``, ``tuner.pkl``, ``checkpoint_000000``, ...) are named once in ``results.record`` and
-pinned by the same tests.
+upgrade changes it. Everything else builds on their public interfaces. Nothing here imports Ray: the functions are
+handed Tune's objects, so ``results/`` (which runs without Ray) reads Tune's files through the same names.
+
+- **Tune's layout of an experiment folder** (which the project reads, never writes): ``tuner.pkl``, one
+  ``experiment_state-*.json`` (and ``search_gen_state-*``, ``searcher-state-*``, ``callback-states-*``) per session,
+  the newest by name the one a resume restores; ``trial_<id>/`` folders (the name the search gives them), each with
+  ``params.json``, ``result.json``, ``error.txt`` and ``checkpoint_NNNNNN/`` folders. ``base.layout`` names them beside
+  the project's own files.
+- **Tune's upload order**: where the storage is local, Tune writes each of these files by a copy through pyarrow, and
+  deletes an older checkpoint folder as a whole; ``base.atomicfs`` makes each write atomic on that assumption
+  (``CHECKPOINT_DIR``), and ``base.storage.Mirror`` recognises checkpoint folders by the same name.
 
 - **Cached decisions survive a restore.** Tune's controller keeps a scheduler decision taken while a trial's
   checkpoint was being saved (``TuneController._cached_trial_decisions``) and applies it once the save lands. The
@@ -27,9 +35,21 @@ pinned by the same tests.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
-import optuna
+# Tune's layout of an experiment folder
+TUNER_FILE = "tuner.pkl"  # written when a search starts: the search exists from then on
+EXPERIMENT_STATE_PREFIX = "experiment_state-"  # how the name of Tune's experiment state (what a resume reads) starts
+EXPERIMENT_STATE = f"{EXPERIMENT_STATE_PREFIX}*.json"  # one per session; the newest is the one a resume restores
+SEARCHER_STATE = "searcher-state-*.pkl"  # the searcher's saved state (ours holds JSON: search.searcher.OptunaSearcher)
+TUNE_STATE = (EXPERIMENT_STATE, "search_gen_state-*.json", SEARCHER_STATE, "callback-states-*.pkl")  # per session
+TRIAL_PREFIX = "trial_"  # trial folders: trial_<id> (search.callbacks.trial_dirname)
+TRIAL_PARAMS = "params.json"  # in a trial folder: Tune's copy of the trial's config
+TUNE_RESULTS = "result.json"  # in a trial folder: Tune's copy of its results
+TRIAL_ERROR = "error.txt"  # in a trial folder: the traceback of its last failure
+CHECKPOINT_PREFIX = "checkpoint_"  # in a trial folder: checkpoint_000000, checkpoint_000001, ...
+CHECKPOINT_DIR = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")  # a checkpoint folder's name, its number
 
 CACHED_DECISIONS = "_cached_trial_decisions"  # TuneController: trial id -> a decision waiting for a save
 WRAPPED_CONTROLLER = "_tune_controller"  # TrialRunnerWrapper: the controller a scheduler's hooks are given
@@ -70,5 +90,6 @@ def repoint_generator(state: dict[str, Any], folder: str) -> None:
 def running_trial(study, storage, number: int):
     """The running Optuna trial ``number`` of ``study`` (whose storage is ``storage``), to report to and tell, from
     any process."""
+    import optuna  # noqa: PLC0415 - the ground floor loads Optuna only for the search, never for a run
     tid = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
     return optuna.trial.Trial(study, tid)

@@ -4,7 +4,7 @@ the ``AWS_ENDPOINT_URL`` environment variable). Ray's own storage opens the same
 
 A search on a URI runs from a **working copy** on the driver (:class:`Mirror`): the tool's files (the records, the
 study journal Optuna appends to, the confirmation's records, ``best/``, the summaries, the report: what
-``results.record.is_own`` names) are written there as in a local folder, and each is uploaded as it changes, as one
+``base.layout.is_own`` names) are written there as in a local folder, and each is uploaded as it changes, as one
 PUT of the complete file, so a partial upload never looks whole (object stores have no rename; each record also
 carries its checksum). Ray writes its own files (its experiment state, trial folders, checkpoints) to the URI
 itself, from the driver and the worker nodes. A session starts from the URI alone: its working copy is emptied and
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -30,11 +29,11 @@ import pyarrow.fs as pafs
 from pyarrow.lib import ArrowException
 
 from base.errors import UserError
+from base.internals import CHECKPOINT_DIR  # Tune's checkpoint folders
 
 # What a store's calls raise: OSError for most, pyarrow's own ArrowException for some (a bad credentials file of gs://)
 STORE_ERRORS = (OSError, ArrowException)
 
-CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")  # Tune's checkpoint folders (results.record.CHECKPOINT_PREFIX)
 DEFAULT_WORK_ROOT = "~/.cache/akdtune/work"
 
 

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def trial_epochs(exp: Path) -> dict[str, int]:
     """Epochs reported by each trial folder of an experiment."""
-    from results.record import read_result_lines
+    from results.resultlog import read_result_lines
 
     return {d.name.removeprefix("trial_"): max((int(r.get("epoch", 0)) for r in read_result_lines(d / "result.json")),
                                                default=0)

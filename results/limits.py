@@ -1,7 +1,7 @@
 """The search's limits on the student (a space's budget) and Pareto dominance: what a search decides with
 (``search/``: the budget check, the rung scheduler) and what its tables are marked with (``results/``: within the
 budget, on the front). Here, below both, so that a finished search is summarised where ``search/`` (and Ray) cannot
-be imported; the run folder's files are ``results.record``'s.
+be imported; the run folder's files are named in ``base.layout``.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from base import metrics as M
-from results.record import open_study
+from results.journal import open_study
 
 # ---------------------------------------------------------------------------------------------
 # Limits (the space's budget on the student) and the settings refused over them

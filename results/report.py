@@ -36,27 +36,33 @@ from base.errors import (
     unwritable_line,
 )
 from base.files import check_makeable, write_text
-from base.verdict import verdict_line
-from results.limits import count_refused, describe_limits, pareto_mask, space_limits
-from results.record import (
+from base.layout import (
     BEST_DIR,
     BEST_METRICS,
+    CONFUSION_TABLE,
+    GENERATED_GRID,
+    META_FILE,
+    REPORT_FILE,
+    SUMMARY_DIR,
+    best_files,
+    is_own,
+)
+from base.verdict import verdict_line
+from results.limits import count_refused, describe_limits, pareto_mask, space_limits
+from results.study import at_fidelity, load_study
+from results.summary import (
     COMPLETED,
     DIVERGED,
     ERRORED,
     FINISHED,
-    META_FILE,
-    REPORT_FILE,
     STOPPED_EARLY,
     SUCCEEDED,
-    SUMMARY_DIR,
     UNFINISHED,
-    best_files,
+    Experiment,
     count_outcomes,
-    is_own,
+    load_experiment,
+    write_summaries,
 )
-from results.study import at_fidelity, load_study
-from results.summary import Experiment, load_experiment, write_summaries
 
 TOP_CURVES = 5  # learning curves drawn for this many best trials
 
@@ -352,7 +358,7 @@ def _curves_plot(e: Experiment) -> str:
 def _confusion_plot(best_dir: Path) -> str:
     import plotly.express as px  # noqa: PLC0415 - plotly only where a figure is drawn: the summaries and the checks need none
 
-    path = best_dir / "confusion_test.csv"
+    path = best_dir / CONFUSION_TABLE
     if not path.exists():
         return ("<p class='note'>none: the task has no labels</p>" if (best_dir / Path(BEST_METRICS).name).exists()
                 else "<p class='note'>no best student yet</p>")
@@ -364,7 +370,7 @@ def _confusion_plot(best_dir: Path) -> str:
 
 
 def _image(best_dir: Path) -> str:
-    path = best_dir / "generated.png"
+    path = best_dir / GENERATED_GRID
     if not path.exists():
         return "<p class='note'>no best student yet</p>"
     data = base64.b64encode(path.read_bytes()).decode()

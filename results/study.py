@@ -17,8 +17,9 @@ import optuna
 import pandas as pd
 
 from base import metrics as M
+from base.layout import STUDY_FILE
+from results.journal import RAY_ID, open_study
 from results.limits import OVER_BUDGET
-from results.record import RAY_ID, STUDY_FILE, open_study
 from results.summary import Experiment
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

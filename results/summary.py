@@ -15,33 +15,46 @@ import pandas as pd
 from base import metrics as M
 from base.errors import UserError
 from base.files import atomic_path
-from results.limits import pareto_mask, space_limits, within_limits
-from results.record import (  # noqa: F401 (the outcome names, re-exported for readers of the tables)
-    BEST_METRICS,
-    COMPLETED,
+from base.layout import (
     CONFIRM_RESULTS,
-    DIVERGED,
     EPOCHS_TABLE,
-    ERRORED,
     META_FILE,
     SCHEDULER_FILE,
-    STOPPED_EARLY,
-    SUMMARY_DIR,
     TRIAL_ERROR,
     TRIAL_PREFIX,
     TRIALS_TABLE,
     TUNE_RESULTS,
-    UNFINISHED,
     best_files,
-    check_records,
     has_tune_state,
-    read_record,
-    read_result_lines,
-    result_log,
-    scheduler_record,
     trial_folders,
-    tune_trials,
 )
+from results.checks import check_records
+from results.limits import pareto_mask, space_limits, within_limits
+from results.recordfile import read_record
+from results.resultlog import read_result_lines, result_log
+from results.schedule_record import scheduler_record
+from results.tunefiles import tune_trials
+
+# How a trial ended, and the words for it
+COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED = (
+    "completed", "stopped_early", "diverged", "errored", "unfinished")
+FINISHED = (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED)  # a trial that will not run again
+SUCCEEDED = (COMPLETED, STOPPED_EARLY)  # a trial with a result that may be the best
+
+
+def count_outcomes(outcomes) -> dict[str, int]:
+    """How many trials ended each way (every outcome named, 0 where none)."""
+    outcomes = list(outcomes)
+    return {k: outcomes.count(k) for k in (COMPLETED, STOPPED_EARLY, DIVERGED, ERRORED, UNFINISHED)}
+
+
+def outcomes_line(counts: dict[str, int], refused: int = 0) -> str:
+    """The trials in one line, e.g. "12 completed, 3 stopped early, 0 diverged, 1 errored; 9 proposed setting(s) over
+    the budget refused before training"."""
+    return (f"{counts[COMPLETED]} completed, {counts[STOPPED_EARLY]} stopped early, {counts[DIVERGED]} diverged, "
+            f"{counts[ERRORED]} errored" + (f", {counts[UNFINISHED]} unfinished" if counts[UNFINISHED] else "")
+            + (f"; {refused} proposed setting(s) over the budget refused before training" if refused else ""))
+
 
 TRIAL_COLUMNS = {
     "trial": "the trial's place in the order its setting was proposed (0, 1, ...; the table's order)",
@@ -89,7 +102,7 @@ TRIAL_COLUMNS = {
 class Experiment:
     path: Path
     meta: dict[str, Any]
-    stopped: dict[str, dict[str, Any]]  # the scheduler's stop decisions by trial id (results.record.stop_decisions)
+    stopped: dict[str, dict[str, Any]]  # the scheduler's stop decisions by trial id (results.schedule_record.stop_decisions)
     confirmed: dict[str, Any]
     trials: pd.DataFrame
     epochs: pd.DataFrame

@@ -16,8 +16,11 @@ import time
 from ray.tune import Callback
 
 from base import metrics as M
+from base.layout import trial_folder_name
 from base.storage import push_changed
-from results.record import DamagedRecord, append_result, here, read_record, trial_folder_name, write_record
+from results.moves import here
+from results.recordfile import DamagedRecord, read_record, write_record
+from results.resultlog import append_result
 
 
 class SearchStateCallback(Callback):
@@ -43,7 +46,7 @@ def trial_dirname(trial) -> str:
 
 class ResultLog(Callback):
     """Appends every result a search trial reports to ``akdtune/results/<trial id>.jsonl``, as it arrives
-    (``results.record.append_result``: Tune's ``result.json`` loses the lines reported just before a pause)."""
+    (``results.resultlog.append_result``: Tune's ``result.json`` loses the lines reported just before a pause)."""
 
     def __init__(self, folder: str):
         self.folder = folder

@@ -22,8 +22,9 @@ from typing import Any
 import pandas as pd
 
 from base import metrics as M
-from results.record import CONFIRM_DIR, CONFIRM_PLAN, SUCCEEDED, read_record, write_record
-from results.summary import Experiment
+from base.layout import CONFIRM_DIR, CONFIRM_PLAN
+from results.recordfile import read_record, write_record
+from results.summary import SUCCEEDED, Experiment
 from trainable.tune_trainable import CANDIDATE, CONTINUE_FROM
 
 SEED_STRIDE = 1000  # extra seeds: seed + 1000, seed + 2000, ...

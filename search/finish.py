@@ -18,30 +18,27 @@ from base import metrics as M
 from base import storage
 from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from base.files import write_json
-from base.storage import push_changed
-from base.verdict import judge, verdict_line
-from results.limits import describe_limits, refused_over_budget
-from results.record import (
+from base.layout import (
     BEST_DIR,
     BEST_METRICS,
     BEST_PARTIAL,
     BEST_TRIAL,
     CONFIRM_RESULTS,
-    FINISHED,
     META_FILE,
     REPORT_FILE,
     STUDY_FILE,
     SUMMARY_DIR,
     TRIALS_TABLE,
-    count_outcomes,
     has_tune_state,
     latest_checkpoint,
-    outcomes_line,
-    write_best_manifest,
-    write_record,
 )
+from base.storage import push_changed
+from base.verdict import judge, verdict_line
+from results.checks import write_best_manifest
+from results.limits import describe_limits, refused_over_budget
+from results.recordfile import write_record
 from results.report import build_report
-from results.summary import load_experiment, write_summaries
+from results.summary import FINISHED, count_outcomes, load_experiment, outcomes_line, write_summaries
 from search.callbacks import update_wall
 from search.confirm import choose_winner, confirm_dir, confirmation_plan, load_or_write_plan, summarise_candidate
 from search.plan import SearchPlan

@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 from base import storage
 from base.errors import UserError
 from base.files import running
-from results.record import LEASE_DIR, LOCK_FILE, tune_started
+from base.layout import LEASE_DIR, LOCK_FILE, tune_started
 
 HEARTBEAT_S = float(os.environ.get("AKDTUNE_LEASE_HEARTBEAT_S", 20))  # a holder on a URI rewrites its lease this often
 STALE_S = float(os.environ.get("AKDTUNE_LEASE_STALE_S", 180))  # ... and is taken over after this long without

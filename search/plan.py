@@ -22,17 +22,10 @@ from typing import Any
 from base import metrics as M
 from base import storage
 from base.errors import UserError
-from results.record import (
-    BEST_TRIAL,
-    CONFIRM_RESULTS,
-    META_FILE,
-    RETELL,
-    check_records,
-    is_own,
-    read_record,
-    repair_records,
-    tune_started,
-)
+from base.layout import BEST_TRIAL, CONFIRM_RESULTS, META_FILE, is_own, tune_started
+from results.checks import RETELL, check_records
+from results.recordfile import read_record
+from results.repair import repair_records
 from search.space import CONFIRM_BOUNDS, Space, load_space
 from trainable.proxy import selection_metric
 from trainable.sources import as_spec

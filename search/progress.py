@@ -26,20 +26,13 @@ from tqdm import tqdm
 from base import metrics as M
 from base import storage
 from base.files import write_json
+from base.layout import LIVE_REPORT_FILE
 from results.limits import refused_over_budget, within_limits
-from results.record import (
-    COMPLETED,
-    DIVERGED,
-    ERRORED,
-    LIVE_REPORT_FILE,
-    STOPPED_EARLY,
-    here,
-    read_result_lines,
-    result_log,
-    scheduler_record,
-    stop_decisions,
-)
+from results.moves import here
 from results.report import build_report
+from results.resultlog import read_result_lines, result_log
+from results.schedule_record import scheduler_record, stop_decisions
+from results.summary import COMPLETED, DIVERGED, ERRORED, STOPPED_EARLY
 from search.scheduler import expected_epochs
 
 

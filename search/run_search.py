@@ -28,7 +28,9 @@ from base.errors import (
     unwritable_line,
 )
 from base.files import sweep_strays
-from results.record import STUDY_FILE, folders_of, relocate, remove_stale_lock, tune_started
+from base.layout import STUDY_FILE, tune_started
+from results.journal import remove_stale_lock
+from results.moves import folders_of, relocate
 from search.cluster import check_address, check_local_resources, start_ray
 from search.estimate import estimate
 from search.finish import bring_up_to_date, finish_search

@@ -16,7 +16,7 @@ the space's objective vector, as in multi-objective ASHA (MOASHA, Schmucker et a
   rule.
 - A trial whose run diverged (a non-finite loss) is stopped at once, with that reason.
 
-Its state is plain data (``results.record.empty_scheduler_record``), the single record of its decisions: it
+Its state is plain data (``results.schedule_record.empty_scheduler_record``), the single record of its decisions: it
 is written atomically, with a checksum, to ``state_file`` *before* a decision takes effect and read back on
 restore, and a trial it stopped, saw finish or saw fail for good is never trained again (a resumed search stops such a trial
 before Tune starts it). The scheduler builds on Tune's public ``FIFOScheduler``; nothing reads
@@ -35,7 +35,9 @@ from base import metrics as M
 from base.errors import DiskFull, full_disk
 from base.internals import forget_cached_decision
 from results.limits import dominates
-from results.record import here, scheduler_record, write_record
+from results.moves import here
+from results.recordfile import write_record
+from results.schedule_record import scheduler_record
 from search.space import limit_violation
 
 

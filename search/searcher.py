@@ -34,17 +34,12 @@ from ray.tune.search import Searcher
 
 from base import metrics as M
 from base.internals import running_trial
+from base.layout import SCHEDULER_FILE, STUDY_FILE
+from results.checks import running_but_finished
+from results.journal import RAY_ID, journal_storage, open_study
 from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
-from results.record import (
-    RAY_ID,
-    SCHEDULER_FILE,
-    STUDY_FILE,
-    here,
-    journal_storage,
-    open_study,
-    running_but_finished,
-    scheduler_record,
-)
+from results.moves import here
+from results.schedule_record import scheduler_record
 from search.budget import MAX_REFUSALS
 from search.space import DefineByRun, Param
 
@@ -389,7 +384,7 @@ def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Par
 
 def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
     """Tell the study how each trial ended that the scheduler recorded as finished or stopped but the study still has
-    running (``results.record.running_but_finished``: a kill between the two records, or a study journal whose
+    running (``results.checks.running_but_finished``: a kill between the two records, or a study journal whose
     end ``--repair`` dropped), as the searcher tells it when a trial ends: never lose a finished trial's result.
     Returns their Ray ids."""
     running = running_but_finished(folder)

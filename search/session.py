@@ -4,7 +4,9 @@ from __future__ import annotations
 import time
 
 from base import metrics as M
-from results.record import META_FILE, folders_of, write_record
+from base.layout import META_FILE
+from results.moves import folders_of
+from results.recordfile import write_record
 from search.cluster import trials_at_once
 from search.estimate import from_speed
 from search.plan import SearchPlan

@@ -87,7 +87,7 @@ class Space:
     description: str
     task: str | None
     objectives: tuple[tuple[str, str], ...]  # ((metric, mode), ...)
-    limits: dict[str, float]  # the student's limits: {param_ratio, flops: upper limit} (see results.record.space_limits)
+    limits: dict[str, float]  # the student's limits: {param_ratio, flops: upper limit} (see results.limits.space_limits)
     num_samples: int
     max_epochs: int
     grace_period: int

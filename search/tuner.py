@@ -16,7 +16,10 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from base import storage
 from base.atomicfs import HELD, atomic_local_filesystem, holding_filesystem
 from base.internals import generator_made, limiter_running, repoint_generator
-from results.record import META_FILE, SCHEDULER_FILE, STUDY_FILE, STUDY_NAME, has_tune_state, here, tune_started, tune_trials
+from base.layout import META_FILE, SCHEDULER_FILE, STUDY_FILE, has_tune_state, tune_started
+from results.journal import STUDY_NAME
+from results.moves import here
+from results.tunefiles import tune_trials
 from search.callbacks import ResultLog, SearchStateCallback, WallClock, trial_dirname
 from search.cluster import gpus_per_trial, trial_threads, trials_at_once
 from search.plan import SearchPlan

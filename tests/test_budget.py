@@ -57,8 +57,8 @@ def test_over_says_which_limit_and_by_how_much(teacher_params):
 
 
 def test_the_searcher_never_hands_tune_a_setting_over_the_budget(tmp_path, teacher_params):
+    from results.journal import journal_storage
     from results.limits import refused_over_budget
-    from results.record import journal_storage
     from search.searcher import OptunaSearcher
 
     space = parse_space({"params": FRACTION})

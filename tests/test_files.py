@@ -96,7 +96,7 @@ def test_stray_temporary_files_of_dead_writers_are_removed_and_a_live_writers_ar
 def test_a_search_moved_twice_writes_only_where_it_is_now():
     """Tune's tuner.pkl holds the paths of the folder a search was started in, its callback state those of its last
     session's folder: after copies or moves, both are re-pointed to the folder being resumed, nothing else."""
-    from results.record import folders_of, here, relocate
+    from results.moves import folders_of, here, relocate
 
     record = {"folder": "/b/s", "folders": ["/a/s", "/b/s"]}  # started in /a/s, resumed once in /b/s
     assert folders_of(record) == ["/a/s", "/b/s"] and folders_of({"folder": "/x/s"}) == ["/x/s"]

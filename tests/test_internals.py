@@ -52,7 +52,7 @@ def test_the_rung_scheduler_forgets_a_cached_decision_when_tune_adds_a_restored_
 def test_an_errored_trial_that_a_resume_retries_is_running_again_in_the_study(tmp_path):
     import optuna
 
-    from results.record import journal_storage, open_study
+    from results.journal import journal_storage, open_study
     from results.study import newest_records
     from search.searcher import RAY_ID, RETRY_OF, reopen_for_retry
     from search.space import Param
@@ -109,7 +109,7 @@ def test_a_storage_context_has_the_fields_a_copied_search_is_repointed_by(tmp_pa
 def test_an_optuna_trial_is_reached_from_its_storage_id(tmp_path):
     import optuna
 
-    from results.record import journal_storage
+    from results.journal import journal_storage
 
     storage = journal_storage(str(tmp_path / "j"))
     study = optuna.create_study(study_name="s", storage=storage)
@@ -122,20 +122,22 @@ def test_an_optuna_trial_is_reached_from_its_storage_id(tmp_path):
 
 
 def test_tunes_file_names_are_the_ones_the_run_folder_names():
-    """``results.record`` names Tune's files once; each name is pinned here against the installed Ray."""
+    """``base.internals`` names Tune's files once (``base.layout`` beside the project's own); each name is pinned here
+    against the installed Ray."""
     from ray.train._internal.storage import StorageContext
     from ray.tune.callback import CallbackList
     from ray.tune.execution.tune_controller import TuneController
     from ray.tune.impl.tuner_internal import _TUNER_PKL
+    from ray.tune.result import EXPR_ERROR_FILE, EXPR_PARAM_FILE, EXPR_RESULT_FILE
     from ray.tune.search import Searcher, SearchGenerator
 
-    from results import record
-
-    pinned = {"tuner.pkl": (_TUNER_PKL, record.TUNER_FILE),
-              "experiment state": (TuneController.CKPT_FILE_TMPL.format("*"), record.EXPERIMENT_STATE),
-              "search generator state": (SearchGenerator.CKPT_FILE_TMPL.format("*"), record.TUNE_STATE[1]),
-              "searcher state": (Searcher.CKPT_FILE_TMPL.format("*"), record.SEARCHER_STATE),
-              "callback state": (CallbackList.CKPT_FILE_TMPL.format("*"), record.TUNE_STATE[3]),
-              "checkpoint folder": (StorageContext._make_checkpoint_dir_name(0)[:-6], record.CHECKPOINT_PREFIX)}
+    pinned = {"tuner.pkl": (_TUNER_PKL, internals.TUNER_FILE),
+              "experiment state": (TuneController.CKPT_FILE_TMPL.format("*"), internals.EXPERIMENT_STATE),
+              "search generator state": (SearchGenerator.CKPT_FILE_TMPL.format("*"), internals.TUNE_STATE[1]),
+              "searcher state": (Searcher.CKPT_FILE_TMPL.format("*"), internals.SEARCHER_STATE),
+              "callback state": (CallbackList.CKPT_FILE_TMPL.format("*"), internals.TUNE_STATE[3]),
+              "checkpoint folder": (StorageContext._make_checkpoint_dir_name(0)[:-6], internals.CHECKPOINT_PREFIX),
+              "trial's settings": (EXPR_PARAM_FILE, internals.TRIAL_PARAMS), "trial's results": (EXPR_RESULT_FILE, internals.TUNE_RESULTS),
+              "trial's error": (EXPR_ERROR_FILE, internals.TRIAL_ERROR)}
     for what, (tunes, ours) in pinned.items():
-        assert tunes == ours, f"Ray changed the name of its {what}: {tunes!r}, where results.record says {ours!r}"
+        assert tunes == ours, f"Ray changed the name of its {what}: {tunes!r}, where base.internals says {ours!r}"

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from base.errors import UserError
+from base.layout import LEASE_DIR, LOCK_FILE
 from conftest import ROOT, run_main
-from results.record import LEASE_DIR, LOCK_FILE
 from search import lease as L
 
 

@@ -182,7 +182,7 @@ RETRY_SPACE = {"search": {"num_samples": 3, "max_epochs": 10, "grace_period": 10
 def test_a_trial_retried_after_a_kill_runs_to_its_end_whatever_tune_had_cached_for_it(tmp_path, ray_address):
     """A driver killed while a trial's save was in flight leaves a STOP cached for it in Tune's saved state (made
     here by writing that state as Tune writes it); the resumed trial runs all its epochs, and the study agrees."""
-    from results.record import open_study
+    from results.journal import open_study
     from results.study import newest_records
 
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(RETRY_SPACE))

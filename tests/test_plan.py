@@ -6,8 +6,9 @@ import pytest
 import yaml
 
 from base.errors import UserError
+from base.layout import CONFIRM_PLAN, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE
 from conftest import ROOT
-from results.record import CONFIRM_PLAN, CONFIRM_RESULTS, META_FILE, SCHEDULER_FILE, STUDY_FILE, write_record
+from results.recordfile import write_record
 from search.plan import SMOKE_BUDGET, SMOKE_CONFIG, resolve_plan
 from search.run_search import build_parser
 

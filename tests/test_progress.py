@@ -47,7 +47,9 @@ def test_plain_lines_with_eta_and_the_best_within_the_budget():
 def test_a_resumed_search_counts_the_epochs_and_best_results_of_its_earlier_sessions(tmp_path):
     """After a resume the status line's best so far and epoch count include the trials finished before it (read
     from the scheduler's record and the search's own result log), as the trials table does."""
-    from results.record import append_result, empty_scheduler_record, write_record
+    from results.recordfile import write_record
+    from results.resultlog import append_result
+    from results.schedule_record import empty_scheduler_record
 
     state = empty_scheduler_record()
     state["finished"]["a"] = {M.EPOCH: 3, M.VAL_ACC: 0.95}
@@ -163,8 +165,8 @@ def test_the_report_thread_stops_at_once_when_the_search_ends(tmp_path, monkeypa
 def test_the_status_counts_settings_refused_over_the_budget(tmp_path):
     import optuna
 
+    from results.journal import journal_storage
     from results.limits import OVER_BUDGET
-    from results.record import journal_storage
 
     journal = tmp_path / "study.journal"
     study = optuna.create_study(study_name="akdtune", storage=journal_storage(journal))

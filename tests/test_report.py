@@ -86,7 +86,8 @@ def test_rebuilding_twice_gives_the_same_parquet(finished_search):
 def test_a_result_that_tune_lost_to_a_kill_is_read_from_the_schedulers_record(finished_search, tmp_path):
     """Killed right after the scheduler stopped a trial at a rung: Tune's result.json may lack the epoch judged there;
     the trials table shows the result the rung judged (the scheduler records it before acting), not an older one."""
-    from results.record import result_log, scheduler_record
+    from results.resultlog import result_log
+    from results.schedule_record import scheduler_record
     from results.summary import load_experiment
 
     exp = tmp_path / "rep"
@@ -129,7 +130,7 @@ def test_a_trial_folder_a_kill_left_before_tune_recorded_it_is_not_a_row(finishe
 def test_results_that_tune_lost_to_a_pause_are_read_from_the_searchs_own_log(finished_search, tmp_path):
     """Tune's result.json in the search folder is a copy its driver uploads now and then, copied back over newer lines
     when a paused trial resumes: lines go missing in the middle. The tables are the same without them."""
-    from results.record import read_result_lines, result_log
+    from results.resultlog import read_result_lines, result_log
     from results.summary import load_experiment
 
     exp = tmp_path / "rep"

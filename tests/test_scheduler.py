@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from base import metrics as M
-from results.record import read_record
+from results.recordfile import read_record
 from search.scheduler import (
     RungScheduler,
     crowding_distances,
@@ -217,7 +217,7 @@ def make_searcher(tmp_path, objectives=MO, budget=0.1):
 
 
 def load(tmp_path):
-    from results.record import journal_storage
+    from results.journal import journal_storage
 
     return optuna.load_study(study_name="akdtune", storage=journal_storage(tmp_path / "study.journal"))
 
@@ -272,7 +272,7 @@ def test_wall_time_adds_up_over_sessions_and_survives_a_kill(tmp_path):
     """A search's wall time is the sum of its sessions; WallClock keeps it current while trials run."""
     import time
 
-    from results.record import read_record, write_record
+    from results.recordfile import read_record, write_record
     from search.callbacks import WallClock, update_wall
 
     meta = tmp_path / "search.json"

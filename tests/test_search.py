@@ -80,7 +80,7 @@ def study_trials(exp: Path) -> dict:
     """Optuna's trials of a search, by Ray id, read from the study's journal file like any user would."""
     import optuna
 
-    from results.record import journal_storage
+    from results.journal import journal_storage
 
     try:
         study = optuna.load_study(study_name="akdtune", storage=journal_storage(exp / "akdtune" / "study.journal"))
@@ -210,7 +210,7 @@ def _killed_after_two_trials(args, address, exp: Path, finished: int = 2, at_onc
 def _results(exp: Path, trial_id: str) -> list[dict]:
     """A trial's results as the search recorded them (its own log: Tune's result.json in the search folder is an
     upload that a kill can leave missing for a trial that had finished)."""
-    from results.record import read_result_lines, result_log
+    from results.resultlog import read_result_lines, result_log
 
     return [{k: v for k, v in r.items() if k in M.EPOCH_METRICS and k != M.IMAGES_PER_S}
             for r in read_result_lines(result_log(exp, trial_id))]
@@ -424,7 +424,7 @@ def test_a_full_disk_stops_the_search_in_one_line_and_the_printed_command_finish
         assert "Traceback" not in r.stderr + r.stdout, r.stderr[-3000:]
         said = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
         assert len(said) == 1 and said[0].startswith(f"error: no space left on {disk}"), r.stderr[-3000:]
-        from results.record import check_records
+        from results.checks import check_records
 
         assert check_records(disk / "s") == []  # every record whole
         command = said[0].split("free space and run: ", 1)[1]
@@ -743,7 +743,7 @@ def test_a_resume_retries_the_trials_that_errored_for_good(tmp_path, ray_address
     assert len(trials) == 6 and set(trials["outcome"]) <= {"completed", "stopped_early"}
     assert errored[0] in set(trials["trial_id"]) and not _errored(exp)
     # the study ends with the retry's outcome, as the table does (its FAIL record stays, the older one)
-    from results.record import open_study
+    from results.journal import open_study
     from results.study import newest_records
 
     study = {t.user_attrs["ray_trial_id"]: t.state.name for t in newest_records(open_study(exp / "akdtune" /
@@ -920,7 +920,7 @@ def test_a_trial_paused_at_its_rung_resumes_from_its_checkpoint_and_every_result
     the lines reported just before a pause, which the trials table then never sees)."""
     from ray import cloudpickle, tune
 
-    from results.record import read_result_lines, result_log
+    from results.resultlog import read_result_lines, result_log
     from search.callbacks import ResultLog
     from search.scheduler import RungScheduler
 
@@ -1003,7 +1003,8 @@ def test_a_study_journal_that_lost_its_last_records_is_found_and_repair_tells_it
     import shutil
 
     from conftest import run_main
-    from results.record import open_study, running_but_finished
+    from results.checks import running_but_finished
+    from results.journal import open_study
     from results.study import newest_records
 
     def args(name):
@@ -1053,8 +1054,8 @@ def test_a_resume_killed_as_it_starts_ten_times_never_trains_a_proposal_twice(tm
     of proposals), N trials, and as many settings refused over the budget as the search run without a break."""
     import threading
 
+    from results.journal import open_study
     from results.limits import count_refused
-    from results.record import open_study
     from search.searcher import INDEX, RAY_ID
 
     assert search(*REPEAT_ARGS, "--storage", tmp_path, "--name", "whole") == 0

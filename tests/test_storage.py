@@ -14,8 +14,8 @@ import pytest
 
 from base import storage
 from base.errors import UserError
+from base.layout import is_own
 from conftest import ROOT, run_main
-from results.record import is_own
 
 BUCKET = "akdtune-tests"
 
@@ -67,7 +67,7 @@ def test_the_working_copy_uploads_only_the_tools_files_each_once_and_a_fresh_cop
 
 
 def test_a_record_written_into_an_attached_working_copy_is_uploaded_at_once(tmp_path):
-    from results.record import read_record, write_record
+    from results.recordfile import read_record, write_record
 
     remote = tmp_path / "bucket" / "s"
     remote.mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_a_search_on_s3_holds_everything_in_the_bucket_and_a_killed_one_resumes_
     import pandas as pd
     from test_search import REPEAT_ARGS, _same_search, _wait_for
 
-    from results.record import scheduler_record
+    from results.schedule_record import scheduler_record
 
     def cmd(name, work, *more):
         return [sys.executable, str(ROOT / "search" / "run_search.py"), *map(str, REPEAT_ARGS), "--storage",

@@ -66,7 +66,6 @@ from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free
 
 CHECKPOINT_FORMAT = "akdtune.run/1"
-CHECKPOINT_FILE = "checkpoint.pt"  # a run's checkpoint: in a run's --out folder, in each of Tune's checkpoint folders
 # Config keys that may differ between a checkpoint and the run resuming it: budgets, and the speed
 # settings (a run moved to another machine resumes at that machine's fastest).
 RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last", "deterministic")

@@ -18,13 +18,12 @@ import torch
 
 from base import metrics as M
 from base.files import atomic_path, torch_save, write_json, write_text
+from base.layout import CONFUSION_TABLE, GENERATED_GRID, RUN_CONFIG, STUDENT_ONNX, STUDENT_PROGRAM, STUDENT_WEIGHTS
 from base.verdict import judge
 from trainable.akd import AKDRun, evaluate
 from trainable.config import config_to_dict
 from trainable.programs import read_program
 from trainable.tasks import EvalData
-
-CONFIG_FILE = "config.json"  # in a run folder and in best/
 
 
 def teacher_metrics(teacher: torch.nn.Module, data: EvalData, device: torch.device | None = None) -> dict[str, float]:
@@ -76,12 +75,12 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     x = torch.zeros(2, channels, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    with atomic_path(out / "student.pt2") as tmp:
+    with atomic_path(out / STUDENT_PROGRAM) as tmp:
         torch.export.save(program, str(tmp))
         read_program(tmp)  # read back as any user of it will: passes the checks a .pt2 teacher passes
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
         try:  # one self-contained file (weights inside, not beside it), and no exporter chatter on stdout
-            with contextlib.redirect_stdout(io.StringIO()), atomic_path(out / "student.onnx") as tmp:
+            with contextlib.redirect_stdout(io.StringIO()), atomic_path(out / STUDENT_ONNX) as tmp:
                 torch.onnx.export(model, (x,), str(tmp), dynamo=True, dynamic_shapes=({0: batch},),
                                   external_data=False, verbose=False)
         except Exception as exc:  # optional: the .pt2 program is the export
@@ -139,18 +138,18 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
         M.CHANNELS_LAST: run.channels_last,
         M.SPEEDUP: run.speed.speedup,
     }
-    torch_save(run.student.state_dict(), out / "student.pt")
+    torch_save(run.student.state_dict(), out / STUDENT_WEIGHTS)
     t = run.task
     export_student(run.student, t.channels, t.image_size, out)
     final.update(inference_cost(run.student, t.channels, t.image_size, run.student_flops,
-                                (out / "student.pt2").stat().st_size))
+                                (out / STUDENT_PROGRAM).stat().st_size))
     final.update(judge(final, run.history, t.num_classes, config_to_dict(run.cfg)))
-    save_image_grid(run, out / "generated.png")
+    save_image_grid(run, out / GENERATED_GRID)
     if "confusion" in test:  # a task without labels has none
         conf = test["confusion"]
         lines = ["true\\pred," + ",".join(str(i) for i in range(conf.shape[1]))]
         lines += [f"{i}," + ",".join(str(int(v)) for v in row) for i, row in enumerate(conf.tolist())]
-        write_text(out / "confusion_test.csv", "\n".join(lines) + "\n")
+        write_text(out / CONFUSION_TABLE, "\n".join(lines) + "\n")
     write_config(run, out)
     return final
 
@@ -158,4 +157,4 @@ def finish_run(run: AKDRun, out: Path, teacher_acc: dict[str, float], wall_s: fl
 def write_config(run: AKDRun, out: Path) -> None:
     """``config.json``: the run's config as it ran (a recipe term dropped for its teacher included) and the student's
     resolved width; the one writer of the file."""
-    write_json(out / CONFIG_FILE, {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})
+    write_json(out / RUN_CONFIG, {**config_to_dict(run.cfg), "resolved_student_width": run.student_width})

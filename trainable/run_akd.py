@@ -27,8 +27,9 @@ from tqdm import tqdm
 from base import metrics as M
 from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unwritable_line
 from base.files import check_makeable, write_json, write_text
+from base.layout import CHECKPOINT_FILE, RUN_EPOCHS, RUN_FINAL
 from base.verdict import collapse_words, collapsed, verdict_line
-from trainable.akd import CHECKPOINT_FILE, AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     ckpt_path = out / CHECKPOINT_FILE
     if args.resume and not ckpt_path.exists():
         raise UserError(f"nothing to resume: {ckpt_path} does not exist; run without --resume")
-    if not args.resume and not args.estimate and (ckpt_path.exists() or (out / "final.json").exists()):
+    if not args.resume and not args.estimate and (ckpt_path.exists() or (out / RUN_FINAL).exists()):
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     check_makeable(out, "--out")  # a folder that cannot be made (/proc/x, a name too long): one line before any work
     try:
@@ -179,7 +180,7 @@ def _run(args: argparse.Namespace, values: dict, cfg, task, out: Path, start: fl
         if bar is not None:
             bar.close()
         final = finish_run(akd, out, t_acc, time.time() - start)
-    write_json(out / "final.json", final)
+    write_json(out / RUN_FINAL, final)
     print("final: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in final.items()
                                 if v is not None and k not in M.VERDICT_KEYS))
     line = verdict_line(final, "the teacher's held-out accuracy" if final.get(M.TEST_ACC) is not None
@@ -199,7 +200,7 @@ def _epoch_output(cfg, akd: AKDRun, out: Path, ckpt_path: Path):
     def on_epoch(m: dict, r: AKDRun) -> None:
         save_checkpoint(r, ckpt_path)
         # metrics.jsonl mirrors the checkpoint's history, so a resume never duplicates lines.
-        write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in r.history))
+        write_text(out / RUN_EPOCHS, "".join(json.dumps(h) + "\n" for h in r.history))
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{m[k]:.4f}" for k in (M.VAL_ACC, M.VAL_AGREEMENT, M.LOSS_STUDENT,
