@@ -3,7 +3,7 @@
 A space's limits bound the student's size (``limits.param_ratio``: parameters as a share of the teacher's)
 and its compute (``limits.flops``: FLOPs per image). Both follow from the configuration alone, so
 ``BudgetCheck`` works them out on the meta device in milliseconds, exactly as the run would report
-them (``trainable.akd.student_costs``). The searcher asks it about every setting Optuna proposes:
+them (``trainable.sizing.student_costs``). The searcher asks it about every setting Optuna proposes:
 one over the budget is pruned before its first step, with its constraint values (so TPE learns
 where the budget ends) and the user attribute ``over_budget`` (what it would have cost), and
 another is asked for. So all of the search's trials are spent within the budget, where its answer
@@ -26,8 +26,8 @@ from base import metrics as M
 from base.errors import UserError
 from results.limits import describe_limits, within_limits
 from search.space import DefineByRun, Param
-from trainable.akd import student_costs
 from trainable.config import ConfigError, build_config
+from trainable.sizing import student_costs
 
 CHECKED = (M.PARAM_RATIO, M.FLOPS)  # the limits a configuration decides before training
 MAX_REFUSALS = 100  # refusals in a row after which a setting is trained anyway (ranked after those within)

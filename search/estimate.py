@@ -28,11 +28,12 @@ from search.cluster import trial_device, trial_threads, trials_at_once
 from search.plan import SearchPlan
 from search.scheduler import expected_epochs, milestones
 from search.space import middle_setting
-from trainable.akd import evaluate, student_costs, student_width
 from trainable.config import build_config
+from trainable.evaluation import evaluate
 from trainable.measure import duration, one_line_failure, time_candidates
 from trainable.models import build_classifier, count_params
 from trainable.proxy import agreement_selected, classes_of, generator_images
+from trainable.sizing import student_costs, student_width
 from trainable.speed import machine_description, torch_threads
 from trainable.tasks import data_free
 

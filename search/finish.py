@@ -45,7 +45,8 @@ from search.plan import SearchPlan
 from search.prepare import Teacher
 from search.searcher import fail_abandoned
 from search.tuner import confirm_tuner, fit
-from trainable.akd import AKDRun, default_device, load_checkpoint
+from trainable.akd import AKDRun, default_device
+from trainable.checkpoint import load_checkpoint
 from trainable.config import build_config, config_to_dict
 from trainable.outputs import finish_run
 from trainable.speed import Speed

@@ -7,7 +7,8 @@ import torch
 from base import metrics as M
 from base.errors import CheckpointError, NonFiniteLossError
 from conftest import tiny_values
-from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.models import build_classifier
 
@@ -178,3 +179,27 @@ def test_deterministic_asks_pytorch_for_deterministic_algorithms(digits_data):
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+
+
+def test_a_new_generator_term_is_two_places_and_runs(digits_data, monkeypatch):
+    """A term of one's own: its weight's field (here on a config of its own) and its entry in the registry. The run
+    adds it to the generator's loss, times its weight, and leaves it out at weight 0."""
+    import dataclasses
+
+    from trainable import terms
+    from trainable.config import AKDConfig
+
+    EdgeConfig = dataclasses.make_dataclass("EdgeConfig", [("w_edge", float, dataclasses.field(default=0.0))],
+                                            bases=(AKDConfig,), frozen=True)  # place 1: the weight's field
+    seen = []
+    monkeypatch.setitem(terms.GENERATOR_TERMS, "w_edge", terms.Term(  # place 2: the term
+        lambda run, s: seen.append(s.t_logits.shape) or s.t_logits.pow(2).mean(), what="a term of one's own"))
+    base = build_config(tiny_values(epochs=1, precision="fp32", channels_last=False))
+    losses = {}
+    for weight in (0.0, 3.0):
+        cfg = EdgeConfig(**{f.name: getattr(base, f.name) for f in dataclasses.fields(AKDConfig)}, w_edge=weight)
+        run = AKDRun(cfg, random_teacher(), digits_data, torch.device("cpu"))
+        losses[weight] = run.generator_step()[M.LOSS_GENERATOR]
+    assert len(seen) == 1 and seen[0][0] == base.batch_size  # called at weight 3 only
+    assert losses[3.0] > losses[0.0]  # a squared mean of the teacher's logits, times 3, was added
+    assert "w_edge" in terms.term_weights()

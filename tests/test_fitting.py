@@ -9,8 +9,9 @@ import torch.nn as nn
 from base import metrics as M
 from base.verdict import BELOW, REACHED, SHARE_BAR, collapse_bar, collapsed, judge, likeliest_cause, verdict_line
 from conftest import tiny_values
-from trainable.akd import AKDRun, effective_classes
+from trainable.akd import AKDRun
 from trainable.config import build_config
+from trainable.evaluation import effective_classes
 from trainable.fitting import BN_FREE, fit_task, normalisation
 from trainable.losses import TeacherProbe, has_batch_norm
 from trainable.models import build_classifier

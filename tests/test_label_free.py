@@ -10,7 +10,8 @@ from PIL import Image
 from base import metrics as M
 from base.errors import ConfigError, UserError
 from conftest import ROOT, run_main, tiny_values
-from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.images import as_task_name
 from trainable.proxy import PROXY_SEED, build_proxy, classes_of, generator_images

@@ -8,7 +8,8 @@ from base import metrics as M
 from base.errors import ConfigError, UserError
 from conftest import run_main, tiny_values
 from datasets import skip_md5, write_cifar10, write_cifar100
-from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config
 from trainable.losses import FeatureProjector, FeatureTap, feature_loss
 from trainable.models import CLASSIFIERS, Discriminator, build_classifier, build_generator, feature_layers

@@ -7,7 +7,8 @@ import torch
 from base import metrics as M
 from base.errors import ConfigError
 from conftest import tiny_values
-from trainable.akd import AKDRun, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import build_config, parse_value
 from trainable.measure import choose_speed, time_candidates
 from trainable.models import build_classifier

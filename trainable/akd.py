@@ -23,7 +23,6 @@ import math
 import os
 import random
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,21 +32,18 @@ import torch.nn.functional as F
 from torch.fx.experimental.optimization import fuse
 
 from base import metrics as M
-from base.errors import CheckpointError, ConfigError, NonFiniteLossError, lookup
-from base.files import torch_save
+from base.errors import ConfigError, NonFiniteLossError, lookup
 from base.verdict import collapsed
-from trainable.config import FIELDS, METHOD_KEYS, AKDConfig, config_to_dict, recipe_value
+from trainable.checkpoint import restore_run, run_state
+from trainable.config import AKDConfig, recipe_value
+from trainable.evaluation import effective_classes, evaluate
 from trainable.losses import (
     GENERATOR_LOSSES,
     STUDENT_LOSSES,
     FeatureProjector,
     FeatureTap,
     TeacherProbe,
-    activation_loss,
-    balance_loss,
-    feature_loss,
     has_batch_norm,
-    onehot_loss,
 )
 from trainable.models import (
     Discriminator,
@@ -57,18 +53,14 @@ from trainable.models import (
     count_flops,
     count_params,
     feature_layers,
-    width_for_fraction,
 )
 from trainable.priors import load_prior
 from trainable.proxy import agreement, build_proxy, classes_of, selection_metric
+from trainable.sizing import student_width
 from trainable.speed import Speed
 from trainable.speed import resolve as resolve_speed
 from trainable.tasks import EvalData, data_free
-
-CHECKPOINT_FORMAT = "akdtune.run/1"
-# Config keys that may differ between a checkpoint and the run resuming it: budgets, and the speed
-# settings (a run moved to another machine resumes at that machine's fastest).
-RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last", "deterministic")
+from trainable.terms import GENERATOR_TERMS, STUDENT_TERMS, Seen, add_terms
 
 
 def default_device() -> torch.device:
@@ -114,42 +106,6 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
-             device: torch.device | None = None, num_classes: int | None = None) -> dict[str, Any]:
-    """Accuracy and mean cross-entropy of ``model`` on (x, y); the confusion matrix if ``num_classes``.
-
-    The model is put in eval mode and put back in its previous mode afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    correct, loss_sum = 0, 0.0
-    confusion = torch.zeros(num_classes or 1, num_classes or 1, dtype=torch.int64)
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        logits = model(xb).float()  # (b, K)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        pred = logits.argmax(1)
-        correct += (pred == yb).sum().item()
-        if num_classes:
-            confusion += torch.bincount(yb.cpu() * num_classes + pred.cpu(),
-                                        minlength=num_classes ** 2).view(num_classes, num_classes)
-    model.train(was_training)
-    n = max(1, len(y))
-    out = {"acc": correct / n, "loss": loss_sum / n}
-    if num_classes:
-        out["confusion"] = confusion  # rows: true class, columns: predicted
-    return out
-
-
-def effective_classes(counts: torch.Tensor) -> float:
-    """The effective number of classes in a histogram of predicted classes: exp of its entropy (K when all K classes
-    are equally frequent, 1 when all images fall into one)."""
-    p = counts.double() / counts.sum().clamp_min(1)
-    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
-
-
 def _make_scheduler(cfg: AKDConfig, opt: torch.optim.Optimizer):
     if cfg.scheduler == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(opt, cfg.lr_milestone_epochs, cfg.gamma)
@@ -158,24 +114,6 @@ def _make_scheduler(cfg: AKDConfig, opt: torch.optim.Optimizer):
     if cfg.scheduler == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(opt, cfg.gamma)
     return None  # "none": constant learning rates
-
-
-def student_width(cfg: AKDConfig, teacher_params: int) -> float:
-    """The student's width multiplier: ``student_width``, or the one closest to ``student_fraction`` of the teacher."""
-    if cfg.student_fraction is None:
-        return cfg.student_width
-    t = cfg.task_spec
-    return width_for_fraction(cfg.student, cfg.student_fraction, teacher_params, t.num_classes, t.channels, t.image_size)
-
-
-def student_costs(cfg: AKDConfig, teacher_params: int) -> dict[str, float]:
-    """The student's ``param_ratio`` and ``flops``, exactly as its run will report them, without training or
-    allocating it (built on the meta device): what a search checks against its budget before a trial starts."""
-    t = cfg.task_spec
-    width = student_width(cfg, teacher_params)
-    with torch.device("meta"):
-        student = build_classifier(cfg.student, t.num_classes, t.channels, t.image_size, width)
-    return {M.PARAM_RATIO: count_params(student) / teacher_params, M.FLOPS: count_flops(student, t.channels, t.image_size)}
 
 
 class AKDRun:
@@ -404,8 +342,7 @@ class AKDRun:
             s_logits = self.student(fake)  # (B, K)
             s_feats = self.student_tap.collect() if self.align else None
         loss = self.student_loss(s_logits.float(), t_logits.float(), self.cfg.temperature)
-        if self.align and self.cfg.w_feature > 0:
-            loss = loss + self.cfg.w_feature * feature_loss(self.projector(s_feats), t_feats)
+        loss = add_terms(loss, STUDENT_TERMS, self, Seen(t_logits, s_logits, s_feats=s_feats, t_feats=t_feats))
         self.opt_student.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.student_grad_clip > 0:
@@ -435,18 +372,7 @@ class AKDRun:
                 s_feats = self.student_tap.collect() if feature_adv else None
                 d = self.discriminator(fake, y).float() if self.avkd else None  # (B,)
             loss = cfg.w_disagreement * self.generator_loss(s_logits, t_logits, cfg.temperature)
-            if self.avkd:  # fool D; the teacher sees the class asked for
-                loss = loss + cfg.w_discriminator * d.mean() + cfg.w_class * F.cross_entropy(t_logits, y)
-            if feature_adv:
-                loss = loss - cfg.w_feature_adv * feature_loss(self.projector(s_feats), t_feats)
-            if cfg.w_onehot:
-                loss = loss + cfg.w_onehot * onehot_loss(t_logits)
-            if cfg.w_activation:
-                loss = loss + cfg.w_activation * activation_loss(self.probe.features.float())
-            if cfg.w_balance:
-                loss = loss + cfg.w_balance * balance_loss(t_logits)
-            if cfg.w_bn:
-                loss = loss + cfg.w_bn * self.probe.bn_loss()
+            loss = add_terms(loss, GENERATOR_TERMS, self, Seen(t_logits, s_logits, y, d, s_feats, t_feats))
             self.opt_generator.zero_grad(set_to_none=True)
             loss.backward()
             self.opt_generator.step()
@@ -584,103 +510,11 @@ class AKDRun:
                     break
         return self.history
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ checkpoints (trainable.checkpoint)
     def state_dict(self) -> dict[str, Any]:
         """One dict holding everything a resume needs (loadable with ``weights_only=True``)."""
-        def sched(s):
-            return None if s is None else s.state_dict()
-
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "config": config_to_dict(self.cfg),
-            "teacher": {"arch": self.cfg.teacher, "params": self.teacher_params,
-                        "fingerprint": self.teacher_fingerprint},
-            "speed": self.speed.record(),
-            "student_width": self.student_width,
-            "student": self.student.state_dict(),
-            "generator": self.generator.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "opt_generator": self.opt_generator.state_dict(),
-            "sched_student": sched(self.sched_student),
-            "sched_generator": sched(self.sched_generator),
-            **({"discriminator": self.discriminator.state_dict(),
-                "opt_discriminator": self.opt_discriminator.state_dict(),
-                "sched_discriminator": sched(self.sched_discriminator)} if self.avkd else {}),
-            **({"projector": self.projector.state_dict()} if self.projector is not None else {}),
-            M.EPOCH: self.epoch,
-            "best_selected": self.best_selected,
-            "best_epoch": self.best_epoch,
-            "history": list(self.history),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "python": random.getstate(),
-            },
-        }
+        return run_state(self)
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        """Restore a checkpoint from :meth:`state_dict`; everything that must match is checked here."""
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"not an AKD run checkpoint (expected format {CHECKPOINT_FORMAT}); "
-                                  "pass a checkpoint.pt written by this tool")
-        mine, theirs = config_to_dict(self.cfg), checkpoint_config(ckpt["config"], self.cfg.method)
-        diff = sorted(k for k in mine if k not in RESUMABLE_CHANGES and k in theirs and mine[k] != theirs[k])
-        if diff:
-            shown = ", ".join(f"{k}={theirs.get(k)!r} (run has {mine[k]!r})" for k in diff[:5])
-            raise CheckpointError(f"checkpoint was written with a different config: {shown}; "
-                                  "resume with the same settings or start a new run")
-        if ckpt["teacher"]["fingerprint"] != self.teacher_fingerprint:
-            raise CheckpointError("checkpoint was written with a different teacher "
-                                  f"({ckpt['teacher']['fingerprint']} vs {self.teacher_fingerprint}); "
-                                  "resume with the teacher it was trained against")
-        self.student.load_state_dict(ckpt["student"])
-        self.generator.load_state_dict(ckpt["generator"])
-        self.opt_student.load_state_dict(ckpt["opt_student"])
-        self.opt_generator.load_state_dict(ckpt["opt_generator"])
-        for sched, key in ((self.sched_student, "sched_student"), (self.sched_generator, "sched_generator")):
-            if sched is not None:
-                sched.load_state_dict(ckpt[key])
-        if self.avkd:
-            self.discriminator.load_state_dict(ckpt["discriminator"])
-            self.opt_discriminator.load_state_dict(ckpt["opt_discriminator"])
-            if self.sched_discriminator is not None:
-                self.sched_discriminator.load_state_dict(ckpt["sched_discriminator"])
-        if self.projector is not None:
-            self.projector.load_state_dict(ckpt["projector"])
-        self.epoch = int(ckpt[M.EPOCH])
-        self.best_selected = float(ckpt["best_selected"])
-        self.best_epoch = int(ckpt["best_epoch"])
-        self.history = list(ckpt["history"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        random.setstate(ckpt["rng"]["python"])
-
-
-def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
-    """A checkpoint's config as this version reads it: a key it predates takes the value the run then had (the
-    dataclass default: the feature did not exist), and AVKD-only keys are moot unless the method is AVKD."""
-    out = {k: saved.get(k, f.default) for k, f in FIELDS.items()}
-    out.update({k: v for k, v in saved.items() if k not in FIELDS})
-    if method != "avkd" and out["method"] != "avkd":
-        for k in METHOD_KEYS["avkd"]:
-            out.pop(k, None)
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
-
-
-def save_checkpoint(run: AKDRun, path) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    torch_save(run.state_dict(), path)
-
-
-def load_checkpoint(path) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}; pass the path of a checkpoint.pt")
-    try:
-
-        with warnings.catch_warnings():  # our one line says what is wrong; torch's warnings would bury it
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holding non-tensor objects
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); "
-                              "it is corrupt or not written by this tool") from None
+        """Restore a checkpoint from :meth:`state_dict`; everything that must match is checked first."""
+        restore_run(self, ckpt)

@@ -29,6 +29,7 @@ from trainable.priors import check_prior, folder_prior_problem
 from trainable.proxy import selection_problem
 from trainable.sources import is_foreign, is_program
 from trainable.tasks import Task, resolve_task
+from trainable.terms import term_weights
 
 SCHEDULERS = ("multistep", "cosine", "exponential", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -247,8 +248,7 @@ def _check_values(c: dict[str, Any], task: Task | None, problem: str | None) -> 
     need(c["early_stop_patience"] >= 0, f"early_stop_patience: must be >= 0, got {c['early_stop_patience']}")
     for key in ("lr_student", "lr_generator", "lr_discriminator", "temperature", "student_width"):
         need(c[key] > 0, f"{key}: must be > 0, got {c[key]}")
-    for key in ("w_onehot", "w_activation", "w_balance", "w_bn", "w_disagreement", "w_discriminator", "w_class",
-                "w_feature", "w_feature_adv", "weight_decay", "momentum", "student_grad_clip"):
+    for key in (*(k for k in term_weights() if k in c), "weight_decay", "momentum", "student_grad_clip"):
         need(c[key] >= 0, f"{key}: must be >= 0, got {c[key]}")
     for key in ("beta1", "beta2"):
         need(0 <= c[key] < 1, f"{key}: must be in [0, 1), got {c[key]}")

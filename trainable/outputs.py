@@ -20,8 +20,9 @@ from base import metrics as M
 from base.files import atomic_path, torch_save, write_json, write_text
 from base.layout import CONFUSION_TABLE, GENERATED_GRID, RUN_CONFIG, STUDENT_ONNX, STUDENT_PROGRAM, STUDENT_WEIGHTS
 from base.verdict import judge
-from trainable.akd import AKDRun, evaluate
+from trainable.akd import AKDRun
 from trainable.config import config_to_dict
+from trainable.evaluation import evaluate
 from trainable.programs import read_program
 from trainable.tasks import EvalData
 

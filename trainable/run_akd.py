@@ -29,7 +29,8 @@ from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unw
 from base.files import check_makeable, write_json, write_text
 from base.layout import CHECKPOINT_FILE, RUN_EPOCHS, RUN_FINAL
 from base.verdict import collapse_words, collapsed, verdict_line
-from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun, default_device
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import METHODS, build_config, parse_value
 from trainable.fitting import fit_task
 from trainable.images import FOLDER, as_task_name, is_folder_task

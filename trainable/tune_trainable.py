@@ -18,7 +18,8 @@ from base import metrics as M
 from base.errors import NonFiniteLossError
 from base.layout import CHECKPOINT_FILE
 from base.storage import local_file
-from trainable.akd import AKDRun, default_device, load_checkpoint, save_checkpoint
+from trainable.akd import AKDRun, default_device
+from trainable.checkpoint import load_checkpoint, save_checkpoint
 from trainable.config import build_config
 from trainable.models import build_classifier
 from trainable.speed import Speed
