@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 # Every command's exit codes (docs/exit-codes.md): done; anything else; bad input (a UserError's one line); interrupted
@@ -96,3 +97,13 @@ def unwritable_line(err: BaseException, then: str) -> str | None:
         return None
     target = f" {err.filename}" if err.filename else ""
     return f"cannot write{target} ({err.strerror or err}); {then}"
+
+
+def told_unwritable(err: BaseException, then: str) -> int | None:
+    """A command's ending for a write the filesystem refused: its one line (:func:`unwritable_line`) on stderr and
+    the exit code of bad input; None (nothing printed) where ``err`` is something else."""
+    line = unwritable_line(err, then)
+    if line is None:
+        return None
+    print(f"error: {line}", file=sys.stderr)
+    return EXIT_USAGE

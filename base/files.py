@@ -132,12 +132,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AKDTUNE_CACHE", Path.home() / ".cache" / "akdtune"))
 
 
+def missing_folders(folder: str | Path) -> list[Path]:
+    """The folders of the path ``folder`` (itself included) that do not exist yet, outermost first: what making it
+    creates, and what to remove again to leave nothing."""
+    out = Path(folder).absolute()
+    return [p for p in (*reversed(out.parents), out) if not p.exists()]
+
+
 def check_makeable(folder: str | Path, flag: str) -> None:
     """``folder`` can be made (or is there): it is made and the folders it took are removed again, so that bad input
     leaves nothing. Raises UserError in one line (``flag`` names the option) for /proc/x, a read-only place, a name
     too long."""
-    out = Path(folder).absolute()
-    made = [p for p in (*reversed(out.parents), out) if not p.exists()]
+    made = missing_folders(folder)
     try:
         for p in made:
             p.mkdir()

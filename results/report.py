@@ -33,7 +33,7 @@ from base.errors import (
     UserError,
     full_disk,
     full_disk_line,
-    unwritable_line,
+    told_unwritable,
 )
 from base.files import check_makeable, write_text
 from base.layout import (
@@ -579,11 +579,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
-        line = unwritable_line(e, "the report is written into the search folder (and --out): copy a read-only "
+        code = told_unwritable(e, "the report is written into the search folder (and --out): copy a read-only "
                                   "search somewhere writable (cp -a) and pass the copy, and pass an --out you can write to")
-        if line is not None:
-            print(f"error: {line}", file=sys.stderr)
-            return EXIT_USAGE
+        if code is not None:
+            return code
         if full_disk(e) is None:
             raise
         print(f"error: {full_disk_line(e, args.run_dir, 'the same command again')}", file=sys.stderr)

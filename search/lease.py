@@ -41,7 +41,7 @@ import pyarrow.fs as pafs
 
 from base import storage
 from base.errors import UserError
-from base.files import running
+from base.files import missing_folders, running
 from base.layout import LEASE_DIR, LOCK_FILE, tune_started
 
 HEARTBEAT_S = float(os.environ.get("AKDTUNE_LEASE_HEARTBEAT_S", 20))  # a holder on a URI rewrites its lease this often
@@ -131,7 +131,7 @@ class LocalLease:
         self.made: list[Path] = []  # folders this lease created (removed again where the search never started)
 
     def acquire(self, take_over: bool = False) -> None:
-        missing = [p for p in (*reversed(self.path.parent.parents), self.path.parent) if not p.exists()]
+        missing = missing_folders(self.path.parent)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.made = missing

@@ -25,7 +25,7 @@ from base.errors import (
     UserError,
     full_disk,
     full_disk_line,
-    unwritable_line,
+    told_unwritable,
 )
 from base.files import sweep_strays
 from base.layout import STUDY_FILE, tune_started
@@ -118,10 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted before the search started; run the same command again", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
-        line = unwritable_line(e, "pass a --storage (and --name) you can write to")
-        if line is not None:
-            print(f"error: {line}", file=sys.stderr)
-            return EXIT_USAGE
+        code = told_unwritable(e, "pass a --storage (and --name) you can write to")
+        if code is not None:
+            return code
         full = full_disk(e)
         if full is None:
             raise

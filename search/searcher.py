@@ -236,29 +236,18 @@ class OptunaSearcher(Searcher):
         trial = self._trial(trial_id)
         if trial is None:  # already told (e.g. before a restore), or never asked
             return
-        TS = optuna.trial.TrialState
         stopped = self.scheduler.stopped.get(trial_id) if self.scheduler is not None else None
         if not result or M.EPOCH not in result:
             result = (self.scheduler.finished.get(trial_id) if self.scheduler is not None else None) or result or {}
+        state, values, attrs = study_outcome(self.objectives, result, stopped, error)
         try:
-            if error or result.get(M.DIVERGED) or (stopped and stopped.get("reason") == "diverged"):
-                reason = "error" if error else str(result.get(M.ERROR) or (stopped or {}).get("error") or "diverged")
-                trial.set_user_attr("error", reason[:500])
-                self.study.tell(trial, state=TS.FAIL)
-            elif stopped:
+            if state == optuna.trial.TrialState.PRUNED:
                 # Tune does not pass the result that made the scheduler stop a trial to on_trial_result:
                 # record the value the rung judged, so the pruned trial keeps its intermediate values.
                 self.on_trial_result(trial_id, stopped.get("result") or result)
-                trial.set_user_attr("stopped_at_rung", stopped.get("rung"))
-                trial.set_user_attr("stopped_epoch", stopped.get(M.EPOCH))
-                self.study.tell(trial, state=TS.PRUNED)
-            else:
-                values = [result.get(m) for m, _ in self.objectives]
-                if all(v is not None and math.isfinite(float(v)) for v in values):
-                    self.study.tell(trial, [float(v) for v in values])
-                else:
-                    trial.set_user_attr("error", "finished without a result")
-                    self.study.tell(trial, state=TS.FAIL)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, values, state=None if values is not None else state)
         except (RuntimeError, ValueError) as exc:  # told twice after a restore
             log.debug("could not tell Optuna about trial %s: %s", trial_id, exc)
         self._live.pop(trial_id, None)
@@ -382,6 +371,23 @@ def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Par
     return n
 
 
+def study_outcome(objectives: Sequence[tuple[str, str]], result: dict[str, Any] | None, stopped: dict[str, Any] | None,
+                  error: bool = False) -> tuple[optuna.trial.TrialState, list[float] | None, dict[str, Any]]:
+    """How a trial that ended is told to the study, wherever it is told (as it ends, or again at a resume): FAIL where
+    it errored, diverged or ended without a finite value of every objective; PRUNED where the scheduler stopped it;
+    else COMPLETE with the objectives' values. (state, values or None, the user attributes that say why)."""
+    TS, result = optuna.trial.TrialState, result or {}
+    if error or result.get(M.DIVERGED) or (stopped and stopped.get("reason") == "diverged"):
+        reason = "error" if error else str(result.get(M.ERROR) or (stopped or {}).get("error") or "diverged")
+        return TS.FAIL, None, {"error": reason[:500]}
+    if stopped:
+        return TS.PRUNED, None, {"stopped_at_rung": stopped.get("rung"), "stopped_epoch": stopped.get(M.EPOCH)}
+    values = [result.get(m) for m, _ in objectives]
+    if all(v is not None and math.isfinite(float(v)) for v in values):
+        return TS.COMPLETE, [float(v) for v in values], {}
+    return TS.FAIL, None, {"error": "finished without a result"}
+
+
 def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
     """Tell the study how each trial ended that the scheduler recorded as finished or stopped but the study still has
     running (``results.checks.running_but_finished``: a kill between the two records, or a study journal whose
@@ -391,18 +397,9 @@ def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
     if not running:
         return []
     study, scheduler = open_study(f"{folder}/{STUDY_FILE}"), scheduler_record(f"{folder}/{SCHEDULER_FILE}")
-    TS = optuna.trial.TrialState
     newest = {str(t.user_attrs[RAY_ID]): t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
               if RAY_ID in t.user_attrs}
     for tid in running:
-        number, stopped = newest[tid].number, scheduler["stopped"].get(tid)
-        values = [(scheduler["finished"].get(tid) or {}).get(m) for m, _ in objectives]
-        if stopped and stopped.get("reason") == "diverged":
-            study.tell(number, state=TS.FAIL)
-        elif stopped:
-            study.tell(number, state=TS.PRUNED)
-        elif all(v is not None and math.isfinite(float(v)) for v in values):
-            study.tell(number, [float(v) for v in values])
-        else:
-            study.tell(number, state=TS.FAIL)
+        state, values, _ = study_outcome(objectives, scheduler["finished"].get(tid), scheduler["stopped"].get(tid))
+        study.tell(newest[tid].number, values, state=None if values is not None else state)
     return running

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from base import metrics as M
-from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, unwritable_line
+from base.errors import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, UserError, told_unwritable
 from base.files import check_makeable, write_json, write_text
 from base.layout import CHECKPOINT_FILE, RUN_EPOCHS, RUN_FINAL
 from base.verdict import collapse_words, collapsed, verdict_line
@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted before the run started; run the same command again", file=sys.stderr)
         return EXIT_ERROR
     except OSError as e:
-        line = unwritable_line(e, "pass an --out you can write to")
-        if line is None:
+        code = told_unwritable(e, "pass an --out you can write to")
+        if code is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
-        return EXIT_USAGE
+        return code
 
 
 def interrupted(out: Path, argv: list[str]) -> int:
