@@ -35,8 +35,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import yaml
 from own_teacher import fit_users_teacher, run_user_search  # bench/: run as a script, its folder is on the path
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from trainable.tasks import _digits_split
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMS = ("code", "pt2", "bn-code", "bn-pt2")
@@ -78,9 +84,6 @@ MEAN, STD = 0.1, 0.3  # the teacher's input normalisation, written in task.yaml 
 
 def render(images: np.ndarray) -> np.ndarray:
     """8 x 8 digits (values 0-16) drawn at 28 x 28 inside a 2 px zero border: (N, 32, 32) in [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
     x = F.interpolate(x, size=(DRAWN, DRAWN), mode="bilinear", align_corners=False).clamp(0, 1)
     pad = (SIDE - DRAWN) // 2
@@ -90,15 +93,9 @@ def render(images: np.ndarray) -> np.ndarray:
 def user_side(work: Path, seed: int, form: str = "code") -> tuple[float, list[str]]:
     """Train the user's teacher on teacher-train and write the held-out images; returns the teacher's held-out
     accuracy and the command-line arguments naming the teacher."""
-    import torch
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from trainable.tasks import _digits_split
-
     (work / "mynets.py").write_text(USER_MODULE)
     sys.path.insert(0, str(work))
-    import mynets
+    import mynets  # noqa: PLC0415 - the user's module, written into the work folder just above
 
     d = load_digits()
     split = _digits_split(seed)

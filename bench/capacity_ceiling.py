@@ -48,10 +48,21 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from base import metrics as M  # noqa: E402
 from base.errors import UserError  # noqa: E402
+from search.budget import BudgetCheck  # noqa: E402
+from search.confirm import SEED_STRIDE  # noqa: E402
+from search.space import load_space  # noqa: E402
+from trainable.config import build_config  # noqa: E402
+from trainable.measure import fit_and_test  # noqa: E402
+from trainable.models import count_params  # noqa: E402
+from trainable.tasks import data_free, load_eval_data  # noqa: E402
+from trainable.teacher import prepare_teacher  # noqa: E402
 
 DEFAULT_GRID = {"lr_student": (0.12, 0.2, 0.3), "lr_generator": (0.0003, 0.0008)}  # for spaces/capacity.yaml
 PROBES = 64  # values of the size parameter tried (evenly, on its scale) to find the largest student within the budget
@@ -80,8 +91,6 @@ def show(v: Any) -> str:
 def largest_within(space, check) -> tuple[dict[str, Any], float]:
     """The size parameter's value that gives the largest student within the budget, and that student's
     param_ratio. The size parameter is the one numeric parameter whose value changes the student's costs."""
-    from base import metrics as M
-
     numeric = [p for p in space.params if p.type in ("float", "int")]
     held = {p.name: middle(p) for p in space.params}
     sizing = [p for p in numeric
@@ -110,8 +119,6 @@ def largest_within(space, check) -> tuple[dict[str, Any], float]:
 def check_grid(space, grid: dict[str, tuple], base: dict[str, Any]) -> None:
     """Refuse, in one line, a grid naming no parameter of the space, or a value of the wrong kind or one the
     run's config refuses (e.g. a negative learning rate)."""
-    from trainable.config import build_config
-
     names = {p.name for p in space.params}
     unknown = sorted(set(grid) - names)
     if unknown:
@@ -168,13 +175,6 @@ _CACHE: dict[int, tuple] = {}
 
 def train_one(job: tuple[dict[str, Any], int, int, str | None, str | None]) -> float:
     """One run to max_epochs in a worker process, one thread: its held-out test_acc."""
-    import torch
-
-    from trainable.config import build_config
-    from trainable.measure import fit_and_test
-    from trainable.tasks import data_free, load_eval_data
-    from trainable.teacher import prepare_teacher
-
     config, search_seed, run_seed, teacher_path, data_root = job
     torch.set_num_threads(1)
     cfg = build_config({**config, "seed": run_seed})
@@ -251,13 +251,6 @@ def parser() -> argparse.ArgumentParser:
 
 def measure(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-
-    from search.budget import BudgetCheck
-    from search.confirm import SEED_STRIDE
-    from search.space import load_space
-    from trainable.config import build_config
-    from trainable.models import count_params
-    from trainable.teacher import prepare_teacher
 
     space = load_space(args.space)
     grid = parse_grid(args.grid) or (DEFAULT_GRID if Path(args.space).resolve() == ROOT / "spaces" / "capacity.yaml"

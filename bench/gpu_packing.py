@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
+
+from trainable.models import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_standins(root: Path) -> tuple[Path, Path]:
     """A random CIFAR-100 test split in torchvision's on-disk format, and a random ResNet-34 teacher."""
-    import torch
-
-    from trainable.models import build_classifier
-
     folder = root / "data" / "cifar-100-python"
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -55,7 +54,6 @@ def write_standins(root: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=8)

@@ -24,8 +24,11 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from trainable.models import build_classifier  # noqa: E402
 
 READ = """
 import resource, sys
@@ -40,9 +43,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, outcome)
 
 
 def plain_program(path: Path) -> None:
-    import torch
-
-    from trainable.models import build_classifier
 
     torch.manual_seed(0)
     net = build_classifier("cnn", 10, 1, 8).eval()

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,8 +65,6 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 def search(selection: str, seed: int, storage: Path, space: Path, extra: list[str]) -> dict:
     """One real search; its winner's metrics, its trials and epochs tables and its wall time."""
-    import pandas as pd
-
     name = f"{selection}_seed{seed}"
     start = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", str(space), "--seed",

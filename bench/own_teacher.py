@@ -32,7 +32,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from trainable.tasks import _digits_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +68,6 @@ DIGITS_RECIPE = dict(student="cnn", generator="dfad", latent_dim=64, generator_w
 def fit_users_teacher(model, x, y, opt, epochs: int, batch: int = 64) -> None:
     """The user's own training loop, outside the tool: shuffled mini-batches of cross-entropy for ``epochs`` epochs;
     the model is left in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
     for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(y))
@@ -78,15 +81,9 @@ def fit_users_teacher(model, x, y, opt, epochs: int, batch: int = 64) -> None:
 
 def user_side(work: Path, seed: int) -> float:
     """Train the user's teacher on teacher-train, write the held-out images; returns the teacher's held-out acc."""
-    import torch
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    from trainable.tasks import _digits_split
-
     (work / "mynets.py").write_text(USER_MODULE)
     sys.path.insert(0, str(work))
-    import mynets
+    import mynets  # noqa: PLC0415 - the user's module, written into the work folder just above
 
     d = load_digits()
     split = _digits_split(seed)

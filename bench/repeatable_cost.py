@@ -23,11 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_search(space: str, seed: int, storage: Path, asynchronous: bool) -> dict:
-    import pandas as pd
 
     name = f"{'async' if asynchronous else 'repeatable'}_seed{seed}"
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space", space, "--seed", str(seed),

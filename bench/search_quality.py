@@ -39,13 +39,30 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
+import pandas as pd
+import ray
+import torch
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from base import metrics as M
+from results.resultlog import read_result_lines
+from search.confirm import SEED_STRIDE
+from search.finish import evaluate_run, latest_checkpoint
+from search.space import load_space, typical_config
+from trainable.config import build_config
+from trainable.measure import choose_speed, fit_and_test
+from trainable.tasks import data_free, load_eval_data
+from trainable.teacher import prepare_teacher
+from trainable.tune_trainable import akd_trial, teacher_payload
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def trial_epochs(exp: Path) -> dict[str, int]:
     """Epochs reported by each trial folder of an experiment."""
-    from results.resultlog import read_result_lines
-
     return {d.name.removeprefix("trial_"): max((int(r.get("epoch", 0)) for r in read_result_lines(d / "result.json")),
                                                default=0)
             for d in exp.glob("trial_*")}
@@ -53,20 +70,6 @@ def trial_epochs(exp: Path) -> dict[str, int]:
 
 def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     """(a) Ray Tune's stock OptunaSearch + ASHAScheduler on val_acc, on the same trainable and space."""
-    import optuna
-    import ray
-    import torch
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
-    from search.space import load_space, typical_config
-    from trainable.config import build_config
-    from trainable.measure import choose_speed
-    from trainable.tasks import data_free, load_eval_data
-    from trainable.teacher import prepare_teacher
-    from trainable.tune_trainable import akd_trial, teacher_payload
-
     space = load_space(space_file)
     start = time.time()
     base = {"task": space.task, "seed": seed, "epochs": space.max_epochs, **space.fixed}
@@ -104,9 +107,6 @@ def stock(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
 def stock_pick(grid, space, teacher, data) -> dict:
     """Stock's result grid judged as the project's: its best feasible trial by val_acc, evaluated on the test split,
     and its configuration over the project's seeds."""
-    from base import metrics as M
-    from search.finish import evaluate_run, latest_checkpoint
-
     rows = [(r.metrics or {}, Path(r.path)) for r in grid]
     feasible = [(m, p) for m, p in rows if m.get(M.PARAM_RATIO) is not None and m[M.PARAM_RATIO] <= space.param_budget
                 and m.get(M.VAL_ACC) is not None]
@@ -123,11 +123,6 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
     """Stock's pick evaluated like the project's winner: held-out test_acc over the same seeds (its own and
     ``seed + 1000``, ...; ``confirm_seeds`` of them), every seed trained to max_epochs. Its own seed is the
     trial itself when it ran max_epochs, else a fresh full run."""
-    from base import metrics as M
-    from search.confirm import SEED_STRIDE
-    from trainable.config import build_config
-    from trainable.measure import fit_and_test
-
     base = int(config.get("seed", 0))
     out = []
     for i in range(max(1, space.confirm_seeds)):
@@ -141,8 +136,6 @@ def seed_runs(config: dict, final: dict, space, teacher, data) -> list[float]:
 
 def project(seed: int, storage: Path, num_cpus: int, space_file: Path) -> dict:
     """(b) This project's search command."""
-    import pandas as pd
-
     start = time.time()
     r = subprocess.run([sys.executable, str(ROOT / "search" / "run_search.py"), "--space",
                         str(space_file), "--seed", str(seed), "--storage", str(storage),
@@ -182,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="run only the project's search per seed (a space's winner quality and wall over seeds, "
                         "without the comparison with stock)")
     args = p.parse_args(argv)
-    from search.space import load_space
 
     max_epochs = load_space(args.space).max_epochs
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -33,13 +33,20 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 from trainable.akd import AKDRun, default_device
 from trainable.config import build_config
+from trainable.images import as_task_name
+from trainable.measure import choose_speed
 from trainable.models import build_classifier, build_generator
 from trainable.speed import cpu_bf16_native, machine_description
 from trainable.tasklist import TASKS
@@ -62,11 +69,6 @@ SHAPES = {
 
 def imagenet_task(folder) -> str:
     """A folder task of 1000 classes at 224 x 224 (one 4 x 4 image per class: only its shape is used here)."""
-    import numpy as np
-    from PIL import Image
-
-    from trainable.images import as_task_name
-
     names = [f"c{i:04d}" for i in range(1000)]
     for name in names:
         (folder / name).mkdir(parents=True, exist_ok=True)
@@ -131,11 +133,6 @@ def empty_data(shape: dict) -> EvalData:
 def auto_choice(shape: dict, device):
     """What ``precision: auto`` and ``channels_last: auto`` choose for this shape on this machine, measured
     afresh (a throwaway cache), as a run would the first time."""
-    import tempfile
-    from pathlib import Path
-
-    from trainable.measure import choose_speed
-
     with tempfile.TemporaryDirectory() as d:
         return choose_speed(project_config(shape), build_models(shape, device)[0], empty_data(shape), device,
                             cache=Path(d) / "speed.json")
@@ -198,8 +195,6 @@ def measure(loop, iters: int, batch: int, device) -> float:
 def iteration_flops(loop) -> int:
     """Floating-point operations of one full iteration (forward and backward of every step), counted by
     ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         loop.iteration()
     return int(counter.get_total_flops())
@@ -297,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
               "AMX flag)", None: "unknown (no CPU flags readable)"}[native] + f"; bf16 matmul peak is "
               f"x{peaks[torch.bfloat16] / peaks[torch.float32]:.2f} fp32's")
     ratios = {}
-    import tempfile
-    from pathlib import Path
 
     scratch = tempfile.TemporaryDirectory()
     for name in args.shapes.split(","):

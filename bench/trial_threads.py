@@ -29,11 +29,11 @@ import torch
 
 def _worker(threads: int, iters: int, speed: dict, start, out) -> None:
     torch.set_num_threads(threads)
-    from trainable.akd import AKDRun
-    from trainable.config import build_config
-    from trainable.speed import Speed
-    from trainable.tasks import EvalData, get_task
-    from trainable.teacher import prepare_teacher
+    from trainable.akd import AKDRun  # noqa: PLC0415 - each worker loads the project after setting its thread count
+    from trainable.config import build_config  # noqa: PLC0415 - each worker loads the project after setting its thread count
+    from trainable.speed import Speed  # noqa: PLC0415 - each worker loads the project after setting its thread count
+    from trainable.tasks import EvalData, get_task  # noqa: PLC0415 - each worker loads the project after setting its thread count
+    from trainable.teacher import prepare_teacher  # noqa: PLC0415 - each worker loads the project after setting its thread count
 
     cfg = build_config({"task": "digits"})
     teacher, _ = prepare_teacher(get_task("digits"), log=None)
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --iters and --repeats must be 1 or more", file=sys.stderr)
         return 2
 
-    from trainable.config import build_config
-    from trainable.measure import choose_speed
-    from trainable.speed import machine_description
-    from trainable.tasks import get_task, load_eval_data
-    from trainable.teacher import prepare_teacher
+    from trainable.config import build_config  # noqa: PLC0415 - the project is loaded only in the workers, after their thread count is set
+    from trainable.measure import choose_speed  # noqa: PLC0415 - the project is loaded only in the workers, after their thread count is set
+    from trainable.speed import machine_description  # noqa: PLC0415 - the project is loaded only in the workers, after their thread count is set
+    from trainable.tasks import get_task, load_eval_data  # noqa: PLC0415 - the project is loaded only in the workers, after their thread count is set
+    from trainable.teacher import prepare_teacher  # noqa: PLC0415 - the project is loaded only in the workers, after their thread count is set
 
     torch.set_num_threads(1)  # the choice a one-thread trial would get
     teacher, _ = prepare_teacher(get_task("digits"), log=None)
