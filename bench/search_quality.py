@@ -48,9 +48,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from base import metrics as M
+from base.layout import latest_checkpoint
 from results.resultlog import read_result_lines
 from search.confirm import SEED_STRIDE
-from search.finish import evaluate_run, latest_checkpoint
+from search.finish import evaluate_run
 from search.space import load_space, typical_config
 from trainable.config import build_config
 from trainable.measure import choose_speed, fit_and_test
