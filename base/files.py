@@ -114,8 +114,8 @@ def read_json(path: str | Path, default: Any = None) -> Any:
 def torch_save(obj: Any, path: str | Path) -> None:
     import torch  # noqa: PLC0415 - results/ reads a search through this module without importing torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # through the open file: the archive inside is named "archive", not after the temporary file
 
 
 def jsonable(v: Any) -> Any:

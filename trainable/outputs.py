@@ -77,7 +77,8 @@ def export_student(student: torch.nn.Module, channels: int, image_size: int, out
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
     with atomic_path(out / STUDENT_PROGRAM) as tmp:
-        torch.export.save(program, str(tmp))
+        with open(tmp, "wb") as f:  # the archive inside named "archive", the same bytes whichever process writes it
+            torch.export.save(program, f)
         read_program(tmp)  # read back as any user of it will: passes the checks a .pt2 teacher passes
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxscript"):
         try:  # one self-contained file (weights inside, not beside it), and no exporter chatter on stdout
