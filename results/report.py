@@ -161,7 +161,6 @@ def _optuna_plots(e: Experiment, real, refused: int) -> list[tuple[str, str]]:
     over the budget, said in the note); a note instead of a plot where data is too thin."""
     import optuna.visualization as ov  # noqa: PLC0415 - optuna's plots import plotly: only where a figure is drawn
 
-
     epoch = _fidelity(e)
     study, n_in, n_out = at_fidelity(e, real, epoch)
     sel = e.selection

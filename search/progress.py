@@ -320,8 +320,6 @@ class SearchProgress(Callback):
             self.bar = None
         self._stop_worker()
         if self.report_dir is not None:  # what the live report cost (bench/report_overhead.py reads it)
-
-
             write_json(Path(self.report_dir) / LIVE_REPORT_FILE, {"rewrites": self.reports, "seconds": self.report_s,
                                                                   M.WALL_S: time.time() - self.start})
 

@@ -204,7 +204,6 @@ class RungScheduler(FIFOScheduler):
             self._state = scheduler_record(self.state_file)
         return self._state
 
-
     def merge_state(self, other: dict[str, Any]) -> None:
         """Add records from another copy of the state (e.g. Tune's callback state); nothing is dropped."""
         st = self.state

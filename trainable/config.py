@@ -296,7 +296,6 @@ def _check_method(c: dict[str, Any], task) -> list[str]:
 def _check_feature_layers(c: dict[str, Any], task) -> list[str]:
     import torch  # noqa: PLC0415 - torch only to check feature layers: the space's checks run without it otherwise
 
-
     found = {}
     for role in ("teacher", "student"):
         try:
