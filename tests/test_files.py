@@ -240,3 +240,13 @@ def test_a_resume_sweeps_the_temporary_files_of_dead_writers_left_in_abandoned_t
         p.write_bytes(b"x")
     assert sorted(sweep_strays(tmp_path)) == sorted(stray)
     assert all(p.exists() for p in [live, *kept]) and not any(p.exists() for p in stray)
+
+
+def test_a_saved_tensor_file_is_the_same_bytes_whichever_process_writes_it(tmp_path):
+    """The archive inside a file torch_save writes is not named after the writer's temporary file (its pid): two
+    processes saving the same state write the same bytes (best/student.pt and .pt2 of one search do not differ)."""
+    code = ("import sys, torch; from base.files import torch_save; torch.manual_seed(0); "
+            "torch_save(torch.nn.Linear(3, 2).state_dict(), sys.argv[1])")
+    for name in ("a.pt", "b.pt"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
