@@ -1,4 +1,6 @@
-"""Exceptions, and the one registry lookup. A ``UserError`` is bad input: the CLIs print its one line and exit 2."""
+"""How things go wrong, in the words a user reads: the exceptions (a ``UserError`` is bad input: the CLIs print its one
+line and exit 2), the exit codes, and the one line for an unknown name (the registry lookup), a refused write or a
+full disk."""
 from __future__ import annotations
 
 import os
