@@ -19,17 +19,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path) -> list[tuple[str, ast.AST, bool]]:
-    """(module imported, node, inside a function) of every import in the file that runs, ``from a import b`` as ``a.b``
-    too (an import under ``if TYPE_CHECKING:`` only names a type for an annotation)."""
+    """(module imported, node, inside a function) of every import in the file, ``from a import b`` as ``a.b`` too (one
+    under ``if TYPE_CHECKING:`` included: a cycle for the type checker is a cycle for the reader)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
               for n in ast.walk(f)}
-    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and ast.unparse(b.test) == "TYPE_CHECKING"
-                   for n in ast.walk(b)}  # names for annotations, never imported when the program runs
     out = []
     for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
         if isinstance(node, ast.Import):
             out += [(a.name, node, id(node) in inside) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -1,12 +1,13 @@
 """A run's checkpoint: the format of ``checkpoint.pt`` (everything a resume needs, loadable with
 ``weights_only=True``), what may differ between the run that wrote it and the one that resumes it, and how it is
-written (atomically) and read (one line where it is not ours)."""
+written (atomically) and read (one line where it is not ours). ``run`` is a ``trainable.akd.AKDRun``, which imports
+this module (so this one names it only in words: one direction of import)."""
 from __future__ import annotations
 
 import os
 import random
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -15,16 +16,13 @@ from base.errors import CheckpointError
 from base.files import torch_save
 from trainable.config import FIELDS, METHOD_KEYS, config_to_dict
 
-if TYPE_CHECKING:
-    from trainable.akd import AKDRun
-
 CHECKPOINT_FORMAT = "akdtune.run/1"
 # Config keys that may differ between a checkpoint and the run resuming it: budgets, and the speed
 # settings (a run moved to another machine resumes at that machine's fastest).
 RESUMABLE_CHANGES = ("epochs", "early_stop_patience", "eval_batch_size", "precision", "channels_last", "deterministic")
 
 
-def run_state(run: AKDRun) -> dict[str, Any]:
+def run_state(run: Any) -> dict[str, Any]:
     """One dict holding everything a resume of ``run`` needs (loadable with ``weights_only=True``)."""
     def sched(s):
         return None if s is None else s.state_dict()
@@ -58,7 +56,7 @@ def run_state(run: AKDRun) -> dict[str, Any]:
     }
 
 
-def restore_run(run: AKDRun, ckpt: dict[str, Any]) -> None:
+def restore_run(run: Any, ckpt: dict[str, Any]) -> None:
     """Restore ``run`` from a checkpoint of :func:`run_state`; everything that must match is checked first."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"not an AKD run checkpoint (expected format {CHECKPOINT_FORMAT}); "
@@ -108,7 +106,7 @@ def checkpoint_config(saved: dict[str, Any], method: str) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
 
 
-def save_checkpoint(run: AKDRun, path) -> None:
+def save_checkpoint(run: Any, path) -> None:
     """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
     torch_save(run.state_dict(), path)
 
