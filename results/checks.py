@@ -19,7 +19,7 @@ from base.layout import (
     TRIAL_PREFIX,
     has_tune_state,
 )
-from results.journal import RAY_ID, check_journal, open_study, study_ray_ids
+from results.journal import check_journal, newest_by_ray_id, open_study, study_ray_ids
 from results.recordfile import DamagedRecord, file_digest, read_record, write_record
 from results.schedule_record import scheduler_record
 from results.tunefiles import check_tune_state, tune_trials
@@ -37,10 +37,7 @@ def running_but_finished(folder: str | Path, journal: str | Path | None = None) 
     if study is None:
         return []
     scheduler = scheduler_record(folder / SCHEDULER_FILE)
-    newest = {}
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if RAY_ID in t.user_attrs:
-            newest[str(t.user_attrs[RAY_ID])] = t
+    newest = newest_by_ray_id(study)
     return [tid for tid in [*scheduler["finished"], *scheduler["stopped"]]
             if tid in newest and newest[tid].state.name == "RUNNING"]
 

@@ -91,6 +91,13 @@ def repair_journal(path: str | Path) -> int:
     return len(data) - keep
 
 
+def newest_by_ray_id(study: optuna.Study) -> dict[str, optuna.trial.FrozenTrial]:
+    """Each Ray trial's newest record in ``study``, by its Ray id (a trial a resume trained again after it errored
+    has its FAIL record and the retry's)."""
+    return {str(t.user_attrs[RAY_ID]): t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+            if RAY_ID in t.user_attrs}
+
+
 def study_ray_ids(path: str | Path) -> set[str] | None:
     """The Ray trial ids of the study in the journal at ``path`` (None where there is no study yet)."""
     study = open_study(path)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from base import metrics as M
 from base.layout import STUDY_FILE
-from results.journal import RAY_ID, open_study
+from results.journal import RAY_ID, newest_by_ray_id, open_study
 from results.limits import OVER_BUDGET
 from results.summary import Experiment
 
@@ -34,9 +34,9 @@ def load_study(exp: str | Path) -> optuna.Study | None:
 def newest_records(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """The study's trials by number, a Ray trial's newest record only (a trial a resume trained again after it
     errored has its FAIL record and the retry's: ``search.searcher.reopen_for_retry``)."""
-    ordered = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    last = {t.user_attrs[RAY_ID]: t.number for t in ordered if RAY_ID in t.user_attrs}
-    return [t for t in ordered if RAY_ID not in t.user_attrs or last[t.user_attrs[RAY_ID]] == t.number]
+    newest = {t.number for t in newest_by_ray_id(study).values()}
+    return sorted((t for t in study.get_trials(deepcopy=False) if RAY_ID not in t.user_attrs or t.number in newest),
+                  key=lambda t: t.number)
 
 
 def at_fidelity(e: Experiment, study: optuna.Study | None, epoch: int) -> tuple[optuna.Study, int, int]:

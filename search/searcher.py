@@ -36,7 +36,7 @@ from base import metrics as M
 from base.internals import running_trial
 from base.layout import SCHEDULER_FILE, STUDY_FILE
 from results.checks import running_but_finished
-from results.journal import RAY_ID, journal_storage, open_study
+from results.journal import RAY_ID, journal_storage, newest_by_ray_id, open_study
 from results.limits import ATTEMPT, OVER_BUDGET, PROPOSAL  # a refused setting's proposal and try
 from results.moves import here
 from results.schedule_record import scheduler_record
@@ -351,10 +351,7 @@ def reopen_for_retry(study_path: str, trial_ids: list[str], params: Sequence[Par
     study = open_study(study_path)
     if study is None or not trial_ids:
         return 0
-    newest = {}
-    for ft in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        if ft.user_attrs.get(RAY_ID) in trial_ids:
-            newest[ft.user_attrs[RAY_ID]] = ft
+    newest = newest_by_ray_id(study)
     n = 0
     for ray_id in trial_ids:
         ft = newest.get(ray_id)
@@ -397,8 +394,7 @@ def mend_study(folder: str, objectives: Sequence[tuple[str, str]]) -> list[str]:
     if not running:
         return []
     study, scheduler = open_study(f"{folder}/{STUDY_FILE}"), scheduler_record(f"{folder}/{SCHEDULER_FILE}")
-    newest = {str(t.user_attrs[RAY_ID]): t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-              if RAY_ID in t.user_attrs}
+    newest = newest_by_ray_id(study)
     for tid in running:
         state, values, _ = study_outcome(objectives, scheduler["finished"].get(tid), scheduler["stopped"].get(tid))
         study.tell(newest[tid].number, values, state=None if values is not None else state)
